@@ -1,0 +1,162 @@
+"""TensorFlow-backend lookup and combine ops for the lookup layers.
+
+A lookup is one op per call (not per key) that crosses into Python and calls the
+parameter server: `tf.numpy_function` on CPU; when TensorFlow has a GPU, `tf.py_function`
+whose GPU ids cross to torch (and the Triton cache) by DLPack. Everything else (unique,
+gather, weighting, segment sums) stays native TF, so it runs in eager mode, inside
+`tf.function`, `model.predict` and `model.fit`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+# keys (NumPy int array, or torch tensor on the GPU path) -> float32 vectors keys.shape + (dim,)
+Fetch = Callable[[Any], Any]
+
+
+@functools.lru_cache(maxsize=1)
+def tf_has_gpu() -> bool:
+    """Whether TensorFlow sees a GPU in this process."""
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def _lookup_dlpack(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
+    """Eager GPU ids -> torch by DLPack -> parameter server (Triton cache) -> TF by DLPack.
+
+    TensorFlow and torch run on different CUDA streams: wait for TF's pending work before
+    torch reads the ids, and for torch's before TF reads the vectors.
+    """
+    import torch
+    import torch.utils.dlpack
+
+    tf.test.experimental.sync_devices()
+    keys = torch.from_dlpack(tf.experimental.dlpack.to_dlpack(ids))
+    vectors = fetch(keys).contiguous()
+    torch.cuda.current_stream(vectors.device).synchronize()
+    return tf.experimental.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(vectors))
+
+
+def _lookup_eager(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
+    if "GPU" in ids.device.upper():
+        return _lookup_dlpack(fetch, ids)
+    return tf.convert_to_tensor(np.asarray(fetch(ids.numpy()), dtype=np.float32))
+
+
+def lookup(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
+    """float32 vectors of shape `ids.shape + [dim]` for int ids of any rank."""
+    if tf_has_gpu():
+        out = tf.py_function(functools.partial(_lookup_eager, fetch), [ids], Tout=tf.float32)
+    else:
+        out = tf.numpy_function(fetch, [ids], tf.float32, stateful=True)
+    out = tf.reshape(out, tf.concat([tf.shape(ids, out_type=tf.int64), [dim]], axis=0))
+    out.set_shape(ids.shape.concatenate([dim]))
+    return out
+
+
+class Bags:
+    """Ids flattened to CSR-like bags: `values[i]` belongs to bag `segments[i]`.
+
+    `outer_shape` is the shape of the bag grid (e.g. `[batch]` or `[batch, slots]`);
+    the combined output has shape `outer_shape + [dim]`.
+    """
+
+    def __init__(
+        self,
+        values: tf.Tensor,
+        segments: tf.Tensor,
+        weights: tf.Tensor | None,
+        outer_shape: tf.Tensor,
+        static_outer: tf.TensorShape,
+    ) -> None:
+        self.values = values
+        self.segments = segments
+        self.weights = weights
+        self.outer_shape = outer_shape
+        self.static_outer = static_outer
+
+
+def _keep_valid(values, segments, weights):
+    """Drop negative ids (padding), with their segments and weights."""
+    keep = values >= 0
+    values = tf.boolean_mask(values, keep)
+    segments = tf.boolean_mask(segments, keep)
+    if weights is not None:
+        weights = tf.boolean_mask(weights, keep)
+    return values, segments, weights
+
+
+def bags_from_sparse(ids: tf.SparseTensor, weights: tf.SparseTensor | None) -> Bags:
+    """Rank-2 `[batch, nnz]` or rank-3 `[batch, slots, nnz]` SparseTensor -> bags."""
+    outer = ids.dense_shape[:-1]
+    strides = tf.math.cumprod(outer, exclusive=True, reverse=True)
+    segments = tf.reduce_sum(ids.indices[:, :-1] * strides[None, :], axis=1)
+    w = None if weights is None else weights.values
+    values, segments, w = _keep_valid(ids.values, segments, w)
+    return Bags(values, segments, w, outer, ids.shape[:-1])
+
+
+def bags_from_ragged(ids: tf.RaggedTensor, weights: tf.RaggedTensor | None) -> Bags:
+    """Rank-2 `[batch, (nnz)]` or rank-3 `[batch, slots, (nnz)]` RaggedTensor -> bags."""
+    static_outer = ids.shape[:-1]
+    if ids.shape.rank == 3:
+        batch = ids.nrows()
+        ids = ids.merge_dims(0, 1)
+        slots = static_outer[1]
+        if slots is None:
+            slots = ids.nrows() // tf.maximum(batch, 1)
+        outer = tf.stack([batch, tf.cast(slots, tf.int64)])
+        if weights is not None:
+            weights = weights.merge_dims(0, 1)
+    else:
+        outer = tf.reshape(ids.nrows(), [1])
+    w = None if weights is None else weights.flat_values
+    values, segments, w = _keep_valid(ids.flat_values, ids.value_rowids(), w)
+    return Bags(values, segments, w, outer, static_outer)
+
+
+def bags_from_padded(ids: tf.Tensor, weights: tf.Tensor | None) -> Bags:
+    """Dense `[batch, max_nnz]` or `[batch, slots, max_nnz]` ids padded with -1 -> bags."""
+    shape = tf.shape(ids, out_type=tf.int64)
+    outer = shape[:-1]
+    flat = tf.reshape(ids, [-1])
+    segments = tf.range(tf.size(flat, out_type=tf.int64)) // shape[-1]
+    w = None if weights is None else tf.reshape(weights, [-1])
+    values, segments, w = _keep_valid(flat, segments, w)
+    return Bags(values, segments, w, outer, ids.shape[:-1])
+
+
+def bags_from_offsets(values: tf.Tensor, offsets: tf.Tensor, weights: tf.Tensor | None) -> Bags:
+    """1-D values with CSR `offsets` (`[batch + 1]`, row starts then the end) -> bags."""
+    rt = tf.RaggedTensor.from_row_splits(values, tf.cast(offsets, tf.int64), validate=True)
+    w = None if weights is None else tf.RaggedTensor.from_row_splits(weights, rt.row_splits)
+    bags = bags_from_ragged(rt, w)
+    bags.static_outer = tf.TensorShape([offsets.shape[0] - 1 if offsets.shape[0] else None])
+    return bags
+
+
+def combine(fetch: Fetch, bags: Bags, dim: int, combiner: str) -> tf.Tensor:
+    """Look up the unique ids once, then combine each bag (empty bag -> zeros)."""
+    unique, position = tf.unique(bags.values, out_idx=tf.int64)
+    vectors = tf.gather(lookup(fetch, unique, dim), position)
+    num_bags = tf.reduce_prod(bags.outer_shape)
+    weights = bags.weights
+    if weights is None:
+        weights = tf.ones_like(bags.values, dtype=tf.float32)
+    weights = tf.cast(weights, tf.float32)
+    total = tf.math.unsorted_segment_sum(vectors * weights[:, None], bags.segments, num_bags)
+    if combiner == "mean":
+        divisor = tf.math.unsorted_segment_sum(weights, bags.segments, num_bags)
+        total = tf.math.divide_no_nan(total, divisor[:, None])
+    elif combiner == "sqrtn":
+        divisor = tf.sqrt(tf.math.unsorted_segment_sum(weights * weights, bags.segments, num_bags))
+        total = tf.math.divide_no_nan(total, divisor[:, None])
+    out = tf.reshape(total, tf.concat([bags.outer_shape, [dim]], axis=0))
+    out.set_shape(bags.static_outer.concatenate([dim]))
+    return out
+
