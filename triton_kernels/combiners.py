@@ -32,7 +32,7 @@ def _combine_bags_kernel(
     w_ptr,
     out_ptr,
     nnz,
-    dim,
+    DIM: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     COMBINER: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -40,7 +40,7 @@ def _combine_bags_kernel(
 ):
     bag = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    col_ok = cols < dim
+    col_ok = cols < DIM
     start = tl.load(off_ptr + bag).to(tl.int64)
     end = tl.load(off_ptr + bag + 1).to(tl.int64)
     # Clamp to the vector array so a bad offsets array can never read out of bounds.
@@ -55,7 +55,7 @@ def _combine_bags_kernel(
         rows = i + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < end
         tile = tl.load(
-            vec_ptr + rows[:, None] * dim + cols[None, :],
+            vec_ptr + rows[:, None] * DIM + cols[None, :],
             mask=row_ok[:, None] & col_ok[None, :],
             other=0.0,
         ).to(tl.float32)
@@ -74,7 +74,7 @@ def _combine_bags_kernel(
             div = tl.sqrt(tl.sum(w2sum, axis=0))
         # div_no_nan: a zero divisor gives zeros (an empty bag or weights summing to 0).
         acc = tl.where(div != 0.0, acc / tl.where(div != 0.0, div, 1.0), 0.0)
-    tl.store(out_ptr + bag.to(tl.int64) * dim + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + bag.to(tl.int64) * DIM + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
 
 
 def _check_offsets_values(offsets: torch.Tensor, nnz: int) -> None:
@@ -154,7 +154,7 @@ def combine_bags(
         weights if weights is not None else vectors,
         out,
         nnz,
-        dim,
+        DIM=dim,
         HAS_WEIGHTS=weights is not None,
         COMBINER=_COMBINER_CODE[combiner],
         BLOCK_N=block_n,

@@ -1,0 +1,118 @@
+"""Static hash table (static and UVM modes) against its NumPy reference."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from keras_hps.triton_kernels.static_table import (  # noqa: E402
+    EMPTY_KEY,
+    StaticTable,
+    build_index,
+    static_query,
+    static_query_reference,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _table(rng, n, dim, key_dtype=np.int64):
+    info = np.iinfo(key_dtype)
+    keys = np.unique(rng.integers(info.min, info.max, size=n + n // 10, dtype=key_dtype))
+    keys = keys[keys != EMPTY_KEY]
+    rng.shuffle(keys)
+    keys = keys[:n]
+    values = rng.standard_normal((keys.size, dim)).astype(np.float32)
+    return keys, values
+
+
+def _queries(rng, keys, n_hit, n_miss, key_dtype=np.int64):
+    info = np.iinfo(key_dtype)
+    q = np.concatenate(
+        [rng.choice(keys, n_hit), rng.integers(info.min, info.max, n_miss, dtype=key_dtype)]
+    )
+    rng.shuffle(q)
+    return q
+
+
+@pytest.mark.parametrize("dim", [1, 16, 100, 128])
+@pytest.mark.parametrize("n_device_frac", [1.0, 0.3])  # 1.0: static mode; 0.3: UVM split
+def test_query_matches_reference(dim, n_device_frac):
+    rng = np.random.default_rng()
+    keys, values = _table(rng, 700, dim)
+    n_device = int(n_device_frac * keys.size)
+    table = StaticTable(
+        torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE, n_device=n_device
+    )
+    assert len(table) == keys.size
+    assert (table.host_values is None) == (n_device == keys.size)
+    if DEVICE == "cuda" and table.host_values is not None:
+        assert table.host_values.is_pinned()
+    q = _queries(rng, keys, 300, 100)  # duplicates among the 300 hits are likely
+    default = rng.standard_normal(dim).astype(np.float32)
+    out, hit = table.query(torch.from_numpy(q).to(DEVICE), torch.from_numpy(default))
+    ref, ref_hit = static_query_reference(keys, values, q, default)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref)
+    assert (~ref_hit).any() and len(np.unique(q[ref_hit])) < ref_hit.sum()
+
+
+def test_no_default_gives_zeros_and_int32_keys():
+    rng = np.random.default_rng()
+    keys, values = _table(rng, 300, 16, key_dtype=np.int32)
+    table = StaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
+    q = _queries(rng, keys, 100, 50, key_dtype=np.int32).reshape(10, 15)  # any shape
+    out, hit = table.query(torch.from_numpy(q).to(DEVICE))
+    ref, ref_hit = static_query_reference(keys, values, q, None)
+    assert out.shape == (150, 16)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref)
+
+
+def test_dense_index_with_long_probes():
+    """Load factor 0.9 and clustered keys: displacements span several probe windows."""
+    rng = np.random.default_rng()
+    keys = (rng.permutation(1800) * 64 + rng.integers(0, 2)).astype(np.int64)
+    index = build_index(torch.from_numpy(keys).to(DEVICE), load_factor=0.9)
+    assert index.n_windows > 1 and index.size == keys.size
+    values = rng.standard_normal((keys.size, 8)).astype(np.float32)
+    dv = torch.from_numpy(values).to(DEVICE)
+    q = _queries(rng, keys, 400, 200)
+    out, hit = static_query(index, torch.from_numpy(q).to(DEVICE), dv)
+    ref, ref_hit = static_query_reference(keys, values, q, None)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref)
+    # Every key is in exactly one slot.
+    held = index.pairs[:, 0].cpu().numpy()
+    assert np.array_equal(np.sort(held[held != EMPTY_KEY]), np.sort(keys))
+
+
+def test_empty_batch_empty_table_and_sentinel():
+    rng = np.random.default_rng()
+    keys, values = _table(rng, 50, 4)
+    table = StaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
+    out, hit = table.query(torch.empty(0, dtype=torch.int64, device=DEVICE))
+    assert out.shape == (0, 4) and hit.shape == (0,)
+    # The sentinel is never a hit (it cannot be stored).
+    q = torch.tensor([EMPTY_KEY, int(keys[0])], device=DEVICE)
+    out, hit = table.query(q)
+    assert hit.tolist() == [False, True]
+    np.testing.assert_array_equal(out[1].cpu().numpy(), values[0])
+    empty = StaticTable(torch.empty(0, dtype=torch.int64), torch.empty((0, 4)), device=DEVICE)
+    out, hit = empty.query(torch.from_numpy(keys[:5]).to(DEVICE))
+    assert not hit.any() and (out == 0).all()
+
+
+def test_bad_tables_are_rejected():
+    with pytest.raises(ValueError, match="duplicate key 7"):
+        build_index(torch.tensor([3, 7, 9, 7]))
+    with pytest.raises(ValueError, match="reserved"):
+        build_index(torch.tensor([1, EMPTY_KEY]))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        build_index(torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="values must be"):
+        StaticTable(torch.tensor([1, 2]), torch.zeros((3, 4)), device=DEVICE)
+    table = StaticTable(torch.tensor([1, 2]), torch.zeros((2, 4)), device=DEVICE)
+    with pytest.raises(ValueError, match="default must have shape"):
+        table.query(torch.tensor([1], device=DEVICE), torch.zeros(3))

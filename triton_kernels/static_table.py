@@ -1,0 +1,339 @@
+"""Static embedding table: every row of a table behind an open-addressing hash index.
+
+The index is a power-of-two array of (key, row) int64 pairs, linear probing from
+``mix64(key) & (slots - 1)``, load factor at most one half (HPS's static table also keeps
+twice as many key slots as rows). It is built once (no eviction, no insert) by a few
+vectorised claim rounds in torch on the keys' device; the query kernel probes windows of
+four pairs (64 bytes), takes the row, and gathers the vector.
+
+Vectors live in up to two arrays: rows ``[0, n_device)`` in ``device_values`` (device
+memory) and rows ``[n_device, n)`` in ``host_values``, a pinned host tensor that the kernel
+reads over the bus through its unified-virtual-address pointer (UVM mode). With no host
+part this is the static mode. Keys not in the table get the caller's default vector (or
+zeros) and ``hit = False``. The empty-slot sentinel is ``INT64_MAX``: a table may not hold
+that key, and a query for it is a miss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+EMPTY_KEY = int(np.iinfo(np.int64).max)
+WINDOW = 4  # pairs per probe window: 4 x 16 bytes
+_KEY_DTYPES = (torch.int64, torch.int32)
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@triton.jit
+def _mix64(k):
+    """splitmix64 finalizer of an int64 key, as uint64."""
+    x = k.to(tl.uint64, bitcast=True)
+    x = x ^ (x >> 30)
+    x = x * 0xBF58476D1CE4E5B9
+    x = x ^ (x >> 27)
+    x = x * 0x94D049BB133111EB
+    x = x ^ (x >> 31)
+    return x
+
+
+@triton.jit
+def _home_slot_kernel(keys_ptr, out_ptr, n, slot_mask, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < n
+    k = tl.load(keys_ptr + offs, mask=ok, other=0)
+    h = (_mix64(k) & slot_mask.to(tl.uint64)).to(tl.int64, bitcast=True)
+    tl.store(out_ptr + offs, h, mask=ok)
+
+
+@triton.jit
+def _static_query_kernel(
+    keys_ptr,
+    n,
+    table_ptr,
+    slot_mask,
+    n_windows,
+    dev_ptr,
+    host_ptr,
+    n_device,
+    default_ptr,
+    out_ptr,
+    hit_ptr,
+    DIM: tl.constexpr,
+    EMPTY: tl.constexpr,
+    HAS_HOST: tl.constexpr,
+    HAS_DEFAULT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
+    home = (_mix64(k) & slot_mask.to(tl.uint64)).to(tl.int64, bitcast=True)
+    row = tl.full([BLOCK_K], -1, tl.int64)
+    active = kmask & (k != EMPTY)
+    j = tl.arange(0, W)
+    w = 0
+    # Probe window after window until every key is found or met an empty slot
+    # (linear probing leaves no empty slot between a key's home and the key).
+    while (w < n_windows) & (tl.max(active.to(tl.int32), axis=0) > 0):
+        slots = (home[:, None] + (w * W + j)[None, :]) & slot_mask
+        tk = tl.load(table_ptr + slots * 2, mask=active[:, None], other=EMPTY)
+        match = (tk == k[:, None]) & active[:, None]
+        tr = tl.load(table_ptr + slots * 2 + 1, mask=match, other=0)
+        found = tl.max(match.to(tl.int32), axis=1) > 0
+        row = tl.where(found, tl.sum(tr, axis=1), row)
+        seen_empty = tl.max((tk == EMPTY).to(tl.int32), axis=1) > 0
+        active = active & (~found) & (~seen_empty)
+        w += 1
+    hit = row >= 0
+    on_dev = hit & (row < n_device)
+    for d0 in tl.static_range(0, DIM, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cm = cols < DIM
+        v = tl.load(
+            dev_ptr + row[:, None] * DIM + cols[None, :], mask=on_dev[:, None] & cm[None, :]
+        )
+        if HAS_HOST:
+            on_host = hit & (row >= n_device)
+            hv = tl.load(
+                host_ptr + (row - n_device)[:, None] * DIM + cols[None, :],
+                mask=on_host[:, None] & cm[None, :],
+            )
+            v = tl.where(on_host[:, None], hv, v)
+        if HAS_DEFAULT:
+            dv = tl.load(default_ptr + cols, mask=cm, other=0.0).to(v.dtype)
+            v = tl.where(hit[:, None], v, dv[None, :])
+        else:
+            v = tl.where(hit[:, None], v, 0.0)
+        tl.store(
+            out_ptr + offs[:, None] * DIM + cols[None, :], v, mask=kmask[:, None] & cm[None, :]
+        )
+    tl.store(hit_ptr + offs, hit, mask=kmask)
+
+
+def _as_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
+    if not isinstance(keys, torch.Tensor):
+        raise ValueError(f"{what}: keys must be a torch tensor, got {type(keys).__name__}")
+    if keys.dtype not in _KEY_DTYPES:
+        raise ValueError(f"{what}: keys must be int32 or int64, got {keys.dtype}")
+    return keys.reshape(-1).to(torch.int64).contiguous()
+
+
+def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
+    """Home slot ``mix64(key) & slot_mask`` of each int64 key (the query kernel's hash)."""
+    out = torch.empty_like(keys)
+    n = keys.numel()
+    if n:
+        block = 1024
+        _home_slot_kernel[(triton.cdiv(n, block),)](keys, out, n, slot_mask, BLOCK=block)
+    return out
+
+
+@dataclass(frozen=True)
+class HashIndex:
+    """Open-addressing index: ``pairs[s] = (key, row)`` or ``(EMPTY_KEY, -1)``."""
+
+    pairs: torch.Tensor  # int64 [slots, 2]
+    slot_mask: int
+    n_windows: int  # probe windows that cover the longest displacement
+    size: int  # keys held
+
+    @property
+    def slots(self) -> int:
+        return self.slot_mask + 1
+
+    @property
+    def device(self) -> torch.device:
+        return self.pairs.device
+
+
+def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
+    """Index unique keys (int32/int64, any device) so that ``row(keys[i]) == i``.
+
+    Raises ValueError for duplicate keys or the sentinel ``INT64_MAX``.
+    """
+    keys = _as_int64_keys(keys, "build_index")
+    if not 0.0 < load_factor <= 0.9:
+        raise ValueError(f"build_index: load_factor must be in (0, 0.9], got {load_factor}")
+    n = keys.numel()
+    slots = max(64, triton.next_power_of_2(int(np.ceil(n / load_factor)) if n else 64))
+    mask = slots - 1
+    dev = keys.device
+    pairs = torch.full((slots, 2), -1, dtype=torch.int64, device=dev)
+    pairs[:, 0] = EMPTY_KEY
+    if n == 0:
+        return HashIndex(pairs, mask, 1, 0)
+    if bool((keys == EMPTY_KEY).any()):
+        raise ValueError(f"build_index: key {EMPTY_KEY} (INT64_MAX) is reserved as the empty slot")
+    sorted_keys = torch.sort(keys).values
+    dup = sorted_keys[1:] == sorted_keys[:-1]
+    if bool(dup.any()):
+        first = int(sorted_keys[1:][dup][0])
+        raise ValueError(f"build_index: duplicate key {first}; table keys must be unique")
+    home = home_slots(keys, mask)
+    pos = home.clone()
+    owner = torch.full((slots,), -1, dtype=torch.int64, device=dev)
+    claim = torch.full((slots,), n, dtype=torch.int64, device=dev)
+    pending = torch.arange(n, dtype=torch.int64, device=dev)
+    # Claim rounds: every pending key bids for its current slot; a free slot goes to the
+    # lowest bidder, the rest move one slot on. Filled slots never empty again.
+    while pending.numel():
+        p = pos[pending]
+        free = owner[p] < 0
+        cand, cp = pending[free], p[free]
+        claim.scatter_reduce_(0, cp, cand, reduce="amin", include_self=True)
+        won = claim[cp] == cand
+        owner[cp[won]] = cand[won]
+        claim[cp] = n
+        losers = torch.cat([pending[~free], cand[~won]])
+        pos[losers] = (pos[losers] + 1) & mask
+        pending = losers
+    filled = owner >= 0
+    pairs[filled, 0] = keys[owner[filled]]
+    pairs[filled, 1] = owner[filled]
+    max_disp = int(((pos - home) & mask).max())
+    return HashIndex(pairs, mask, max_disp // WINDOW + 1, n)
+
+
+def _check_values(values: torch.Tensor | None, what: str) -> None:
+    if values is None:
+        return
+    if not isinstance(values, torch.Tensor) or values.dim() != 2:
+        raise ValueError(f"static_query: {what} must be a 2-D tensor [rows, dim]")
+    if values.dtype not in _VALUE_DTYPES:
+        raise ValueError(
+            f"static_query: {what} must be float32/float16/bfloat16, got {values.dtype}"
+        )
+    if not values.is_contiguous():
+        raise ValueError(f"static_query: {what} must be contiguous")
+
+
+def static_query(
+    index: HashIndex,
+    keys: torch.Tensor,
+    device_values: torch.Tensor,
+    host_values: torch.Tensor | None = None,
+    default: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Look up keys: ``(vectors [n, dim], hit [n] bool)`` on the index's device.
+
+    Row ``r`` of the table is ``device_values[r]`` for ``r < len(device_values)``, else
+    ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place).
+    Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened.
+    """
+    keys = _as_int64_keys(keys, "static_query")
+    _check_values(device_values, "device_values")
+    _check_values(host_values, "host_values")
+    dim = device_values.shape[1]
+    if host_values is not None and host_values.shape[1] != dim:
+        raise ValueError(
+            f"static_query: host_values dim {host_values.shape[1]} != device_values dim {dim}"
+        )
+    dev = index.device
+    if keys.device != dev or device_values.device != dev:
+        raise ValueError(
+            f"static_query: keys on {keys.device}, device_values on {device_values.device}, "
+            f"index on {dev}; all must be on one device"
+        )
+    if host_values is not None and dev.type == "cuda" and not host_values.is_pinned():
+        if host_values.device != dev:
+            raise ValueError("static_query: host_values must be pinned host memory or on device")
+    if default is not None:
+        if default.shape != (dim,):
+            raise ValueError(f"static_query: default must have shape ({dim},), got {default.shape}")
+        default = default.to(device=dev, dtype=device_values.dtype).contiguous()
+    n = keys.numel()
+    out = torch.empty((n, dim), dtype=device_values.dtype, device=dev)
+    hit = torch.empty((n,), dtype=torch.bool, device=dev)
+    if n == 0 or dim == 0:
+        return out, hit.fill_(False)
+    block_d = min(triton.next_power_of_2(dim), 128)
+    block_k = max(16, min(128, 4096 // block_d))
+    _static_query_kernel[(triton.cdiv(n, block_k),)](
+        keys,
+        n,
+        index.pairs,
+        index.slot_mask,
+        index.n_windows,
+        device_values,
+        host_values if host_values is not None else device_values,
+        device_values.shape[0],
+        default if default is not None else device_values,
+        out,
+        hit,
+        DIM=dim,
+        EMPTY=EMPTY_KEY,
+        HAS_HOST=host_values is not None,
+        HAS_DEFAULT=default is not None,
+        BLOCK_K=block_k,
+        W=WINDOW,
+        BLOCK_D=block_d,
+    )
+    return out, hit
+
+
+class StaticTable:
+    """A whole table on the device behind a hash index (static mode), optionally with
+    rows from ``n_device`` on in pinned host memory read by the kernel (UVM mode)."""
+
+    def __init__(
+        self,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        *,
+        device: torch.device | str,
+        n_device: int | None = None,
+    ) -> None:
+        """keys [n] int32/int64 unique; values [n, dim]; row i of values belongs to keys[i].
+
+        ``n_device`` rows (all when None) go to device memory, the rest to pinned host memory
+        when ``device`` is CUDA (a plain device copy otherwise, e.g. under the interpreter).
+        """
+        device = torch.device(device)
+        if values.dim() != 2 or values.shape[0] != keys.numel():
+            raise ValueError(
+                f"StaticTable: values must be [{keys.numel()}, dim], got {tuple(values.shape)}"
+            )
+        n = keys.numel()
+        n_device = n if n_device is None else max(0, min(int(n_device), n))
+        self.index = build_index(keys.to(device))
+        self.dim = int(values.shape[1])
+        self.device_values = values[:n_device].to(device).contiguous()
+        self.host_values: torch.Tensor | None = None
+        if n_device < n:
+            rest = values[n_device:]
+            if device.type == "cuda":
+                self.host_values = rest.to("cpu").contiguous().pin_memory()
+            else:
+                self.host_values = rest.to(device).contiguous()
+
+    def __len__(self) -> int:
+        return self.index.size
+
+    def query(
+        self, keys: torch.Tensor, default: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(vectors [n, dim], hit [n])`` for flattened keys; misses get default or zeros."""
+        return static_query(self.index, keys, self.device_values, self.host_values, default)
+
+
+def static_query_reference(
+    table_keys: np.ndarray, table_values: np.ndarray, keys: np.ndarray, default: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy reference of a static-table lookup: ``(vectors, hit)``."""
+    table_keys = np.asarray(table_keys, dtype=np.int64)
+    keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+    order = np.argsort(table_keys, kind="stable")
+    sk = table_keys[order]
+    pos = np.searchsorted(sk, keys).clip(0, max(len(sk) - 1, 0))
+    hit = (sk[pos] == keys) if len(sk) else np.zeros(keys.shape, bool)
+    dim = table_values.shape[1]
+    fill = np.zeros(dim, table_values.dtype) if default is None else default
+    out = np.where(hit[:, None], table_values[order[pos]] if len(sk) else fill, fill[None, :])
+    return out.astype(table_values.dtype), hit
