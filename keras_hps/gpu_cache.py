@@ -1,0 +1,350 @@
+"""GpuEmbeddingCache: the dynamic (set-associative, LRU/LFU) GPU embedding cache.
+
+Owns the device arrays (allocated through torch) and runs the Triton kernels of
+``keras_hps.triton_kernels`` on them. ``GpuCacheGroup`` pools the caches of several tables in
+one allocation so that all of them can be queried in one launch.
+
+Thread safety: every operation takes the cache's lock (shared by all caches of a group) and,
+on CUDA, runs on the cache's own stream, which first waits for the caller's current stream; the
+caller's stream then waits for the cache's stream before it uses the results. So operations from
+any threads and streams execute one after another on the device, in the order their calls took
+the lock, and a query never sees a half-written insert.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+from keras_hps.errors import InvalidInputError
+from keras_hps.triton_kernels.cache_fused_query import PooledTables, fused_cache_query
+from keras_hps.triton_kernels.cache_insert import cache_insert
+from keras_hps.triton_kernels.cache_layout import (
+    KEY_DTYPES,
+    POLICIES,
+    SLOTS_PER_SET,
+    CacheArrays,
+    allocate,
+    check_keys,
+    check_values,
+    num_sets_for,
+)
+from keras_hps.triton_kernels.cache_query import cache_query
+from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
+
+_HITS, _MISSES, _INSERTIONS, _EVICTIONS = range(4)
+
+
+class _Shared:
+    """Lock, LRU clock and stream shared by the caches of one group."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.lock = threading.RLock()
+        self.clock = 0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def tick(self) -> int:
+        self.clock += 1
+        return self.clock
+
+
+def _checked_keys(keys: torch.Tensor, cache: GpuEmbeddingCache, what: str = "keys"
+                  ) -> torch.Tensor:
+    try:
+        return check_keys(keys, cache.key_dtype, cache.device, what=what)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(str(e)) from None
+
+
+def _checked_values(values: torch.Tensor, n: int, cache: GpuEmbeddingCache) -> torch.Tensor:
+    try:
+        return check_values(values, n, cache.dim, cache.device)
+    except (TypeError, ValueError) as e:
+        raise InvalidInputError(str(e)) from None
+
+
+def _check_common(dim: int, device: torch.device | str, policy: str,
+                  key_dtype: torch.dtype) -> torch.device:
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if key_dtype not in KEY_DTYPES:
+        raise ValueError(f"key_dtype must be torch.int64 or torch.int32, got {key_dtype}")
+    if int(dim) < 1:
+        raise ValueError(f"dim must be >= 1, got {dim}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class GpuEmbeddingCache:
+    """A set-associative cache of ``capacity`` float32 rows of width ``dim`` in device memory.
+
+    Keys are ``key_dtype`` integers (int64 by default); the dtype's largest value is reserved
+    as the empty-slot marker and is rejected. The capacity is rounded up to whole sets of 32
+    slots. ``policy`` picks the victim when a set is full: ``"lru"`` (least recently queried or
+    inserted) or ``"lfu"`` (fewest queries since insertion).
+    """
+
+    def __init__(
+        self,
+        capacity: int,
+        dim: int,
+        *,
+        device: torch.device | str,
+        policy: str = "lru",
+        key_dtype: torch.dtype = torch.int64,
+        _arrays: CacheArrays | None = None,
+        _shared: _Shared | None = None,
+    ) -> None:
+        device = _check_common(dim, device, policy, key_dtype)
+        self._policy = policy
+        self._arrays = _arrays if _arrays is not None else allocate(
+            num_sets_for(capacity), int(dim), key_dtype, device)
+        self._shared = _shared if _shared is not None else _Shared(device)
+        self._counters = torch.zeros(4, dtype=torch.int64, device=device)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def capacity(self) -> int:
+        """Number of slots (rows) the cache holds."""
+        return self._arrays.num_sets * SLOTS_PER_SET
+
+    @property
+    def dim(self) -> int:
+        return self._arrays.dim
+
+    @property
+    def device(self) -> torch.device:
+        return self._arrays.device
+
+    @property
+    def key_dtype(self) -> torch.dtype:
+        return self._arrays.key_dtype
+
+    @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def num_sets(self) -> int:
+        return self._arrays.num_sets
+
+    @property
+    def arrays(self) -> CacheArrays:
+        """The raw device arrays (for kernels and tests; mutate only under :meth:`ordered`)."""
+        return self._arrays
+
+    @property
+    def size(self) -> int:
+        """Number of occupied slots (counts them on the device; synchronises)."""
+        with self.ordered():
+            return int((self._arrays.tags != 0).sum())
+
+    def _counter(self, i: int) -> int:
+        with self.ordered():
+            return int(self._counters[i])
+
+    @property
+    def hits(self) -> int:
+        """Query keys found, since creation or :meth:`reset_counters`."""
+        return self._counter(_HITS)
+
+    @property
+    def misses(self) -> int:
+        """Query keys not found."""
+        return self._counter(_MISSES)
+
+    @property
+    def insertions(self) -> int:
+        """Keys newly placed by :meth:`insert` (updates in place not counted)."""
+        return self._counter(_INSERTIONS)
+
+    @property
+    def evictions(self) -> int:
+        """Resident keys replaced by :meth:`insert`."""
+        return self._counter(_EVICTIONS)
+
+    def stats(self) -> dict[str, int]:
+        """Counters and occupancy in one read."""
+        with self.ordered():
+            c = self._counters.tolist()
+            size = int((self._arrays.tags != 0).sum())
+        return {"hits": c[_HITS], "misses": c[_MISSES], "insertions": c[_INSERTIONS],
+                "evictions": c[_EVICTIONS], "size": size, "capacity": self.capacity}
+
+    def reset_counters(self) -> None:
+        with self.ordered():
+            self._counters.zero_()
+
+    # ----------------------------------------------------------------- ordering
+    @contextmanager
+    def ordered(self) -> Iterator[None]:
+        """Hold the cache's lock and run the block's device work on the cache's stream."""
+        sh = self._shared
+        with sh.lock:
+            if sh.stream is None:
+                yield
+                return
+            caller = torch.cuda.current_stream(self.device)
+            sh.stream.wait_stream(caller)
+            with torch.cuda.stream(sh.stream):
+                yield
+            caller.wait_stream(sh.stream)
+
+    def _on_stream(self, *tensors: torch.Tensor) -> None:
+        """Tell the allocator that tensors crossing between streams are in use on both."""
+        sh = self._shared
+        if sh.stream is None:
+            return
+        caller = torch.cuda.current_stream(self.device)
+        for t in tensors:
+            if t.device.type == "cuda":
+                t.record_stream(sh.stream)
+                t.record_stream(caller)
+
+    # ----------------------------------------------------------------- operations
+    def query(self, keys: torch.Tensor, *, touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Look ``keys`` (any shape, may repeat) up: ``(values [n, dim] float32, hit [n] bool)``.
+
+        Missed keys get zero rows. Hits refresh the slot's LRU stamp or LFU count unless
+        ``touch=False``.
+        """
+        keys = _checked_keys(keys, self)
+        with self.ordered():
+            stamp = self._shared.tick()
+            out, hit = cache_query(self._arrays, keys, policy=self._policy, stamp=stamp,
+                                   touch=touch, counters=self._counters, validate=False)
+            self._on_stream(keys, out, hit)
+        return out, hit
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Insert rows ``values [n, dim]`` for ``keys``; present keys are updated in place.
+
+        A key repeated in the batch is stored once, with its last row. When a set is full the
+        policy's victim is evicted.
+        """
+        keys = _checked_keys(keys, self)
+        values = _checked_values(values, keys.numel(), self)
+        with self.ordered():
+            stamp = self._shared.tick()
+            cache_insert(self._arrays, keys, values, policy=self._policy, stamp=stamp,
+                         counters=self._counters, validate=False)
+            self._on_stream(keys, values)
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Overwrite the rows of the ``keys`` that are resident; absent keys are ignored."""
+        keys = _checked_keys(keys, self)
+        values = _checked_values(values, keys.numel(), self)
+        with self.ordered():
+            cache_update(self._arrays, keys, values, validate=False)
+            self._on_stream(keys, values)
+
+    def invalidate(self, keys: torch.Tensor) -> None:
+        """Remove ``keys`` from the cache (absent keys are ignored)."""
+        keys = _checked_keys(keys, self)
+        with self.ordered():
+            cache_invalidate(self._arrays, keys, validate=False)
+            self._on_stream(keys)
+
+    def clear(self) -> None:
+        """Empty the cache (counters are kept)."""
+        with self.ordered():
+            self._arrays.clear()
+
+    def __repr__(self) -> str:
+        return (f"GpuEmbeddingCache(capacity={self.capacity}, dim={self.dim}, "
+                f"device={self.device}, policy={self._policy!r}, key_dtype={self.key_dtype})")
+
+
+class GpuCacheGroup:
+    """The caches of several tables in one pooled allocation, queried together in one launch.
+
+    ``tables`` is a sequence of ``(capacity, dim)``; ``group[i]`` is table ``i``'s
+    :class:`GpuEmbeddingCache` (insert/update/invalidate per table as usual), and
+    :meth:`query` looks up every table's keys with a single kernel launch.
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[tuple[int, int]],
+        *,
+        device: torch.device | str,
+        policy: str = "lru",
+        key_dtype: torch.dtype = torch.int64,
+    ) -> None:
+        if not tables:
+            raise ValueError("GpuCacheGroup needs at least one (capacity, dim) table")
+        dims = [int(d) for _c, d in tables]
+        device = _check_common(min(dims), device, policy, key_dtype)
+        sets = [num_sets_for(c) for c, _d in tables]
+        total_sets = sum(sets)
+        pool = allocate(total_sets, 1, key_dtype, device)  # tags/keys/scores; vectors below
+        vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
+        vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
+        self._policy = policy
+        self._shared = _Shared(device)
+        self._caches: list[GpuEmbeddingCache] = []
+        set_base, vec_base, s0, v0 = [], [], 0, 0
+        for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
+            lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
+            arrays = CacheArrays(tags=pool.tags[lo:hi], keys=pool.keys[lo:hi],
+                                 scores=pool.scores[lo:hi],
+                                 vectors=vectors[v0:v0 + vs].view(s * SLOTS_PER_SET, d),
+                                 num_sets=s)
+            self._caches.append(GpuEmbeddingCache(
+                s * SLOTS_PER_SET, d, device=device, policy=policy, key_dtype=key_dtype,
+                _arrays=arrays, _shared=self._shared))
+            set_base.append(s0)
+            vec_base.append(v0)
+            s0, v0 = s0 + s, v0 + vs
+
+        def dev64(x: list[int]) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=device)
+
+        self._pooled = PooledTables(
+            tags=pool.tags, keys=pool.keys, scores=pool.scores, vectors=vectors,
+            set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
+            dims=dev64(dims), dims_host=tuple(dims))
+
+    def __len__(self) -> int:
+        return len(self._caches)
+
+    def __getitem__(self, i: int) -> GpuEmbeddingCache:
+        return self._caches[i]
+
+    @property
+    def caches(self) -> list[GpuEmbeddingCache]:
+        return list(self._caches)
+
+    def query(self, keys_per_table: Sequence[torch.Tensor], *, touch: bool = True
+              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Query table ``i`` with ``keys_per_table[i]``, all tables in one launch.
+
+        Returns (per-table values ``[n_i, dim_i]``, per-table hit masks ``[n_i]``). Counters
+        of each table's cache are updated as by its own :meth:`GpuEmbeddingCache.query`.
+        """
+        if len(keys_per_table) != len(self._caches):
+            raise ValueError(f"expected keys for {len(self._caches)} tables, got "
+                             f"{len(keys_per_table)}")
+        first = self._caches[0]
+        flat = [_checked_keys(k, first, what=f"keys of table {i}")
+                for i, k in enumerate(keys_per_table)]
+        offsets = [0]
+        for k in flat:
+            offsets.append(offsets[-1] + k.numel())
+        with first.ordered():
+            stamp = self._shared.tick()
+            keys = torch.cat(flat) if len(flat) > 1 else flat[0]
+            values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
+                                            stamp=stamp, touch=touch)
+            hits = list(hit.split([k.numel() for k in flat]))
+            for cache, h in zip(self._caches, hits, strict=True):
+                nh = h.sum()
+                cache._counters[_HITS] += nh
+                cache._counters[_MISSES] += h.numel() - nh
+            first._on_stream(keys, hit, *flat, *values)
+        return values, hits

@@ -1,0 +1,143 @@
+"""Fused multi-table query: every table of a model looked up in one launch.
+
+The tables' caches live in one pooled allocation (tags, keys and scores concatenated set after
+set; vectors concatenated as one flat float32 buffer, each table with its own dim). The keys of
+all tables come concatenated, with ``key_offsets[t]:key_offsets[t+1]`` the keys of table ``t``.
+The output is one flat float32 buffer; table ``t``'s rows start at element ``out_base[t]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .cache_layout import POLICIES, SLOTS_PER_SET, NpCacheState, set_and_tag
+from .cache_query import np_cache_query
+
+
+@dataclass
+class PooledTables:
+    """Pooled arrays of several caches plus the per-table parameter vectors (int64, device)."""
+
+    tags: torch.Tensor
+    keys: torch.Tensor
+    scores: torch.Tensor
+    vectors: torch.Tensor  # flat float32
+    set_base: torch.Tensor  # first set of each table
+    num_sets: torch.Tensor  # sets of each table
+    vec_base: torch.Tensor  # first element of each table's vectors
+    dims: torch.Tensor  # row width of each table
+    dims_host: tuple[int, ...]
+
+    @property
+    def num_tables(self) -> int:
+        return len(self.dims_host)
+
+
+@triton.jit
+def _fused_query_kernel(
+    keys_ptr, n, key_off_ptr,
+    set_base_ptr, num_sets_ptr, vec_base_ptr, dims_ptr, out_base_ptr,
+    tags_ptr, ckeys_ptr, scores_ptr, vec_ptr, out_ptr, hit_ptr, stamp,
+    NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = offs < n
+    tid = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for j in tl.static_range(1, NUM_TABLES):
+        tid += (offs >= tl.load(key_off_ptr + j)).to(tl.int32)
+    k = tl.load(keys_ptr + offs, mask=m, other=0)
+    nsets = tl.load(num_sets_ptr + tid)
+    s, t = set_and_tag(k, nsets)
+    s += tl.load(set_base_ptr + tid)
+    sl = tl.arange(0, SLOTS)
+    sidx = s[:, None] * SLOTS + sl[None, :]
+    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0)
+    cand = (tg.to(tl.int32) == t[:, None]) & m[:, None]
+    ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
+    eq = cand & (ck == k[:, None])
+    j = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+    hit = j >= 0
+    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    dim = tl.load(dims_ptr + tid)
+    local_slot = slot - tl.load(set_base_ptr + tid) * SLOTS
+    src = tl.load(vec_base_ptr + tid) + local_slot * dim
+    dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
+    for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = d[None, :] < dim[:, None]
+        row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm, other=0.0)
+        tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm)
+    tl.store(hit_ptr + offs, hit, mask=m)
+    if TOUCH:
+        if LFU:
+            tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
+        else:
+            tl.store(scores_ptr + slot, stamp, mask=hit)
+
+
+def fused_cache_query(
+    pooled: PooledTables,
+    keys: torch.Tensor,
+    key_offsets: list[int],
+    *,
+    policy: str = "lru",
+    stamp: int = 0,
+    touch: bool = True,
+    block_k: int = 32,
+    num_warps: int = 4,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Query all tables at once.
+
+    ``keys``: 1-D, already validated, in the pool's key dtype, on its device; ``key_offsets``:
+    ``num_tables + 1`` ascending host ints. Returns (per-table values ``[n_t, dim_t]`` views of
+    one output buffer, hit mask over the concatenated keys).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    nt = pooled.num_tables
+    if len(key_offsets) != nt + 1 or key_offsets[0] != 0 or key_offsets[-1] != keys.numel():
+        raise ValueError(f"key_offsets must have {nt + 1} entries from 0 to {keys.numel()}, "
+                         f"got {list(key_offsets)}")
+    if any(b < a for a, b in zip(key_offsets[:-1], key_offsets[1:], strict=True)):
+        raise ValueError(f"key_offsets must be ascending, got {list(key_offsets)}")
+    dev = keys.device
+    counts = [key_offsets[i + 1] - key_offsets[i] for i in range(nt)]
+    sizes = [c * d for c, d in zip(counts, pooled.dims_host, strict=True)]
+    out_bases = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = torch.empty(int(out_bases[-1]), dtype=torch.float32, device=dev)
+    hit = torch.empty(keys.numel(), dtype=torch.bool, device=dev)
+    n = keys.numel()
+    if n:
+        offs_dev = torch.tensor(key_offsets, dtype=torch.int64).to(dev, non_blocking=True)
+        out_base_dev = torch.tensor(out_bases[:-1], dtype=torch.int64).to(dev, non_blocking=True)
+        max_dim = max(pooled.dims_host)
+        bd = min(256, triton.next_power_of_2(max_dim))
+        _fused_query_kernel[(triton.cdiv(n, block_k),)](
+            keys, n, offs_dev,
+            pooled.set_base, pooled.num_sets, pooled.vec_base, pooled.dims, out_base_dev,
+            pooled.tags, pooled.keys, pooled.scores, pooled.vectors, out, hit, stamp,
+            NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=bd, BLOCK_K=block_k, SLOTS=SLOTS_PER_SET,
+            TOUCH=touch, LFU=policy == "lfu", num_warps=num_warps,
+        )
+    values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
+              for i in range(nt)]
+    return values, hit
+
+
+def np_fused_cache_query(
+    states: list[NpCacheState], keys_per_table: list[np.ndarray], *, policy: str = "lru",
+    stamp: int = 0, touch: bool = True,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """NumPy reference of :func:`fused_cache_query`: one per-table query each."""
+    vals, hits = [], []
+    for state, keys in zip(states, keys_per_table, strict=True):
+        v, h = np_cache_query(state, keys, policy=policy, stamp=stamp, touch=touch)
+        vals.append(v)
+        hits.append(h)
+    return vals, hits

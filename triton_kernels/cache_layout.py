@@ -1,0 +1,225 @@
+"""Set-associative layout shared by the GPU embedding-cache kernels.
+
+A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is four flat device arrays:
+
+- ``tags``    uint8  ``[num_sets * 32]``: a one-byte fingerprint per slot (0 = empty). One set's
+  tags are 32 contiguous bytes, i.e. one 32-byte DRAM sector, so a probe reads one sector and
+  then only the key of a slot whose tag matches.
+- ``keys``    int64 or int32 ``[num_sets * 32]``: the key per slot, ``empty_key(dtype)``
+  (the dtype's maximum) when empty.
+- ``scores``  int64 ``[num_sets * 32]``: LRU clock stamp or LFU access count per slot.
+- ``vectors`` float32 ``[num_sets * 32, dim]``: the embedding rows, separate from the keys.
+
+A key is hashed with MurmurHash3's 64-bit finalizer (applied to the key sign-extended to int64).
+The low 32 bits pick the set (``(lo32 * num_sets) >> 32``, any set count works) and the top
+8 bits are the tag (0 is remapped to 1, since 0 marks an empty slot).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+SLOTS_PER_SET = 32
+EMPTY_TAG = 0
+KEY_DTYPES = (torch.int64, torch.int32)
+POLICIES = ("lru", "lfu")
+
+_MIX1 = 0xFF51AFD7ED558CCD
+_MIX2 = 0xC4CEB9FE1A85EC53
+
+
+def empty_key(key_dtype: torch.dtype) -> int:
+    """The sentinel that marks an empty slot: the key dtype's largest value."""
+    if key_dtype not in KEY_DTYPES:
+        raise ValueError(f"cache keys must be torch.int64 or torch.int32, got {key_dtype}")
+    return torch.iinfo(key_dtype).max
+
+
+def num_sets_for(capacity: int) -> int:
+    """Number of 32-slot sets that holds at least ``capacity`` slots (at least one set)."""
+    if capacity < 1:
+        raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
+    return max(1, -(-int(capacity) // SLOTS_PER_SET))
+
+
+@triton.jit
+def hash_key(k):
+    """64-bit finalizer of a key (any int dtype, sign-extended): returns uint64."""
+    h = k.to(tl.int64).to(tl.uint64, bitcast=True)
+    h ^= h >> 33
+    h *= 0xFF51AFD7ED558CCD
+    h ^= h >> 33
+    h *= 0xC4CEB9FE1A85EC53
+    h ^= h >> 33
+    return h
+
+
+@triton.jit
+def set_and_tag(k, num_sets):
+    """Set index (int64) and tag (int32 in 1..255) of keys ``k``."""
+    h = hash_key(k)
+    s = ((h & 0xFFFFFFFF) * num_sets.to(tl.uint64)) >> 32
+    t = (h >> 56).to(tl.int32)
+    t = tl.where(t == 0, 1, t)
+    return s.to(tl.int64), t
+
+
+def np_hash(keys: np.ndarray) -> np.ndarray:
+    """NumPy twin of :func:`hash_key` (uint64)."""
+    h = np.asarray(keys).astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(_MIX1)
+        h = h ^ (h >> np.uint64(33))
+        h = h * np.uint64(_MIX2)
+        h = h ^ (h >> np.uint64(33))
+    return h
+
+
+def np_set_and_tag(keys: np.ndarray, num_sets: int) -> tuple[np.ndarray, np.ndarray]:
+    """NumPy twin of :func:`set_and_tag`: (set index int64, tag int64)."""
+    h = np_hash(keys)
+    with np.errstate(over="ignore"):
+        s = ((h & np.uint64(0xFFFFFFFF)) * np.uint64(num_sets)) >> np.uint64(32)
+    t = (h >> np.uint64(56)).astype(np.int64)
+    t[t == 0] = 1
+    return s.astype(np.int64), t
+
+
+@dataclass
+class CacheArrays:
+    """The device arrays of one cache (or views into a pooled allocation)."""
+
+    tags: torch.Tensor
+    keys: torch.Tensor
+    scores: torch.Tensor
+    vectors: torch.Tensor
+    num_sets: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def key_dtype(self) -> torch.dtype:
+        return self.keys.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def clear(self) -> None:
+        """Mark every slot empty (vectors are left as they are)."""
+        self.tags.fill_(EMPTY_TAG)
+        self.keys.fill_(empty_key(self.keys.dtype))
+        self.scores.zero_()
+
+    def to_numpy(self) -> NpCacheState:
+        """Host copy of the arrays, for the NumPy references and tests."""
+        return NpCacheState(
+            tags=self.tags.cpu().numpy().astype(np.int64),
+            keys=self.keys.cpu().numpy().astype(np.int64),
+            scores=self.scores.cpu().numpy().copy(),
+            vectors=self.vectors.cpu().numpy().copy(),
+            num_sets=self.num_sets,
+            empty=empty_key(self.keys.dtype),
+        )
+
+
+@dataclass
+class NpCacheState:
+    """Host copy of a cache's arrays, mutated in place by the NumPy references."""
+
+    tags: np.ndarray
+    keys: np.ndarray
+    scores: np.ndarray
+    vectors: np.ndarray
+    num_sets: int
+    empty: int
+
+    def copy(self) -> NpCacheState:
+        return NpCacheState(self.tags.copy(), self.keys.copy(), self.scores.copy(),
+                            self.vectors.copy(), self.num_sets, self.empty)
+
+    def find(self, key: int) -> int:
+        """Flat slot index of ``key``, or -1 if absent."""
+        s, t = np_set_and_tag(np.array([key]), self.num_sets)
+        base = int(s[0]) * SLOTS_PER_SET
+        for j in range(SLOTS_PER_SET):
+            if self.tags[base + j] == t[0] and self.keys[base + j] == key:
+                return base + j
+        return -1
+
+
+def allocate(num_sets: int, dim: int, key_dtype: torch.dtype,
+             device: torch.device | str) -> CacheArrays:
+    """Allocate an empty cache of ``num_sets`` sets of rows of ``dim`` float32."""
+    if dim < 1:
+        raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    slots = num_sets * SLOTS_PER_SET
+    arrays = CacheArrays(
+        tags=torch.empty(slots, dtype=torch.uint8, device=device),
+        keys=torch.empty(slots, dtype=key_dtype, device=device),
+        scores=torch.empty(slots, dtype=torch.int64, device=device),
+        vectors=torch.zeros(slots, dim, dtype=torch.float32, device=device),
+        num_sets=num_sets,
+    )
+    arrays.clear()
+    return arrays
+
+
+def check_keys(keys: torch.Tensor, key_dtype: torch.dtype, device: torch.device,
+               *, validate: bool = True, what: str = "keys") -> torch.Tensor:
+    """Flatten ``keys`` to a contiguous 1-D tensor of ``key_dtype`` on ``device``.
+
+    Raises ValueError for a non-integer dtype, a wrong device, the empty-slot sentinel, or
+    (for an int32 cache) keys outside int32. ``validate=False`` skips the value checks, which
+    read the keys back to the host (a device synchronisation).
+    """
+    if not isinstance(keys, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(keys).__name__}")
+    if keys.dtype not in KEY_DTYPES:
+        raise ValueError(f"{what} must be int32 or int64, got {keys.dtype}")
+    if keys.device != device:
+        raise ValueError(f"{what} are on {keys.device}, the cache is on {device}")
+    keys = keys.reshape(-1)
+    if validate and keys.numel():
+        sentinel = empty_key(key_dtype)
+        if keys.dtype == torch.int64 and key_dtype == torch.int32:
+            lo, hi = torch.aminmax(keys)
+            if int(lo) < torch.iinfo(torch.int32).min or int(hi) > sentinel:
+                bad = keys[(keys < torch.iinfo(torch.int32).min) | (keys > sentinel)][0]
+                raise ValueError(
+                    f"{what}: key {int(bad)} does not fit this int32-keyed cache "
+                    f"(int32 keys must be < {sentinel})")
+        elif bool((keys == sentinel).any()):
+            raise ValueError(
+                f"{what}: key {sentinel} is reserved as the empty-slot sentinel of a "
+                f"{str(key_dtype).replace('torch.', '')} cache and cannot be stored or queried")
+    if keys.dtype != key_dtype:
+        keys = keys.to(key_dtype)
+    return keys.contiguous()
+
+
+def check_values(values: torch.Tensor, n: int, dim: int, device: torch.device) -> torch.Tensor:
+    """Check ``values`` is float32-convertible ``[n, dim]`` on ``device``; return it contiguous."""
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"values must be a torch.Tensor, got {type(values).__name__}")
+    if values.device != device:
+        raise ValueError(f"values are on {values.device}, the cache is on {device}")
+    if not values.is_floating_point():
+        raise ValueError(f"values must be floating point, got {values.dtype}")
+    if tuple(values.shape) != (n, dim):
+        raise ValueError(f"values must have shape ({n}, {dim}) for {n} keys, got "
+                         f"{tuple(values.shape)}")
+    return values.to(torch.float32).contiguous()
+
+
+def block_d(dim: int) -> int:
+    """Row tile width: the next power of two of ``dim``, capped at 256 (wider rows loop)."""
+    return min(256, triton.next_power_of_2(dim))

@@ -1,0 +1,87 @@
+"""Invalidate and update-if-present for the GPU embedding cache (layout: cache_layout.py).
+
+``cache_invalidate`` empties the slots holding the given keys, so a later query misses and the
+caller refetches the fresh row from a lower tier. ``cache_update`` overwrites the rows of the
+given keys that are present (absent keys are ignored; scores are left alone), through the
+insert kernel's set-ordered path, so a key repeated in one batch takes its last value.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from .cache_insert import cache_insert, np_cache_insert
+from .cache_layout import (
+    SLOTS_PER_SET,
+    CacheArrays,
+    NpCacheState,
+    check_keys,
+    empty_key,
+    np_set_and_tag,
+    set_and_tag,
+)
+
+
+@triton.jit
+def _cache_invalidate_kernel(
+    keys_ptr, n, tags_ptr, ckeys_ptr, scores_ptr, num_sets, empty,
+    BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = offs < n
+    k = tl.load(keys_ptr + offs, mask=m, other=0)
+    s, t = set_and_tag(k, num_sets)
+    sl = tl.arange(0, SLOTS)
+    sidx = s[:, None] * SLOTS + sl[None, :]
+    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0)
+    cand = (tg.to(tl.int32) == t[:, None]) & m[:, None]
+    ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
+    eq = cand & (ck == k[:, None])
+    j = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+    found = j >= 0
+    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    # Repeated keys write the same values to the same slot: benign.
+    tl.store(tags_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.uint8), mask=found)
+    tl.store(ckeys_ptr + slot, tl.zeros([BLOCK_K], dtype=k.dtype) + empty, mask=found)
+    tl.store(scores_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
+
+
+def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
+                     validate: bool = True) -> None:
+    """Remove ``keys`` (absent ones are ignored) from the cache."""
+    dev = arrays.device
+    keys = check_keys(keys, arrays.key_dtype, dev, validate=validate)
+    n = keys.numel()
+    if n:
+        block = 64
+        _cache_invalidate_kernel[(triton.cdiv(n, block),)](
+            keys, n, arrays.tags, arrays.keys, arrays.scores, arrays.num_sets,
+            empty_key(arrays.key_dtype), BLOCK_K=block, SLOTS=SLOTS_PER_SET,
+        )
+
+
+def cache_update(arrays: CacheArrays, keys: torch.Tensor, values: torch.Tensor, *,
+                 validate: bool = True) -> None:
+    """Overwrite the rows of those ``keys`` that are present; absent keys are ignored."""
+    cache_insert(arrays, keys, values, only_present=True, validate=validate)
+
+
+def np_cache_invalidate(state: NpCacheState, keys: np.ndarray) -> None:
+    """NumPy reference of :func:`cache_invalidate`, mutating ``state``."""
+    keys = np.asarray(keys).reshape(-1).astype(np.int64)
+    sets, tags = np_set_and_tag(keys, state.num_sets)
+    for i, key in enumerate(keys):
+        base = int(sets[i]) * SLOTS_PER_SET
+        for s in range(base, base + SLOTS_PER_SET):
+            if state.tags[s] == tags[i] and state.keys[s] == key:
+                state.tags[s] = 0
+                state.keys[s] = state.empty
+                state.scores[s] = 0
+
+
+def np_cache_update(state: NpCacheState, keys: np.ndarray, values: np.ndarray) -> None:
+    """NumPy reference of :func:`cache_update`, mutating ``state``."""
+    np_cache_insert(state, keys, values, only_present=True)
