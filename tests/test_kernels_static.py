@@ -10,6 +10,7 @@ from keras_hps.triton_kernels.static_table import (  # noqa: E402
     EMPTY_KEY,
     StaticTable,
     build_index,
+    static_find,
     static_query,
     static_query_reference,
 )
@@ -116,3 +117,26 @@ def test_bad_tables_are_rejected():
     table = StaticTable(torch.tensor([1, 2]), torch.zeros((2, 4)), device=DEVICE)
     with pytest.raises(ValueError, match="default must have shape"):
         table.query(torch.tensor([1], device=DEVICE), torch.zeros(3))
+
+
+def test_find_and_update_in_both_parts():
+    rng = np.random.default_rng()
+    keys, values = _table(rng, 400, 12)
+    table = StaticTable(
+        torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE, n_device=150
+    )
+    q = _queries(rng, keys, 100, 40)
+    rows = static_find(table.index, torch.from_numpy(q).to(DEVICE)).cpu().numpy()
+    pos = {int(k): i for i, k in enumerate(keys)}
+    np.testing.assert_array_equal(rows, [pos.get(int(k), -1) for k in q])
+    # Update keys on the device part, the host part and absent keys.
+    upd = np.concatenate([keys[rng.choice(400, 60, replace=False)], q[rows < 0][:5]])
+    new = rng.standard_normal((upd.size, 12)).astype(np.float32)
+    found = table.update(torch.from_numpy(upd).to(DEVICE), torch.from_numpy(new).to(DEVICE))
+    assert found.cpu().numpy().tolist() == [True] * 60 + [False] * 5
+    values2 = values.copy()
+    values2[[pos[int(k)] for k in upd[:60]]] = new[:60]
+    out, hit = table.query(torch.from_numpy(q).to(DEVICE))
+    ref, ref_hit = static_query_reference(keys, values2, q, None)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref)

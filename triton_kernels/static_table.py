@@ -51,6 +51,37 @@ def _home_slot_kernel(keys_ptr, out_ptr, n, slot_mask, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _probe(
+    k,
+    active,
+    table_ptr,
+    slot_mask,
+    n_windows,
+    EMPTY: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W: tl.constexpr,
+):
+    """Row of each key in the index, -1 when absent (lanes with active False stay -1)."""
+    home = (_mix64(k) & slot_mask.to(tl.uint64)).to(tl.int64, bitcast=True)
+    row = tl.full([BLOCK_K], -1, tl.int64)
+    j = tl.arange(0, W)
+    w = 0
+    # Probe window after window until every key is found or met an empty slot
+    # (linear probing leaves no empty slot between a key's home and the key).
+    while (w < n_windows) & (tl.max(active.to(tl.int32), axis=0) > 0):
+        slots = (home[:, None] + (w * W + j)[None, :]) & slot_mask
+        tk = tl.load(table_ptr + slots * 2, mask=active[:, None], other=EMPTY)
+        match = (tk == k[:, None]) & active[:, None]
+        tr = tl.load(table_ptr + slots * 2 + 1, mask=match, other=0)
+        found = tl.max(match.to(tl.int32), axis=1) > 0
+        row = tl.where(found, tl.sum(tr, axis=1), row)
+        seen_empty = tl.max((tk == EMPTY).to(tl.int32), axis=1) > 0
+        active = active & (~found) & (~seen_empty)
+        w += 1
+    return row
+
+
+@triton.jit
 def _static_query_kernel(
     keys_ptr,
     n,
@@ -74,23 +105,7 @@ def _static_query_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs < n
     k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    home = (_mix64(k) & slot_mask.to(tl.uint64)).to(tl.int64, bitcast=True)
-    row = tl.full([BLOCK_K], -1, tl.int64)
-    active = kmask & (k != EMPTY)
-    j = tl.arange(0, W)
-    w = 0
-    # Probe window after window until every key is found or met an empty slot
-    # (linear probing leaves no empty slot between a key's home and the key).
-    while (w < n_windows) & (tl.max(active.to(tl.int32), axis=0) > 0):
-        slots = (home[:, None] + (w * W + j)[None, :]) & slot_mask
-        tk = tl.load(table_ptr + slots * 2, mask=active[:, None], other=EMPTY)
-        match = (tk == k[:, None]) & active[:, None]
-        tr = tl.load(table_ptr + slots * 2 + 1, mask=match, other=0)
-        found = tl.max(match.to(tl.int32), axis=1) > 0
-        row = tl.where(found, tl.sum(tr, axis=1), row)
-        seen_empty = tl.max((tk == EMPTY).to(tl.int32), axis=1) > 0
-        active = active & (~found) & (~seen_empty)
-        w += 1
+    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
     hit = row >= 0
     on_dev = hit & (row < n_device)
     for d0 in tl.static_range(0, DIM, BLOCK_D):
@@ -115,6 +130,25 @@ def _static_query_kernel(
             out_ptr + offs[:, None] * DIM + cols[None, :], v, mask=kmask[:, None] & cm[None, :]
         )
     tl.store(hit_ptr + offs, hit, mask=kmask)
+
+
+@triton.jit
+def _static_find_kernel(
+    keys_ptr,
+    n,
+    table_ptr,
+    slot_mask,
+    n_windows,
+    rows_ptr,
+    EMPTY: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    W: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
+    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    tl.store(rows_ptr + offs, row, mask=kmask)
 
 
 def _as_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
@@ -199,6 +233,29 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
     pairs[filled, 1] = owner[filled]
     max_disp = int(((pos - home) & mask).max())
     return HashIndex(pairs, mask, max_disp // WINDOW + 1, n)
+
+
+def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
+    """Row of each key (flattened) in the index, -1 where absent; int64 on the index's device."""
+    keys = _as_int64_keys(keys, "static_find")
+    if keys.device != index.device:
+        raise ValueError(f"static_find: keys on {keys.device}, index on {index.device}")
+    n = keys.numel()
+    rows = torch.empty(n, dtype=torch.int64, device=index.device)
+    if n:
+        block_k = 128
+        _static_find_kernel[(triton.cdiv(n, block_k),)](
+            keys,
+            n,
+            index.pairs,
+            index.slot_mask,
+            index.n_windows,
+            rows,
+            EMPTY=EMPTY_KEY,
+            BLOCK_K=block_k,
+            W=WINDOW,
+        )
+    return rows
 
 
 def _check_values(values: torch.Tensor | None, what: str) -> None:
@@ -321,6 +378,29 @@ class StaticTable:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` for flattened keys; misses get default or zeros."""
         return static_query(self.index, keys, self.device_values, self.host_values, default)
+
+    def update(self, keys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        """Overwrite the rows of the keys the table holds; returns the mask of those keys.
+
+        Keys the table does not hold are left out (a static table never grows).
+        """
+        keys = _as_int64_keys(keys, "StaticTable.update").to(self.index.device)
+        if vectors.shape != (keys.numel(), self.dim):
+            raise ValueError(
+                f"StaticTable.update: vectors must be [{keys.numel()}, {self.dim}], "
+                f"got {tuple(vectors.shape)}"
+            )
+        rows = static_find(self.index, keys)
+        found = rows >= 0
+        n_dev = self.device_values.shape[0]
+        on_dev = found & (rows < n_dev)
+        src = vectors.to(self.device_values.device, self.device_values.dtype)
+        self.device_values[rows[on_dev]] = src[on_dev]
+        if self.host_values is not None:
+            on_host = found & (rows >= n_dev)
+            hv = self.host_values
+            hv[(rows[on_host] - n_dev).to(hv.device)] = src[on_host].to(hv.device, hv.dtype)
+        return found
 
 
 def static_query_reference(
