@@ -1,0 +1,346 @@
+"""Model manager: loads, serves and unloads model versions the way TF Serving does.
+
+Each model's version folders are polled; the versions its policy aspires to are loaded
+(START -> LOADING -> AVAILABLE), and versions no longer aspired are unloaded (UNLOADING -> END)
+only once an aspired version is AVAILABLE (availability-preserving switchover). A version that
+fails to load ends in END with its error, and the versions already serving keep serving.
+Requests hold a reference to the version they run on, so unloading waits for them.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .model_config import ModelEntry, versions_on_disk
+from .status import ServingError, from_exception, invalid_argument, not_found
+
+log = logging.getLogger("keras_hps.serving")
+
+
+class State(enum.IntEnum):
+    """ModelVersionStatus.State of tensorflow_serving/apis/get_model_status.proto."""
+
+    UNKNOWN = 0
+    START = 10
+    LOADING = 20
+    AVAILABLE = 30
+    UNLOADING = 40
+    END = 50
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """A snapshot of one version's state; `error` is None when its status is OK."""
+
+    version: int
+    state: State
+    error: ServingError | None = None
+
+
+class _Version:
+    def __init__(self, version: int, path: str) -> None:
+        self.version = version
+        self.path = path
+        self.state = State.START
+        self.error: ServingError | None = None
+        self.servable: Any = None
+        self.refs = 0
+
+
+class _Model:
+    def __init__(self, entry: ModelEntry) -> None:
+        self.entry = entry
+        self.versions: dict[int, _Version] = {}
+
+
+class Handle:
+    """A loaded version held for the length of one request (use as a context manager)."""
+
+    def __init__(self, manager: ModelManager, model: str, record: _Version) -> None:
+        self._manager = manager
+        self._record = record
+        self.model = model
+        self.version = record.version
+        self.servable = record.servable
+
+    def release(self) -> None:
+        """Lets the version be unloaded again (idempotent)."""
+        if self._record is not None:
+            self._manager._release(self._record)
+            self._record = None
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+Loader = Callable[[str], Any]
+
+
+class ModelManager:
+    """Serves the models of a config: polling, loading, version resolution, status."""
+
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        loader: Loader,
+        poll_wait_seconds: float = 1.0,
+    ) -> None:
+        self._loader = loader
+        self._poll_wait = poll_wait_seconds
+        self._cond = threading.Condition(threading.RLock())
+        self._poll_lock = threading.Lock()  # one poll (load/unload pass) at a time
+        self._models: dict[str, _Model] = {e.name: _Model(e) for e in entries}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, wait_for_initial_load: bool = True) -> None:
+        """Loads what is on disk now, then keeps polling every poll_wait_seconds (> 0)."""
+        if wait_for_initial_load:
+            self.poll_once()
+        if self._poll_wait > 0 or not wait_for_initial_load:
+            self._thread = threading.Thread(
+                target=self._poll_loop,
+                args=(not wait_for_initial_load,),
+                name="keras-hps-poll",
+                daemon=True,
+            )
+            self._thread.start()
+
+    def _poll_loop(self, poll_first: bool) -> None:
+        if poll_first:
+            self._safe_poll()
+        while self._poll_wait > 0 and not self._stop.wait(self._poll_wait):
+            self._safe_poll()
+
+    def _safe_poll(self) -> None:
+        try:
+            self.poll_once()
+        except Exception:  # keep polling whatever one pass hit
+            log.exception("polling the model base paths failed")
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Stops polling and unloads every version (waiting for requests using them)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._poll_lock:
+            with self._cond:
+                records = [v for m in self._models.values() for v in m.versions.values()]
+            for record in records:
+                self._unload(record)
+
+    # ------------------------------------------------------------------ polling
+    def poll_once(self) -> list[tuple[str, int, ServingError]]:
+        """One pass: load newly aspired versions, then unload versions no longer aspired.
+
+        Returns the (model, version, error) of versions that failed to load in this pass.
+        """
+        failures: list[tuple[str, int, ServingError]] = []
+        with self._poll_lock:
+            with self._cond:
+                models = list(self._models.items())
+            for name, model in models:
+                on_disk = versions_on_disk(model.entry.base_path)
+                aspired = model.entry.policy.select(set(on_disk))
+                if not on_disk:
+                    log.warning(
+                        "No versions of servable %s found under base path %s. Did you forget "
+                        "to name your leaf directory as a number (eg. '/1/')?",
+                        name,
+                        model.entry.base_path,
+                    )
+                for version in sorted(aspired):
+                    with self._cond:
+                        record = model.versions.get(version)
+                        fresh = record is None or (
+                            record.state == State.END and record.error is None
+                        )
+                        if not fresh:
+                            continue
+                        record = _Version(version, on_disk[version])
+                        model.versions[version] = record
+                    error = self._load(name, record)
+                    if error is not None:
+                        failures.append((name, version, error))
+                self._unload_unaspired(model, aspired)
+        return failures
+
+    def _load(self, name: str, record: _Version) -> ServingError | None:
+        with self._cond:
+            record.state = State.LOADING
+        log.info(
+            "Loading servable version {name: %s version: %d} from %s",
+            name,
+            record.version,
+            record.path,
+        )
+        try:
+            servable = self._loader(record.path)
+        except Exception as exc:  # the error is the version's status
+            error = from_exception(exc)
+            if error.code == "INTERNAL":
+                error = ServingError("UNKNOWN", error.message)
+            log.error(
+                "Loading servable version {name: %s version: %d} failed: %s",
+                name,
+                record.version,
+                error.message,
+            )
+            with self._cond:
+                record.state, record.error = State.END, error
+            return error
+        with self._cond:
+            record.servable, record.state = servable, State.AVAILABLE
+            self._cond.notify_all()
+        log.info(
+            "Successfully loaded servable version {name: %s version: %d}", name, record.version
+        )
+        return None
+
+    def _unload_unaspired(self, model: _Model, aspired: set[int]) -> None:
+        with self._cond:
+            live = {v: r for v, r in model.versions.items() if r.state == State.AVAILABLE}
+            aspired_up = any(v in aspired for v in live)
+            doomed = [
+                r for v, r in live.items() if v not in aspired and (aspired_up or not aspired)
+            ]
+        for record in doomed:
+            self._unload(record)
+
+    def _unload(self, record: _Version) -> None:
+        with self._cond:
+            if record.state != State.AVAILABLE:
+                return
+            record.state = State.UNLOADING
+            while record.refs > 0:
+                self._cond.wait()
+            servable, record.servable = record.servable, None
+        try:
+            close = getattr(servable, "close", None)
+            if close is not None:
+                close()
+        finally:
+            with self._cond:
+                record.state = State.END
+        log.info("Unloaded servable version %d from %s", record.version, record.path)
+
+    # ------------------------------------------------------------------ config
+    def reload_config(self, entries: list[ModelEntry]) -> list[tuple[str, int, ServingError]]:
+        """Replaces the served models with `entries` (models left out are unloaded), then
+        loads what the new config aspires to. Returns the versions that failed to load."""
+        with self._poll_lock:
+            with self._cond:
+                new_names = {e.name for e in entries}
+                removed = [m for n, m in self._models.items() if n not in new_names]
+                for entry in entries:
+                    model = self._models.get(entry.name)
+                    if model is None:
+                        self._models[entry.name] = _Model(entry)
+                    else:
+                        if model.entry.base_path != entry.base_path:
+                            # another folder: its versions are other versions
+                            removed.append(model)
+                            self._models[entry.name] = _Model(entry)
+                        else:
+                            model.entry = entry
+                            # a new config retries versions that failed to load
+                            failed = [
+                                v
+                                for v, r in model.versions.items()
+                                if r.state == State.END and r.error is not None
+                            ]
+                            for v in failed:
+                                del model.versions[v]
+                for model in removed:
+                    if self._models.get(model.entry.name) is model:
+                        del self._models[model.entry.name]
+            for model in removed:
+                for record in list(model.versions.values()):
+                    self._unload(record)
+        return self.poll_once()
+
+    def entries(self) -> list[ModelEntry]:
+        """The model entries served now."""
+        with self._cond:
+            return [m.entry for m in self._models.values()]
+
+    # ------------------------------------------------------------------ requests
+    def acquire(self, name: str, version: int | None = None, label: str | None = None) -> Handle:
+        """The version that serves a request for (name, version | label | latest), held
+        until the handle is released. NOT_FOUND when it is not available."""
+        with self._cond:
+            model = self._models.get(name)
+            if label is not None:
+                if model is None:
+                    raise not_found(f"Servable not found for request: Latest({name})")
+                if label not in model.entry.labels:
+                    raise invalid_argument(f"Unrecognized servable version label: {label}")
+                version = model.entry.labels[label]
+            if version is not None:
+                record = model.versions.get(version) if model is not None else None
+                if record is None or record.state != State.AVAILABLE:
+                    raise not_found(f"Servable not found for request: Specific({name}, {version})")
+            else:
+                live = (
+                    [r for r in model.versions.values() if r.state == State.AVAILABLE]
+                    if model is not None
+                    else []
+                )
+                if not live:
+                    raise not_found(f"Servable not found for request: Latest({name})")
+                record = max(live, key=lambda r: r.version)
+            record.refs += 1
+            return Handle(self, name, record)
+
+    def _release(self, record: _Version) -> None:
+        with self._cond:
+            record.refs -= 1
+            if record.refs == 0:
+                self._cond.notify_all()
+
+    def status(
+        self, name: str, version: int | None = None, label: str | None = None
+    ) -> list[VersionStatus]:
+        """Status of every version of a model, or of one version (by number or label)."""
+        with self._cond:
+            model = self._models.get(name)
+            if label is not None:
+                if model is None or label not in model.entry.labels:
+                    raise invalid_argument(f"Unrecognized servable version label: {label}")
+                version = model.entry.labels[label]
+            if model is None or not model.versions:
+                raise not_found(f"Could not find any versions of model {name}")
+            if version is not None:
+                record = model.versions.get(version)
+                if record is None:
+                    raise not_found(f"Could not find version {version} of model {name}")
+                records = [record]
+            else:
+                records = sorted(model.versions.values(), key=lambda r: -r.version)
+            return [VersionStatus(r.version, r.state, r.error) for r in records]
+
+    def wait_until_available(
+        self, name: str, version: int | None = None, timeout: float = 60.0
+    ) -> bool:
+        """Blocks until the model (or one version of it) is AVAILABLE; False on timeout."""
+
+        def ready() -> bool:
+            model = self._models.get(name)
+            if model is None:
+                return False
+            return any(
+                r.state == State.AVAILABLE and (version is None or r.version == version)
+                for r in model.versions.values()
+            )
+
+        with self._cond:
+            return self._cond.wait_for(ready, timeout)

@@ -1,0 +1,194 @@
+"""The model server: one process, one model manager, served over gRPC and REST.
+
+`ModelServer(entries, ServerOptions(...)).start()` loads the models, then answers TF
+Serving's gRPC API on `port` and its REST API (plus Prometheus metrics) on `rest_api_port`.
+`stop()` stops taking requests, lets in-flight ones finish, then unloads every model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .batching import Batcher, BatchingOptions
+from .manager import Handle, ModelManager
+from .metrics import Metrics
+from .model_config import ModelEntry
+from .status import ServingError, from_exception
+
+log = logging.getLogger("keras_hps.serving")
+
+
+@dataclass
+class ServerOptions:
+    """Ports and switches, named after tensorflow_model_server's flags."""
+
+    port: int = 8500
+    rest_api_port: int = 8501
+    host: str = "0.0.0.0"
+    file_system_poll_wait_seconds: float = 1.0
+    enable_batching: bool = False
+    batching: BatchingOptions | None = None
+    enable_serialization_as_tensor_content: bool = False
+    grpc_max_threads: int = 4 * (os.cpu_count() or 1)
+    shutdown_grace_seconds: float = 30.0
+
+
+def ps_table_stats(ps: Any) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(model, table id, ps.stats(model, table)) for every table of a parameter server."""
+    config = getattr(ps, "config", None)
+    for model in getattr(config, "models", ()):
+        for table in range(len(model.sparse_files)):
+            yield model.model, table, ps.stats(model.model, table)
+
+
+class ModelServer:
+    """Serves the models of `entries` over gRPC and REST from one process."""
+
+    def __init__(
+        self,
+        entries: list[ModelEntry],
+        options: ServerOptions | None = None,
+        parameter_server: Any = None,
+        loader: Callable[[str], Any] | None = None,
+    ) -> None:
+        self.options = options or ServerOptions()
+        self.parameter_server = parameter_server
+        if loader is None:
+            from keras_hps.servable import load_servable
+
+            def loader(path: str) -> Any:
+                return load_servable(path, parameter_server=self.parameter_server)
+
+        self.manager = ModelManager(entries, loader, self.options.file_system_poll_wait_seconds)
+        self.metrics = Metrics(self._table_stats)
+        self.batcher: Batcher | None = None
+        if self.options.enable_batching:
+            self.batcher = Batcher(self.options.batching or BatchingOptions())
+        self._grpc: Any = None
+        self._rest: Any = None
+        self.grpc_port: int | None = None
+        self.rest_port: int | None = None
+        self._inflight = 0
+        self._draining = False
+        self._cond = threading.Condition()
+        self._stopped = threading.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, wait_for_models: bool = True) -> ModelServer:
+        """Loads the models (unless `wait_for_models` is False: then in the background) and
+        starts the gRPC and REST listeners. Returns self."""
+        self.manager.start(wait_for_initial_load=wait_for_models)
+        from .grpc_service import start_grpc_server
+
+        self._grpc, self.grpc_port = start_grpc_server(self, self.options.host, self.options.port)
+        log.info("Running gRPC ModelServer at %s:%d ...", self.options.host, self.grpc_port)
+        if self.options.rest_api_port:
+            from .rest import start_rest_server
+
+            self._rest, self.rest_port = start_rest_server(
+                self, self.options.host, self.options.rest_api_port
+            )
+            log.info("Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port)
+        return self
+
+    def stop(self, grace: float | None = None) -> None:
+        """Stops accepting requests, waits (up to `grace` s) for in-flight ones, unloads."""
+        grace = self.options.shutdown_grace_seconds if grace is None else grace
+        with self._cond:
+            if self._draining:
+                return
+            self._draining = True
+        grpc_done = self._grpc.stop(grace) if self._grpc is not None else None
+        if self._rest is not None:
+            self._rest.stop_accepting()
+        deadline = time.monotonic() + grace
+        with self._cond:
+            while self._inflight > 0 and time.monotonic() < deadline:
+                self._cond.wait(max(0.0, deadline - time.monotonic()))
+        if grpc_done is not None:
+            grpc_done.wait(max(0.0, deadline - time.monotonic()))
+        if self._rest is not None:
+            self._rest.close()
+        if self.batcher is not None:
+            self.batcher.close()
+        self.manager.close()
+        self._stopped.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Blocks until the server has stopped; False on timeout."""
+        return self._stopped.wait(timeout)
+
+    @property
+    def draining(self) -> bool:
+        """True once stop() has begun."""
+        return self._draining
+
+    @contextmanager
+    def request(self, model: str, api: str, entrypoint: str) -> Iterator[dict]:
+        """Accounts one request: in-flight count (for draining) and metrics.
+
+        The body sets `info["code"]` if it ends with an error status that it answers itself.
+        """
+        with self._cond:
+            if self._draining:
+                raise ServingError("UNAVAILABLE", "The server is shutting down")
+            self._inflight += 1
+        info = {"code": "OK"}
+        start = time.perf_counter()
+        try:
+            yield info
+        except BaseException as exc:
+            info["code"] = from_exception(exc).code
+            raise
+        finally:
+            self.metrics.observe(
+                model or "", api, entrypoint, info["code"], time.perf_counter() - start
+            )
+            with self._cond:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._cond.notify_all()
+
+    # ------------------------------------------------------------------ predict core
+    def run(
+        self,
+        handle: Handle,
+        signature_name: str,
+        inputs: dict[str, np.ndarray],
+        output_keys: list[str] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Runs a signature of a held version, through the batcher when batching is on."""
+        servable = handle.servable
+        if self.batcher is None:
+            return servable.run(inputs, signature_name, output_keys)
+        arrays = servable.validate(inputs, signature_name)
+        key = (
+            handle.model,
+            handle.version,
+            id(servable),
+            signature_name,
+            tuple(output_keys) if output_keys is not None else None,
+        )
+        return self.batcher.run(
+            key, lambda batch: servable.run(batch, signature_name, output_keys), arrays
+        )
+
+    def _table_stats(self) -> Iterator[tuple[str, int, dict[str, Any]]]:
+        ps = self.parameter_server
+        if ps is None:
+            try:
+                from keras_hps.parameter_server import get_parameter_server
+
+                ps = get_parameter_server()
+            except Exception:
+                return iter(())
+        return ps_table_stats(ps)
