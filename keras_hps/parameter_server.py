@@ -1,0 +1,373 @@
+"""The parameter server: lookups through the tier hierarchy, and the process-wide instance.
+
+```
+keys -> unique -> [GPU tier] -> host RAM tier -> cold tier (table file) -> default vector
+                                   ^ filled from below                 -> scatter to input order
+```
+
+Each (model, table) is served by one object with `spec`, `fetch(unique_keys)`, `stats()` and
+`close()`. `TableHierarchy` is everything below the GPU; `ParameterServer._build_table` is the
+one place these objects are made (a GPU tier wraps the hierarchy there and calls its
+`fetch` for its misses).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_hps.cold_tier import ColdTier
+from keras_hps.config import ModelConfig, PSConfig, load_config
+from keras_hps.errors import ConfigError, InvalidInputError
+from keras_hps.formats import open_table
+from keras_hps.host_tier import HostTier
+
+__all__ = [
+    "Init",
+    "ParameterServer",
+    "TableHierarchy",
+    "TableSpec",
+    "ensure_parameter_server",
+    "get_parameter_server",
+    "init",
+]
+
+#: Show a progress bar when loading more than this many bytes into the host tier.
+_PROGRESS_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a caller needs to know about one table."""
+
+    model: str
+    table_id: int
+    name: str
+    dim: int
+    default_value: float
+    key_dtype: np.dtype
+    max_keys_per_lookup: int
+    num_rows: int
+    path: str
+    cache_type: str
+
+
+class TableHierarchy:
+    """One table below the GPU: host RAM tier -> cold tier -> default vector.
+
+    `fetch(unique_keys)` returns float32 `[n, dim]` and fills the host tier with rows that
+    came from the cold tier. Calls are serialised by a per-table lock."""
+
+    def __init__(self, spec: TableSpec, host: HostTier | None, cold: ColdTier) -> None:
+        self.spec = spec
+        self.host = host
+        self.cold = cold
+        self.lock = threading.Lock()
+        self.default_vector = np.full(spec.dim, spec.default_value, np.float32)
+        self.defaults = 0
+        self.lookups = 0
+        self.keys = 0
+        self.unique_keys = 0
+        self._closed = False
+
+    @property
+    def host_complete(self) -> bool:
+        """True while the host tier holds every row of the table (misses are then unknown keys
+        and the cold tier is skipped)."""
+        return self.host is not None and self.host.resident_rows == self.cold.num_rows
+
+    def fetch(self, unique_keys: np.ndarray) -> np.ndarray:
+        """float32 `[len(unique_keys), dim]` for unique int64 keys, exact, filling the host tier."""
+        keys = np.asarray(unique_keys, dtype=np.int64)
+        n = len(keys)
+        dim = self.spec.dim
+        with self.lock:
+            if self._closed:
+                raise RuntimeError(f"table {self.spec.model}/{self.spec.table_id} is closed")
+            if n == 0:
+                return np.empty((0, dim), np.float32)
+            if self.host is not None:
+                found, vec = self.host.lookup(keys)
+                if len(vec) == n:
+                    return vec
+                out = np.empty((n, dim), np.float32)
+                out[found] = vec
+                miss = np.flatnonzero(~found)
+            else:
+                out = np.empty((n, dim), np.float32)
+                miss = np.arange(n)
+            if self.host is not None and self.host_complete:
+                absent = miss
+            else:
+                mkeys = keys[miss]
+                cfound, cvec = self.cold.lookup(mkeys)
+                out[miss[cfound]] = cvec
+                absent = miss[~cfound]
+                if self.host is not None and len(cvec):
+                    self.host.insert(mkeys[cfound], cvec)
+            out[absent] = self.default_vector
+            self.defaults += len(absent)
+            return out
+
+    def record_call(self, nkeys: int, nunique: int) -> None:
+        """Count one lookup call (for stats)."""
+        with self.lock:
+            self.lookups += 1
+            self.keys += nkeys
+            self.unique_keys += nunique
+
+    def stats(self) -> dict[str, Any]:
+        """Per-tier counters of this table."""
+        with self.lock:
+            host = self.host.stats() if self.host is not None else None
+            return {
+                "model": self.spec.model,
+                "table_id": self.spec.table_id,
+                "lookups": self.lookups,
+                "keys": self.keys,
+                "unique_keys": self.unique_keys,
+                "host": host,
+                "cold": self.cold.stats(),
+                "default": {"hits": self.defaults},
+                "resident_rows": 0 if host is None else host["resident_rows"],
+                "evictions": 0 if host is None else host["evictions"],
+            }
+
+    def close(self) -> None:
+        """Release the table file and host memory."""
+        with self.lock:
+            if not self._closed:
+                self._closed = True
+                self.cold.close()
+                self.host = None
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+class ParameterServer:
+    """Serves `lookup(model, table_id, keys)` for every model and table of a config."""
+
+    def __init__(self, config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> None:
+        self.config = load_config(config)
+        self._tables: dict[tuple[str, int], Any] = {}
+        self._closed = False
+        try:
+            for m in self.config.models:
+                for t in range(m.num_tables):
+                    self._tables[(m.model, t)] = self._build_table(m, t)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -----------------------------------------------------------------------
+
+    def _table_spec(self, m: ModelConfig, t: int, num_rows: int) -> TableSpec:
+        return TableSpec(
+            model=m.model, table_id=t, name=m.table_name(t), dim=m.dim(t),
+            default_value=m.default_value(t), key_dtype=self.config.key_dtype,
+            max_keys_per_lookup=m.max_keys_per_lookup(t), num_rows=num_rows,
+            path=m.sparse_files[t], cache_type=m.cache_type,
+        )
+
+    def _build_table(self, m: ModelConfig, t: int) -> Any:
+        """The object serving (model m, table t): the one place tiers are put together."""
+        return self._build_hierarchy(m, t)
+
+    def _build_hierarchy(self, m: ModelConfig, t: int) -> TableHierarchy:
+        path = m.sparse_files[t]
+        table = open_table(path, m.dim(t))
+        cold = ColdTier(table)
+        spec = self._table_spec(m, t, cold.num_rows)
+        vdb = self.config.volatile_db
+        host = None
+        if vdb.enabled:
+            rows = cold.num_rows
+            cap = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
+            host = HostTier(spec.dim, cap, policy=vdb.overflow_policy,
+                            resolution_target=vdb.overflow_resolution_target,
+                            key_range=cold.key_range)
+            preload = min(cap, math.ceil(vdb.initial_cache_rate * rows))
+            self._preload(host, cold, preload, f"{m.model}/{spec.name}")
+        return TableHierarchy(spec, host, cold)
+
+    @staticmethod
+    def _preload(host: HostTier, cold: ColdTier, rows: int, what: str) -> None:
+        if rows <= 0:
+            return
+        block = max(1, (64 << 20) // (4 * host.dim + 8))
+        bar = None
+        if rows * host.dim * 4 > _PROGRESS_BYTES:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=rows, desc=f"load {what}", unit="row", unit_scale=True)
+        for start in range(0, rows, block):
+            k, v = cold.read_block(start, min(rows, start + block))
+            host.load(k, v)
+            if bar is not None:
+                bar.update(len(k))
+        if bar is not None:
+            bar.close()
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def _table(self, model: str, table_id: int) -> Any:
+        if self._closed:
+            raise RuntimeError("this parameter server is closed (keras_hps.init replaced it?)")
+        m = self.config.model(model)  # NotFoundError for an unknown model
+        t = m.check_table_id(table_id)
+        return self._tables[(m.model, t)]
+
+    def table_spec(self, model: str, table_id: int) -> TableSpec:
+        """dim, default value, key dtype, max keys per lookup, rows and path of one table."""
+        return self._table(model, table_id).spec
+
+    def _validate_keys(self, spec: TableSpec, keys: Any) -> np.ndarray:
+        arr = np.asarray(keys)
+        where = f"model {spec.model!r} table {spec.table_id}"
+        if arr.dtype.kind not in "iu":
+            kind = {"f": "float", "c": "complex", "b": "bool"}.get(arr.dtype.kind, str(arr.dtype))
+            raise InvalidInputError(f"{where}: keys must be integers, got {kind} ({arr.dtype})")
+        if arr.size > spec.max_keys_per_lookup:
+            raise InvalidInputError(
+                f"{where}: {arr.size} keys in one lookup, more than max_batch_size x "
+                f"maxnum_catfeature_query_per_table_per_sample = {spec.max_keys_per_lookup}")
+        if arr.size:
+            lo, hi = arr.min(), arr.max()
+            info = np.iinfo(spec.key_dtype)
+            if int(lo) < info.min or int(hi) > info.max:
+                bad = int(lo) if int(lo) < info.min else int(hi)
+                raise InvalidInputError(
+                    f"{where}: key {bad} is outside the key type {spec.key_dtype} "
+                    f"[{info.min}, {info.max}] (supportlonglong="
+                    f"{self.config.supportlonglong})")
+        return arr
+
+    def lookup(self, model: str, table_id: int, keys: Any) -> Any:
+        """float32 vectors of shape `keys.shape + (dim,)`; a torch tensor in -> torch out.
+
+        Keys found in no tier get the table's default value. Raises InvalidInputError for
+        non-integer keys, keys beyond the key type or too many keys, NotFoundError for an
+        unknown model or table."""
+        table = self._table(model, table_id)
+        spec = table.spec
+        torch_in = _is_torch(keys)
+        arr = self._validate_keys(spec, keys.detach().cpu().numpy() if torch_in else keys)
+        shape = arr.shape
+        flat = arr.reshape(-1).astype(np.int64, copy=False)
+        if flat.size == 0:
+            out = np.zeros((*shape, spec.dim), np.float32)
+        else:
+            uniq, inv = np.unique(flat, return_inverse=True)
+            vec = table.fetch(uniq)
+            out = np.take(vec, inv.reshape(-1), axis=0).reshape(*shape, spec.dim)
+            table.record_call(flat.size, len(uniq))
+        if torch_in:
+            import torch
+
+            return torch.from_numpy(out).to(keys.device)
+        return out
+
+    def stats(self, model: str | None = None, table_id: int | None = None) -> dict[str, Any]:
+        """Per-tier hits/misses, evictions and resident rows: of one table, or with no
+        arguments {model: {table_id: stats}} for every table."""
+        if model is not None and table_id is not None:
+            return self._table(model, table_id).stats()
+        out: dict[str, dict[int, Any]] = {}
+        for (m, t), table in self._tables.items():
+            if model is None or m == model:
+                out.setdefault(m, {})[t] = table.stats()
+        if model is not None and not out:
+            self.config.model(model)
+        return out
+
+    def close(self) -> None:
+        """Release every table; later lookups raise RuntimeError."""
+        self._closed = True
+        for table in self._tables.values():
+            table.close()
+
+    def __enter__(self) -> ParameterServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# the process-wide parameter server
+
+_lock = threading.RLock()
+_current: ParameterServer | None = None
+
+
+def init(config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> ParameterServer:
+    """Load `config` (hps.json path or dict), install it as the process's parameter server and
+    return it. A previous server is closed after the new one loads."""
+    global _current
+    with _lock:
+        new = ParameterServer(config)
+        old, _current = _current, new
+    if old is not None:
+        old.close()
+    return new
+
+
+def Init(*, global_batch_size: int, ps_config_file: str | os.PathLike) -> str:  # noqa: N802
+    """HPS's `hps.Init`: initialise once from `ps_config_file`; later calls do nothing.
+    Returns "OK". Unlike HPS, a `global_batch_size` above a model's `max_batch_size` is an
+    error, not a log line."""
+    global _current
+    if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) \
+            or global_batch_size < 1:
+        raise ConfigError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
+    with _lock:
+        if _current is not None:
+            src = _current.config.source
+            if src and os.path.abspath(os.fspath(ps_config_file)) != src:
+                warnings.warn(f"keras_hps.Init: a parameter server from {src} is already "
+                              f"running; {ps_config_file} is ignored (call-once)", stacklevel=2)
+            return "OK"
+        ps = ParameterServer(ps_config_file)
+        for m in ps.config.models:
+            if global_batch_size > m.max_batch_size:
+                ps.close()
+                raise ConfigError(
+                    f"{ps.config.source}: models ({m.model}).max_batch_size: "
+                    f"{m.max_batch_size} is below global_batch_size={global_batch_size}")
+        _current = ps
+    return "OK"
+
+
+def get_parameter_server() -> ParameterServer:
+    """The current parameter server; RuntimeError if none was initialised."""
+    ps = _current
+    if ps is None:
+        raise RuntimeError("no parameter server: call keras_hps.init('hps.json') "
+                           "(or keras_hps.Init(global_batch_size=..., ps_config_file=...)) first")
+    return ps
+
+
+def ensure_parameter_server(ps_config_file: str | os.PathLike | None = None) -> ParameterServer:
+    """The current parameter server, else one initialised once (thread-safely) from
+    `ps_config_file`; RuntimeError when there is neither."""
+    global _current
+    ps = _current
+    if ps is not None:
+        return ps
+    with _lock:
+        if _current is None:
+            if not ps_config_file:
+                raise RuntimeError(
+                    "no parameter server: call keras_hps.init('hps.json') first, or pass "
+                    "ps_config_file=... to the layer")
+            _current = ParameterServer(ps_config_file)
+        return _current
