@@ -1,4 +1,34 @@
 """Dissect trained Keras models and write TF Serving model repositories.
 
-Installed as `keras_hps.export`.
+Installed as `keras_hps.export`. `export_for_serving(model, repo_dir, model_name, ...)` is the
+one-call path; `dissect` and `build_inference_model` are its first two steps on their own.
+Names load lazily so `import keras_hps.export` stays cheap.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "EmbeddingTable": "keras_hps.export.dissect",
+    "dissect": "keras_hps.export.dissect",
+    "build_inference_model": "keras_hps.export.inference",
+    "export_for_serving": "keras_hps.export.exporter",
+    "ExportResult": "keras_hps.export.exporter",
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'keras_hps.export' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,91 @@
+"""The embedded placement's lookup: a table held in SavedModel variables, read with native TF ops.
+
+Stock `tensorflow_model_server` runs it unchanged: `searchsorted` over the sorted keys,
+`gather` of the rows, and the default vector where the key is absent. No py_function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+COMBINERS = ("sum", "mean", "sqrtn")
+
+
+def sorted_table(keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`(keys, vectors)` ordered by key; arrays already in order are returned as they are."""
+    if keys.shape[0] < 2 or bool(np.all(keys[1:] > keys[:-1])):
+        return keys, vectors
+    order = np.argsort(keys, kind="stable")
+    return keys[order], vectors[order]
+
+
+class EmbeddedLookup(keras.layers.Layer):
+    """Looks ids up in a table stored as two variables (sorted int64 keys, float32 rows).
+
+    Ids absent from the table get `default_value` in every component. With `combiner`,
+    ids are `[batch, n]` bags padded with -1 and each bag is pooled into one vector
+    (sum | mean | sqrtn; an empty bag gives zeros), like `SparseLookupLayer`.
+    TensorFlow backend only: it exists to be written into a SavedModel.
+    """
+
+    def __init__(
+        self,
+        keys: np.ndarray,
+        vectors: np.ndarray,
+        default_value: float = 0.0,
+        combiner: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(trainable=False, **kwargs)
+        if combiner not in (None, *COMBINERS):
+            raise ValueError(f"combiner must be one of {COMBINERS} or None, got {combiner!r}")
+        keys, vectors = sorted_table(np.asarray(keys, np.int64), np.asarray(vectors, np.float32))
+        self.rows, self.dim = int(vectors.shape[0]), int(vectors.shape[1])
+        self.default_value = float(default_value)
+        self.combiner = combiner
+        # Variables, never constants: the table must stay out of the 2 GB graph proto.
+        self.table_keys = self.add_weight(
+            shape=keys.shape, dtype="int64", trainable=False, name="keys",
+            initializer=lambda shape, dtype=None: keys,
+        )
+        self.table_vectors = self.add_weight(
+            shape=vectors.shape, dtype="float32", trainable=False, name="vectors",
+            initializer=lambda shape, dtype=None: vectors,
+        )
+
+    def _lookup(self, flat: Any) -> Any:
+        import tensorflow as tf
+
+        keys = self.table_keys.value
+        pos = tf.searchsorted(keys, flat, side="left")
+        pos = tf.minimum(pos, self.rows - 1)
+        hit = tf.equal(tf.gather(keys, pos), flat)
+        rows = tf.gather(self.table_vectors.value, pos)
+        default = tf.fill(tf.shape(rows), tf.constant(self.default_value, tf.float32))
+        return tf.where(hit[:, None], rows, default)
+
+    def call(self, ids: Any) -> Any:
+        import tensorflow as tf
+
+        ids = tf.cast(ids, tf.int64)
+        flat = tf.reshape(ids, [-1])
+        found = self._lookup(flat)
+        out_shape = tf.concat([tf.shape(ids), [self.dim]], axis=0)
+        vectors = tf.reshape(found, out_shape)
+        if self.combiner is None:
+            return vectors
+        mask = tf.cast(ids >= 0, tf.float32)
+        total = tf.reduce_sum(vectors * mask[..., None], axis=-2)
+        if self.combiner == "sum":
+            return total
+        count = tf.reduce_sum(mask, axis=-1, keepdims=True)
+        scale = count if self.combiner == "mean" else tf.sqrt(count)
+        return tf.math.divide_no_nan(total, scale)
+
+    def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
+        if self.combiner is None:
+            return (*input_shape, self.dim)
+        return (*input_shape[:-1], self.dim)

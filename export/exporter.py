@@ -1,0 +1,292 @@
+"""`export_for_serving`: trained Keras model -> TF Serving model repository (+ hps.json, tables)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from keras_hps.export import repository as repo
+from keras_hps.export.dissect import EmbeddingTable, dissect
+from keras_hps.export.graph import call_with_named_inputs, flat_outputs, input_names, output_names
+from keras_hps.export.inference import (
+    build_inference_model,
+    check_against_tables,
+    dense_part,
+    embedded_model,
+    lookup_calls,
+)
+from keras_hps.export.warmup import write_warmup
+
+from keras_hps.errors import ConfigError, NotFoundError
+from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
+
+PLACEMENTS = ("external", "embedded")
+
+
+@dataclass
+class ExportResult:
+    """What one export wrote."""
+
+    model_name: str
+    version: int
+    placement: str
+    version_dir: str
+    models_config: str
+    hps_json: str | None = None
+    table_files: list[str] = field(default_factory=list)
+
+
+def _load_model(model: Any) -> Any:
+    if isinstance(model, (str, os.PathLike)):
+        path = os.fspath(model)
+        if not os.path.exists(path):
+            raise NotFoundError(f"model file {path} does not exist")
+        import keras
+
+        try:
+            return keras.saving.load_model(path)
+        except Exception as e:
+            raise ConfigError(f"{path}: cannot load the Keras model: {e}") from e
+    return model
+
+
+def _per_table(value: Any, tables: Sequence[EmbeddingTable], what: str, default: Any) -> list:
+    """A per-table setting given as one value, a list by table id, or a dict by layer name."""
+    if value is None:
+        return [default] * len(tables)
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {t.layer_name for t in tables})
+        if unknown:
+            raise ConfigError(f"{what} names unknown table layer(s) {unknown}")
+        return [value.get(t.layer_name, default) for t in tables]
+    if isinstance(value, (list, tuple)):
+        if len(value) != len(tables):
+            raise ConfigError(f"{what} has {len(value)} entries for {len(tables)} table(s)")
+        return list(value)
+    return [value] * len(tables)
+
+
+def _spec_of(tensor: Any) -> TensorSpec:
+    return TensorSpec(np.dtype(tensor.dtype), tuple(tensor.shape))
+
+
+def _tf_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
+    import tensorflow as tf
+
+    return {
+        n: tf.TensorSpec(s.shape, tf.as_dtype(s.dtype), name=n) for n, s in specs.items()
+    }
+
+
+def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names: list[str],
+                       specs: dict[str, TensorSpec]) -> None:
+    import keras
+
+    def serve(inputs: dict[str, Any]) -> dict[str, Any]:
+        result = call_with_named_inputs(keras_model, names, inputs)
+        return dict(zip(out_names, flat_outputs(result), strict=True))
+
+    archive = keras.export.ExportArchive()
+    archive.track(keras_model)
+    archive.add_endpoint("serving_default", serve, input_signature=[_tf_specs(specs)])
+    archive.write_out(path, verbose=False)
+
+
+def _keys_per_sample(calls: Sequence[Any], tables: Sequence[EmbeddingTable],
+                     given: list[Any]) -> list[int]:
+    counts = [0] * len(tables)
+    for call in calls:
+        tid = call.layer.table_id
+        dims = tuple(call.ids.shape)[1:]
+        if given[tid] is not None:
+            continue
+        if any(d is None for d in dims):
+            raise ConfigError(
+                f"table {tables[tid].layer_name!r} is fed ids of shape {tuple(call.ids.shape)}; "
+                "with a variable number of keys per sample pass max_keys_per_sample="
+                f"{{{tables[tid].layer_name!r}: N}}"
+            )
+        counts[tid] += math.prod(dims) if dims else 1
+    return [int(g) if g is not None else max(c, 1) for g, c in zip(given, counts, strict=True)]
+
+
+def export_for_serving(
+    model: Any,
+    repo_dir: str | os.PathLike,
+    model_name: str,
+    version: int | None = None,
+    tables: str = "external",
+    *,
+    embedding_layers: Sequence[str] | None = None,
+    keys: Mapping[str, Any] | None = None,
+    inference_model: Any = None,
+    default_value: Any = None,
+    max_batch_size: int = 1024,
+    max_keys_per_sample: Any = None,
+    warmup_records: int = 3,
+    progress: bool = False,
+) -> ExportResult:
+    """Write `model` into the TF Serving model repository `repo_dir` as `model_name`.
+
+    Args:
+        model: a trained Keras 3 model (functional or Sequential) or the path of a `.keras`
+            file.
+        repo_dir: the repository (created if missing; its parent must exist).
+        model_name: the served name ([A-Za-z0-9_-], at most 120 characters).
+        version: the version number; default the next free one. An existing one is an error.
+        tables: "external" (tables in HDF5/HPS files under `repo_dir`, read through the
+            keras-hps parameter server) or "embedded" (tables inside the SavedModel as
+            variables, read with native TF ops: stock TF Serving serves it).
+        embedding_layers: names of the layers holding tables; default every Embedding.
+        keys: `{layer_name: key array}`: row i of that table serves key k_i.
+        inference_model: for models whose graph cannot be rewritten (subclassed): the
+            same computation with keras_hps lookup layers bound to `model_name`.
+        default_value: the vector value of unknown keys: one number, or per table.
+        max_batch_size: hps.json's max_batch_size for the model (external).
+        max_keys_per_sample: keys per sample per table, where the input shape does not say.
+        warmup_records: number of PredictionLog records in the warmup file.
+        progress: show progress bars while writing tables.
+
+    Returns:
+        An `ExportResult` naming what was written. On any error nothing is left behind.
+    """
+    if tables not in PLACEMENTS:
+        raise ConfigError(f"tables must be one of {PLACEMENTS}, got {tables!r}")
+    repo.check_model_name(model_name)
+    repo_dir = os.path.abspath(os.fspath(repo_dir))
+    parent = os.path.dirname(repo_dir)
+    if not os.path.isdir(repo_dir) and not os.path.isdir(parent):
+        raise NotFoundError(f"repository {repo_dir}: its parent folder {parent} does not exist")
+    if os.path.exists(repo_dir) and not os.path.isdir(repo_dir):
+        raise ConfigError(f"repository {repo_dir} exists and is not a folder")
+    model_dir = os.path.join(repo_dir, model_name)
+    version = repo.choose_version(model_dir, version)
+    keras_model = _load_model(model)
+    # Read both config files now, so a malformed one fails before anything is written.
+    config_path = os.path.join(repo_dir, repo.MODELS_CONFIG)
+    repo.read_models_config(config_path)
+    hps_path = os.path.join(repo_dir, repo.HPS_JSON)
+    if tables == "external":
+        repo.read_hps_json(hps_path)
+
+    table_list = dissect(keras_model, embedding_layers, keys)
+    if inference_model is None:
+        inference = build_inference_model(keras_model, model_name, table_list)
+    else:
+        inference = inference_model
+    calls = lookup_calls(inference, model_name)
+    check_against_tables(calls, table_list)
+    defaults = [float(v) for v in _per_table(default_value, table_list, "default_value", 0.0)]
+    names = input_names(inference)
+    in_specs = {n: _spec_of(t) for n, t in zip(names, inference.inputs, strict=True)}
+    out_names = output_names(inference)
+    key_samples = {c.input_name: table_list[c.layer.table_id].keys for c in calls
+                   if c.input_name is not None}
+
+    txn = repo.Transaction()
+    result = ExportResult(model_name, version, tables, os.path.join(model_dir, str(version)),
+                          config_path)
+    try:
+        if not os.path.isdir(repo_dir):
+            os.mkdir(txn.created(repo_dir))
+        if not os.path.isdir(model_dir):
+            os.mkdir(txn.created(model_dir))
+        tmp = txn.created(os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}"))
+        if tables == "embedded":
+            graph = embedded_model(inference, table_list, defaults)
+            _write_saved_model(tmp, graph, names, out_names, in_specs)
+        else:
+            result.hps_json = hps_path
+            part = dense_part(inference, calls)
+            dense_specs = {n: in_specs[n] for n in part.passthrough}
+            for call, feed in part.feeds:
+                dense_specs[feed] = _spec_of(call.output)
+            _write_saved_model(tmp, part.model, part.input_names, out_names, dense_specs)
+            table_dir = os.path.join(repo_dir, repo.TABLES_DIR, model_name, str(version))
+            _make_dirs(txn, table_dir)
+            result.table_files = _write_tables(table_dir, table_list, progress)
+            _write_manifest(tmp, model_name, hps_path, part, in_specs)
+            entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
+                               max_batch_size,
+                               _keys_per_sample(calls, table_list, _per_table(
+                                   max_keys_per_sample, table_list, "max_keys_per_sample", None)))
+            txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
+        write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
+        txn.replace_file(config_path, repo.models_config_with(config_path, model_name, model_dir))
+        # Last step: the version appears complete, in one rename.
+        os.rename(tmp, result.version_dir)
+    except BaseException:
+        txn.rollback()
+        raise
+    return result
+
+
+def _make_dirs(txn: repo.Transaction, path: str) -> None:
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        path = os.path.dirname(path)
+    for p in reversed(missing):
+        os.mkdir(txn.created(p))
+
+
+def _write_tables(table_dir: str, table_list: Sequence[EmbeddingTable],
+                  progress: bool) -> list[str]:
+    from keras_hps.formats import write_hdf5_table, write_hps_table
+
+    written = []
+    for t in table_list:
+        h5 = os.path.join(table_dir, f"{t.layer_name}.h5")
+        write_hdf5_table(h5, t.keys, t.vectors, progress=progress)
+        write_hps_table(os.path.join(table_dir, t.layer_name), t.keys, t.vectors,
+                        progress=progress)
+        written.append(h5)
+    return written
+
+
+def _write_manifest(version_dir: str, model_name: str, hps_path: str, part: Any,
+                    in_specs: Mapping[str, TensorSpec]) -> None:
+    lookups = []
+    for call, feed in part.feeds:
+        spec = in_specs[call.input_name]
+        lookups.append({
+            "input": call.input_name,
+            "feeds": feed,
+            "model": model_name,
+            "table_id": int(call.layer.table_id),
+            "dtype": spec.dtype.name,
+            "shape": None if spec.shape is None else list(spec.shape),
+            "combiner": getattr(call.layer, "combiner", None),
+        })
+    # The version directory sits at DIR/NAME/<version>: hps.json is two levels up.
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "model_name": model_name,
+        "hps_config": os.path.relpath(hps_path, os.path.join(os.path.dirname(version_dir), "v")),
+        "lookups": lookups,
+    }
+    with open(os.path.join(version_dir, MANIFEST_NAME), "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=2)
+        f.write("\n")
+
+
+def _hps_entry(model_name: str, repo_dir: str, files: list[str],
+               table_list: Sequence[EmbeddingTable], defaults: list[float],
+               max_batch_size: int, keys_per_sample: list[int]) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "sparse_files": [os.path.relpath(f, repo_dir) for f in files],
+        "embedding_table_names": [t.layer_name for t in table_list],
+        "embedding_vecsize_per_table": [t.dim for t in table_list],
+        "maxnum_catfeature_query_per_table_per_sample": keys_per_sample,
+        "default_value_for_each_table": defaults,
+        "deployed_device_list": [0],
+        "max_batch_size": int(max_batch_size),
+    }
