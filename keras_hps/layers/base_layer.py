@@ -109,15 +109,10 @@ class TableLookupLayer(keras.layers.Layer):
         """The process's parameter server, initialised from `ps_config_file` if needed."""
         from keras_hps import parameter_server
 
-        if self.ps_config_file is not None:
-            return parameter_server.ensure_parameter_server(self.ps_config_file)
         try:
-            return parameter_server.get_parameter_server()
+            return parameter_server.ensure_parameter_server(self.ps_config_file)
         except RuntimeError as err:
-            raise RuntimeError(
-                f"{self._where()} has no parameter server: call keras_hps.init('hps.json') "
-                "first, or pass ps_config_file= to the layer"
-            ) from err
+            raise RuntimeError(f"{self._where()}: {err}") from err
 
     def _table(self) -> TableBinding:
         """The current parameter server and this layer's checked table spec."""
@@ -132,13 +127,12 @@ class TableLookupLayer(keras.layers.Layer):
                     f"{self._where()}: emb_vec_size={self.emb_vec_size} but the parameter "
                     f"server's config gives embedding_vecsize_per_table {spec.dim}"
                 )
-            max_batch = getattr(spec, "max_batch_size", None)
-            if self.global_batch_size is not None and max_batch is not None:
-                if self.global_batch_size > max_batch:
-                    raise ConfigError(
-                        f"{self._where()}: global_batch_size={self.global_batch_size} exceeds "
-                        f"the model's max_batch_size {max_batch}"
-                    )
+            max_batch = ps.config.model(self.model_name).max_batch_size
+            if self.global_batch_size is not None and self.global_batch_size > max_batch:
+                raise ConfigError(
+                    f"{self._where()}: global_batch_size={self.global_batch_size} exceeds "
+                    f"the model's max_batch_size {max_batch}"
+                )
             self._binding = TableBinding(ps, spec)
             return self._binding
 
@@ -166,8 +160,8 @@ class TableLookupLayer(keras.layers.Layer):
     # -- per-lookup work (runs at execution time, in Python) ---------------------------
 
     def _check_key_count(self, count: int, spec: Any) -> None:
-        max_keys = spec.max_keys
-        if max_keys is not None and count > max_keys:
+        max_keys = spec.max_keys_per_lookup
+        if count > max_keys:
             raise InvalidInputError(
                 f"{self._where()}: {count} keys in one lookup exceed the configured maximum "
                 f"{max_keys} (max_batch_size x maxnum_catfeature_query_per_table_per_sample)"
