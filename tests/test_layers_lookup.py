@@ -152,7 +152,14 @@ def test_keras_file_reloads_in_fresh_process(tables, ps, tmp_path):
         f"""
         import numpy as np, keras
         import keras_hps.layers  # registers the layer classes
-        from keras_hps import parameter_server
+        # without a parameter server: building works, the first call says how to init
+        layer = keras_hps.layers.LookupLayer("ranker", 0, {DIMS[0]})
+        layer(keras.Input((2,), dtype="int64"))
+        try:
+            layer(np.zeros((1, 2), np.int64))
+            raise SystemExit("a lookup without a parameter server did not fail")
+        except RuntimeError as err:
+            assert "keras_hps.init" in str(err), err
         model = keras.models.load_model({str(path)!r})
         ids = dict(np.load({str(tmp_path / "ids.npz")!r}))
         np.save({str(tmp_path / "got.npy")!r}, model.predict(ids, verbose=0))
@@ -206,3 +213,22 @@ def test_jax_backend_is_refused_at_construction(monkeypatch):
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     with pytest.raises(RuntimeError, match="tensorflow.*torch"):
         LookupLayer("ranker", 0, DIMS[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not tf.config.list_physical_devices("GPU"), reason="TensorFlow sees no GPU")
+def test_gpu_ids_cross_by_dlpack(tables, ps):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    layer = LookupLayer("ranker", 0, DIMS[0])
+    ids = np.random.default_rng(9).integers(0, VOCAB[0] + 10, size=(64, SLOTS))
+    with tf.device("/GPU:0"):
+        x = tf.constant(ids)
+        out = layer(x)
+        traced = tf.function(layer)(x)
+    want = np.full(ids.shape + (DIMS[0],), DEFAULTS[0], np.float32)
+    inside = ids < VOCAB[0]
+    want[inside] = tables["served"][0][ids[inside]]
+    np.testing.assert_array_equal(out.numpy(), want)
+    np.testing.assert_array_equal(traced.numpy(), want)

@@ -51,7 +51,9 @@ def _lookup_eager(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
 def lookup(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
     """float32 vectors of shape `ids.shape + [dim]` for int ids of any rank."""
     if tf_has_gpu():
-        out = tf.py_function(functools.partial(_lookup_eager, fetch), [ids], Tout=tf.float32)
+        # int64: TensorFlow keeps int32 tensors of a GPU op in host memory.
+        keys = tf.cast(ids, tf.int64)
+        out = tf.py_function(functools.partial(_lookup_eager, fetch), [keys], Tout=tf.float32)
     else:
         out = tf.numpy_function(fetch, [ids], tf.float32, stateful=True)
     out = tf.reshape(out, tf.concat([tf.shape(ids, out_type=tf.int64), [dim]], axis=0))
