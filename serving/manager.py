@@ -56,6 +56,8 @@ class _Model:
     def __init__(self, entry: ModelEntry) -> None:
         self.entry = entry
         self.versions: dict[int, _Version] = {}
+        self.lock = threading.Lock()  # one load/unload pass at a time
+        self.warned = False
 
 
 class Handle:
@@ -96,14 +98,15 @@ class ModelManager:
         self._loader = loader
         self._poll_wait = poll_wait_seconds
         self._cond = threading.Condition(threading.RLock())
-        self._poll_lock = threading.Lock()  # one poll (load/unload pass) at a time
+        self._config_lock = threading.Lock()  # one config reload at a time
         self._models: dict[str, _Model] = {e.name: _Model(e) for e in entries}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, wait_for_initial_load: bool = True) -> None:
-        """Loads what is on disk now, then keeps polling every poll_wait_seconds (> 0)."""
+        """Loads what is on disk now (in the background when `wait_for_initial_load` is
+        False), then keeps polling every poll_wait_seconds (> 0)."""
         if wait_for_initial_load:
             self.poll_once()
         if self._poll_wait > 0 or not wait_for_initial_load:
@@ -117,61 +120,89 @@ class ModelManager:
 
     def _poll_loop(self, poll_first: bool) -> None:
         if poll_first:
-            self._safe_poll()
+            self._poll_background()
         while self._poll_wait > 0 and not self._stop.wait(self._poll_wait):
-            self._safe_poll()
+            self._poll_background()
 
-    def _safe_poll(self) -> None:
+    def _poll_background(self) -> None:
+        """Starts a pass for every model whose previous pass has finished: a model that
+        takes long to load never holds up the others."""
+        with self._cond:
+            models = list(self._models.values())
+        for model in models:
+            if model.lock.acquire(blocking=False):
+                threading.Thread(
+                    target=self._pass_and_release,
+                    args=(model,),
+                    name="keras-hps-load",
+                    daemon=True,
+                ).start()
+
+    def _pass_and_release(self, model: _Model) -> None:
         try:
-            self.poll_once()
+            if not self._stop.is_set():
+                self._pass(model)
         except Exception:  # keep polling whatever one pass hit
-            log.exception("polling the model base paths failed")
+            log.exception("polling %s failed", model.entry.base_path)
+        finally:
+            model.lock.release()
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Stops polling and unloads every version (waiting for requests using them)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._poll_lock:
-            with self._cond:
-                records = [v for m in self._models.values() for v in m.versions.values()]
-            for record in records:
-                self._unload(record)
+        with self._cond:
+            models = list(self._models.values())
+        for model in models:
+            with model.lock:
+                for record in list(model.versions.values()):
+                    self._unload(record)
 
     # ------------------------------------------------------------------ polling
     def poll_once(self) -> list[tuple[str, int, ServingError]]:
-        """One pass: load newly aspired versions, then unload versions no longer aspired.
-
-        Returns the (model, version, error) of versions that failed to load in this pass.
-        """
+        """One pass over every model (in parallel): load newly aspired versions, then unload
+        versions no longer aspired. Returns (model, version, error) of failed loads."""
+        with self._cond:
+            models = list(self._models.values())
         failures: list[tuple[str, int, ServingError]] = []
-        with self._poll_lock:
+
+        def work(model: _Model) -> None:
+            with model.lock:
+                failures.extend(self._pass(model))
+
+        threads = [threading.Thread(target=work, args=(m,), daemon=True) for m in models]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return failures
+
+    def _pass(self, model: _Model) -> list[tuple[str, int, ServingError]]:
+        name = model.entry.name
+        failures = []
+        on_disk = versions_on_disk(model.entry.base_path)
+        aspired = model.entry.policy.select(set(on_disk))
+        if not on_disk and not model.warned:
+            model.warned = True
+            log.warning(
+                "No versions of servable %s found under base path %s. Did you forget "
+                "to name your leaf directory as a number (eg. '/1/')?",
+                name,
+                model.entry.base_path,
+            )
+        for version in sorted(aspired):
             with self._cond:
-                models = list(self._models.items())
-            for name, model in models:
-                on_disk = versions_on_disk(model.entry.base_path)
-                aspired = model.entry.policy.select(set(on_disk))
-                if not on_disk:
-                    log.warning(
-                        "No versions of servable %s found under base path %s. Did you forget "
-                        "to name your leaf directory as a number (eg. '/1/')?",
-                        name,
-                        model.entry.base_path,
-                    )
-                for version in sorted(aspired):
-                    with self._cond:
-                        record = model.versions.get(version)
-                        fresh = record is None or (
-                            record.state == State.END and record.error is None
-                        )
-                        if not fresh:
-                            continue
-                        record = _Version(version, on_disk[version])
-                        model.versions[version] = record
-                    error = self._load(name, record)
-                    if error is not None:
-                        failures.append((name, version, error))
-                self._unload_unaspired(model, aspired)
+                record = model.versions.get(version)
+                fresh = record is None or (record.state == State.END and record.error is None)
+                if not fresh:
+                    continue
+                record = _Version(version, on_disk[version])
+                model.versions[version] = record
+            error = self._load(name, record)
+            if error is not None:
+                failures.append((name, version, error))
+        self._unload_unaspired(model, aspired)
         return failures
 
     def _load(self, name: str, record: _Version) -> ServingError | None:
@@ -237,7 +268,7 @@ class ModelManager:
     def reload_config(self, entries: list[ModelEntry]) -> list[tuple[str, int, ServingError]]:
         """Replaces the served models with `entries` (models left out are unloaded), then
         loads what the new config aspires to. Returns the versions that failed to load."""
-        with self._poll_lock:
+        with self._config_lock:
             with self._cond:
                 new_names = {e.name for e in entries}
                 removed = [m for n, m in self._models.items() if n not in new_names]
@@ -264,9 +295,10 @@ class ModelManager:
                     if self._models.get(model.entry.name) is model:
                         del self._models[model.entry.name]
             for model in removed:
-                for record in list(model.versions.values()):
-                    self._unload(record)
-        return self.poll_once()
+                with model.lock:
+                    for record in list(model.versions.values()):
+                        self._unload(record)
+            return self.poll_once()
 
     def entries(self) -> list[ModelEntry]:
         """The model entries served now."""
