@@ -27,6 +27,7 @@ from keras_hps.errors import ConfigError, NotFoundError
 from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
 
 PLACEMENTS = ("external", "embedded")
+EXPORT_INFO = os.path.join("assets.extra", "keras_hps_export.json")
 
 
 @dataclass
@@ -86,16 +87,24 @@ def _tf_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
 
 def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names: list[str],
                        specs: dict[str, TensorSpec]) -> None:
-    import keras
+    """Write `keras_model` as a SavedModel whose `serving_default` takes `specs` by name and
+    returns `out_names`.
 
+    Not through keras.export.ExportArchive: it tracks each variable twice (the Keras variable
+    and its tf.Variable), which writes every table twice. Here each tf.Variable is tracked once.
+    """
+    import tensorflow as tf
+
+    module = tf.Module()
+    module.weights = [v.value for v in keras_model.variables]
+
+    @tf.function(input_signature=[_tf_specs(specs)], autograph=False)
     def serve(inputs: dict[str, Any]) -> dict[str, Any]:
         result = call_with_named_inputs(keras_model, names, inputs)
         return dict(zip(out_names, flat_outputs(result), strict=True))
 
-    archive = keras.export.ExportArchive()
-    archive.track(keras_model)
-    archive.add_endpoint("serving_default", serve, input_signature=[_tf_specs(specs)])
-    archive.write_out(path, verbose=False)
+    module.serve = serve
+    tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
 
 
 def _keys_per_sample(calls: Sequence[Any], tables: Sequence[EmbeddingTable],
@@ -218,6 +227,7 @@ def export_for_serving(
                                    max_keys_per_sample, table_list, "max_keys_per_sample", None)))
             txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
+        _write_export_info(tmp, model_name, tables, table_list, defaults)
         txn.replace_file(config_path, repo.models_config_with(config_path, model_name, model_dir))
         # Last step: the version appears complete, in one rename.
         os.rename(tmp, result.version_dir)
@@ -225,6 +235,24 @@ def export_for_serving(
         txn.rollback()
         raise
     return result
+
+
+def _write_export_info(version_dir: str, model_name: str, placement: str,
+                       table_list: Sequence[EmbeddingTable], defaults: list[float]) -> None:
+    """`assets.extra/keras_hps_export.json`: what `keras-hps inspect` reports of a version
+    (TF Serving ignores assets.extra apart from the warmup file)."""
+    info = {
+        "model_name": model_name,
+        "placement": placement,
+        "tables": [
+            {"table_id": t.table_id, "name": t.layer_name, "rows": t.rows, "dim": t.dim,
+             "default_value": d}
+            for t, d in zip(table_list, defaults, strict=True)
+        ],
+    }
+    with open(os.path.join(version_dir, EXPORT_INFO), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
 
 
 def _make_dirs(txn: repo.Transaction, path: str) -> None:

@@ -187,6 +187,34 @@ def _parse_lookups(manifest: dict[str, Any], path: str) -> list[TableLookup]:
     return lookups
 
 
+def _public_signature_def(dense_def: Any, lookups: list[TableLookup]) -> Any:
+    """The signature a client sees: vector inputs replaced by their raw key inputs."""
+    if not lookups:
+        return dense_def
+    public = type(dense_def)()
+    public.CopyFrom(dense_def)
+    for lookup in lookups:
+        if lookup.feeds in public.inputs:
+            del public.inputs[lookup.feeds]
+    for lookup in lookups:
+        if lookup.feeds in dense_def.inputs:
+            info = _tensor_info(f"keras_hps_keys/{lookup.input}:0", lookup.key_spec)
+            public.inputs[lookup.input].CopyFrom(info)
+    return public
+
+
+def describe_version(version_dir: str | os.PathLike) -> tuple[str, dict[str, SignatureSpec]]:
+    """A version's placement ("embedded" | "external") and public signatures, read from its
+    files without loading the graph."""
+    version_dir = os.fspath(version_dir)
+    manifest = read_manifest(version_dir)
+    lookups = [] if manifest is None else _parse_lookups(manifest, version_dir)
+    defs = _read_signature_defs(version_dir)
+    public = {k: _public_signature_def(v, lookups) for k, v in defs.items()}
+    specs = {k: _spec_from_signature_def(v) for k, v in public.items()}
+    return ("external" if lookups else "embedded"), specs
+
+
 def _combine(vectors: np.ndarray, mask: np.ndarray, combiner: str) -> np.ndarray:
     """Combine `[batch, n, dim]` vectors over the valid (`mask`) entries of each row."""
     vectors = vectors * mask[..., None]
@@ -218,7 +246,9 @@ class Servable:
         self._lookups = lookups or []
         self._ps = parameter_server
         self._dense_defs = signature_defs
-        self._signature_defs = {k: self._public_def(v) for k, v in signature_defs.items()}
+        self._signature_defs = {
+            k: _public_signature_def(v, self._lookups) for k, v in signature_defs.items()
+        }
         self.signatures: dict[str, SignatureSpec] = {
             k: _spec_from_signature_def(v) for k, v in self._signature_defs.items()
         }
@@ -231,21 +261,6 @@ class Servable:
             f"Servable(name={self.name!r}, version={self.version}, placement={self.placement!r}, "
             f"signatures={sorted(self.signatures)})"
         )
-
-    def _public_def(self, dense_def: Any) -> Any:
-        """The signature a client sees: vector inputs replaced by their raw key inputs."""
-        if not self._lookups:
-            return dense_def
-        public = type(dense_def)()
-        public.CopyFrom(dense_def)
-        for lookup in self._lookups:
-            if lookup.feeds in public.inputs:
-                del public.inputs[lookup.feeds]
-        for lookup in self._lookups:
-            if lookup.feeds in dense_def.inputs:
-                info = _tensor_info(f"keras_hps_keys/{lookup.input}:0", lookup.key_spec)
-                public.inputs[lookup.input].CopyFrom(info)
-        return public
 
     def signature_def(self, signature_name: str = "serving_default") -> Any:
         """The public `SignatureDef` proto (what GetModelMetadata reports)."""
@@ -309,36 +324,44 @@ class Servable:
                     f"be in the set {{{','.join(sorted(spec.outputs))}}}."
                 )
         arrays = self.validate(inputs, signature_name)
-        feeds = self._resolve_lookups(arrays)
+        feeds = self._dense_feeds(arrays, self._dense_defs[signature_name])
         outputs = function(**feeds)
         keys = list(spec.outputs) if output_keys is None else output_keys
         return {k: outputs[k].numpy() for k in keys}
 
-    def _resolve_lookups(self, arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    def _dense_feeds(self, arrays: dict[str, np.ndarray], dense_def: Any) -> dict[str, Any]:
+        """What the SavedModel's signature takes: key inputs resolved to vectors, the rest as is."""
         import tensorflow as tf
 
         feeds: dict[str, Any] = {}
         for lookup in self._lookups:
-            keys = arrays[lookup.input]
-            if lookup.combiner is None:
-                vectors = self._ps.lookup(lookup.model, lookup.table_id, keys.astype(np.int64))
-            else:
-                if keys.ndim != 2:
-                    raise InvalidInputError(
-                        f"input '{lookup.input}': a combined lookup takes [batch, n] keys "
-                        f"padded with -1, got shape {list(keys.shape)}"
-                    )
-                mask = keys >= 0
-                valid = keys[mask].astype(np.int64)
-                found = self._ps.lookup(lookup.model, lookup.table_id, valid)
-                per_key = np.zeros(keys.shape + (found.shape[-1],), np.float32)
-                per_key[mask] = found
-                vectors = _combine(per_key, mask, lookup.combiner)
-            feeds[lookup.feeds] = tf.convert_to_tensor(np.asarray(vectors, np.float32))
+            if lookup.feeds in dense_def.inputs:
+                vectors = self._lookup_vectors(lookup, arrays[lookup.input])
+                feeds[lookup.feeds] = tf.convert_to_tensor(vectors)
         for name, array in arrays.items():
-            if name not in {lk.input for lk in self._lookups}:
+            if name in dense_def.inputs:
                 feeds[name] = tf.convert_to_tensor(array)
         return feeds
+
+    def _lookup_vectors(self, lookup: TableLookup, keys: np.ndarray) -> np.ndarray:
+        """Vectors of one key input from the parameter server (combined per row if asked)."""
+        if lookup.combiner is None:
+            vectors = self._ps.lookup(lookup.model, lookup.table_id, keys.astype(np.int64))
+            return np.asarray(vectors, np.float32)
+        if keys.ndim != 2:
+            raise InvalidInputError(
+                f"input '{lookup.input}': a combined lookup takes [batch, n] keys "
+                f"padded with -1, got shape {list(keys.shape)}"
+            )
+        mask = keys >= 0
+        found = np.asarray(
+            self._ps.lookup(lookup.model, lookup.table_id, keys[mask].astype(np.int64)),
+            np.float32,
+        )
+        dim = self._ps.table_spec(lookup.model, lookup.table_id).dim
+        per_key = np.zeros(keys.shape + (dim,), np.float32)
+        per_key[mask] = found.reshape(-1, dim)
+        return _combine(per_key, mask, lookup.combiner)
 
     def close(self) -> None:
         """Release the loaded graph; later `run` calls raise NotFoundError."""

@@ -1,0 +1,74 @@
+"""`keras-hps export MODEL.keras --repo DIR --name NAME [--version N] [--tables ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from keras_hps.errors import ConfigError, HPSError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `export` subcommand's arguments."""
+    parser.add_argument("model", help="trained Keras 3 model (.keras file)")
+    parser.add_argument("--repo", required=True, help="model repository folder (created if "
+                        "missing; its parent must exist)")
+    parser.add_argument("--name", required=True, help="served model name ([A-Za-z0-9_-])")
+    parser.add_argument("--version", type=int, default=None,
+                        help="version number (default: the next free one)")
+    parser.add_argument("--tables", choices=("external", "embedded"), default="external",
+                        help="external: tables in HDF5/HPS files read through the keras-hps "
+                        "parameter server; embedded: tables inside the SavedModel (stock TF "
+                        "Serving serves it)")
+    parser.add_argument("--embedding-layers", default=None,
+                        help="comma-separated names of the layers holding tables "
+                        "(default: every keras.layers.Embedding)")
+    parser.add_argument("--keys", action="append", default=[], metavar="LAYER=FILE.npy",
+                        help="key array of one table (row i serves key k_i); repeatable")
+    parser.add_argument("--default-value", type=float, default=0.0,
+                        help="vector value for unknown keys (default 0.0)")
+    parser.add_argument("--max-batch-size", type=int, default=1024,
+                        help="hps.json max_batch_size of the model (external)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _keys_arg(items: list[str]) -> dict:
+    import numpy as np
+
+    keys = {}
+    for item in items:
+        layer, sep, path = item.partition("=")
+        if not sep or not layer or not path:
+            raise ConfigError(f"--keys takes LAYER=FILE.npy, got {item!r}")
+        try:
+            keys[layer] = np.load(path)
+        except OSError as e:
+            raise ConfigError(f"--keys {item}: cannot read {path}: {e}") from e
+    return keys
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; prints what was written. Returns 0, or 1 with the error on stderr."""
+    from keras_hps.export.exporter import export_for_serving
+
+    try:
+        layers = None if args.embedding_layers is None else [
+            n.strip() for n in args.embedding_layers.split(",") if n.strip()
+        ]
+        result = export_for_serving(
+            args.model, args.repo, args.name, version=args.version, tables=args.tables,
+            embedding_layers=layers, keys=_keys_arg(args.keys),
+            default_value=args.default_value, max_batch_size=args.max_batch_size,
+            progress=not args.quiet,
+        )
+    except HPSError as e:
+        print(f"keras-hps export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {result.model_name} version {result.version} ({result.placement}) "
+          f"to {result.version_dir}")
+    print(f"models.config: {result.models_config}")
+    if result.hps_json:
+        print(f"hps.json: {result.hps_json}")
+    for path in result.table_files:
+        print(f"table: {path}")
+    return 0
