@@ -486,7 +486,6 @@ def _load_model(ctx: _Ctx, i: int, raw: Any) -> ModelConfig:
     name = _get_str(ctx, f"{where}.model", raw.get("model", ""))
     if not _MODEL_NAME.match(name):
         raise ctx.error(f"{where}.model", f"must match [a-zA-Z0-9_-]{{1,120}}, got {name!r}")
-    where = f"models[{i}] ({name})"
 
     files_raw = _get_list(ctx, f"{where}.sparse_files", raw["sparse_files"])
     if not files_raw:

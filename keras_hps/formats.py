@@ -356,7 +356,7 @@ def _check_inputs(path: Any, keys: Any, vectors: Any) -> tuple[np.ndarray, Any, 
 
 def _blocks(k: np.ndarray, v: Any, order: np.ndarray | None, dim: int, progress: Any,
             desc: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    n = len(k)
+    n = len(k) if order is None else len(order)
     step = _block_rows(dim)
     bar = _progress(progress, n, desc)
     try:
@@ -556,10 +556,13 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["dim"] = dim
             kd = f.create_dataset("keys", shape=(n,), dtype="<i8")
-            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
-            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # chunks in file order
-            vd = f.create_dataset("vectors", shape=(n, dim), dtype="<f4", chunks=(crow, dim),
-                                  fill_time="never", dcpl=dcpl)
+            if n:
+                dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # chunks in file order
+                vd = f.create_dataset("vectors", shape=(n, dim), dtype="<f4",
+                                      chunks=(crow, dim), fill_time="never", dcpl=dcpl)
+            else:  # HDF5 has no chunks for an empty dataset
+                vd = f.create_dataset("vectors", shape=(0, dim), dtype="<f4")
             for start, kb, vb in _blocks(k, v, order, dim, progress, f"write {dst.name}"):
                 stop = start + len(kb)
                 kd[start:stop] = kb
