@@ -142,20 +142,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length > 0 else b""
-        if self.api.server.draining:
-            status, payload, ctype = (
-                503,
-                error_body("The server is shutting down"),
-                "application/json",
-            )
-            self.close_connection = True
-        else:
-            status, payload, ctype = self.api.handle(method, self.path, body)
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        with self.api.server.in_flight():  # stop() waits until the answer is written
+            if self.api.server.draining:
+                status, payload, ctype = (
+                    503,
+                    error_body("The server is shutting down"),
+                    "application/json",
+                )
+                self.close_connection = True
+            else:
+                status, payload, ctype = self.api.handle(method, self.path, body)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+            self.wfile.flush()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         self._serve("GET")

@@ -118,7 +118,7 @@ def _check_scalar(value: Any, dtype: np.dtype) -> Any:
             raise invalid_argument(
                 f"Cannot convert JSON value: {value} to {target} without loss of precision."
             )
-    elif value == value and abs(value) != float("inf") and abs(value) > np.finfo(dtype).max:
+    elif value == value and abs(value) != float("inf") and abs(value) > float(np.finfo(dtype).max):
         target = "float" if dtype != np.float64 else "double"
         raise invalid_argument(
             f"Cannot convert JSON value: {_echo(value)} to {target} without loss of precision."

@@ -133,6 +133,19 @@ class ModelServer:
         return self._draining
 
     @contextmanager
+    def in_flight(self) -> Iterator[None]:
+        """Holds off stop() until the block ends (a REST handler wraps its response write)."""
+        with self._cond:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
     def request(self, model: str, api: str, entrypoint: str) -> Iterator[dict]:
         """Accounts one request: in-flight count (for draining) and metrics.
 
