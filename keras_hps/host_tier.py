@@ -208,19 +208,25 @@ class HostTier:
                 + self._last_access.nbytes + self._hits_per_slot.nbytes + self._free.nbytes
                 + self._index.nbytes)
 
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Row of `vectors` holding each key, -1 where not resident (counts nothing)."""
+        return self._index.find(keys)
+
+    def touch(self, slots: np.ndarray, misses: int = 0) -> None:
+        """Record hits on resident rows `slots` (unique) and `misses` misses."""
+        self._clock += 1
+        self._last_access[slots] = self._clock
+        self._hits_per_slot[slots] += 1
+        self.hits += len(slots)
+        self.misses += misses
+
     def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, float32 vectors of the found keys in key order) for unique `keys`."""
-        slots = self._index.find(keys)
+        slots = self.find(keys)
         found = slots >= 0
         s = slots[found] if not found.all() else slots
-        out = np.take(self.vectors, s, axis=0)
-        self._clock += 1
-        self._last_access[s] = self._clock
-        self._hits_per_slot[s] += 1
-        nh = len(s)
-        self.hits += nh
-        self.misses += len(keys) - nh
-        return found, out
+        self.touch(s, len(keys) - len(s))
+        return found, np.take(self.vectors, s, axis=0)
 
     def insert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add rows for unique keys not yet resident, evicting by policy when full."""
