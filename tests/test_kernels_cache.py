@@ -1,0 +1,331 @@
+"""Cache kernels (query, insert, invalidate/update, fused, gather) against their NumPy references.
+
+Runs under TRITON_INTERPRET=1 on CPU torch tensors (CI) and unchanged on a CUDA device, where
+the sizes grow (GPU_SCALE). Every case draws fresh random keys and rows, and compares the whole
+cache state (tags, keys, scores, rows) after each operation, not just the outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from keras_hps.triton_kernels.cache_fused_query import (  # noqa: E402
+    PooledTables,
+    fused_cache_query,
+    np_fused_cache_query,
+)
+from keras_hps.triton_kernels.cache_insert import cache_insert, np_cache_insert  # noqa: E402
+from keras_hps.triton_kernels.cache_layout import (  # noqa: E402
+    SLOTS_PER_SET,
+    CacheArrays,
+    allocate,
+    empty_key,
+    np_set_and_tag,
+)
+from keras_hps.triton_kernels.cache_query import cache_query, np_cache_query  # noqa: E402
+from keras_hps.triton_kernels.cache_update import (  # noqa: E402
+    cache_invalidate,
+    cache_update,
+    np_cache_invalidate,
+    np_cache_update,
+)
+from keras_hps.triton_kernels.gather import gather_rows, np_gather_rows  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_SCALE = 16 if DEVICE == "cuda" else 1
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    seed = np.random.SeedSequence().entropy
+    request.node.user_properties.append(("seed", seed))  # reported on failure
+    return np.random.default_rng(seed)
+
+
+def assert_same_state(arrays: CacheArrays, ref) -> None:
+    got = arrays.to_numpy()
+    for field in ("tags", "keys", "scores", "vectors"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)
+
+
+def t(keys: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+    return torch.tensor(np.asarray(keys), dtype=dtype, device=DEVICE)
+
+
+def f32(values: np.ndarray) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=DEVICE)
+
+
+def key_range(dtype) -> tuple[int, int]:
+    """A key range that includes negatives and the dtype's extremes but not the sentinel."""
+    info = torch.iinfo(dtype)
+    return info.min, info.max  # high is exclusive for rng.integers: sentinel excluded
+
+
+def unique_keys(rng, n, lo=-(2**62), hi=2**62) -> np.ndarray:
+    """``n`` distinct random keys in random order."""
+    keys = np.unique(rng.integers(lo, hi, size=2 * n + 8))
+    rng.shuffle(keys)
+    return keys[:n]
+
+
+def draw_keys(rng, n, pool) -> np.ndarray:
+    """``n`` keys drawn with repetition from ``pool``: duplicates within a batch are likely."""
+    return rng.choice(pool, size=n, replace=True)
+
+
+@pytest.mark.parametrize(
+    "dim,policy,key_dtype",
+    [(1, "lru", torch.int64), (16, "lfu", torch.int32), (100, "lru", torch.int32),
+     (128, "lfu", torch.int64)],
+)
+def test_insert_and_query_follow_reference(rng, dim, policy, key_dtype):
+    # 3 sets of 32 slots and a key pool of ~3x the capacity: sets fill, evict, and batches
+    # carry duplicates, hits and misses.
+    num_sets = 3 * GPU_SCALE
+    arrays = allocate(num_sets, dim, key_dtype, DEVICE)
+    ref = arrays.to_numpy()
+    lo, hi = key_range(key_dtype)
+    pool = np.concatenate([rng.integers(lo, hi, size=num_sets * SLOTS_PER_SET * 3),
+                           [lo, hi - 1, 0, -1]])
+    n = 48 * GPU_SCALE
+    for rnd in range(3):
+        keys = draw_keys(rng, n, pool)
+        vals = rng.standard_normal((n, dim)).astype(np.float32)
+        counters = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+        cache_insert(arrays, t(keys, key_dtype), f32(vals), policy=policy, stamp=2 * rnd + 1,
+                     counters=counters)
+        ins, ev = np_cache_insert(ref, keys, vals, policy=policy, stamp=2 * rnd + 1)
+        assert_same_state(arrays, ref)
+        assert counters[2:].tolist() == [ins, ev]
+
+        q = draw_keys(rng, n, pool)
+        out, hit = cache_query(arrays, t(q, key_dtype), policy=policy, stamp=2 * rnd + 2,
+                               counters=counters)
+        ref_out, ref_hit = np_cache_query(ref, q, policy=policy, stamp=2 * rnd + 2)
+        np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+        np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
+        assert_same_state(arrays, ref)  # scores touched the same way
+        assert counters[:2].tolist() == [int(ref_hit.sum()), int((~ref_hit).sum())]
+    assert 0 < ref_hit.sum() < n  # the case really mixes hits and misses
+    assert ev > 0  # and really evicts
+
+
+def test_full_set_eviction_picks_lru_and_lfu_victims(rng):
+    # One set: fill its 32 slots, then make key C least frequently used but recently used, and
+    # key D least recently used but more frequently used than C.
+    victims = {}
+    for policy in ("lru", "lfu"):
+        arrays = allocate(1, 4, torch.int64, DEVICE)
+        ref = arrays.to_numpy()
+        keys = unique_keys(rng, 33)
+        resident, newcomer = keys[:32], keys[32:]
+        c, d = resident[5], resident[17]
+        others = resident[(resident != c) & (resident != d)]
+        steps = [("insert", resident, 1), ("query", resident[resident != c], 2),
+                 ("query", resident[resident != c], 3), ("query", np.array([c]), 4),
+                 ("query", others, 5), ("insert", newcomer, 6)]
+        for op, ks, stamp in steps:
+            if op == "insert":
+                vals = rng.standard_normal((ks.size, 4)).astype(np.float32)
+                cache_insert(arrays, t(ks), f32(vals), policy=policy, stamp=stamp)
+                np_cache_insert(ref, ks, vals, policy=policy, stamp=stamp)
+            else:
+                cache_query(arrays, t(ks), policy=policy, stamp=stamp)
+                np_cache_query(ref, ks, policy=policy, stamp=stamp)
+            assert_same_state(arrays, ref)
+        stored = set(arrays.keys.cpu().tolist())
+        assert newcomer[0] in stored and len(stored) == 32
+        (victims[policy],) = set(resident.tolist()) - stored
+        expected = d if policy == "lru" else c
+        assert victims[policy] == expected
+    assert victims["lru"] != victims["lfu"]
+
+
+def test_more_keys_than_slots_into_one_set(rng):
+    arrays = allocate(1, 3, torch.int64, DEVICE)
+    ref = arrays.to_numpy()
+    keys = unique_keys(rng, 45)
+    vals = rng.standard_normal((45, 3)).astype(np.float32)
+    counters = torch.zeros(4, dtype=torch.int64, device=DEVICE)
+    cache_insert(arrays, t(keys), f32(vals), stamp=1, counters=counters)
+    ins, ev = np_cache_insert(ref, keys, vals, stamp=1)
+    assert_same_state(arrays, ref)
+    assert (ins, ev) == (45, 13) and counters[2:].tolist() == [45, 13]
+
+
+def test_duplicates_in_one_insert_keep_one_copy_with_last_value(rng):
+    arrays = allocate(2, 8, torch.int64, DEVICE)
+    keys = np.array([7, 9, 7, 7, 11, 9])
+    vals = rng.standard_normal((6, 8)).astype(np.float32)
+    cache_insert(arrays, t(keys), f32(vals), stamp=1)
+    stored = arrays.keys.cpu().numpy()
+    assert sorted(stored[stored != empty_key(torch.int64)].tolist()) == [7, 9, 11]
+    out, hit = cache_query(arrays, t([7, 9, 11]), touch=False)
+    assert hit.all()
+    np.testing.assert_array_equal(out.cpu().numpy(), vals[[3, 5, 4]])
+    # Present keys are updated in place: no second copy, new row.
+    new = rng.standard_normal((1, 8)).astype(np.float32)
+    cache_insert(arrays, t([9]), f32(new), stamp=2)
+    stored2 = arrays.keys.cpu().numpy()
+    np.testing.assert_array_equal(stored2, stored)
+    np.testing.assert_array_equal(cache_query(arrays, t([9]))[0].cpu().numpy(), new)
+
+
+def test_invalidate_and_update_follow_reference(rng):
+    dim = 16
+    arrays = allocate(4, dim, torch.int64, DEVICE)
+    ref = arrays.to_numpy()
+    pool = rng.integers(-(2**62), 2**62, size=200)
+    keys = draw_keys(rng, 100, pool)
+    vals = rng.standard_normal((100, dim)).astype(np.float32)
+    cache_insert(arrays, t(keys), f32(vals), stamp=1)
+    np_cache_insert(ref, keys, vals, stamp=1)
+    gone = draw_keys(rng, 40, pool)  # present and absent keys, with repeats
+    cache_invalidate(arrays, t(gone))
+    np_cache_invalidate(ref, gone)
+    assert_same_state(arrays, ref)
+    out, hit = cache_query(arrays, t(gone), touch=False)
+    assert not hit.any() and not out.any()  # an invalidated key is never served
+    upd = draw_keys(rng, 60, pool)
+    uvals = rng.standard_normal((60, dim)).astype(np.float32)
+    cache_update(arrays, t(upd), f32(uvals))
+    np_cache_update(ref, upd, uvals)
+    assert_same_state(arrays, ref)
+    # After an update, a query never returns the old row of an updated key.
+    present = [k for k in dict.fromkeys(upd.tolist()) if ref.find(k) >= 0]
+    last = {k: uvals[i] for i, k in enumerate(upd.tolist())}
+    out, hit = cache_query(arrays, t(present), touch=False)
+    assert hit.all()
+    np.testing.assert_array_equal(out.cpu().numpy(), np.stack([last[k] for k in present]))
+    # Reinserting after invalidation works.
+    cache_insert(arrays, t(gone[:5]), f32(vals[:5]), stamp=3)
+    np_cache_insert(ref, gone[:5], vals[:5], stamp=3)
+    assert_same_state(arrays, ref)
+
+
+def test_int32_cache_range_and_sentinel_errors():
+    a32 = allocate(1, 2, torch.int32, DEVICE)
+    with pytest.raises(ValueError, match="2147483647"):
+        cache_query(a32, t([1, 2**31 - 1], torch.int32))
+    with pytest.raises(ValueError, match="does not fit"):
+        cache_query(a32, t([1, 2**31]))
+    with pytest.raises(ValueError, match="does not fit"):
+        cache_insert(a32, t([-(2**31) - 1]), f32(np.zeros((1, 2))))
+    a64 = allocate(1, 2, torch.int64, DEVICE)
+    with pytest.raises(ValueError, match="reserved as the empty-slot sentinel"):
+        cache_insert(a64, t([3, 2**63 - 1]), f32(np.zeros((2, 2))))
+    with pytest.raises(ValueError, match="reserved"):
+        cache_invalidate(a64, t([2**63 - 1]))
+    with pytest.raises(ValueError, match="int32 or int64"):
+        cache_query(a64, torch.tensor([1.0], device=DEVICE))
+    with pytest.raises(ValueError, match="shape"):
+        cache_insert(a64, t([1, 2]), f32(np.zeros((2, 3))))
+    # int32 keys into an int64 cache are widened, int64 keys fitting int32 are accepted.
+    cache_insert(a64, t([-5], torch.int32), f32(np.ones((1, 2))), stamp=1)
+    assert cache_query(a64, t([-5]))[1].item()
+    cache_insert(a32, t([-5]), f32(np.ones((1, 2))), stamp=1)
+    assert cache_query(a32, t([-5], torch.int32))[1].item()
+
+
+def test_empty_batches_do_nothing(rng):
+    arrays = allocate(2, 100, torch.int64, DEVICE)
+    keys = rng.integers(0, 1000, size=20)
+    cache_insert(arrays, t(keys), f32(rng.standard_normal((20, 100))), stamp=1)
+    before = arrays.to_numpy()
+    empty = t(np.zeros(0, dtype=np.int64))
+    out, hit = cache_query(arrays, empty)
+    assert out.shape == (0, 100) and hit.shape == (0,)
+    cache_insert(arrays, empty, f32(np.zeros((0, 100))), stamp=5)
+    cache_update(arrays, empty, f32(np.zeros((0, 100))))
+    cache_invalidate(arrays, empty)
+    assert_same_state(arrays, before)
+    assert gather_rows(arrays.vectors, empty).shape == (0, 100)
+
+
+def test_query_reports_compact_miss_positions(rng):
+    arrays = allocate(2, 4, torch.int64, DEVICE)
+    keys = rng.integers(0, 10**9, size=40)
+    cache_insert(arrays, t(keys), f32(rng.standard_normal((40, 4))), stamp=1)
+    q = np.concatenate([keys[:30], rng.integers(10**9, 2 * 10**9, size=30)])
+    rng.shuffle(q)
+    out, hit, pos, count = cache_query(arrays, t(q), return_miss_positions=True)
+    misses = np.flatnonzero(~hit.cpu().numpy())
+    assert count.item() == misses.size
+    np.testing.assert_array_equal(np.sort(pos[: count.item()].cpu().numpy()), misses)
+    _ref_out, ref_hit = np_cache_query(arrays.to_numpy(), q)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+
+
+def test_set_and_tag_spread_keys_over_sets():
+    keys = np.arange(100_000)
+    sets, tags = np_set_and_tag(keys, 97)
+    counts = np.bincount(sets, minlength=97)
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+    assert tags.min() >= 1 and tags.max() <= 255
+    assert np.unique(tags).size > 250
+
+
+def _pool(tables, key_dtype):
+    sets = [max(1, -(-c // SLOTS_PER_SET)) for c, _ in tables]
+    dims = [d for _, d in tables]
+    pool = allocate(sum(sets), 1, key_dtype, DEVICE)
+    vsz = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
+    vec = torch.zeros(sum(vsz), dtype=torch.float32, device=DEVICE)
+    per, s0, v0 = [], 0, 0
+    for s, d, v in zip(sets, dims, vsz, strict=True):
+        lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
+        per.append(CacheArrays(pool.tags[lo:hi], pool.keys[lo:hi], pool.scores[lo:hi],
+                               vec[v0:v0 + v].view(-1, d), s))
+        s0, v0 = s0 + s, v0 + v
+    bases = np.cumsum([0] + sets[:-1]).tolist()
+    vbases = np.cumsum([0] + vsz[:-1]).tolist()
+
+    def d64(x):
+        return torch.tensor(x, dtype=torch.int64, device=DEVICE)
+
+    pooled = PooledTables(pool.tags, pool.keys, pool.scores, vec, d64(bases), d64(sets),
+                          d64(vbases), d64(dims), tuple(dims))
+    return pooled, per
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_fused_multi_table_query_equals_per_table(rng, policy):
+    tables = [(64, 16), (40, 1), (100, 100), (32, 128), (64, 16)]
+    pooled, per = _pool(tables, torch.int64)
+    refs = []
+    keys_per_table = []
+    for i, ((cap, dim), arrays) in enumerate(zip(tables, per, strict=True)):
+        ks = rng.integers(-50, 50 + cap, size=cap) + 1000 * i  # overlapping ids across tables
+        vals = rng.standard_normal((cap, dim)).astype(np.float32)
+        cache_insert(arrays, t(ks), f32(vals), policy=policy, stamp=1)
+        refs.append(arrays.to_numpy())
+        n = 0 if i == 1 else int(rng.integers(1, 40 * GPU_SCALE))
+        keys_per_table.append(rng.integers(-60, 60 + cap, size=n) + 1000 * i)
+    flat = t(np.concatenate(keys_per_table))
+    offsets = np.concatenate([[0], np.cumsum([k.size for k in keys_per_table])]).tolist()
+    values, hit = fused_cache_query(pooled, flat, offsets, policy=policy, stamp=7)
+    ref_vals, ref_hits = np_fused_cache_query(refs, keys_per_table, policy=policy, stamp=7)
+    np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
+    for i, arrays in enumerate(per):
+        assert values[i].shape == (keys_per_table[i].size, tables[i][1])
+        np.testing.assert_array_equal(values[i].cpu().numpy(), ref_vals[i])
+        assert_same_state(arrays, refs[i])
+        # and equals the single-table kernel on the same keys
+        v1, h1 = cache_query(arrays, t(keys_per_table[i]), touch=False)
+        np.testing.assert_array_equal(v1.cpu().numpy(), ref_vals[i])
+    with pytest.raises(ValueError, match="key_offsets"):
+        fused_cache_query(pooled, flat, offsets[:-1])
+
+
+@pytest.mark.parametrize("dim", [1, 16, 100, 128])
+def test_gather_matches_reference(rng, dim):
+    table = rng.standard_normal((300, dim)).astype(np.float32)
+    idx = rng.integers(0, 300, size=77 * GPU_SCALE)
+    for dtype in (torch.int64, torch.int32):
+        out = gather_rows(f32(table), t(idx, dtype))
+        np.testing.assert_array_equal(out.cpu().numpy(), np_gather_rows(table, idx))
