@@ -1,0 +1,158 @@
+"""Bad export inputs: each is a clear error and leaves the repository exactly as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras")
+pytest.importorskip("tensorflow")
+
+from keras_hps.export import build_inference_model, export_for_serving  # noqa: E402
+
+from keras_hps.errors import ConfigError, NotFoundError  # noqa: E402
+
+
+def _model(rows: int = 12) -> keras.Model:
+    ids = keras.Input(shape=(2,), dtype="int64", name="ids")
+    x = keras.layers.Flatten()(keras.layers.Embedding(rows, 3, name="table")(ids))
+    return keras.Model(ids, keras.layers.Dense(1, name="out")(x))
+
+
+def _snapshot(root) -> dict[str, str]:
+    """Every path under `root` with a hash of its content (folders map to '')."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(folder, d), root)] = ""
+        for f in files:
+            path = os.path.join(folder, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, root)] = hashlib.sha1(fh.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("errors") / "repo"
+    model = _model()
+    export_for_serving(model, root, "existing", tables="external")
+    export_for_serving(model, root, "existing_emb", tables="embedded")
+    return root, model
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.table = keras.layers.Embedding(10, 3, name="sub_table")
+        self.out = keras.layers.Dense(1)
+
+    def call(self, ids):
+        return self.out(keras.ops.sum(self.table(ids), axis=1))
+
+
+def _no_embedding_model():
+    x = keras.Input(shape=(4,), name="x")
+    return keras.Model(x, keras.layers.Dense(2, name="d")(x))
+
+
+def _subclassed():
+    m = _Subclassed()
+    m(np.zeros((1, 2), np.int64))
+    return m
+
+
+CASES = {
+    "missing model file": (lambda r, m: export_for_serving(
+        str(r.parent / "nope.keras"), r, "fresh"), NotFoundError, "nope.keras"),
+    "missing repository parent": (lambda r, m: export_for_serving(
+        m, r.parent / "no" / "such" / "repo", "fresh"), NotFoundError, "does not exist"),
+    "existing version": (lambda r, m: export_for_serving(
+        m, r, "existing", version=1), ConfigError, "exists already"),
+    "existing embedded version": (lambda r, m: export_for_serving(
+        m, r, "existing_emb", version=1, tables="embedded"), ConfigError, "exists already"),
+    "slash in name": (lambda r, m: export_for_serving(m, r, "a/b"), ConfigError, "'a/b'"),
+    "colon in name": (lambda r, m: export_for_serving(m, r, "m:1"), ConfigError, "not allowed"),
+    "space in name": (lambda r, m: export_for_serving(m, r, "my model"), ConfigError,
+                      "not allowed"),
+    "empty name": (lambda r, m: export_for_serving(m, r, ""), ConfigError, "not allowed"),
+    "short key array": (lambda r, m: export_for_serving(
+        m, r, "fresh", keys={"table": np.arange(11)}), ConfigError,
+        "11 entries but the table has 12"),
+    "repeated keys": (lambda r, m: export_for_serving(
+        m, r, "fresh", keys={"table": np.zeros(12, np.int64)}), ConfigError, "repeat"),
+    "float keys": (lambda r, m: export_for_serving(
+        m, r, "fresh", keys={"table": np.arange(12.0)}), ConfigError, "integer"),
+    "keys for unknown layer": (lambda r, m: export_for_serving(
+        m, r, "fresh", keys={"out": np.arange(12)}), ConfigError, "not table layers"),
+    "unknown placement": (lambda r, m: export_for_serving(m, r, "fresh", tables="remote"),
+                          ConfigError, "tables must be one of"),
+    "no embeddings": (lambda r, m: export_for_serving(_no_embedding_model(), r, "fresh"),
+                      ConfigError, "no embedding table"),
+    "unknown layer name": (lambda r, m: export_for_serving(
+        m, r, "fresh", embedding_layers=["nope"]), ConfigError, "no layer"),
+    "subclassed model": (lambda r, m: export_for_serving(_subclassed(), r, "fresh"),
+                         ConfigError, "inference_model="),
+    "version zero": (lambda r, m: export_for_serving(m, r, "fresh", version=0), ConfigError,
+                     "positive"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_clear_error_and_changes_nothing(repo, case):
+    root, model = repo
+    before = _snapshot(root)
+    call, error, message = CASES[case]
+    with pytest.raises(error, match=message):
+        call(root, model)
+    assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("tables", ["external", "embedded"])
+def test_failure_while_writing_rolls_back(repo, monkeypatch, tables):
+    root, model = repo
+    before = _snapshot(root)
+    import keras_hps.export.exporter as exporter
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full (injected)")
+
+    # The last write before the version appears: the warmup file.
+    monkeypatch.setattr(exporter, "write_warmup", broken)
+    with pytest.raises(OSError, match="injected"):
+        export_for_serving(model, root, "half_written", tables=tables)
+    assert _snapshot(root) == before
+
+
+def test_subclassed_model_with_an_inference_model(tmp_path):
+    """The documented way out for subclassed models: pass the inference model."""
+    from keras_hps.layers import LookupLayer
+
+    trained = _subclassed()
+    ids = keras.Input(shape=(2,), dtype="int64", name="ids")
+    lookup = LookupLayer("sub", 0, 3, name="sub_table")
+    lookup.built = True
+    dense = keras.layers.Dense(1)
+    inference = keras.Model(ids, dense(keras.ops.sum(lookup(ids), axis=1)))
+    dense.set_weights(trained.out.get_weights())
+    with pytest.raises(ConfigError, match="subclassed"):
+        build_inference_model(trained, "sub")
+    result = export_for_serving(trained, tmp_path / "repo", "sub", tables="embedded",
+                                inference_model=inference)
+    from keras_hps.servable import load_servable
+
+    ids_in = np.array([[0, 9], [3, 3], [10, -1]], np.int64)
+    table = trained.table.get_weights()[0]
+    padded = np.concatenate([table, np.zeros((1, 3), np.float32)])  # misses -> default 0.0
+    rows = np.where((ids_in >= 0) & (ids_in < 10), ids_in, 10)
+    kernel, bias = trained.out.get_weights()
+    want = padded[rows].sum(axis=1) @ kernel + bias
+    got = load_servable(result.version_dir).run({"ids": ids_in})
+    np.testing.assert_allclose(next(iter(got.values())), want, rtol=1e-5, atol=1e-5)
+    # An inference model bound to another model name is refused.
+    with pytest.raises(ConfigError, match="bound to model 'sub'"):
+        export_for_serving(trained, tmp_path / "repo", "other", tables="embedded",
+                           inference_model=inference)
