@@ -5,10 +5,10 @@ keys -> unique -> [GPU tier] -> host RAM tier -> cold tier (table file) -> defau
                                    ^ filled from below                 -> scatter to input order
 ```
 
-Each (model, table) is served by one object with `spec`, `fetch(unique_keys)`, `stats()` and
-`close()`. `TableHierarchy` is everything below the GPU; `ParameterServer._build_table` is the
-one place these objects are made (a GPU tier wraps the hierarchy there and calls its
-`fetch` for its misses).
+Each (model, table) is served by one object with `spec`, `fetch(unique_keys, inverse=None)`,
+`stats()` and `close()`. `TableHierarchy` is everything below the GPU;
+`ParameterServer._build_table` is the one place these objects are made (a GPU tier wraps the
+hierarchy there and calls its `fetch` for its misses).
 """
 
 from __future__ import annotations
@@ -83,8 +83,11 @@ class TableHierarchy:
         and the cold tier is skipped)."""
         return self.host is not None and self.host.resident_rows == self.cold.num_rows
 
-    def fetch(self, unique_keys: np.ndarray) -> np.ndarray:
-        """float32 `[len(unique_keys), dim]` for unique int64 keys, exact, filling the host tier."""
+    def fetch(self, unique_keys: np.ndarray, inverse: np.ndarray | None = None) -> np.ndarray:
+        """float32 `[len(unique_keys), dim]` for unique int64 keys, exact, filling the host tier.
+
+        With `inverse` (indices into `unique_keys`) the result is `[len(inverse), dim]`, rows
+        in that order; when the host tier holds every key this is a single gather."""
         keys = np.asarray(unique_keys, dtype=np.int64)
         n = len(keys)
         dim = self.spec.dim
@@ -92,29 +95,35 @@ class TableHierarchy:
             if self._closed:
                 raise RuntimeError(f"table {self.spec.model}/{self.spec.table_id} is closed")
             if n == 0:
-                return np.empty((0, dim), np.float32)
-            if self.host is not None:
-                found, vec = self.host.lookup(keys)
-                if len(vec) == n:
-                    return vec
+                return np.empty((0 if inverse is None else len(inverse), dim), np.float32)
+            host = self.host
+            if host is not None:
+                slots = host.find(keys)
+                found = slots >= 0
+                if found.all():
+                    host.touch(slots)
+                    rows = slots if inverse is None else slots[inverse]
+                    return np.take(host.vectors, rows, axis=0)
                 out = np.empty((n, dim), np.float32)
-                out[found] = vec
+                hit = slots[found]
+                host.touch(hit, n - len(hit))
+                out[found] = np.take(host.vectors, hit, axis=0)
                 miss = np.flatnonzero(~found)
             else:
                 out = np.empty((n, dim), np.float32)
                 miss = np.arange(n)
-            if self.host is not None and self.host_complete:
+            if host is not None and self.host_complete:
                 absent = miss
             else:
                 mkeys = keys[miss]
                 cfound, cvec = self.cold.lookup(mkeys)
                 out[miss[cfound]] = cvec
                 absent = miss[~cfound]
-                if self.host is not None and len(cvec):
-                    self.host.insert(mkeys[cfound], cvec)
+                if host is not None and len(cvec):
+                    host.insert(mkeys[cfound], cvec)
             out[absent] = self.default_vector
             self.defaults += len(absent)
-            return out
+        return out if inverse is None else np.take(out, inverse, axis=0)
 
     def record_call(self, nkeys: int, nunique: int) -> None:
         """Count one lookup call (for stats)."""
@@ -180,7 +189,9 @@ class ParameterServer:
 
     def _build_table(self, m: ModelConfig, t: int) -> Any:
         """The object serving (model m, table t): the one place tiers are put together."""
-        return self._build_hierarchy(m, t)
+        from keras_hps.gpu_tier import wrap_with_gpu_tier
+
+        return wrap_with_gpu_tier(m, t, self._build_hierarchy(m, t), self._validate_keys)
 
     def _build_hierarchy(self, m: ModelConfig, t: int) -> TableHierarchy:
         path = m.sparse_files[t]
@@ -258,6 +269,8 @@ class ParameterServer:
         non-integer keys, keys beyond the key type or too many keys, NotFoundError for an
         unknown model or table."""
         table = self._table(model, table_id)
+        if hasattr(table, "gpu_tier"):  # keras_hps.gpu_tier.GpuTieredTable
+            return table.lookup(keys)
         spec = table.spec
         torch_in = _is_torch(keys)
         arr = self._validate_keys(spec, keys.detach().cpu().numpy() if torch_in else keys)
@@ -267,8 +280,7 @@ class ParameterServer:
             out = np.zeros((*shape, spec.dim), np.float32)
         else:
             uniq, inv = np.unique(flat, return_inverse=True)
-            vec = table.fetch(uniq)
-            out = np.take(vec, inv.reshape(-1), axis=0).reshape(*shape, spec.dim)
+            out = table.fetch(uniq, inv.reshape(-1)).reshape(*shape, spec.dim)
             table.record_call(flat.size, len(uniq))
         if torch_in:
             import torch

@@ -366,7 +366,8 @@ class StaticTable:
         if n_device < n:
             rest = values[n_device:]
             if device.type == "cuda":
-                self.host_values = rest.to("cpu").contiguous().pin_memory()
+                rest = rest.to("cpu").contiguous()
+                self.host_values = rest if rest.is_pinned() else rest.pin_memory()
             else:
                 self.host_values = rest.to(device).contiguous()
 

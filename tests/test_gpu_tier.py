@@ -1,0 +1,167 @@
+"""The parameter server's GPU tier, run through the Triton interpreter on CPU
+(KERAS_HPS_GPU_TIER=interpret): GPU cache -> host RAM -> HDF5 -> default, against NumPy."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+pytest.importorskip("h5py")
+
+from keras_hps.errors import ConfigError  # noqa: E402
+from keras_hps.formats import write_hdf5_table  # noqa: E402
+from keras_hps.gpu_tier import cache_slots, gpu_tier_devices  # noqa: E402
+from keras_hps.parameter_server import ParameterServer  # noqa: E402
+
+ROWS, DIM, DEFAULT = 900, 8, 0.25
+
+
+@pytest.fixture(scope="module")
+def interpret():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_HPS_GPU_TIER", "interpret")
+        yield
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    rng = np.random.default_rng()
+    keys = np.unique(rng.integers(-(2**40), 2**40, ROWS + 50))[:ROWS]
+    rng.shuffle(keys)
+    vectors = rng.standard_normal((ROWS, DIM)).astype(np.float32)
+    path = tmp_path_factory.mktemp("gpu_tier") / "t0.h5"
+    write_hdf5_table(path, keys, vectors)
+    return str(path), keys, vectors
+
+
+def _config(path, **model):
+    m = {
+        "model": "m",
+        "sparse_files": [path],
+        "embedding_vecsize_per_table": [DIM],
+        "maxnum_catfeature_query_per_table_per_sample": [64],
+        "default_value_for_each_table": [DEFAULT],
+        "max_batch_size": 64,
+        "gpucache": True,
+        "gpucacheper": 0.05,  # 45 rows -> 64 slots: two 32-slot sets, so evictions happen
+        "hit_rate_threshold": 1.0,
+    }
+    m.update(model)
+    # Host tier holds 30% of the rows at start; the rest comes from the HDF5 cold tier.
+    return {"models": [m], "volatile_db": {"initial_cache_rate": 0.3}}
+
+
+def _reference(keys, vectors, q):
+    pos = {int(k): i for i, k in enumerate(keys)}
+    out = np.full((*q.shape, DIM), DEFAULT, np.float32)
+    for idx, k in np.ndenumerate(q):
+        if int(k) in pos:
+            out[idx] = vectors[pos[int(k)]]
+    return out
+
+
+def _batch(rng, keys, n_known, n_unknown, hot=None):
+    pool = keys if hot is None else hot
+    q = np.concatenate([rng.choice(pool, n_known), rng.integers(-(2**40), 2**40, n_unknown)])
+    rng.shuffle(q)
+    return q
+
+
+def test_dynamic_whole_hierarchy_exact_with_evictions(interpret, table):
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    with ParameterServer(_config(path)) as ps:
+        tiered = ps._table("m", 0)
+        assert tiered.gpu_tier.mode == "dynamic" and tiered.gpu_tier.slots == 64
+        hot = keys[:20]
+        for i in range(6):
+            q = _batch(rng, keys, 100, 10, hot=hot if i % 2 else None).reshape(10, 11)
+            out = ps.lookup("m", 0, q)
+            assert out.shape == (10, 11, DIM) and out.dtype == np.float32
+            np.testing.assert_array_equal(out, _reference(keys, vectors, q))
+        gpu = ps.stats("m", 0)["gpu"]
+        assert gpu["hits"] > 0 and gpu["misses"] > 0 and gpu["evictions"] > 0
+        assert gpu["resident"] <= gpu["capacity"] == 64
+        # The tiers below served the misses: host, HDF5 and defaults all used.
+        st = ps.stats("m", 0)
+        assert st["cold"]["hits"] > 0 and st["default"]["hits"] > 0
+        # Empty batch, and torch in -> torch out.
+        assert ps.lookup("m", 0, np.zeros((0, 3), np.int64)).shape == (0, 3, DIM)
+        q = _batch(rng, keys, 30, 5)
+        tout = ps.lookup("m", 0, torch.from_numpy(q))
+        assert isinstance(tout, torch.Tensor)
+        np.testing.assert_array_equal(tout.numpy(), _reference(keys, vectors, q))
+
+
+@pytest.mark.parametrize("threshold", [1.0, 0.0])
+def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
+    """Below the threshold misses are inserted before returning; at or above it in the
+    background. Either way the result is exact (HPS returned defaults in the second case)."""
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    with ParameterServer(_config(path, hit_rate_threshold=threshold, gpucacheper=0.5)) as ps:
+        tier = ps._table("m", 0).gpu_tier
+        q = rng.choice(keys, 40, replace=False)
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        assert tier.stats()["hits"] == 0
+        if threshold == 0.0:
+            tier.wait()  # background inserts done
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = tier.stats()
+        assert s["hits"] == 40 and s["misses"] == 40
+
+
+@pytest.mark.parametrize("mode", ["static", "uvm"])
+def test_static_and_uvm_modes_exact(interpret, table, mode):
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    cfg = _config(path, embedding_cache_type=mode)
+    with ParameterServer(cfg) as ps:
+        tier = ps._table("m", 0).gpu_tier
+        for _ in range(2):
+            q = _batch(rng, keys, 200, 20)
+            np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = tier.stats()
+        if mode == "static":
+            assert s["resident"] == ROWS and s["hits"] > 0
+            # Unknown keys are the only misses; they got the default from the hierarchy.
+            assert s["misses"] == s["fetched"] > 0
+        else:
+            assert s["uvm_hits"] > 0 and s["fetched"] > 0 and s["capacity"] == 64
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_update_invalidates_gpu_rows(interpret, table, mode):
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
+        tiered = ps._table("m", 0)
+        q = keys[:10]
+        ps.lookup("m", 0, q)  # now resident on the GPU tier
+        new = rng.standard_normal((5, DIM)).astype(np.float32)
+        # The host tier changes: resident rows in place, the others inserted.
+        host = tiered.hierarchy.host
+        slots = host._index.find(q[:5])
+        host.vectors[slots[slots >= 0]] = new[slots >= 0]
+        host.insert(q[:5][slots < 0], new[slots < 0])
+        np.testing.assert_array_equal(tiered.hierarchy.fetch(q[:5]), new)
+        stale = ps.lookup("m", 0, q)
+        np.testing.assert_array_equal(stale, vectors[:10])  # GPU tier still has old rows
+        tiered.on_update(q[:5], new)
+        fresh = ps.lookup("m", 0, q)
+        np.testing.assert_array_equal(fresh[:5], new)
+        np.testing.assert_array_equal(fresh[5:], vectors[5:10])
+
+
+def test_tier_off_and_settings(table, monkeypatch):
+    path, _keys, _vectors = table
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")
+    with ParameterServer(_config(path)) as ps:
+        assert "gpu" not in ps.stats("m", 0)
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    assert gpu_tier_devices(False, (0,)) == []  # gpucache: false
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "fast")
+    with pytest.raises(ConfigError, match="KERAS_HPS_GPU_TIER"):
+        gpu_tier_devices(True, (0,))
+    assert cache_slots(0.0, 10) == 64 and cache_slots(0.1, 1000) == 128
+    assert cache_slots(0.2, 10**6) == 200_000
