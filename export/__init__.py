@@ -11,8 +11,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
-    "EmbeddingTable": "keras_hps.export.dissect",
-    "dissect": "keras_hps.export.dissect",
+    "EmbeddingTable": "keras_hps.export.dissection",
+    "dissect": "keras_hps.export.dissection",
     "build_inference_model": "keras_hps.export.inference",
     "export_for_serving": "keras_hps.export.exporter",
     "ExportResult": "keras_hps.export.exporter",

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from keras_hps.export import repository as repo
-from keras_hps.export.dissect import EmbeddingTable, dissect
+from keras_hps.export.dissection import EmbeddingTable, dissect
 from keras_hps.export.graph import call_with_named_inputs, flat_outputs, input_names, output_names
 from keras_hps.export.inference import (
     build_inference_model,
@@ -190,6 +190,13 @@ def export_for_serving(
     else:
         inference = inference_model
     calls = lookup_calls(inference, model_name)
+    for t, n in zip(inference.inputs, input_names(inference), strict=True):
+        if getattr(t, "sparse", False) or getattr(t, "ragged", False):
+            raise ConfigError(
+                f"input {n!r} is {'sparse' if t.sparse else 'ragged'}: a TF Serving signature "
+                "takes dense tensors. Give the model a dense int input padded with -1 (pooled "
+                "lookups skip -1) and export that"
+            )
     check_against_tables(calls, table_list)
     defaults = [float(v) for v in _per_table(default_value, table_list, "default_value", 0.0)]
     names = input_names(inference)

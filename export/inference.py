@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
-from keras_hps.export.dissect import EmbeddingTable, dissect, find_table_layers
+from keras_hps.export.dissection import EmbeddingTable, dissect, find_table_layers
 from keras_hps.export.embedded import EmbeddedLookup
 from keras_hps.export.graph import LookupCall, input_names, is_graph_model, rewire
 
