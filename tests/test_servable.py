@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 
 import numpy as np
@@ -9,8 +11,8 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from keras_hps.errors import InvalidInputError, NotFoundError  # noqa: E402
-from keras_hps.servable import load_servable  # noqa: E402
+from keras_hps.errors import ConfigError, InvalidInputError, NotFoundError  # noqa: E402
+from keras_hps.servable import MANIFEST_NAME, load_servable  # noqa: E402
 
 DIM = 4
 ROWS = 50
@@ -180,3 +182,141 @@ def test_missing_directory_and_close(tmp_path, plain):
     with pytest.raises(NotFoundError, match="unloaded"):
         again.run(inputs)
     assert set(servable.run(inputs)) == {"logits", "prob"}
+
+
+# -- external placement: a dense part fed vectors, keys resolved through the parameter server --
+
+KEYS = np.arange(ROWS, dtype=np.int64) * 1000 + 17  # row i serves key KEYS[i]
+DEFAULT = -0.5
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory):
+    from keras_hps.formats import write_hdf5_table
+
+    table, w = _weights(1)
+    repo = tmp_path_factory.mktemp("ext_repo")
+    write_hdf5_table(repo / "tables" / "t.h5", KEYS, table)
+    (repo / "hps.json").write_text(json.dumps({
+        "supportlonglong": True,
+        "models": [{
+            "model": "ext", "sparse_files": ["tables/t.h5"], "embedding_vecsize_per_table": [DIM],
+            "maxnum_catfeature_query_per_table_per_sample": [2],
+            "default_value_for_each_table": [DEFAULT], "max_batch_size": 256,
+        }],
+    }))
+    module = _DensePart(table, w)
+    vdir = repo / "ext" / "5"
+    tf.saved_model.save(module, str(vdir), signatures={"serving_default": module.serve_vectors})
+    manifest = {
+        "format": "keras-hps-external", "format_version": 1, "model_name": "ext",
+        "hps_config": "../../hps.json",
+        "lookups": [{"input": "ids", "feeds": "ids__hps_vectors", "model": "ext", "table_id": 0,
+                     "dtype": "int64", "shape": [None, 2], "combiner": None}],
+    }
+    (vdir / MANIFEST_NAME).write_text(json.dumps(manifest))
+    from keras_hps.parameter_server import ParameterServer
+
+    ps = ParameterServer(str(repo / "hps.json"))
+    yield load_servable(vdir, parameter_server=ps), table, w, repo, vdir, ps
+    ps.close()
+
+
+def _external_reference(table, w, raw_keys, dense):
+    row_of = {int(k): i for i, k in enumerate(KEYS)}
+    vecs = np.array([[table[row_of[int(k)]] if int(k) in row_of else np.full(DIM, DEFAULT)
+                      for k in row] for row in raw_keys], np.float32).reshape(-1, 2, DIM)
+    feats = np.concatenate([vecs.mean(axis=1), dense], axis=1)
+    logits = feats @ w
+    return {"logits": logits, "prob": 1.0 / (1.0 + np.exp(-logits[:, :1]))}
+
+
+def test_external_signature_takes_raw_keys(external):
+    servable = external[0]
+    assert (servable.name, servable.version, servable.placement) == ("ext", 5, "external")
+    sig = servable.signatures["serving_default"]
+    assert set(sig.inputs) == {"ids", "dense"}
+    assert sig.inputs["ids"].dtype == np.int64 and sig.inputs["ids"].shape == (None, 2)
+    proto = servable.signature_def()
+    assert set(proto.inputs) == {"ids", "dense"}
+    assert proto.inputs["ids"].dtype == tf.int64.as_datatype_enum
+    assert [d.size for d in proto.inputs["ids"].tensor_shape.dim] == [-1, 2]
+
+
+@pytest.mark.parametrize("batch", [0, 1, 9])
+def test_external_run_matches_numpy(external, batch):
+    servable, table, w = external[:3]
+    rng = np.random.default_rng(10 + batch)
+    raw = KEYS[rng.integers(0, ROWS, (batch, 2))]
+    if batch:
+        raw[0, 0] = 999_999_999  # never exported: default vector
+        raw[-1] = KEYS[3]  # duplicate keys in one row
+    dense = rng.standard_normal((batch, 3)).astype(np.float32)
+    got = servable.run({"ids": raw, "dense": dense})
+    want = _external_reference(table, w, raw, dense)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="'ids'.*int64.*float32"):
+        servable.run({"ids": raw.astype(np.float32), "dense": dense})
+    with pytest.raises(InvalidInputError, match=r"Missing but required: \{ids\}"):
+        servable.run({"ids__hps_vectors": np.zeros((batch, 2, DIM), np.float32), "dense": dense})
+
+
+def test_external_parameter_server_resolution(external, monkeypatch):
+    import keras_hps.parameter_server as ps_module
+
+    servable, table, w, repo, vdir, ps = external
+    # An already-initialised parameter server wins over the manifest's hps_config.
+    monkeypatch.setattr(ps_module, "get_parameter_server", lambda: ps)
+    assert load_servable(vdir)._ps is ps
+    # None initialised: the manifest's relative hps_config path is initialised.
+    opened = []
+
+    def no_server():
+        raise RuntimeError("no parameter server")
+
+    def init(path):
+        opened.append(path)
+        return ps_module.ParameterServer(path)
+
+    monkeypatch.setattr(ps_module, "get_parameter_server", no_server)
+    monkeypatch.setattr(ps_module, "init", init)
+    fresh = load_servable(vdir)
+    try:
+        assert opened == [os.path.join(str(repo), "hps.json")]
+        rng = np.random.default_rng(5)
+        raw = KEYS[rng.integers(0, ROWS, (4, 2))]
+        dense = rng.standard_normal((4, 3)).astype(np.float32)
+        np.testing.assert_allclose(fresh.run({"ids": raw, "dense": dense})["logits"],
+                                   _external_reference(table, w, raw, dense)["logits"],
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        fresh._ps.close()
+
+
+def test_external_bad_manifests(external, tmp_path):
+    import shutil
+
+    servable, _, _, _, vdir, ps = external
+    manifest = json.loads((vdir / MANIFEST_NAME).read_text())
+
+    def with_manifest(content) -> str:
+        target = tmp_path / "m" / str(len(list(tmp_path.glob("m/*"))) + 1)
+        shutil.copytree(vdir, target)
+        (target / MANIFEST_NAME).write_text(content if isinstance(content, str)
+                                            else json.dumps(content))
+        return str(target)
+
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_servable(with_manifest("{not json"), parameter_server=ps)
+    with pytest.raises(ConfigError, match="format_version"):
+        load_servable(with_manifest({**manifest, "format_version": 99}), parameter_server=ps)
+    bad_feed = {**manifest, "lookups": [{**manifest["lookups"][0], "feeds": "nope"}]}
+    with pytest.raises(ConfigError, match="'nope'"):
+        load_servable(with_manifest(bad_feed), parameter_server=ps)
+    bad_combiner = {**manifest, "lookups": [{**manifest["lookups"][0], "combiner": "max"}]}
+    with pytest.raises(ConfigError, match="combiner"):
+        load_servable(with_manifest(bad_combiner), parameter_server=ps)
+    unknown_model = {**manifest, "lookups": [{**manifest["lookups"][0], "model": "other"}]}
+    with pytest.raises(NotFoundError, match="other"):
+        load_servable(with_manifest(unknown_model), parameter_server=ps)
