@@ -123,6 +123,11 @@ class Table:
                 self._sorted_index = (skeys, order)
         return self._sorted_index
 
+    def in_key_order(self) -> tuple[np.ndarray, Any]:
+        """(sorted keys, vectors in the same order): a lazy view, rows are read on access."""
+        keys, rows = self.sorted_index()
+        return keys, (self.vectors if rows is None else _RowView(self.vectors, rows))
+
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         """float32 `[len(rows), dim]`: the vectors at row indices `rows` (any order)."""
         return gather_rows(self.vectors, rows, self.dim)
@@ -186,6 +191,8 @@ def _is_strictly_increasing(keys: np.ndarray) -> bool:
 
 def _drop_pages(arr: Any) -> None:
     """Let the kernel drop a memory map's resident pages (keeps streaming RSS flat)."""
+    if isinstance(arr, _RowView):
+        arr = arr.base
     mm = getattr(arr, "_mmap", None)
     if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise"):
         try:

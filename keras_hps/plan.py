@@ -1,0 +1,217 @@
+"""`keras-hps plan hps.json`: the memory each tier needs, per model and table, before deploying.
+
+HPS users had no way to estimate this (HugeCTR issue #427). The numbers follow the data
+structures keras-hps allocates:
+
+- GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole 32-slot
+  sets, each slot holding a key, a one-byte tag, an 8-byte LRU/LFU score and the vector;
+- GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
+  power of two >= 2 x rows slots (vectors in pinned host RAM instead with `enable_pagelock`);
+- GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
+- GPU workspace: one lookup's keys and vectors, `max_batch_size x
+  maxnum_catfeature_query_per_table_per_sample` of them;
+- host RAM tier: `min(rows, overflow_margin)` rows preallocated (vector + 33 bytes of key and
+  bookkeeping per row) and the key index (a dense int32 array over the key range when keys are
+  compact, else a hash index of 16 bytes per slot);
+- cold tier: its in-memory key index (8 bytes per row, 16 when the file is not in key order);
+- disk: the table file's size.
+
+GPU figures are per device; a model's caches are replicated on every device of
+`deployed_device_list`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from keras_hps.config import PSConfig, load_config
+from keras_hps.errors import ConfigError, TableFormatError
+from keras_hps.formats import KEY_FILE, VECTOR_FILE, is_hdf5_path, read_hdf5_table
+from keras_hps.host_tier import DENSE_FACTOR, DENSE_MAX
+
+__all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
+
+SLOTS_PER_SET = 32
+MIN_CACHE_SLOTS = 64
+HOST_ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8  # key, used flag, last access, hit count, free-list entry
+
+
+@dataclass(frozen=True)
+class TablePlan:
+    """Bytes one table needs in each tier."""
+
+    model: str
+    table_id: int
+    name: str
+    rows: int
+    dim: int
+    cache_type: str
+    gpu_slots: int
+    gpu_bytes: int
+    gpu_workspace_bytes: int
+    pinned_host_bytes: int
+    host_rows: int
+    host_bytes: int
+    cold_index_bytes: int
+    disk_bytes: int
+    devices: int
+
+
+def _key_facts(path: str) -> tuple[int, int, int, bool]:
+    """(rows, min key, max key, keys already sorted) read from the table's keys."""
+    if is_hdf5_path(path):
+        with read_hdf5_table(path, verify=False) as t:
+            n = t.num_rows
+            if n == 0:
+                return 0, 0, -1, True
+            return n, int(t.keys[0]), int(t.keys[n - 1]), True
+    kf = Path(path) / KEY_FILE
+    size = kf.stat().st_size
+    if size % 8:
+        raise TableFormatError(f"{kf}: size {size} bytes is not a multiple of 8 (int64 keys)")
+    n = size // 8
+    if n == 0:
+        return 0, 0, -1, True
+    keys = np.memmap(kf, dtype="<i8", mode="r", shape=(n,))
+    lo, hi, is_sorted, prev = None, None, True, None
+    step = 1 << 22
+    for s in range(0, n, step):
+        block = np.asarray(keys[s:s + step])
+        lo = int(block.min()) if lo is None else min(lo, int(block.min()))
+        hi = int(block.max()) if hi is None else max(hi, int(block.max()))
+        if is_sorted:
+            is_sorted = bool(np.all(block[1:] > block[:-1])) and (prev is None or block[0] > prev)
+            prev = block[-1]
+    return n, lo, hi, is_sorted
+
+
+def _disk_bytes(path: str) -> int:
+    if is_hdf5_path(path):
+        return os.path.getsize(path)
+    d = Path(path)
+    return (d / KEY_FILE).stat().st_size + (d / VECTOR_FILE).stat().st_size
+
+
+def _cache_slots(gpucacheper: float, rows: int) -> int:
+    slots = max(math.ceil(gpucacheper * rows), MIN_CACHE_SLOTS)
+    return -(-slots // SLOTS_PER_SET) * SLOTS_PER_SET
+
+
+def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
+    """One TablePlan per (model, table) of a config."""
+    cfg = load_config(config)
+    key_bytes = 8 if cfg.supportlonglong else 4
+    vdb = cfg.volatile_db
+    plans = []
+    for m in cfg.models:
+        for t in range(m.num_tables):
+            path = m.sparse_files[t]
+            rows, lo, hi, is_sorted = _key_facts(path)
+            dim = m.dim(t)
+            vec = 4 * dim
+            ctype = m.cache_type
+            gpu_slots = gpu = pinned = 0
+            if m.gpucache:
+                if ctype == "static":
+                    gpu_slots = 1 << max(0, math.ceil(math.log2(max(1, 2 * rows))))
+                    index = gpu_slots * 16
+                    if m.enable_pagelock:
+                        gpu, pinned = index, rows * vec
+                    else:
+                        gpu = index + rows * vec
+                else:
+                    gpu_slots = _cache_slots(m.gpucacheper, rows)
+                    gpu = gpu_slots * (key_bytes + 1 + 8 + vec)
+                    if ctype == "uvm":
+                        pinned = rows * vec
+            workspace = m.max_keys_per_lookup(t) * (8 + vec) if m.gpucache else 0
+            host_rows = host = 0
+            uses_dbs = True  # host and cold tiers sit under every GPU mode (exact misses)
+            if vdb.enabled and uses_dbs:
+                host_rows = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
+                span = hi - lo + 1
+                dense = rows > 0 and span <= min(DENSE_MAX, max(DENSE_FACTOR * rows, 1 << 16))
+                if dense:
+                    index = span * (4 if host_rows < 2**31 else 8)
+                else:
+                    index = (1 << max(4, math.ceil(math.log2(max(2, 2 * host_rows))))) * 16
+                host = host_rows * (vec + HOST_ROW_OVERHEAD) + index
+            cold = rows * (8 if is_sorted else 16) if uses_dbs else 0
+            plans.append(TablePlan(
+                model=m.model, table_id=t, name=m.table_name(t), rows=rows, dim=dim,
+                cache_type=ctype if m.gpucache else "off", gpu_slots=gpu_slots, gpu_bytes=gpu,
+                gpu_workspace_bytes=workspace, pinned_host_bytes=pinned, host_rows=host_rows,
+                host_bytes=host, cold_index_bytes=cold, disk_bytes=_disk_bytes(path),
+                devices=len(m.deployed_device_list) if m.gpucache else 0))
+    return plans
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def format_plan(plans: list[TablePlan]) -> str:
+    """A text table of the plans, with per-model and overall totals."""
+    head = ("model", "table", "rows", "dim", "gpu cache", "slots", "GPU MiB/dev",
+            "pinned MiB", "host MiB", "cold idx MiB", "disk MiB")
+    lines: list[tuple[str, ...]] = []
+
+    def total_row(label: str, ps: list[TablePlan]) -> tuple[str, ...]:
+        return (label, "", f"{sum(p.rows for p in ps):,}", "", "", "",
+                _mib(sum(p.gpu_bytes + p.gpu_workspace_bytes for p in ps)),
+                _mib(sum(p.pinned_host_bytes for p in ps)), _mib(sum(p.host_bytes for p in ps)),
+                _mib(sum(p.cold_index_bytes for p in ps)), _mib(sum(p.disk_bytes for p in ps)))
+
+    models: dict[str, list[TablePlan]] = {}
+    for p in plans:
+        models.setdefault(p.model, []).append(p)
+        lines.append((p.model, f"{p.table_id} {p.name}", f"{p.rows:,}", str(p.dim), p.cache_type,
+                      f"{p.gpu_slots:,}", _mib(p.gpu_bytes + p.gpu_workspace_bytes),
+                      _mib(p.pinned_host_bytes), _mib(p.host_bytes), _mib(p.cold_index_bytes),
+                      _mib(p.disk_bytes)))
+    for name, ps in models.items():
+        lines.append(total_row(f"{name} total", ps))
+    lines.append(total_row("all models", plans))
+    widths = [max(len(r[i]) for r in [head, *lines]) for i in range(len(head))]
+
+    def fmt(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 or i == 4 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    out = [fmt(head), "  ".join("-" * w for w in widths)]
+    out += [fmt(r) for r in lines[: len(plans)]]
+    out.append("  ".join("-" * w for w in widths))
+    out += [fmt(r) for r in lines[len(plans):]]
+    devs = {p.model: p.devices for p in plans}
+    out.append("")
+    out.append("GPU MiB/dev includes one lookup's workspace; each model's GPU memory is needed on "
+               "each of its devices: " + ", ".join(f"{m} x{d}" for m, d in devs.items()) + ".")
+    return "\n".join(out)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `keras-hps plan` arguments."""
+    parser.add_argument("config", help="parameter-server config (hps.json)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `keras-hps plan`; returns the exit code."""
+    try:
+        plans = plan_config(args.config)
+    except (ConfigError, TableFormatError) as e:
+        print(f"keras-hps plan: error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([asdict(p) for p in plans], indent=2))
+    else:
+        print(format_plan(plans))
+    return 0

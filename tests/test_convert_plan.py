@@ -1,0 +1,120 @@
+"""`keras-hps convert` and `keras-hps plan` on real files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from keras_hps import cli
+from keras_hps.formats import open_table, write_hdf5_table, write_hps_table
+from keras_hps.parameter_server import ParameterServer
+from keras_hps.plan import plan_config
+
+
+def table_dict(path) -> dict[int, np.ndarray]:
+    with open_table(path) as t:
+        return {int(k): v.copy() for k, v in zip(t.keys[:], t.vectors[:], strict=True)}
+
+
+@pytest.fixture
+def hps_dir(tmp_path):
+    rng = np.random.default_rng(30)
+    keys = rng.permutation(np.concatenate([[0, -1, 2**60], rng.choice(10**9, 5000, replace=False)]))
+    vecs = rng.standard_normal((len(keys), 24)).astype(np.float32)
+    write_hps_table(tmp_path / "src", keys, vecs)
+    return tmp_path / "src", {int(k): v for k, v in zip(keys, vecs, strict=True)}
+
+
+def test_convert_hps_to_hdf5_and_back(hps_dir, tmp_path, capsys):
+    src, ref = hps_dir
+    assert cli.main(["convert", str(src), str(tmp_path / "t.h5"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(ref):,} rows, dim 24" in out and "(hps) ->" in out and "(hdf5)" in out
+    assert " MB in " in out and " s (" in out
+    with open_table(tmp_path / "t.h5") as t:
+        assert t.kind == "hdf5"
+        np.testing.assert_array_equal(t.keys, sorted(ref))
+    got = table_dict(tmp_path / "t.h5")
+    assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
+    assert cli.main(["convert", str(tmp_path / "t.h5"), str(tmp_path / "back"), "--dim", "24",
+                     "--quiet"]) == 0
+    back = table_dict(tmp_path / "back")
+    assert back.keys() == ref.keys() and all(np.array_equal(back[k], ref[k]) for k in ref)
+
+
+def test_convert_errors_and_options(hps_dir, tmp_path, capsys):
+    src, _ = hps_dir
+    assert cli.main(["convert", str(src), str(tmp_path / "x.h5"), "--dim", "25", "--quiet"]) == 1
+    assert "emb_vector: size" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5").exists()
+    dst = tmp_path / "t.h5"
+    assert cli.main(["convert", str(src), str(dst), "--quiet"]) == 0
+    assert cli.main(["convert", str(src), str(dst), "--quiet"]) == 1
+    assert "exists (use --force" in capsys.readouterr().err
+    assert cli.main(["convert", str(src), str(dst), "--force", "--quiet",
+                     "--chunk-rows", "10"]) == 0
+    import h5py
+
+    with h5py.File(dst) as f:
+        assert f["vectors"].chunks == (10, 24)
+    dup = tmp_path / "dup"
+    write_hps_table(dup, np.array([3, 1, 3]), np.arange(6, dtype=np.float32).reshape(3, 2),
+                    on_duplicate="last")
+    (dup / "key").write_bytes(np.array([3, 1, 3], "<i8").tobytes())
+    (dup / "emb_vector").write_bytes(np.arange(6, dtype="<f4").tobytes())
+    assert cli.main(["convert", str(dup), str(tmp_path / "d.h5"), "--quiet"]) == 1
+    assert "duplicate key 3" in capsys.readouterr().err
+    assert cli.main(["convert", str(dup), str(tmp_path / "d.h5"), "--quiet",
+                     "--on-duplicate", "last"]) == 0
+    got = table_dict(tmp_path / "d.h5")
+    assert sorted(got) == [1, 3] and got[3].tolist() == [4.0, 5.0]
+    assert cli.main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "n.h5")]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
+    rng = np.random.default_rng(31)
+    write_hps_table(tmp_path / "wide", rng.permutation(rng.choice(10**12, 3000, replace=False)),
+                    rng.standard_normal((3000, 16)).astype(np.float32))
+    write_hdf5_table(tmp_path / "compact.h5", np.arange(-100, 1900),
+                     rng.standard_normal((2000, 8)).astype(np.float32))
+    cfg = {"supportlonglong": True,
+           "volatile_db": {"overflow_margin": 2500},
+           "models": [
+               {"model": "m1", "sparse_files": ["wide", "compact.h5"],
+                "embedding_vecsize_per_table": [16, 8], "gpucacheper": 0.1,
+                "maxnum_catfeature_query_per_table_per_sample": [2, 5],
+                "deployed_device_list": [0, 1], "max_batch_size": 128},
+               {"model": "m2", "sparse_files": ["compact.h5"], "embedding_vecsize_per_table": [8],
+                "maxnum_catfeature_query_per_table_per_sample": [1],
+                "embedding_cache_type": "static"}]}
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    plans = {(p.model, p.table_id): p for p in plan_config(str(tmp_path / "hps.json"))}
+    wide, compact, static = plans[("m1", 0)], plans[("m1", 1)], plans[("m2", 0)]
+    # GPU: dynamic cache slots = max(ceil(0.1 x rows), 64) in whole 32-slot sets
+    assert wide.gpu_slots == 320 and compact.gpu_slots == 224
+    assert wide.gpu_bytes == 320 * (8 + 1 + 8 + 16 * 4)
+    assert wide.gpu_workspace_bytes == 128 * 2 * (8 + 16 * 4)
+    assert static.gpu_slots == 4096 and static.gpu_bytes == 4096 * 16 + 2000 * 8 * 4
+    assert wide.devices == 2 and static.devices == 1
+    assert wide.disk_bytes == 3000 * (8 + 16 * 4)
+    # host and cold tiers: exactly what a parameter server for this config holds
+    with ParameterServer(str(tmp_path / "hps.json")) as ps:
+        for (model, t), p in plans.items():
+            h = ps._tables[(model, t)]
+            h = getattr(h, "hierarchy", h)
+            assert p.host_rows == h.host.capacity
+            assert p.host_bytes == h.host.nbytes, (model, t)
+            assert p.cold_index_bytes == h.cold.index_nbytes
+    assert wide.host_rows == 2500 and compact.host_rows == 2000
+    assert cli.main(["plan", str(tmp_path / "hps.json")]) == 0
+    text = capsys.readouterr().out
+    for needle in ("sparse_embedding0", "sparse_embedding1", "m1 total", "m2 total", "all models",
+                   "GPU MiB/dev", "m1 x2"):
+        assert needle in text
+    assert cli.main(["plan", str(tmp_path / "hps.json"), "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert cli.main(["plan", str(tmp_path / "missing.json")]) == 1
+    assert "config file not found" in capsys.readouterr().err
