@@ -64,14 +64,17 @@ class _DenseIndex:
 class _HashIndex:
     """key -> slot through linear-probing open addressing, probed for a whole batch per round.
 
-    `val` holds the slot (>= 0), -1 for never used, -2 for a deleted entry (tombstone)."""
+    One int64 `[size, 2]` array holds (key, slot) pairs, so a probe touches one cache line;
+    the slot is -1 for a never-used entry and -2 for a deleted one (tombstone). At most a
+    quarter of the entries are live, which keeps probe sequences short."""
+
+    LOAD = 4  # entries per live key (at least)
 
     def __init__(self, max_entries: int) -> None:
-        self.bits = max(4, math.ceil(math.log2(max(2, 2 * max_entries))))
+        self.bits = max(4, math.ceil(math.log2(max(2, self.LOAD * max_entries))))
         self.size = 1 << self.bits
-        self.mask = np.uint64(self.size - 1)
-        self.key = np.zeros(self.size, np.int64)
-        self.val = np.full(self.size, _EMPTY, np.int64)
+        self.kv = np.zeros((self.size, 2), np.int64)
+        self.kv[:, 1] = _EMPTY
         self.live = 0
         self.tombs = 0
 
@@ -79,77 +82,91 @@ class _HashIndex:
         h = keys.view(np.uint64) * _HASH_MUL
         return (h >> np.uint64(64 - self.bits)).astype(np.int64)
 
-    def _probe(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(slot or -1, table position or -1) per key."""
-        n = len(keys)
-        slots = np.full(n, -1, np.int64)
-        where = np.full(n, -1, np.int64)
-        pos = self._home(keys)
-        active = None  # None: every key still searching (first round without an index array)
-        k = keys
+    def _probe(self, keys: np.ndarray, want_pos: bool = False) -> np.ndarray:
+        """Slot of each key (-1 if absent), or with `want_pos` its entry index (-1 if absent)."""
         mask = self.size - 1
-        while len(pos):
-            v = self.val[pos]
-            hit = (v >= 0) & (self.key[pos] == k)
-            if active is None:
-                slots[hit] = v[hit]
-                where[hit] = pos[hit]
-                cont = ~hit & (v != _EMPTY)
-                active = np.flatnonzero(cont)
-            else:
-                ah = active[hit]
-                slots[ah] = v[hit]
-                where[ah] = pos[hit]
-                cont = ~hit & (v != _EMPTY)
-                active = active[cont]
-            k = k[cont]
-            pos = (pos[cont] + 1) & mask
-        return slots, where
+        pos = self._home(keys)
+        e = np.take(self.kv, pos, axis=0)
+        hit = (e[:, 0] == keys) & (e[:, 1] >= 0)
+        out = np.where(hit, pos if want_pos else e[:, 1], -1)
+        todo = np.flatnonzero(~hit & (e[:, 1] != _EMPTY))
+        k = keys[todo]
+        p = pos[todo]
+        while len(todo):
+            p = (p + 1) & mask
+            e = np.take(self.kv, p, axis=0)
+            hit = (e[:, 0] == k) & (e[:, 1] >= 0)
+            out[todo[hit]] = p[hit] if want_pos else e[hit, 1]
+            more = ~hit & (e[:, 1] != _EMPTY)
+            todo, k, p = todo[more], k[more], p[more]
+        return out
 
     def find(self, keys: np.ndarray) -> np.ndarray:
-        return self._probe(keys)[0]
+        return self._probe(keys)
 
     def insert(self, keys: np.ndarray, slots: np.ndarray) -> None:
         """Insert keys known to be absent."""
-        if self.live + self.tombs + len(keys) > (self.size * 3) // 4:
+        if self.LOAD * (self.live + len(keys)) > self.size or \
+                self.live + self.tombs + len(keys) > self.size // 2:
             self._rebuild(len(keys))
+        mask = self.size - 1
         pos = self._home(keys)
         idx = np.arange(len(keys))
-        mask = self.size - 1
         while len(idx):
-            v = self.val[pos]
+            v = self.kv[pos, 1]
             free = np.flatnonzero(v < 0)
             keep = np.ones(len(idx), bool)
             if len(free):
                 _, first = np.unique(pos[free], return_index=True)
                 win = free[first]
                 p = pos[win]
-                self.tombs -= int(np.count_nonzero(self.val[p] == _TOMB))
-                self.key[p] = keys[idx[win]]
-                self.val[p] = slots[idx[win]]
+                self.tombs -= int(np.count_nonzero(self.kv[p, 1] == _TOMB))
+                self.kv[p, 0] = keys[idx[win]]
+                self.kv[p, 1] = slots[idx[win]]
                 keep[win] = False
             idx = idx[keep]
             pos = (pos[keep] + 1) & mask
         self.live += len(keys)
 
     def remove(self, keys: np.ndarray) -> None:
-        _, where = self._probe(keys)
+        where = self._probe(keys, want_pos=True)
         where = where[where >= 0]
-        self.val[where] = _TOMB
+        self.kv[where, 1] = _TOMB
         self.live -= len(where)
         self.tombs += len(where)
 
     def _rebuild(self, extra: int) -> None:
-        live = self.val >= 0
-        keys, slots = self.key[live], self.val[live]
-        need = max(self.size // 2, len(keys) + extra)
-        self.__init__(need)  # type: ignore[misc]
+        live = self.kv[:, 1] >= 0
+        keys, slots = self.kv[live, 0].copy(), self.kv[live, 1].copy()
+        self.__init__(max(self.size // self.LOAD, len(keys) + extra))  # type: ignore[misc]
         if len(keys):
             self.insert(keys, slots)
 
     @property
     def nbytes(self) -> int:
-        return self.key.nbytes + self.val.nbytes
+        return self.kv.nbytes
+
+
+def uses_dense_index(key_range: tuple[int, int, int] | None) -> bool:
+    """Whether a table with `key_range=(lo, hi, rows)` gets the dense key index."""
+    if key_range is None or key_range[2] <= 0:
+        return False
+    span = key_range[1] - key_range[0] + 1
+    return span <= min(DENSE_MAX, max(DENSE_FACTOR * key_range[2], 1 << 16))
+
+
+def index_nbytes(capacity: int, key_range: tuple[int, int, int] | None) -> int:
+    """Bytes of the key index a HostTier(capacity, key_range=key_range) allocates."""
+    if uses_dense_index(key_range):
+        assert key_range is not None
+        return (key_range[1] - key_range[0] + 1) * (4 if capacity < 2**31 else 8)
+    bits = max(4, math.ceil(math.log2(max(2, _HashIndex.LOAD * max(1, capacity)))))
+    return (1 << bits) * 16
+
+
+#: Host-tier bytes per resident row besides its vector: key, used flag, last access,
+#: hit count, free-list entry.
+ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8
 
 
 class HostTier:
@@ -179,9 +196,8 @@ class HostTier:
         self._free = np.arange(self.capacity - 1, -1, -1, dtype=np.int64)  # stack, pop from end
         self._nfree = self.capacity
         self._clock = 0
-        if key_range is not None and key_range[2] > 0 and \
-                (key_range[1] - key_range[0] + 1) <= min(DENSE_MAX, max(
-                    DENSE_FACTOR * key_range[2], 1 << 16)):
+        if uses_dense_index(key_range):
+            assert key_range is not None
             self._index: _DenseIndex | _HashIndex = _DenseIndex(key_range[0], key_range[1],
                                                                 self.capacity)
         else:

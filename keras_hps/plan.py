@@ -12,7 +12,7 @@ structures keras-hps allocates:
   maxnum_catfeature_query_per_table_per_sample` of them;
 - host RAM tier: `min(rows, overflow_margin)` rows preallocated (vector + 33 bytes of key and
   bookkeeping per row) and the key index (a dense int32 array over the key range when keys are
-  compact, else a hash index of 16 bytes per slot);
+  compact, else a hash index of 16-byte entries, at least 4 per row);
 - cold tier: its in-memory key index (8 bytes per row, 16 when the file is not in key order);
 - disk: the table file's size.
 
@@ -35,13 +35,12 @@ import numpy as np
 from keras_hps.config import PSConfig, load_config
 from keras_hps.errors import ConfigError, TableFormatError
 from keras_hps.formats import KEY_FILE, VECTOR_FILE, is_hdf5_path, read_hdf5_table
-from keras_hps.host_tier import DENSE_FACTOR, DENSE_MAX
+from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
 
 SLOTS_PER_SET = 32
 MIN_CACHE_SLOTS = 64
-HOST_ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8  # key, used flag, last access, hit count, free-list entry
 
 
 @dataclass(frozen=True)
@@ -137,13 +136,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             uses_dbs = True  # host and cold tiers sit under every GPU mode (exact misses)
             if vdb.enabled and uses_dbs:
                 host_rows = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
-                span = hi - lo + 1
-                dense = rows > 0 and span <= min(DENSE_MAX, max(DENSE_FACTOR * rows, 1 << 16))
-                if dense:
-                    index = span * (4 if host_rows < 2**31 else 8)
-                else:
-                    index = (1 << max(4, math.ceil(math.log2(max(2, 2 * host_rows))))) * 16
-                host = host_rows * (vec + HOST_ROW_OVERHEAD) + index
+                host = host_rows * (vec + ROW_OVERHEAD) + index_nbytes(host_rows, (lo, hi, rows))
             cold = rows * (8 if is_sorted else 16) if uses_dbs else 0
             plans.append(TablePlan(
                 model=m.model, table_id=t, name=m.table_name(t), rows=rows, dim=dim,
