@@ -172,8 +172,9 @@ ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8
 class HostTier:
     """Up to `capacity` rows of one `dim`-wide table in host RAM.
 
-    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count)
-    lets the tier pick the dense index for compact keys. `lookup` and `insert` take unique
+    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count;
+    only the table's keys may then be inserted) lets the tier pick the dense index for compact
+    keys, and skip per-row bookkeeping when the whole table fits. `lookup` and `insert` take unique
     int64 keys."""
 
     def __init__(self, dim: int, capacity: int, *, policy: str = "evict_random",
@@ -202,6 +203,10 @@ class HostTier:
                                                                 self.capacity)
         else:
             self._index = _HashIndex(max(1, self.capacity))
+        # Per-row bookkeeping only where the policy reads it, and none when the whole table
+        # fits (key_range promises that only the table's keys are inserted: no eviction ever).
+        fits = key_range is not None and self.capacity >= key_range[2]
+        self._track = None if fits or policy == "evict_random" else policy
         self.hits = 0
         self.misses = 0
         self.evictions = 0
@@ -231,8 +236,10 @@ class HostTier:
     def touch(self, slots: np.ndarray, misses: int = 0) -> None:
         """Record hits on resident rows `slots` (unique) and `misses` misses."""
         self._clock += 1
-        self._last_access[slots] = self._clock
-        self._hits_per_slot[slots] += 1
+        if self._track == "evict_oldest":
+            self._last_access[slots] = self._clock
+        elif self._track == "evict_least_used":
+            self._hits_per_slot[slots] += 1
         self.hits += len(slots)
         self.misses += misses
 
