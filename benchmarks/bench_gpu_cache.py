@@ -52,7 +52,7 @@ def bench(fn, rotate: int = 1) -> float:
 def row(op: str, dim: int, n: int, ms: float, bytes_per_key: float, bw: float,
         base_ms: float | None = None, note: str = "") -> None:
     kps = n / ms / 1e6  # G keys/s
-    floor = n * bytes_per_key / bw / 1e6  # ms at the copy bandwidth
+    floor = n * bytes_per_key / bw  # ms at the copy bandwidth (bw in bytes/ms)
     r = {"op": op, "dim": dim, "keys": n, "ms": round(ms, 4), "Gkeys_s": round(kps, 3),
          "bytes_per_key": bytes_per_key, "floor_ms": round(floor, 4),
          "pct_of_floor": round(100 * floor / ms, 1),
@@ -96,7 +96,7 @@ def resident_batches(cache: GpuEmbeddingCache, n: int, count: int, gen: torch.Ge
 
 
 def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch.Generator,
-                  dev: torch.device) -> None:
+                  dev: torch.device) -> dict:
     log(f"\n== query, all hits, dim {dim}, capacity {cap:,} slots, {n:,} unique keys/call ==")
     cache = GpuEmbeddingCache(cap, dim, device=dev)
     t0 = time.time()
@@ -119,40 +119,65 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
 
     def best(make, configs):
         res = []
-        for bk, nw in configs:
+        for cfg in configs:
             try:
-                ms = bench(make(bk, nw), R)
+                ms = bench(make(cfg), R)
             except Exception as e:  # noqa: BLE001 - report and go on with other configs
-                log(f"    config {bk},{nw} failed: {type(e).__name__}: {e}")
+                log(f"    config {cfg} failed: {type(e).__name__}: {str(e)[:300]}")
                 continue
-            res.append((ms, bk, nw))
-        res.sort()
+            res.append((ms, cfg))
+        res.sort(key=lambda r: r[0])
         return res
 
-    cfgs = [(bk, nw) for bk in (16, 32, 64, 128) for nw in (4, 8)] if sweep else [(None, None)]
-    g = best(lambda bk, nw: lambda i: gather_rows(table, batches[i][1], block_k=bk, num_warps=nw),
-             cfgs)
-    q = best(lambda bk, nw: lambda i: cache_query(cache.arrays, batches[i][0], stamp=3,
-                                                  validate=False, block_k=bk, num_warps=nw),
-             cfgs)
-    qn = best(lambda bk, nw: lambda i: cache_query(cache.arrays, batches[i][0], touch=False,
-                                                   validate=False, block_k=bk, num_warps=nw),
-              cfgs)
+    def show(name, res):
+        log(f"  sweep {name}: " + ", ".join(f"{c} {ms:.4f}" for ms, c in res[:8]))
+
+    base = [{"block_k": bk, "num_warps": nw} for bk in ((32, 64, 128) if dim <= 32
+                                                        else (16, 32, 64)) for nw in (4, 8)]
+    if not sweep:
+        base = [{}]
+    g = best(lambda c: lambda i: gather_rows(table, batches[i][1], **c), base)
+    g += best(lambda c: lambda i: gather_rows(table, batches[i][1], **c),
+              [dict(g[0][1], row_evict="evict_first")])
+    g.sort(key=lambda r: r[0])
+    q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=3,
+                                             validate=False, **c), base)
     if sweep:
-        for name, res in (("gather", g), ("query", q), ("query-notouch", qn)):
-            log(f"  sweep {name}: " + ", ".join(f"({bk},{nw}) {ms:.4f}" for ms, bk, nw in res[:6]))
+        top = q[0][1]
+        variants = [dict(top, probe_1d=True), dict(top, tag_evict="evict_last"),
+                    dict(top, tag_evict="evict_last", row_evict="evict_first"),
+                    dict(top, probe_1d=True, tag_evict="evict_last", row_evict="evict_first")]
+        q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=3,
+                                                  validate=False, **c), variants)
+        q.sort(key=lambda r: r[0])
+        show("gather", g)
+        show("query", q)
+    qcfg = q[0][1]
+    qn = bench(lambda i: cache_query(cache.arrays, batches[i][0], touch=False, validate=False,
+                                     **qcfg), R)
+    # 60% hits, 40% absent keys (HKV's protocol), shuffled.
+    mixed = []
+    for keys, _slots in batches[:R]:
+        k = keys.clone()
+        nm = int(0.4 * n)
+        k[:nm] = torch.randint(0, 2**62, (nm,), device=dev, generator=gen)
+        mixed.append(k[torch.randperm(n, device=dev, generator=gen)])
+    qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=4, validate=False, **qcfg), R)
     gms = g[0][0]
     isel = bench(lambda i: table.index_select(0, batches[i][1]), R)
     cq = bench(lambda i: cache.query(batches[i][0]), R)
+    cqn = bench(lambda i: cache.query(batches[i][0], validate=False), R)
     gather_b = 8 + 8 * dim
-    query_b = 8 + 32 + 32 + 8 * dim + 1 + 32
-    row("triton gather (yardstick)", dim, n, gms, gather_b, bw, gms, f"cfg {g[0][1:]}")
+    query_b = 8 + 32 + 32 + 32 + 8 * dim + 1  # key, tag sector, slot sector read + written back
+    row("triton gather (yardstick)", dim, n, gms, gather_b, bw, gms, f"cfg {g[0][1]}")
     row("torch.index_select", dim, n, isel, gather_b, bw, gms)
-    row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {q[0][1:]}")
-    row("cache query kernel (no touch)", dim, n, qn[0][0], query_b - 32, bw, gms,
-        f"cfg {qn[0][1:]}")
-    row("GpuEmbeddingCache.query (checked)", dim, n, cq, query_b, bw, gms,
-        "incl. sentinel check + stream sync")
+    row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {qcfg}")
+    row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
+    row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
+    row("GpuEmbeddingCache.query", dim, n, cq, query_b, bw, gms,
+        "checks keys (a device sync), own stream, counters")
+    row("GpuEmbeddingCache.query(validate=False)", dim, n, cqn, query_b, bw, gms)
+    return qcfg
 
 
 def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
@@ -184,7 +209,7 @@ def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
         torch.cuda.synchronize()
         return statistics.median(a.elapsed_time(b) for a, b in zip(ev0, ev1, strict=True))
 
-    cfgs = [(bk, nw) for bk in (32, 64, 128) for nw in (2, 4, 8)] if sweep else [(None, None)]
+    cfgs = [(32, 4), (32, 8), (64, 4)] if sweep else [(None, None)]
     res = []
     it = iter(range(1, n_batches))
     for bk, nw in cfgs:
@@ -207,16 +232,17 @@ def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
     slots = torch.randint(0, cache.capacity, (n,), device=dev, generator=gen)
     table = cache.arrays.vectors
     scatter_ms = bench(lambda i: table.index_copy_(0, slots, vals[i]), 4)
-    # bytes: key 8 + value in 4d + tags 32 + scores 8*32 + key/tag/score writes ~3*32 + row 4d
-    insert_b = 8 + 4 * dim + 32 + 256 + 96 + 4 * dim
+    # bytes: key 8 + value row in 4d + tag sector 32 + the set's 32 slot records 512
+    # + tag and slot sectors written 64 + row out 4d (the set sort not counted)
+    insert_b = 8 + 4 * dim + 32 + 512 + 64 + 4 * dim
     row(f"insert/replace ({policy}), full cache", dim, n, ms, insert_b, bw, None,
         f"cfg ({bk},{nw}); {len(left)} fresh batches; incl. set sort {sort_ms:.4f} ms")
     row("torch.index_copy_ (scatter rows)", dim, n, scatter_ms, 8 + 8 * dim, bw, None,
         "known slots, no hashing")
 
 
-def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: torch.device
-                  ) -> None:
+def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: torch.device,
+                  qcfg: dict) -> None:
     nt = len(CRITEO_FL15)
     log(f"\n== fused 26-table query (Criteo FL15 cardinalities, whole tables cached), dim {dim}, "
         f"batch {batch:,} samples ==")
@@ -240,12 +266,12 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     offs = [0]
     for _ in range(nt):
         offs.append(offs[-1] + batch)
-    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=2), R)
-    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t], stamp=2, validate=False)
-                           for t in range(nt)], R)
+    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=2, **qcfg), R)
+    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t], stamp=2, validate=False,
+                                       **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
     n = batch * nt
-    query_b = 8 + 32 + 32 + 8 * dim + 1 + 32
+    query_b = 8 + 32 + 32 + 32 + 8 * dim + 1
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, None, "L2 helps small tables")
     row("26 per-table query launches", dim, n, per, query_b, bw, None)
     row("GpuCacheGroup.query (checked)", dim, n, gq, query_b, bw, None)
@@ -273,16 +299,18 @@ def main() -> int:
     cap = (1 << 20) if args.quick else (1 << 26)
     n = (1 << 16) if args.quick else (1 << 20)
     only = set(args.only.split(","))
+    qcfg = {}
     if "query" in only:
         for dim in (128, 16):
-            query_section(dim, cap, n, bw, args.sweep, gen, dev)
+            cfg = query_section(dim, cap, n, bw, args.sweep, gen, dev)
+            qcfg = cfg if dim == 128 else qcfg
             torch.cuda.empty_cache()
     if "insert" in only:
         for policy in ("lru", "lfu"):
             insert_section(64, cap, n, bw, gen, dev, policy, args.sweep and policy == "lru")
             torch.cuda.empty_cache()
     if "fused" in only:
-        fused_section(128, 4096 if args.quick else 32768, bw, gen, dev)
+        fused_section(128, 4096 if args.quick else 32768, bw, gen, dev, qcfg)
     log("\n| op | dim | keys/call | ms | G keys/s | B/key | floor ms | % of floor | % of gather |")
     log("|---|---|---|---|---|---|---|---|---|")
     for r in ROWS:

@@ -51,10 +51,10 @@ class _Shared:
         return self.clock
 
 
-def _checked_keys(keys: torch.Tensor, cache: GpuEmbeddingCache, what: str = "keys"
-                  ) -> torch.Tensor:
+def _checked_keys(keys: torch.Tensor, cache: GpuEmbeddingCache, what: str = "keys",
+                  validate: bool = True) -> torch.Tensor:
     try:
-        return check_keys(keys, cache.key_dtype, cache.device, what=what)
+        return check_keys(keys, cache.key_dtype, cache.device, what=what, validate=validate)
     except (TypeError, ValueError) as e:
         raise InvalidInputError(str(e)) from None
 
@@ -207,13 +207,15 @@ class GpuEmbeddingCache:
                 t.record_stream(caller)
 
     # ----------------------------------------------------------------- operations
-    def query(self, keys: torch.Tensor, *, touch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, keys: torch.Tensor, *, touch: bool = True, validate: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Look ``keys`` (any shape, may repeat) up: ``(values [n, dim] float32, hit [n] bool)``.
 
         Missed keys get zero rows. Hits refresh the slot's LRU stamp or LFU count unless
-        ``touch=False``.
+        ``touch=False``. ``validate=False`` skips the key-value checks (the sentinel, int32
+        range), which read the keys back to the host; pass it only for keys already checked.
         """
-        keys = _checked_keys(keys, self)
+        keys = _checked_keys(keys, self, validate=validate)
         with self.ordered():
             stamp = self._shared.tick()
             out, hit = cache_query(self._arrays, keys, policy=self._policy, stamp=stamp,
@@ -221,13 +223,13 @@ class GpuEmbeddingCache:
             self._on_stream(keys, out, hit)
         return out, hit
 
-    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, *, validate: bool = True) -> None:
         """Insert rows ``values [n, dim]`` for ``keys``; present keys are updated in place.
 
         A key repeated in the batch is stored once, with its last row. When a set is full the
-        policy's victim is evicted.
+        policy's victim is evicted. ``validate`` as in :meth:`query`.
         """
-        keys = _checked_keys(keys, self)
+        keys = _checked_keys(keys, self, validate=validate)
         values = _checked_values(values, keys.numel(), self)
         with self.ordered():
             stamp = self._shared.tick()
@@ -282,7 +284,7 @@ class GpuCacheGroup:
         device = _check_common(min(dims), device, policy, key_dtype)
         sets = [num_sets_for(c) for c, _d in tables]
         total_sets = sum(sets)
-        pool = allocate(total_sets, 1, key_dtype, device)  # tags/keys/scores; vectors below
+        pool = allocate(total_sets, 1, key_dtype, device)  # tags and slots; vectors below
         vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
         vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
@@ -291,10 +293,9 @@ class GpuCacheGroup:
         set_base, vec_base, s0, v0 = [], [], 0, 0
         for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
             lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
-            arrays = CacheArrays(tags=pool.tags[lo:hi], keys=pool.keys[lo:hi],
-                                 scores=pool.scores[lo:hi],
+            arrays = CacheArrays(tags=pool.tags[lo:hi], slots=pool.slots[lo:hi],
                                  vectors=vectors[v0:v0 + vs].view(s * SLOTS_PER_SET, d),
-                                 num_sets=s)
+                                 num_sets=s, key_dtype=key_dtype)
             self._caches.append(GpuEmbeddingCache(
                 s * SLOTS_PER_SET, d, device=device, policy=policy, key_dtype=key_dtype,
                 _arrays=arrays, _shared=self._shared))
@@ -306,7 +307,7 @@ class GpuCacheGroup:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
         self._pooled = PooledTables(
-            tags=pool.tags, keys=pool.keys, scores=pool.scores, vectors=vectors,
+            tags=pool.tags, slots=pool.slots, vectors=vectors,
             set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
             dims=dev64(dims), dims_host=tuple(dims))
 

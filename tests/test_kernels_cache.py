@@ -279,8 +279,8 @@ def _pool(tables, key_dtype):
     per, s0, v0 = [], 0, 0
     for s, d, v in zip(sets, dims, vsz, strict=True):
         lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
-        per.append(CacheArrays(pool.tags[lo:hi], pool.keys[lo:hi], pool.scores[lo:hi],
-                               vec[v0:v0 + v].view(-1, d), s))
+        per.append(CacheArrays(pool.tags[lo:hi], pool.slots[lo:hi], vec[v0:v0 + v].view(-1, d),
+                               s, key_dtype))
         s0, v0 = s0 + s, v0 + v
     bases = np.cumsum([0] + sets[:-1]).tolist()
     vbases = np.cumsum([0] + vsz[:-1]).tolist()
@@ -288,8 +288,8 @@ def _pool(tables, key_dtype):
     def d64(x):
         return torch.tensor(x, dtype=torch.int64, device=DEVICE)
 
-    pooled = PooledTables(pool.tags, pool.keys, pool.scores, vec, d64(bases), d64(sets),
-                          d64(vbases), d64(dims), tuple(dims))
+    pooled = PooledTables(pool.tags, pool.slots, vec, d64(bases), d64(sets), d64(vbases),
+                          d64(dims), tuple(dims))
     return pooled, per
 
 
@@ -329,3 +329,27 @@ def test_gather_matches_reference(rng, dim):
     for dtype in (torch.int64, torch.int32):
         out = gather_rows(f32(table), t(idx, dtype))
         np.testing.assert_array_equal(out.cpu().numpy(), np_gather_rows(table, idx))
+
+
+@pytest.mark.parametrize("probe_1d", [False, True])
+def test_probe_with_many_tag_collisions(rng, probe_1d):
+    # 40 keys of one set that share one tag: every probe sees up to 32 false candidates.
+    num_sets = 2
+    cands = rng.integers(-(2**62), 2**62, size=40_000)
+    sets, tags = np_set_and_tag(cands, num_sets)
+    same = np.unique(cands[(sets == 1) & (tags == np.bincount(tags[sets == 1]).argmax())])
+    assert same.size >= 40
+    keys = rng.permutation(same)[:40]
+    arrays = allocate(num_sets, 4, torch.int64, DEVICE)
+    ref = arrays.to_numpy()
+    vals = rng.standard_normal((32, 4)).astype(np.float32)
+    cache_insert(arrays, t(keys[:32]), f32(vals), stamp=1)
+    np_cache_insert(ref, keys[:32], vals, stamp=1)
+    q = rng.permutation(np.concatenate([keys, keys[:8]]))
+    out, hit = cache_query(arrays, t(q), stamp=2, probe_1d=probe_1d, tag_evict="evict_last",
+                           row_evict="evict_first")
+    ref_out, ref_hit = np_cache_query(ref, q, stamp=2)
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
+    assert ref_hit.sum() == 40 and (~ref_hit).sum() == 8
+    assert_same_state(arrays, ref)

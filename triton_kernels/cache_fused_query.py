@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import POLICIES, SLOTS_PER_SET, NpCacheState, set_and_tag
-from .cache_query import np_cache_query
+from .cache_layout import POLICIES, SLOTS_PER_SET, NpCacheState, block_d, probe, set_and_tag
+from .cache_query import _launch_config, np_cache_query
 
 
 @dataclass
@@ -24,8 +24,7 @@ class PooledTables:
     """Pooled arrays of several caches plus the per-table parameter vectors (int64, device)."""
 
     tags: torch.Tensor
-    keys: torch.Tensor
-    scores: torch.Tensor
+    slots: torch.Tensor  # int64 [slots, 2]: key, score
     vectors: torch.Tensor  # flat float32
     set_base: torch.Tensor  # first set of each table
     num_sets: torch.Tensor  # sets of each table
@@ -38,13 +37,14 @@ class PooledTables:
         return len(self.dims_host)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stamp"])
 def _fused_query_kernel(
     keys_ptr, n, key_off_ptr,
     set_base_ptr, num_sets_ptr, vec_base_ptr, dims_ptr, out_base_ptr,
-    tags_ptr, ckeys_ptr, scores_ptr, vec_ptr, out_ptr, hit_ptr, stamp,
+    tags_ptr, slots_ptr, vec_ptr, out_ptr, hit_ptr, stamp,
     NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
+    PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -52,33 +52,28 @@ def _fused_query_kernel(
     for j in tl.static_range(1, NUM_TABLES):
         tid += (offs >= tl.load(key_off_ptr + j)).to(tl.int32)
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    nsets = tl.load(num_sets_ptr + tid)
-    s, t = set_and_tag(k, nsets)
-    s += tl.load(set_base_ptr + tid)
-    sl = tl.arange(0, SLOTS)
-    sidx = s[:, None] * SLOTS + sl[None, :]
-    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0)
-    cand = (tg.to(tl.int32) == t[:, None]) & m[:, None]
-    ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
-    eq = cand & (ck == k[:, None])
-    j = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
-    hit = j >= 0
-    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    s, t = set_and_tag(k, tl.load(num_sets_ptr + tid))
+    set_base = tl.load(set_base_ptr + tid)
+    s += set_base
+    jj, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
+    hit = jj >= 0
+    slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
     dim = tl.load(dims_ptr + tid)
-    local_slot = slot - tl.load(set_base_ptr + tid) * SLOTS
-    src = tl.load(vec_base_ptr + tid) + local_slot * dim
+    src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
     dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
     for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d[None, :] < dim[:, None]
-        row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm, other=0.0)
-        tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm)
+        row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm, other=0.0,
+                      eviction_policy=ROW_EVICT)
+        tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
+                 eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
         if LFU:
-            tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
+            tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
         else:
-            tl.store(scores_ptr + slot, stamp, mask=hit)
+            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit)
 
 
 def fused_cache_query(
@@ -89,14 +84,14 @@ def fused_cache_query(
     policy: str = "lru",
     stamp: int = 0,
     touch: bool = True,
-    block_k: int = 32,
-    num_warps: int = 4,
+    **tuning,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Query all tables at once.
 
     ``keys``: 1-D, already validated, in the pool's key dtype, on its device; ``key_offsets``:
     ``num_tables + 1`` ascending host ints. Returns (per-table values ``[n_t, dim_t]`` views of
-    one output buffer, hit mask over the concatenated keys).
+    one output buffer, hit mask over the concatenated keys). ``tuning`` overrides the launch
+    settings as in :func:`cache_query`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -117,13 +112,16 @@ def fused_cache_query(
         offs_dev = torch.tensor(key_offsets, dtype=torch.int64).to(dev, non_blocking=True)
         out_base_dev = torch.tensor(out_bases[:-1], dtype=torch.int64).to(dev, non_blocking=True)
         max_dim = max(pooled.dims_host)
-        bd = min(256, triton.next_power_of_2(max_dim))
-        _fused_query_kernel[(triton.cdiv(n, block_k),)](
+        cfg = _launch_config(max_dim)
+        cfg.update({k: v for k, v in tuning.items() if v is not None})
+        _fused_query_kernel[(triton.cdiv(n, cfg["block_k"]),)](
             keys, n, offs_dev,
             pooled.set_base, pooled.num_sets, pooled.vec_base, pooled.dims, out_base_dev,
-            pooled.tags, pooled.keys, pooled.scores, pooled.vectors, out, hit, stamp,
-            NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=bd, BLOCK_K=block_k, SLOTS=SLOTS_PER_SET,
-            TOUCH=touch, LFU=policy == "lfu", num_warps=num_warps,
+            pooled.tags, pooled.slots, pooled.vectors, out, hit, stamp,
+            NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
+            BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
+            PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
+            num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

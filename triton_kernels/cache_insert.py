@@ -27,13 +27,14 @@ from .cache_layout import (
     check_keys,
     check_values,
     np_set_and_tag,
+    probe,
     set_and_tag,
 )
 
 _INT64_MAX = 2**63 - 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_sets"])
 def _set_index_kernel(keys_ptr, n, num_sets, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
@@ -42,10 +43,10 @@ def _set_index_kernel(keys_ptr, n, num_sets, out_ptr, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_sets", "stamp"])
 def _cache_insert_kernel(
     keys_ptr, vals_ptr, order_ptr, ssets_ptr, n,
-    tags_ptr, ckeys_ptr, scores_ptr, vec_ptr, num_sets, counters_ptr, stamp,
+    tags_ptr, slots_ptr, vec_ptr, num_sets, counters_ptr, stamp,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     LFU: tl.constexpr, ONLY_PRESENT: tl.constexpr, COUNT: tl.constexpr,
 ):
@@ -64,12 +65,7 @@ def _cache_insert_kernel(
         src = tl.load(order_ptr + pos, mask=active, other=0)
         k = tl.load(keys_ptr + src, mask=active, other=0)
         _s, t = set_and_tag(k, num_sets)
-        sidx = sbase[:, None] + sl[None, :]
-        tg = tl.load(tags_ptr + sidx, mask=active[:, None], other=0).to(tl.int32)
-        cand = (tg == t[:, None]) & active[:, None]
-        ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
-        eq = cand & (ck == k[:, None])
-        j_hit = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+        j_hit, tg = probe(k, myset, t, active, tags_ptr, slots_ptr, SLOTS, False, "")
         present = j_hit >= 0
         if ONLY_PRESENT:
             victim = tl.maximum(j_hit, 0)
@@ -77,7 +73,8 @@ def _cache_insert_kernel(
         else:
             empty = tg == 0
             need_scores = active & (~present) & (tl.sum(empty.to(tl.int32), axis=1) == 0)
-            sc = tl.load(scores_ptr + sidx, mask=need_scores[:, None], other=0)
+            sidx = sbase[:, None] + sl[None, :]
+            sc = tl.load(slots_ptr + 2 * sidx + 1, mask=need_scores[:, None], other=0)
             adj = tl.where(empty, -1, tl.where(written, 9223372036854775807, sc))
             minv = tl.min(adj, axis=1)
             victim = tl.min(tl.where(adj == minv[:, None], sl[None, :], SLOTS), axis=1)
@@ -90,13 +87,13 @@ def _cache_insert_kernel(
         vslot = sbase + victim.to(tl.int64)
         if not ONLY_PRESENT:
             if LFU:
-                old = tl.load(scores_ptr + vslot, mask=do & present, other=0)
+                old = tl.load(slots_ptr + 2 * vslot + 1, mask=do & present, other=0)
                 score = tl.where(present, old + 1, 1)
             else:
                 score = tl.zeros([BLOCK_K], dtype=tl.int64) + stamp
-            tl.store(scores_ptr + vslot, score, mask=do)
+            tl.store(slots_ptr + 2 * vslot + 1, score, mask=do)
+            tl.store(slots_ptr + 2 * vslot, k.to(tl.int64), mask=do)
             tl.store(tags_ptr + vslot, t.to(tl.uint8), mask=do)
-            tl.store(ckeys_ptr + vslot, k, mask=do)
         for d0 in tl.static_range(0, DIM, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = (d < DIM)[None, :]
@@ -164,7 +161,7 @@ def cache_insert(
     bk, nw = block_k or bk, num_warps or nw
     _cache_insert_kernel[(triton.cdiv(n, bk),)](
         keys, values, order, sorted_sets, n,
-        arrays.tags, arrays.keys, arrays.scores, arrays.vectors, arrays.num_sets,
+        arrays.tags, arrays.slots, arrays.vectors, arrays.num_sets,
         counters if counters is not None else order, stamp,
         DIM=arrays.dim, BLOCK_D=block_d(arrays.dim), BLOCK_K=bk, SLOTS=SLOTS_PER_SET,
         LFU=policy == "lfu", ONLY_PRESENT=only_present, COUNT=counters is not None,

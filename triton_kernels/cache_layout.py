@@ -1,13 +1,14 @@
 """Set-associative layout shared by the GPU embedding-cache kernels.
 
-A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is four flat device arrays:
+A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is three flat device arrays:
 
 - ``tags``    uint8  ``[num_sets * 32]``: a one-byte fingerprint per slot (0 = empty). One set's
   tags are 32 contiguous bytes, i.e. one 32-byte DRAM sector, so a probe reads one sector and
   then only the key of a slot whose tag matches.
-- ``keys``    int64 or int32 ``[num_sets * 32]``: the key per slot, ``empty_key(dtype)``
-  (the dtype's maximum) when empty.
-- ``scores``  int64 ``[num_sets * 32]``: LRU clock stamp or LFU access count per slot.
+- ``slots``   int64  ``[num_sets * 32, 2]``: per slot its key (sign-extended to int64;
+  ``empty_key(key_dtype)`` when empty) and its score (LRU clock stamp or LFU access count).
+  Key and score share one 16-byte record, so the score a query touches on a hit lies in the
+  32-byte sector it has just read to compare the key: the touch costs no extra DRAM read.
 - ``vectors`` float32 ``[num_sets * 32, dim]``: the embedding rows, separate from the keys.
 
 A key is hashed with MurmurHash3's 64-bit finalizer (applied to the key sign-extended to int64).
@@ -69,6 +70,39 @@ def set_and_tag(k, num_sets):
     return s.to(tl.int64), t
 
 
+@triton.jit
+def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.constexpr,
+          TAG_EVICT: tl.constexpr):
+    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``): (slot in set or -1, the set's tags).
+
+    Reads the set's 32 tags (one sector), then the keys of the tag-matching slots only:
+    all of them at once (``PROBE_1D=False``, a masked [keys, 32] load) or one candidate per
+    key per round, lowest slot first (``PROBE_1D=True``).
+    """
+    sl = tl.arange(0, SLOTS)
+    sidx = s[:, None] * SLOTS + sl[None, :]
+    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0, eviction_policy=TAG_EVICT)
+    tg = tg.to(tl.int32)
+    cand = (tg == t[:, None]) & m[:, None]
+    k64 = k.to(tl.int64)
+    if PROBE_1D:
+        j_hit = tl.full(k64.shape, -1, tl.int32)
+        j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
+        active = j < SLOTS
+        while tl.max(active.to(tl.int32), axis=0) > 0:
+            ck = tl.load(slots_ptr + 2 * (s * SLOTS + j), mask=active, other=0)
+            match = active & (ck == k64)
+            j_hit = tl.where(match, j, j_hit)
+            cand = cand & (sl[None, :] != j[:, None])
+            j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
+            active = active & (~match) & (j < SLOTS)
+    else:
+        ck = tl.load(slots_ptr + 2 * sidx, mask=cand, other=0)
+        eq = cand & (ck == k64[:, None])
+        j_hit = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+    return j_hit, tg
+
+
 def np_hash(keys: np.ndarray) -> np.ndarray:
     """NumPy twin of :func:`hash_key` (uint64)."""
     h = np.asarray(keys).astype(np.int64).view(np.uint64)
@@ -96,38 +130,45 @@ class CacheArrays:
     """The device arrays of one cache (or views into a pooled allocation)."""
 
     tags: torch.Tensor
-    keys: torch.Tensor
-    scores: torch.Tensor
+    slots: torch.Tensor  # int64 [slots, 2]: key, score
     vectors: torch.Tensor
     num_sets: int
+    key_dtype: torch.dtype
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Strided int64 view of the slots' keys."""
+        return self.slots[:, 0]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Strided int64 view of the slots' scores."""
+        return self.slots[:, 1]
 
     @property
     def dim(self) -> int:
         return int(self.vectors.shape[1])
 
     @property
-    def key_dtype(self) -> torch.dtype:
-        return self.keys.dtype
-
-    @property
     def device(self) -> torch.device:
-        return self.keys.device
+        return self.slots.device
 
     def clear(self) -> None:
         """Mark every slot empty (vectors are left as they are)."""
         self.tags.fill_(EMPTY_TAG)
-        self.keys.fill_(empty_key(self.keys.dtype))
+        self.keys.fill_(empty_key(self.key_dtype))
         self.scores.zero_()
 
     def to_numpy(self) -> NpCacheState:
         """Host copy of the arrays, for the NumPy references and tests."""
+        slots = self.slots.cpu().numpy()
         return NpCacheState(
             tags=self.tags.cpu().numpy().astype(np.int64),
-            keys=self.keys.cpu().numpy().astype(np.int64),
-            scores=self.scores.cpu().numpy().copy(),
+            keys=slots[:, 0].copy(),
+            scores=slots[:, 1].copy(),
             vectors=self.vectors.cpu().numpy().copy(),
             num_sets=self.num_sets,
-            empty=empty_key(self.keys.dtype),
+            empty=empty_key(self.key_dtype),
         )
 
 
@@ -161,13 +202,14 @@ def allocate(num_sets: int, dim: int, key_dtype: torch.dtype,
     """Allocate an empty cache of ``num_sets`` sets of rows of ``dim`` float32."""
     if dim < 1:
         raise ValueError(f"embedding dim must be >= 1, got {dim}")
-    slots = num_sets * SLOTS_PER_SET
+    empty_key(key_dtype)  # validates the dtype
+    n = num_sets * SLOTS_PER_SET
     arrays = CacheArrays(
-        tags=torch.empty(slots, dtype=torch.uint8, device=device),
-        keys=torch.empty(slots, dtype=key_dtype, device=device),
-        scores=torch.empty(slots, dtype=torch.int64, device=device),
-        vectors=torch.zeros(slots, dim, dtype=torch.float32, device=device),
+        tags=torch.empty(n, dtype=torch.uint8, device=device),
+        slots=torch.empty(n, 2, dtype=torch.int64, device=device),
+        vectors=torch.zeros(n, dim, dtype=torch.float32, device=device),
         num_sets=num_sets,
+        key_dtype=key_dtype,
     )
     arrays.clear()
     return arrays

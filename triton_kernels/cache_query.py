@@ -21,43 +21,40 @@ from .cache_layout import (
     block_d,
     check_keys,
     np_set_and_tag,
+    probe,
     set_and_tag,
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_sets", "stamp"])
 def _cache_query_kernel(
-    keys_ptr, n, tags_ptr, ckeys_ptr, scores_ptr, vec_ptr, num_sets,
+    keys_ptr, n, tags_ptr, slots_ptr, vec_ptr, num_sets,
     out_ptr, hit_ptr, counters_ptr, miss_pos_ptr, miss_count_ptr, stamp,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
+    PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
-    sl = tl.arange(0, SLOTS)
-    sidx = s[:, None] * SLOTS + sl[None, :]
-    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0)
-    cand = (tg.to(tl.int32) == t[:, None]) & m[:, None]
-    ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
-    eq = cand & (ck == k[:, None])
-    j = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+    j, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
     hit = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     for d0 in tl.static_range(0, DIM, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = d < DIM
         row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm[None, :],
-                      other=0.0)
-        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row, mask=m[:, None] & dm[None, :])
+                      other=0.0, eviction_policy=ROW_EVICT)
+        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row, mask=m[:, None] & dm[None, :],
+                 eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
         if LFU:
-            tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
+            tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
         else:
-            tl.store(scores_ptr + slot, stamp, mask=hit)
+            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit)
     miss = m & (~hit)
     if COUNT:
         tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
@@ -70,13 +67,16 @@ def _cache_query_kernel(
         tl.store(miss_pos_ptr + base + rank, offs, mask=miss)
 
 
-def _launch_config(dim: int) -> tuple[int, int]:
-    """(keys per program, warps) measured best on an H100 (docs/benchmarks/gpu_cache.md)."""
+# Launch settings per row width, measured best on an H200 (docs/benchmarks/gpu_cache.md):
+# (keys per program, warps, one-candidate probe, tag eviction hint, row eviction hint).
+def _launch_config(dim: int) -> dict:
     if dim <= 32:
-        return 128, 4
+        return {"block_k": 128, "num_warps": 4, "probe_1d": False, "tag_evict": "",
+                "row_evict": ""}
     if dim <= 128:
-        return 32, 4
-    return 16, 8
+        return {"block_k": 32, "num_warps": 8, "probe_1d": False, "tag_evict": "",
+                "row_evict": ""}
+    return {"block_k": 16, "num_warps": 8, "probe_1d": False, "tag_evict": "", "row_evict": ""}
 
 
 def cache_query(
@@ -89,8 +89,7 @@ def cache_query(
     counters: torch.Tensor | None = None,
     return_miss_positions: bool = False,
     validate: bool = True,
-    block_k: int | None = None,
-    num_warps: int | None = None,
+    **tuning,
 ) -> tuple[torch.Tensor, ...]:
     """Look ``keys`` up in the cache.
 
@@ -98,7 +97,8 @@ def cache_query(
     ``(miss_positions int64 [n], miss_count int64 [1])``: the first ``miss_count`` entries are
     the input positions that missed, in no particular order. Hits stamp ``stamp`` into the slot
     score (``policy="lru"``) or add one per occurrence (``"lfu"``) unless ``touch=False``.
-    ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1].
+    ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
+    the launch settings (block_k, num_warps, probe_1d, tag_evict, row_evict) for benchmarks.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -111,16 +111,17 @@ def cache_query(
     miss_pos = torch.empty(n if return_miss_positions else 1, dtype=torch.int64, device=dev)
     miss_count = torch.zeros(1, dtype=torch.int64, device=dev)
     if n:
-        bk, nw = _launch_config(dim)
-        bk, nw = block_k or bk, num_warps or nw
-        grid = (triton.cdiv(n, bk),)
+        cfg = _launch_config(dim)
+        cfg.update({k: v for k, v in tuning.items() if v is not None})
+        grid = (triton.cdiv(n, cfg["block_k"]),)
         _cache_query_kernel[grid](
-            keys, n, arrays.tags, arrays.keys, arrays.scores, arrays.vectors, arrays.num_sets,
+            keys, n, arrays.tags, arrays.slots, arrays.vectors, arrays.num_sets,
             out, hit, counters if counters is not None else miss_count, miss_pos, miss_count,
             stamp,
-            DIM=dim, BLOCK_D=block_d(dim), BLOCK_K=bk, SLOTS=SLOTS_PER_SET,
+            DIM=dim, BLOCK_D=block_d(dim), BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET,
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
-            MISS_POS=return_miss_positions, num_warps=nw,
+            MISS_POS=return_miss_positions, PROBE_1D=cfg["probe_1d"],
+            TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], num_warps=cfg["num_warps"],
         )
     if return_miss_positions:
         return out, hit, miss_pos, miss_count

@@ -21,32 +21,27 @@ from .cache_layout import (
     check_keys,
     empty_key,
     np_set_and_tag,
+    probe,
     set_and_tag,
 )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_sets"])
 def _cache_invalidate_kernel(
-    keys_ptr, n, tags_ptr, ckeys_ptr, scores_ptr, num_sets, empty,
+    keys_ptr, n, tags_ptr, slots_ptr, num_sets, empty,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
-    sl = tl.arange(0, SLOTS)
-    sidx = s[:, None] * SLOTS + sl[None, :]
-    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0)
-    cand = (tg.to(tl.int32) == t[:, None]) & m[:, None]
-    ck = tl.load(ckeys_ptr + sidx, mask=cand, other=0)
-    eq = cand & (ck == k[:, None])
-    j = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
+    j, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, False, "")
     found = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     # Repeated keys write the same values to the same slot: benign.
     tl.store(tags_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.uint8), mask=found)
-    tl.store(ckeys_ptr + slot, tl.zeros([BLOCK_K], dtype=k.dtype) + empty, mask=found)
-    tl.store(scores_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
+    tl.store(slots_ptr + 2 * slot, tl.zeros([BLOCK_K], dtype=tl.int64) + empty, mask=found)
+    tl.store(slots_ptr + 2 * slot + 1, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
 
 
 def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
@@ -58,7 +53,7 @@ def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
     if n:
         block = 64
         _cache_invalidate_kernel[(triton.cdiv(n, block),)](
-            keys, n, arrays.tags, arrays.keys, arrays.scores, arrays.num_sets,
+            keys, n, arrays.tags, arrays.slots, arrays.num_sets,
             empty_key(arrays.key_dtype), BLOCK_K=block, SLOTS=SLOTS_PER_SET,
         )
 

@@ -15,15 +15,17 @@ from .cache_layout import block_d
 
 @triton.jit
 def _gather_kernel(idx_ptr, n, table_ptr, out_ptr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
+                   BLOCK_K: tl.constexpr, ROW_EVICT: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     row = tl.load(idx_ptr + offs, mask=m, other=0).to(tl.int64)
     for d0 in tl.static_range(0, DIM, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         mm = m[:, None] & (d < DIM)[None, :]
-        v = tl.load(table_ptr + row[:, None] * DIM + d[None, :], mask=mm)
-        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], v, mask=mm)
+        v = tl.load(table_ptr + row[:, None] * DIM + d[None, :], mask=mm,
+                    eviction_policy=ROW_EVICT)
+        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], v, mask=mm,
+                 eviction_policy=ROW_EVICT)
 
 
 def _launch_config(dim: int) -> tuple[int, int]:
@@ -36,7 +38,7 @@ def _launch_config(dim: int) -> tuple[int, int]:
 
 
 def gather_rows(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None = None,
-                num_warps: int | None = None) -> torch.Tensor:
+                num_warps: int | None = None, row_evict: str = "") -> torch.Tensor:
     """Rows ``table[index]`` of a contiguous float32 ``[rows, dim]`` table; index int32/int64.
 
     Indices must lie in ``[0, rows)``; they are not checked (this is the unchecked yardstick).
@@ -55,7 +57,8 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None
         bk, nw = _launch_config(dim)
         bk, nw = block_k or bk, num_warps or nw
         _gather_kernel[(triton.cdiv(n, bk),)](index, n, table, out, DIM=dim,
-                                              BLOCK_D=block_d(dim), BLOCK_K=bk, num_warps=nw)
+                                              BLOCK_D=block_d(dim), BLOCK_K=bk,
+                                              ROW_EVICT=row_evict, num_warps=nw)
     return out
 
 
