@@ -6,7 +6,7 @@ structures keras-hps allocates:
 - GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole 32-slot
   sets, each slot holding a key, a one-byte tag, an 8-byte LRU/LFU score and the vector;
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
-  power of two >= 2 x rows slots (vectors in pinned host RAM instead with `enable_pagelock`);
+  power of two >= 2 x rows slots;
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
 - GPU workspace: one lookup's keys and vectors, `max_batch_size x
   maxnum_catfeature_query_per_table_per_sample` of them;
@@ -121,11 +121,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             if m.gpucache:
                 if ctype == "static":
                     gpu_slots = 1 << max(0, math.ceil(math.log2(max(1, 2 * rows))))
-                    index = gpu_slots * 16
-                    if m.enable_pagelock:
-                        gpu, pinned = index, rows * vec
-                    else:
-                        gpu = index + rows * vec
+                    gpu = gpu_slots * 16 + rows * vec
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows)
                     gpu = gpu_slots * (key_bytes + 1 + 8 + vec)
