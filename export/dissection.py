@@ -18,6 +18,7 @@ class EmbeddingTable:
 
     `layer_name` is the layer the table came from, `table_id` its index in the model's
     `hps.json` entry, `combiner` the combiner of a layer that pools bags (else None).
+    Under TensorFlow `vectors` is a read-only view of the layer's weight, not a copy.
     """
 
     table_id: int
@@ -25,6 +26,7 @@ class EmbeddingTable:
     keys: np.ndarray  # int64 [rows]
     vectors: np.ndarray  # float32 [rows, dim]
     combiner: str | None = None
+    variable: Any = None  # the model variable `vectors` was read from (row order)
 
     @property
     def dim(self) -> int:
@@ -43,11 +45,21 @@ def _is_embedding(layer: Any) -> bool:
     return isinstance(layer, keras.layers.Embedding)
 
 
-def _table_weight(layer: Any) -> np.ndarray:
+def _as_array(variable: Any) -> np.ndarray:
+    """A variable's value as a NumPy array; under TensorFlow a view of its buffer (no copy:
+    a 1M x 128 table would otherwise be copied twice)."""
+    value = getattr(variable, "value", variable)
+    if hasattr(value, "read_value"):
+        return np.asarray(value.read_value())
+    import keras
+
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _table_variable(layer: Any) -> Any:
     """The layer's single 2-D weight (the table)."""
     if _is_embedding(layer):
-        return np.asarray(layer.embeddings.numpy() if hasattr(layer.embeddings, "numpy")
-                          else layer.embeddings)
+        return layer.embeddings
     two_d = [w for w in layer.weights if len(w.shape) == 2]
     if len(two_d) != 1:
         raise ConfigError(
@@ -55,7 +67,7 @@ def _table_weight(layer: Any) -> np.ndarray:
             f"has {len(two_d)} 2-D weights ({[w.path for w in two_d]}); a table layer holds "
             "exactly one [rows, dim] weight"
         )
-    return np.asarray(two_d[0].numpy())
+    return two_d[0]
 
 
 def _all_layers(model: Any) -> list[Any]:
@@ -150,7 +162,8 @@ def dissect(
         )
     tables = []
     for table_id, layer in enumerate(layers):
-        weight = _table_weight(layer)
+        variable = _table_variable(layer)
+        weight = _as_array(variable)
         if weight.ndim != 2:
             raise ConfigError(
                 f"table {layer.name!r} has shape {list(weight.shape)}, not [rows, dim]"
@@ -163,6 +176,7 @@ def dissect(
                 keys=_keys_for(layer, weight.shape[0], keys.get(layer.name)),
                 vectors=np.ascontiguousarray(weight, dtype=np.float32),
                 combiner=combiner if isinstance(combiner, str) else None,
+                variable=variable,
             )
         )
     return tables

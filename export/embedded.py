@@ -27,7 +27,9 @@ class EmbeddedLookup(keras.layers.Layer):
 
     Ids absent from the table get `default_value` in every component. With `combiner`,
     ids are `[batch, n]` bags padded with -1 and each bag is pooled into one vector
-    (sum | mean | sqrtn; an empty bag gives zeros), like `SparseLookupLayer`.
+    (sum | mean | sqrtn; an empty bag gives zeros), like `SparseLookupLayer`. `variable`,
+    when given, is the model variable holding `vectors`; it is saved as is (no copy) when
+    the keys are already sorted.
     TensorFlow backend only: it exists to be written into a SavedModel.
     """
 
@@ -37,24 +39,30 @@ class EmbeddedLookup(keras.layers.Layer):
         vectors: np.ndarray,
         default_value: float = 0.0,
         combiner: str | None = None,
+        variable: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(trainable=False, **kwargs)
         if combiner not in (None, *COMBINERS):
             raise ValueError(f"combiner must be one of {COMBINERS} or None, got {combiner!r}")
-        keys, vectors = sorted_table(np.asarray(keys, np.int64), np.asarray(vectors, np.float32))
+        keys = np.asarray(keys, np.int64)
+        sorted_keys, vectors = sorted_table(keys, np.asarray(vectors, np.float32))
         self.rows, self.dim = int(vectors.shape[0]), int(vectors.shape[1])
         self.default_value = float(default_value)
         self.combiner = combiner
         # Variables, never constants: the table must stay out of the 2 GB graph proto.
         self.table_keys = self.add_weight(
             shape=keys.shape, dtype="int64", trainable=False, name="keys",
-            initializer=lambda shape, dtype=None: keys,
+            initializer=lambda shape, dtype=None: sorted_keys,
         )
-        self.table_vectors = self.add_weight(
-            shape=vectors.shape, dtype="float32", trainable=False, name="vectors",
-            initializer=lambda shape, dtype=None: vectors,
-        )
+        if variable is not None and sorted_keys is keys:
+            # Rows already in key order: save the model's own table variable (no copy).
+            self.table_vectors = variable
+        else:
+            self.table_vectors = self.add_weight(
+                shape=vectors.shape, dtype="float32", trainable=False, name="vectors",
+                initializer=lambda shape, dtype=None: vectors,
+            )
 
     def _lookup(self, flat: Any) -> Any:
         import tensorflow as tf

@@ -133,7 +133,8 @@ def embedded_model(
             table = tables[tid]
             made[tid] = EmbeddedLookup(
                 table.keys, table.vectors, default_values[tid],
-                combiner=getattr(layer, "combiner", None), name=f"hps_table_{tid}",
+                combiner=getattr(layer, "combiner", None), variable=table.variable,
+                name=f"hps_table_{tid}",
             )
         return made[tid]
 
