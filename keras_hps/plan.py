@@ -4,7 +4,8 @@ HPS users had no way to estimate this (HugeCTR issue #427). The numbers follow t
 structures keras-hps allocates:
 
 - GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole 32-slot
-  sets, each slot holding a key, a one-byte tag, an 8-byte LRU/LFU score and the vector;
+  sets, each slot holding a one-byte tag, a 16-byte (key, LRU/LFU score) record and the
+  vector;
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
   power of two >= 2 x rows slots;
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
@@ -40,6 +41,7 @@ from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
 
 SLOTS_PER_SET = 32
+GPU_SLOT_BYTES = 1 + 16  # dynamic cache slot besides its vector: tag, (key, score) record
 MIN_CACHE_SLOTS = 64
 
 
@@ -107,7 +109,6 @@ def _cache_slots(gpucacheper: float, rows: int) -> int:
 def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
     """One TablePlan per (model, table) of a config."""
     cfg = load_config(config)
-    key_bytes = 8 if cfg.supportlonglong else 4
     vdb = cfg.volatile_db
     plans = []
     for m in cfg.models:
@@ -124,7 +125,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                     gpu = gpu_slots * 16 + rows * vec
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows)
-                    gpu = gpu_slots * (key_bytes + 1 + 8 + vec)
+                    gpu = gpu_slots * (GPU_SLOT_BYTES + vec)
                     if ctype == "uvm":
                         pinned = rows * vec
             workspace = m.max_keys_per_lookup(t) * (8 + vec) if m.gpucache else 0
