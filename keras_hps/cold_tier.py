@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_hps.formats import Table, open_table
+from keras_hps.formats import Table, open_table, release_pages
 
 __all__ = ["ColdTier"]
 
@@ -77,6 +77,10 @@ class ColdTier:
         """(keys, vectors) of file rows [start, stop), for loading upper tiers."""
         keys = np.asarray(self.table.keys[start:stop], dtype=np.int64)
         return keys, np.asarray(self.table.vectors[start:stop], dtype=np.float32)
+
+    def release_pages(self) -> None:
+        """Drop this process's resident pages of the table file (after a long sequential pass)."""
+        release_pages(self.table.vectors)
 
     def stats(self) -> dict[str, int]:
         """Counters: hits, misses, rows."""

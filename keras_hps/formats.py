@@ -147,7 +147,7 @@ class Table:
                 idx = order[start:stop]
                 k = keys_all[idx]
                 v = gather_rows(self.vectors, idx, self.dim)
-            _drop_pages(self.vectors)
+            release_pages(self.vectors)
             yield k, v
 
 
@@ -189,8 +189,9 @@ def _is_strictly_increasing(keys: np.ndarray) -> bool:
     return True
 
 
-def _drop_pages(arr: Any) -> None:
-    """Let the kernel drop a memory map's resident pages (keeps streaming RSS flat)."""
+def release_pages(arr: Any) -> None:
+    """Let the kernel drop a memory-mapped array's resident pages (they stay in the page
+    cache); keeps the resident memory of a pass over a large table flat."""
     if isinstance(arr, _RowView):
         arr = arr.base
     mm = getattr(arr, "_mmap", None)
@@ -380,7 +381,7 @@ def _blocks(k: np.ndarray, v: Any, order: np.ndarray | None, dim: int, progress:
             if vb.shape != (stop - start, dim):
                 raise TableFormatError(f"vectors block has shape {vb.shape}")
             yield start, np.ascontiguousarray(kb, dtype="<i8"), vb
-            _drop_pages(v)
+            release_pages(v)
             if bar is not None:
                 bar.update(stop - start)
     finally:

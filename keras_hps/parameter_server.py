@@ -223,6 +223,7 @@ class ParameterServer:
         for start in range(0, rows, block):
             k, v = cold.read_block(start, min(rows, start + block))
             host.load(k, v)
+            cold.release_pages()
             if bar is not None:
                 bar.update(len(k))
         if bar is not None:
