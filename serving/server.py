@@ -65,8 +65,13 @@ class ModelServer:
         if loader is None:
             from keras_hps.servable import load_servable
 
+            load_lock = threading.Lock()
+
             def loader(path: str) -> Any:
-                return load_servable(path, parameter_server=self.parameter_server)
+                # one load at a time: an external export without a given parameter server
+                # initialises the process-wide one, and two at once would replace each other
+                with load_lock:
+                    return load_servable(path, parameter_server=self.parameter_server)
 
         self.manager = ModelManager(entries, loader, self.options.file_system_poll_wait_seconds)
         self.metrics = Metrics(self._table_stats)
