@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 
+import numpy as np
 import torch
 import triton
 from keras_hps.triton_kernels.cache_insert import cache_insert, sort_by_set
@@ -163,6 +164,16 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         k[:nm] = torch.randint(0, 2**62, (nm,), device=dev, generator=gen)
         mixed.append(k[torch.randperm(n, device=dev, generator=gen)])
     qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=4, validate=False, **qcfg), R)
+    # Zipf(1.05) over the resident keys: repeats within a call, hot rows reused from L2.
+    occ_slots = torch.nonzero(cache.arrays.tags != 0).squeeze(1)
+    perm = occ_slots[torch.randperm(occ_slots.numel(), device=dev, generator=gen)]
+    zipf = []
+    rs = np.random.default_rng(7)
+    for _ in range(R):
+        r = rs.zipf(1.05, size=3 * n)
+        r = r[r <= perm.numel()][:n] - 1
+        zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
+    qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=5, validate=False, **qcfg), R)
     gms = g[0][0]
     isel = bench(lambda i: table.index_select(0, batches[i][1]), R)
     cq = bench(lambda i: cache.query(batches[i][0]), R)
@@ -174,6 +185,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {qcfg}")
     row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
     row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
+    row("cache query kernel, Zipf 1.05 keys", dim, n, qz, query_b, bw, gms, "L2 reuse")
     row("GpuEmbeddingCache.query", dim, n, cq, query_b, bw, gms,
         "checks keys (a device sync), own stream, counters")
     row("GpuEmbeddingCache.query(validate=False)", dim, n, cqn, query_b, bw, gms)
@@ -259,8 +271,10 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     vals, hits = group.query(rot[0])
     for i in range(nt):
         v, h = cache_query(group[i].arrays, rot[0][i], touch=False)
-        assert torch.equal(v, vals[i]) and torch.equal(h, hits[i]) and bool(h.all())
-    log("  check ok: fused equals per-table, all hit")
+        assert torch.equal(v, vals[i]) and torch.equal(h, hits[i])
+    rate = float(torch.cat(hits).float().mean())
+    log(f"  check ok: fused equals per-table; hit rate {rate:.4f} (a cache as large as its "
+        f"table still overflows some sets)")
     from keras_hps.triton_kernels.cache_fused_query import fused_cache_query
     flat = [torch.cat(r) for r in rot]
     offs = [0]

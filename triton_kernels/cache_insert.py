@@ -122,7 +122,7 @@ def sort_by_set(keys: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.
 
 
 def _launch_config(dim: int) -> tuple[int, int]:
-    """(keys per program, warps) measured best on an H100 (docs/benchmarks/gpu_cache.md)."""
+    """(keys per program, warps) measured best on an H200 (docs/benchmarks/gpu_cache.md)."""
     if dim <= 32:
         return 64, 4
     if dim <= 128:
