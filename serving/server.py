@@ -63,15 +63,17 @@ class ModelServer:
         self.options = options or ServerOptions()
         self.parameter_server = parameter_server
         if loader is None:
-            from keras_hps.servable import load_servable
+            from keras_hps.servable import load_servable, read_manifest
 
-            load_lock = threading.Lock()
+            external_lock = threading.Lock()
 
             def loader(path: str) -> Any:
-                # one load at a time: an external export without a given parameter server
-                # initialises the process-wide one, and two at once would replace each other
-                with load_lock:
-                    return load_servable(path, parameter_server=self.parameter_server)
+                if self.parameter_server is None and read_manifest(path) is not None:
+                    # external exports load one at a time: the first one initialises the
+                    # process-wide parameter server, and two at once would replace each other
+                    with external_lock:
+                        return load_servable(path)
+                return load_servable(path, parameter_server=self.parameter_server)
 
         self.manager = ModelManager(entries, loader, self.options.file_system_poll_wait_seconds)
         self.metrics = Metrics(self._table_stats)
