@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vector value for unknown keys (default 0.0)")
     parser.add_argument("--max-batch-size", type=int, default=1024,
                         help="hps.json max_batch_size of the model (external)")
+    parser.add_argument("--serving-repo-path", default=None,
+                        help="where the model server sees the repository (e.g. /models in a "
+                        "container); models.config base paths start with it")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -59,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.repo, args.name, version=args.version, tables=args.tables,
             embedding_layers=layers, keys=_keys_arg(args.keys),
             default_value=args.default_value, max_batch_size=args.max_batch_size,
-            progress=not args.quiet,
+            serving_repo_path=args.serving_repo_path, progress=not args.quiet,
         )
     except HPSError as e:
         print(f"keras-hps export: error: {e}", file=sys.stderr)

@@ -96,6 +96,7 @@ def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names:
     import tensorflow as tf
 
     module = tf.Module()
+    # Tracked once each: the signature below is the only function saved.
     module.weights = [v.value for v in keras_model.variables]
 
     @tf.function(input_signature=[_tf_specs(specs)], autograph=False)
@@ -103,7 +104,6 @@ def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names:
         result = call_with_named_inputs(keras_model, names, inputs)
         return dict(zip(out_names, flat_outputs(result), strict=True))
 
-    module.serve = serve
     tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
 
 
@@ -139,6 +139,7 @@ def export_for_serving(
     max_batch_size: int = 1024,
     max_keys_per_sample: Any = None,
     warmup_records: int = 3,
+    serving_repo_path: str | None = None,
     progress: bool = False,
 ) -> ExportResult:
     """Write `model` into the TF Serving model repository `repo_dir` as `model_name`.
@@ -160,6 +161,9 @@ def export_for_serving(
         max_batch_size: hps.json's max_batch_size for the model (external).
         max_keys_per_sample: keys per sample per table, where the input shape does not say.
         warmup_records: number of PredictionLog records in the warmup file.
+        serving_repo_path: where the model server will see `repo_dir` (e.g. "/models" inside
+            a container); models.config's base_path is `<serving_repo_path>/<model_name>`.
+            Default: `repo_dir`'s absolute path.
         progress: show progress bars while writing tables.
 
     Returns:
@@ -235,7 +239,9 @@ def export_for_serving(
             txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
         _write_export_info(tmp, model_name, tables, table_list, defaults)
-        txn.replace_file(config_path, repo.models_config_with(config_path, model_name, model_dir))
+        base_path = model_dir if serving_repo_path is None else (
+            serving_repo_path.rstrip("/") + "/" + model_name)
+        txn.replace_file(config_path, repo.models_config_with(config_path, model_name, base_path))
         # Last step: the version appears complete, in one rename.
         os.rename(tmp, result.version_dir)
     except BaseException:

@@ -43,6 +43,10 @@ def _models(repo_dir: str) -> list[tuple[str, str]]:
             base = entry.base_path
             if not os.path.isabs(base):
                 base = os.path.join(repo_dir, base)
+            local = os.path.join(repo_dir, entry.name)
+            if not os.path.isdir(base) and os.path.isdir(local):
+                # Written for a server that mounts the repository elsewhere (a container).
+                base = local
             out.append((entry.name, base))
         return out
     return [(name, os.path.join(repo_dir, name)) for name in sorted(os.listdir(repo_dir))

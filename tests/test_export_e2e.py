@@ -231,9 +231,25 @@ def test_next_version_cli_and_inspect(exported, tmp_path, capsys):
     model.save(path)
     np.save(tmp_path / "item_keys.npy", item_keys)
     args = ["export", str(path), "--repo", str(repo), "--name", "ctr_external", "--quiet",
-            "--keys", f"emb_item={tmp_path / 'item_keys.npy'}"]
+            "--keys", f"emb_item={tmp_path / 'item_keys.npy'}", "--serving-repo-path", "/models"]
     assert main(args) == 0
     assert (repo / "ctr_external" / "2" / "saved_model.pb").exists()
+    config = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse((repo / "models.config").read_text(), config)
+    bases = {c.name: c.base_path for c in config.model_config_list.config}
+    assert bases == {"ctr_embedded": str(repo / "ctr_embedded"),
+                     "ctr_external": "/models/ctr_external"}
+    # The new version serves the same predictions through its own (version 2) tables.
+    ps = ParameterServer(os.path.join(repo, "hps.json"))
+    try:
+        rows, raw = _query(np.random.default_rng(4), 8, item_keys)
+        got = load_servable(repo / "ctr_external" / "2", parameter_server=ps).run(raw)["ctr"]
+        np.testing.assert_allclose(got, model.predict(rows, verbose=0), rtol=1e-5, atol=1e-5)
+    finally:
+        ps.close()
+    bad = ["export", str(tmp_path / "missing.keras"), "--repo", str(repo), "--name", "x"]
+    assert main(bad) == 1
+    assert "missing.keras does not exist" in capsys.readouterr().err
     hps = json.loads((repo / "hps.json").read_text())
     assert hps["models"][0]["sparse_files"][0] == "tables/ctr_external/2/emb_user.h5"
     assert main(["inspect", str(repo)]) == 0
