@@ -1,0 +1,251 @@
+"""Benchmark the Keras lookup layers against their baselines.
+
+cpu: TensorFlow backend, 26 tables (Criteo cardinalities, capped), one batch of keys per
+     table per step. A model made only of LookupLayers under `model.predict` (and
+     `predict_on_batch`) against direct `ParameterServer.lookup` calls for the same keys.
+gpu: torch backend on CUDA, one 1M x 128 table, all hits. `LookupLayer` latency against
+     `keras.layers.Embedding` holding the same table in GPU memory, batch 1,024 to 1,048,576.
+
+    python benchmarks/bench_layers.py cpu [--batch 4096 --steps 20 --max-rows 100000]
+    python benchmarks/bench_layers.py gpu [--rows 1000000 --dim 128 --cache-types static,dynamic]
+
+Prints a Markdown table; `--json PATH` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CRITEO = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828, 11,
+          2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
+
+
+def write_table_files(folder: Path, tables: list[np.ndarray]) -> list[str]:
+    """Write each `[rows, dim]` table as an HDF5 file with keys 0..rows-1; returns the names."""
+    from tqdm import tqdm
+
+    from keras_hps import formats
+
+    files = []
+    for i, vectors in enumerate(tqdm(tables, desc="writing tables", unit="table")):
+        path = folder / f"table_{i}.h5"
+        formats.write_hdf5_table(path, np.arange(len(vectors), dtype=np.int64), vectors)
+        files.append(path.name)
+    return files
+
+
+def write_config(folder: Path, model: str, files: list[str], dim: int, max_batch: int,
+                 extra: dict) -> Path:
+    """An hps.json (named after the model) serving `files` as one model's tables."""
+    config = {
+        "supportlonglong": True,
+        "models": [{
+            "model": model,
+            "sparse_files": files,
+            "embedding_table_names": [f"t{i}" for i in range(len(files))],
+            "embedding_vecsize_per_table": [dim] * len(files),
+            "maxnum_catfeature_query_per_table_per_sample": [1] * len(files),
+            "default_value_for_each_table": [0.0] * len(files),
+            "deployed_device_list": [0],
+            "max_batch_size": max_batch,
+            **extra,
+        }],
+    }
+    path = folder / f"{model}.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+# -- CPU, TensorFlow backend -------------------------------------------------------------------
+
+
+def bench_cpu(args: argparse.Namespace) -> dict:
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+    import tensorflow as tf
+
+    import keras_hps
+    from keras_hps.layers import LookupLayer
+
+    rng = np.random.default_rng(0)
+    rows = [min(c, args.max_rows) for c in CRITEO]
+    tables = [rng.standard_normal((r, args.dim), dtype=np.float32) for r in rows]
+    folder = Path(tempfile.mkdtemp(prefix="bench_layers_"))
+    files = write_table_files(folder, tables)
+    config = write_config(folder, "dlrm", files, args.dim, args.batch, {"gpucache": False})
+    ps = keras_hps.init(str(config))
+    n = args.batch * args.steps
+    keys = [rng.integers(0, r, size=n) for r in rows]
+    batches = [[k[s * args.batch:(s + 1) * args.batch] for k in keys] for s in range(args.steps)]
+
+    inputs = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
+    outputs = [LookupLayer("dlrm", i, args.dim)(x) for i, x in enumerate(inputs)]
+    model = keras.Model(inputs, outputs)
+
+    tensors = [[tf.constant(k) for k in batch] for batch in batches]
+    step = tf.function(lambda ks: model(ks))
+
+    def direct():  # one step's 26 outputs live together, as a model step's do
+        for batch in batches:
+            outs = [ps.lookup("dlrm", t, k) for t, k in enumerate(batch)]
+        return outs
+
+    def direct_assembled():  # what predict returns: one [steps * batch, dim] array per table
+        outs = [[ps.lookup("dlrm", t, k) for t, k in enumerate(batch)] for batch in batches]
+        return [np.concatenate(per_table) for per_table in zip(*outs, strict=True)]
+
+    variants = {
+        "direct `ps.lookup`": direct,
+        "direct `ps.lookup` + concatenate per table": direct_assembled,
+        "`model.predict`": lambda: model.predict(keys, batch_size=args.batch, verbose=0),
+        "`model.predict_on_batch` per step": lambda: [model.predict_on_batch(b)
+                                                      for b in batches],
+        "compiled model step (`tf.function(model)`)": lambda: [step(b) for b in tensors],
+    }
+    for fn in variants.values():  # warm up: host tier resident, functions traced
+        fn()
+    got = model.predict_on_batch(batches[0])
+    for t in (0, 9, 25):
+        np.testing.assert_array_equal(got[t], tables[t][batches[0][t]])
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(1e3 * (time.perf_counter() - start) / args.steps)
+    result = {
+        "machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
+                   f"Keras {keras.__version__}",
+        "tables": len(rows), "rows": sum(rows), "dim": args.dim, "batch": args.batch,
+        "steps": args.steps, "repeats": args.repeats,
+        "ms_per_step": {name: statistics.median(t) for name, t in times.items()},
+        "ms_per_step_all": times,
+    }
+    base = result["ms_per_step"]["direct `ps.lookup`"]
+    print(f"\nCPU, TF backend: {len(rows)} tables ({sum(rows):,} rows, dim {args.dim}), "
+          f"batch {args.batch}, {args.steps} steps per pass, median of {args.repeats} passes")
+    print("| path | ms per step | vs direct `ps.lookup` |\n| --- | ---: | ---: |")
+    for name, ms in result["ms_per_step"].items():
+        print(f"| {name} | {ms:.2f} | {100 * (ms / base - 1):+.1f}% |")
+    return result
+
+
+# -- GPU, torch backend ------------------------------------------------------------------------
+
+
+def bench_gpu(args: argparse.Namespace) -> dict:
+    os.environ["KERAS_BACKEND"] = "torch"
+    import keras
+    import torch
+
+    import keras_hps
+    from keras_hps.layers import LookupLayer
+
+    dev = torch.device(args.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    table = torch.randn(args.rows, args.dim, generator=gen).numpy()
+    folder = Path(tempfile.mkdtemp(prefix="bench_layers_gpu_"))
+    files = write_table_files(folder, [table])
+
+    emb = keras.layers.Embedding(args.rows, args.dim)
+    emb.build((None,))
+    emb.set_weights([table])
+    name = torch.cuda.get_device_name() if dev.type == "cuda" else "CPU (Triton interpreter)"
+    result = {"machine": name, "torch": torch.__version__,
+              "keras": keras.__version__, "rows": args.rows, "dim": args.dim, "runs": []}
+
+    def timed(fn, ids_sets, reps):
+        fn(ids_sets[0])
+        sync()
+        times = []
+        for r in range(reps):
+            ids = ids_sets[r % len(ids_sets)]
+            sync()
+            start = time.perf_counter()
+            fn(ids)
+            sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times)
+
+    for cache_type in args.cache_types.split(","):
+        extra = {"gpucache": True, "gpucacheper": 1.0, "embedding_cache_type": cache_type,
+                 "hit_rate_threshold": 1.0}
+        model = f"bench_{cache_type}"
+        config = write_config(folder, model, files, args.dim, max(sizes), extra)
+        ps = keras_hps.init(str(config))
+        layer = LookupLayer(model, 0, args.dim)
+        # warm: every row into the GPU tier (a no-op for static tables)
+        for start in range(0, args.rows, max(sizes)):
+            ps.lookup(model, 0, torch.arange(start, min(start + max(sizes), args.rows),
+                                             device=dev))
+        check = torch.randint(0, args.rows, (min(4096, max(sizes)),), device=dev)
+        out = layer(check)
+        assert out.device == emb(check).device, f"lookup answered on {out.device}"
+        torch.testing.assert_close(out, emb(check), rtol=0, atol=0)
+        print(f"\nGPU ({result['machine']}), torch backend, {args.rows:,} x {args.dim} table, "
+              f"all hits, GPU tier {cache_type!r}; median latency of eager calls")
+        print("| batch | Embedding ms | LookupLayer ms | ps.lookup ms | layer / Embedding |")
+        print("| ---: | ---: | ---: | ---: | ---: |")
+        for n in sizes:
+            ids_sets = [torch.randint(0, args.rows, (n,), device=dev) for _ in range(4)]
+            reps = max(10, min(200, (1 << 22) // n))
+            row = {
+                "cache_type": cache_type, "batch": n,
+                "embedding_ms": timed(emb, ids_sets, reps),
+                "layer_ms": timed(layer, ids_sets, reps),
+                "ps_lookup_ms": timed(functools.partial(ps.lookup, model, 0), ids_sets, reps),
+            }
+            row["ratio"] = row["layer_ms"] / row["embedding_ms"]
+            result["runs"].append(row)
+            print(f"| {n:,} | {row['embedding_ms']:.3f} | {row['layer_ms']:.3f} | "
+                  f"{row['ps_lookup_ms']:.3f} | {row['ratio']:.2f} |", flush=True)
+        ps.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["cpu", "gpu"])
+    parser.add_argument("--batch", type=int, default=4096, help="cpu: keys per table per step")
+    parser.add_argument("--steps", type=int, default=20, help="cpu: steps per timed pass")
+    parser.add_argument("--max-rows", type=int, default=100_000, help="cpu: rows cap per table")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5, help="cpu: timed passes (median)")
+    parser.add_argument("--rows", type=int, default=1_000_000, help="gpu: table rows")
+    parser.add_argument("--sizes", default="1024,4096,16384,65536,262144,1048576",
+                        help="gpu: batch sizes")
+    parser.add_argument("--cache-types", default="static,dynamic", help="gpu: GPU tier modes")
+    parser.add_argument("--device", default="cuda", help="gpu: torch device of the ids")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args(argv)
+    result = bench_cpu(args) if args.mode == "cpu" else bench_gpu(args)
+    result["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
