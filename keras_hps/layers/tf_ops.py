@@ -26,6 +26,16 @@ def tf_has_gpu() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
 
+@functools.lru_cache(maxsize=1)
+def torch_has_cuda() -> bool:
+    """Whether torch is installed and sees a GPU (the Triton cache lives in torch memory)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def _lookup_dlpack(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
     """Eager GPU ids -> torch by DLPack -> parameter server (Triton cache) -> TF by DLPack.
 
@@ -43,7 +53,7 @@ def _lookup_dlpack(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
 
 
 def _lookup_eager(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
-    if "GPU" in ids.device.upper():
+    if "GPU" in ids.device.upper() and torch_has_cuda():
         return _lookup_dlpack(fetch, ids)
     return tf.convert_to_tensor(np.asarray(fetch(ids.numpy()), dtype=np.float32))
 
