@@ -99,13 +99,15 @@ class GpuEmbeddingCache:
         key_dtype: torch.dtype = torch.int64,
         _arrays: CacheArrays | None = None,
         _shared: _Shared | None = None,
+        _counters: torch.Tensor | None = None,
     ) -> None:
         device = _check_common(dim, device, policy, key_dtype)
         self._policy = policy
         self._arrays = _arrays if _arrays is not None else allocate(
             num_sets_for(capacity), int(dim), key_dtype, device)
         self._shared = _shared if _shared is not None else _Shared(device)
-        self._counters = torch.zeros(4, dtype=torch.int64, device=device)
+        self._counters = (_counters if _counters is not None
+                          else torch.zeros(4, dtype=torch.int64, device=device))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -289,6 +291,7 @@ class GpuCacheGroup:
         vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
         self._shared = _Shared(device)
+        self._counters = torch.zeros(len(tables), 4, dtype=torch.int64, device=device)
         self._caches: list[GpuEmbeddingCache] = []
         set_base, vec_base, s0, v0 = [], [], 0, 0
         for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
@@ -298,7 +301,8 @@ class GpuCacheGroup:
                                  num_sets=s, key_dtype=key_dtype)
             self._caches.append(GpuEmbeddingCache(
                 s * SLOTS_PER_SET, d, device=device, policy=policy, key_dtype=key_dtype,
-                _arrays=arrays, _shared=self._shared))
+                _arrays=arrays, _shared=self._shared,
+                _counters=self._counters[len(self._caches)]))
             set_base.append(s0)
             vec_base.append(v0)
             s0, v0 = s0 + s, v0 + vs
@@ -332,20 +336,28 @@ class GpuCacheGroup:
             raise ValueError(f"expected keys for {len(self._caches)} tables, got "
                              f"{len(keys_per_table)}")
         first = self._caches[0]
-        flat = [_checked_keys(k, first, what=f"keys of table {i}")
+        flat = [_checked_keys(k, first, what=f"keys of table {i}", validate=False)
                 for i, k in enumerate(keys_per_table)]
+        counts = [k.numel() for k in flat]
         offsets = [0]
-        for k in flat:
-            offsets.append(offsets[-1] + k.numel())
+        for c in counts:
+            offsets.append(offsets[-1] + c)
+        keys = torch.cat(flat) if len(flat) > 1 else flat[0]
+        try:  # one device read for all tables; per table only to name the bad one
+            _checked_keys(keys, first)
+        except InvalidInputError:
+            for i, k in enumerate(flat):
+                _checked_keys(k, first, what=f"keys of table {i}")
+            raise
         with first.ordered():
             stamp = self._shared.tick()
-            keys = torch.cat(flat) if len(flat) > 1 else flat[0]
             values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
                                             stamp=stamp, touch=touch)
-            hits = list(hit.split([k.numel() for k in flat]))
-            for cache, h in zip(self._caches, hits, strict=True):
-                nh = h.sum()
-                cache._counters[_HITS] += nh
-                cache._counters[_MISSES] += h.numel() - nh
+            # Per-table hit counts from one cumulative sum, whatever the number of tables.
+            csum = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.cumsum(0)])
+            bounds = torch.tensor(offsets, dtype=torch.int64).to(keys.device, non_blocking=True)
+            nhits = csum[bounds[1:]] - csum[bounds[:-1]]
+            self._counters[:, _HITS] += nhits
+            self._counters[:, _MISSES] += (bounds[1:] - bounds[:-1]) - nhits
             first._on_stream(keys, hit, *flat, *values)
-        return values, hits
+        return values, list(hit.split(counts))

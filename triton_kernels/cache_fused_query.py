@@ -55,7 +55,7 @@ def _fused_query_kernel(
     s, t = set_and_tag(k, tl.load(num_sets_ptr + tid))
     set_base = tl.load(set_base_ptr + tid)
     s += set_base
-    jj, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
+    jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
     hit = jj >= 0
     slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
     dim = tl.load(dims_ptr + tid)
@@ -73,7 +73,9 @@ def _fused_query_kernel(
         if LFU:
             tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
         else:
-            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit)
+            # Only stale stamps are written: a hot key repeated in a batch (or queried again
+            # before the clock moves) does not make every lane store to one address.
+            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
 
 
 def fused_cache_query(

@@ -65,7 +65,7 @@ def _cache_insert_kernel(
         src = tl.load(order_ptr + pos, mask=active, other=0)
         k = tl.load(keys_ptr + src, mask=active, other=0)
         _s, t = set_and_tag(k, num_sets)
-        j_hit, tg = probe(k, myset, t, active, tags_ptr, slots_ptr, SLOTS, False, "")
+        j_hit, old, tg = probe(k, myset, t, active, tags_ptr, slots_ptr, SLOTS, False, "")
         present = j_hit >= 0
         if ONLY_PRESENT:
             victim = tl.maximum(j_hit, 0)
@@ -87,7 +87,6 @@ def _cache_insert_kernel(
         vslot = sbase + victim.to(tl.int64)
         if not ONLY_PRESENT:
             if LFU:
-                old = tl.load(slots_ptr + 2 * vslot + 1, mask=do & present, other=0)
                 score = tl.where(present, old + 1, 1)
             else:
                 score = tl.zeros([BLOCK_K], dtype=tl.int64) + stamp

@@ -73,11 +73,12 @@ def set_and_tag(k, num_sets):
 @triton.jit
 def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.constexpr,
           TAG_EVICT: tl.constexpr):
-    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``): (slot in set or -1, the set's tags).
+    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``).
 
-    Reads the set's 32 tags (one sector), then the keys of the tag-matching slots only:
-    all of them at once (``PROBE_1D=False``, a masked [keys, 32] load) or one candidate per
-    key per round, lowest slot first (``PROBE_1D=True``).
+    Returns (slot in set or -1, the score of that slot, the set's tags). Reads the set's 32
+    tags (one sector), then the records (key, score) of the tag-matching slots only: all of
+    them at once (``PROBE_1D=False``, a masked [keys, 32] load) or one candidate per key per
+    round, lowest slot first (``PROBE_1D=True``).
     """
     sl = tl.arange(0, SLOTS)
     sidx = s[:, None] * SLOTS + sl[None, :]
@@ -87,20 +88,26 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
     k64 = k.to(tl.int64)
     if PROBE_1D:
         j_hit = tl.full(k64.shape, -1, tl.int32)
+        score = tl.zeros(k64.shape, tl.int64)
         j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
         active = j < SLOTS
         while tl.max(active.to(tl.int32), axis=0) > 0:
-            ck = tl.load(slots_ptr + 2 * (s * SLOTS + j), mask=active, other=0)
+            rec = slots_ptr + 2 * (s * SLOTS + j)
+            ck = tl.load(rec, mask=active, other=0)
+            cs = tl.load(rec + 1, mask=active, other=0)
             match = active & (ck == k64)
             j_hit = tl.where(match, j, j_hit)
+            score = tl.where(match, cs, score)
             cand = cand & (sl[None, :] != j[:, None])
             j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
             active = active & (~match) & (j < SLOTS)
     else:
         ck = tl.load(slots_ptr + 2 * sidx, mask=cand, other=0)
+        cs = tl.load(slots_ptr + 2 * sidx + 1, mask=cand, other=0)
         eq = cand & (ck == k64[:, None])
         j_hit = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
-    return j_hit, tg
+        score = tl.sum(tl.where(eq, cs, 0), axis=1)
+    return j_hit, score, tg
 
 
 def np_hash(keys: np.ndarray) -> np.ndarray:

@@ -39,7 +39,7 @@ def _cache_query_kernel(
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
-    j, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
+    j, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
     hit = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     for d0 in tl.static_range(0, DIM, BLOCK_D):
@@ -54,7 +54,9 @@ def _cache_query_kernel(
         if LFU:
             tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
         else:
-            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit)
+            # Only stale stamps are written: a hot key repeated in a batch (or queried again
+            # before the clock moves) does not make every lane store to one address.
+            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
     miss = m & (~hit)
     if COUNT:
         tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")

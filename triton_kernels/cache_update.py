@@ -35,7 +35,7 @@ def _cache_invalidate_kernel(
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
-    j, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, False, "")
+    j, _score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, False, "")
     found = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     # Repeated keys write the same values to the same slot: benign.
