@@ -15,6 +15,7 @@ keys all hit afterwards, fused equals per-table). Prints a table; --json writes 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -30,6 +31,7 @@ from triton.testing import do_bench
 
 from keras_hps.gpu_cache import GpuCacheGroup, GpuEmbeddingCache
 
+STAMPS = itertools.count(100)  # a fresh LRU stamp per call, as GpuEmbeddingCache gives
 CRITEO_FL15 = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828,
                11, 2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
 ROWS: list[dict] = []
@@ -141,14 +143,14 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     g += best(lambda c: lambda i: gather_rows(table, batches[i][1], **c),
               [dict(g[0][1], row_evict="evict_first")])
     g.sort(key=lambda r: r[0])
-    q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=3,
+    q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                              validate=False, **c), base)
     if sweep:
         top = q[0][1]
         variants = [dict(top, probe_1d=True), dict(top, tag_evict="evict_last"),
                     dict(top, tag_evict="evict_last", row_evict="evict_first"),
                     dict(top, probe_1d=True, tag_evict="evict_last", row_evict="evict_first")]
-        q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=3,
+        q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                                   validate=False, **c), variants)
         q.sort(key=lambda r: r[0])
         show("gather", g)
@@ -163,7 +165,8 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         nm = int(0.4 * n)
         k[:nm] = torch.randint(0, 2**62, (nm,), device=dev, generator=gen)
         mixed.append(k[torch.randperm(n, device=dev, generator=gen)])
-    qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=4, validate=False, **qcfg), R)
+    qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=next(STAMPS), validate=False,
+                                     **qcfg), R)
     # Zipf(1.05) over the resident keys: repeats within a call, hot rows reused from L2.
     occ_slots = torch.nonzero(cache.arrays.tags != 0).squeeze(1)
     perm = occ_slots[torch.randperm(occ_slots.numel(), device=dev, generator=gen)]
@@ -173,7 +176,12 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         r = rs.zipf(1.05, size=3 * n)
         r = r[r <= perm.numel()][:n] - 1
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
-    qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=5, validate=False, **qcfg), R)
+    qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
+                                     **qcfg), R)
+    qlfu = bench(lambda i: cache_query(cache.arrays, batches[i][0], policy="lfu",
+                                       validate=False, **qcfg), R)
+    qzlfu = bench(lambda i: cache_query(cache.arrays, zipf[i], policy="lfu", validate=False,
+                                        **qcfg), R)
     gms = g[0][0]
     isel = bench(lambda i: table.index_select(0, batches[i][1]), R)
     cq = bench(lambda i: cache.query(batches[i][0]), R)
@@ -186,6 +194,9 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
     row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
     row("cache query kernel, Zipf 1.05 keys", dim, n, qz, query_b, bw, gms, "L2 reuse")
+    row("cache query kernel (LFU count)", dim, n, qlfu, query_b, bw, gms, "atomic add per hit")
+    row("cache query kernel, Zipf 1.05, LFU", dim, n, qzlfu, query_b, bw, gms,
+        "atomics on hot slots")
     row("GpuEmbeddingCache.query", dim, n, cq, query_b, bw, gms,
         "checks keys (a device sync), own stream, counters")
     row("GpuEmbeddingCache.query(validate=False)", dim, n, cqn, query_b, bw, gms)
@@ -280,9 +291,10 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     offs = [0]
     for _ in range(nt):
         offs.append(offs[-1] + batch)
-    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=2, **qcfg), R)
-    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t], stamp=2, validate=False,
-                                       **qcfg) for t in range(nt)], R)
+    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
+                                              **qcfg), R)
+    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t], stamp=next(STAMPS),
+                                       validate=False, **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
     n = batch * nt
     query_b = 8 + 32 + 32 + 32 + 8 * dim + 1
