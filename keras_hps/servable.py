@@ -290,7 +290,9 @@ class Servable:
         arrays = {}
         for name, tensor_spec in spec.inputs.items():
             array = np.asarray(inputs[name])
-            if array.dtype != tensor_spec.dtype:
+            if tensor_spec.dtype == object and array.dtype.kind in "SUO":
+                array = array.astype(object)  # DT_STRING: bytes or str elements
+            elif array.dtype != tensor_spec.dtype:
                 raise InvalidInputError(
                     f"input '{name}': expects dtype {tensor_spec.dtype.name} but "
                     f"{array.dtype.name} was provided"

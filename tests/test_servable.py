@@ -58,6 +58,10 @@ class _Plain(tf.Module):
     def dense_only(self, dense):
         return {"sum": tf.reduce_sum(dense, axis=1)}
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def lengths(self, text):
+        return {"length": tf.strings.length(text), "upper": tf.strings.upper(text)}
+
 
 class _DensePart(_Plain):
     """The external placement's dense part: vectors [?, 2, DIM] instead of ids."""
@@ -80,7 +84,8 @@ def plain(tmp_path_factory):
     tf.saved_model.save(
         module,
         str(vdir),
-        signatures={"serving_default": module.serve, "dense_only": module.dense_only},
+        signatures={"serving_default": module.serve, "dense_only": module.dense_only,
+                    "lengths": module.lengths},
     )
     return load_servable(vdir), table, w
 
@@ -95,7 +100,8 @@ def _inputs(rng, batch):
 def test_plain_metadata(plain):
     servable, _, _ = plain
     assert (servable.name, servable.version, servable.placement) == ("plain", 3, "embedded")
-    assert set(servable.signatures) == {"serving_default", "dense_only"}
+    assert set(servable.signatures) == {"serving_default", "dense_only", "lengths"}
+    assert servable.signatures["lengths"].inputs["text"].dtype == object
     sig = servable.signatures["serving_default"]
     assert sig.method_name == "tensorflow/serving/predict"
     assert sig.inputs["ids"].dtype == np.int64 and sig.inputs["ids"].shape == (None, 2)
@@ -121,6 +127,17 @@ def test_plain_run_matches_numpy(plain, batch):
     assert list(only) == ["prob"]
     other = servable.run({"dense": inputs["dense"]}, signature_name="dense_only")
     np.testing.assert_allclose(other["sum"], inputs["dense"].sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_string_inputs(plain):
+    servable = plain[0]
+    words = ["", "keras", "hps-\u00e9"]
+    for text in (np.array(words), np.array([w.encode() for w in words]), np.array(words, object)):
+        got = servable.run({"text": text}, signature_name="lengths")
+        np.testing.assert_array_equal(got["length"], [len(w.encode()) for w in words])
+        assert list(got["upper"]) == [w.encode().upper() for w in words]  # ASCII only
+    with pytest.raises(InvalidInputError, match="'text'.*object.*int64"):
+        servable.run({"text": np.arange(3)}, signature_name="lengths")
 
 
 def test_plain_validation_errors(plain):
