@@ -376,7 +376,12 @@ def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, A
     with open_table(path, dim) as table:
         n = table.num_rows
         keys = torch.empty(n, dtype=torch.int64)
-        vectors = torch.empty((n, dim), dtype=torch.float32, pin_memory=pinned)
+        if pinned:
+            from keras_hps.triton_kernels.static_table import pinned_empty
+
+            vectors = pinned_empty((n, dim))
+        else:
+            vectors = torch.empty((n, dim), dtype=torch.float32)
         kn, vn = keys.numpy(), vectors.numpy()
         start = 0
         with tqdm(

@@ -18,8 +18,9 @@ ROWS, DIM, DEFAULT = 900, 8, 0.25
 
 @pytest.fixture(scope="module")
 def interpret():
+    """The GPU tier on: on the GPU when there is one, else through the interpreter on CPU."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HPS_GPU_TIER", "interpret")
+        mp.setenv("KERAS_HPS_GPU_TIER", "auto" if torch.cuda.is_available() else "interpret")
         yield
 
 
@@ -158,7 +159,7 @@ def test_tier_off_and_settings(table, monkeypatch):
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")
     with ParameterServer(_config(path)) as ps:
         assert "gpu" not in ps.stats("m", 0)
-    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "auto")
     assert gpu_tier_devices(False, (0,)) == []  # gpucache: false
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "fast")
     with pytest.raises(ConfigError, match="KERAS_HPS_GPU_TIER"):

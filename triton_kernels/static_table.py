@@ -16,6 +16,8 @@ that key, and a query for it is a miss.
 
 from __future__ import annotations
 
+import mmap
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -312,16 +314,18 @@ def static_query(
         return out, hit.fill_(False)
     block_d = min(triton.next_power_of_2(dim), 128)
     block_k = max(16, min(128, 4096 // block_d))
+    # Arrays the kernel never reads still need a valid pointer: an empty tensor may have none.
+    dev_arg = device_values if device_values.numel() else out
     _static_query_kernel[(triton.cdiv(n, block_k),)](
         keys,
         n,
         index.pairs,
         index.slot_mask,
         index.n_windows,
-        device_values,
-        host_values if host_values is not None else device_values,
+        dev_arg,
+        host_values if host_values is not None and host_values.numel() else dev_arg,
         device_values.shape[0],
-        default if default is not None else device_values,
+        default if default is not None else dev_arg,
         out,
         hit,
         DIM=dim,
@@ -333,6 +337,28 @@ def static_query(
         BLOCK_D=block_d,
     )
     return out, hit
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised page-locked host tensor of exactly ``shape`` (for UVM tables).
+
+    ``torch.empty(..., pin_memory=True)`` rounds the allocation up to a power of two (a
+    51 GB table would pin 64 GiB); this registers an anonymous mapping of the exact size with
+    CUDA instead, and falls back to torch's allocator where registering fails.
+    """
+    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+    if nbytes < (1 << 30) or not torch.cuda.is_available():
+        return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
+    buf = mmap.mmap(-1, nbytes)
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    ptr = arr.ctypes.data
+    rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
+    if int(rc) != 0:
+        del arr
+        buf.close()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    weakref.finalize(arr, torch.cuda.cudart().cudaHostUnregister, ptr)
+    return torch.from_numpy(arr).view(dtype).view(shape)
 
 
 class StaticTable:

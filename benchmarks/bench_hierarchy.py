@@ -1,0 +1,325 @@
+"""GPU tier benchmarks: static/UVM lookups beside a plain gather, the combiner beside torch's
+embedding_bag, and the whole hierarchy through ``ps.lookup`` on CUDA key tensors.
+
+On the GPU machine, from the repository root:
+
+    source benchmarks/device_env.sh
+    python3 benchmarks/bench_hierarchy.py --out $OUT/hier.jsonl
+
+Sections (``--sections``): ``bw`` (device copy and pinned host-to-device bandwidth: the
+floors), ``static`` (static and UVM table queries vs a Triton gather by known row and
+``torch.index_select``), ``combiner`` (``combine_bags`` vs ``F.embedding_bag``),
+``hierarchy`` (a ``--rows`` x ``--dim`` table in an HPS directory under ``--workdir``,
+served by a ParameterServer in ``--modes``; keys Zipf(``--alpha``) over the table, hot keys
+scattered over the rows; ``--batch`` keys per ``ps.lookup``). Results are JSON lines; a
+summary table is printed last. ``--small`` runs every section at toy sizes (also on CPU
+through the Triton interpreter, to check the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+RESULTS: list[dict] = []
+REPS = {"reps": 20, "warm": 3}  # --small: 1 and 0 (the interpreter is slow)
+
+
+OUT_PATH: list[str] = []  # --out, appended to as results come (a killed run keeps them)
+
+
+def log(**row) -> None:
+    RESULTS.append(row)
+    print(json.dumps(row), flush=True)
+    if OUT_PATH:
+        with open(OUT_PATH[0], "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def bench(fn, dev, reps: int | None = None, warm: int | None = None) -> float:
+    """Median seconds of fn() (device-synchronised around each call)."""
+    reps = min(reps or REPS["reps"], REPS["reps"])
+    warm = REPS["warm"] if warm is None else min(warm, REPS["warm"])
+    for _ in range(warm):
+        fn()
+    sync(dev)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------ floors
+def section_bw(dev, small: bool) -> dict:
+    import torch
+
+    n = (1 << 20) if small else (1 << 30)  # floats: 4 GiB on the GPU
+    a = torch.randn(n, device=dev)
+    b = torch.empty_like(a)
+    t = bench(lambda: b.copy_(a), dev, reps=10)
+    d2d = 2 * 4 * n / t
+    out = {"d2d_GBps": d2d / 1e9}
+    if dev.type == "cuda":
+        h = torch.randn(n // 2, pin_memory=True)
+        g = torch.empty(n // 2, device=dev)
+        t = bench(lambda: g.copy_(h, non_blocking=True), dev, reps=10)
+        out["h2d_pinned_GBps"] = 4 * (n // 2) / t / 1e9
+    log(section="bw", **out)
+    return out
+
+
+# ------------------------------------------------------------------------------ static / uvm
+def section_static(dev, small: bool, dims=(128, 16)) -> None:
+    import torch
+    from keras_hps.triton_kernels.gather import gather_rows
+    from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+
+    rows = 20_000 if small else 64_000_000
+    nq = 4096 if small else 1 << 20
+    for dim in dims:
+        r = rows if dim <= 16 else rows // 4  # 16M x 128 fp32 = 8 GiB; 64M x 16 = 4 GiB
+        keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
+        vals = torch.randn(r, dim, device=dev)
+        t0 = time.perf_counter()
+        table = StaticTable(keys, vals, device=dev)
+        sync(dev)
+        build_s = time.perf_counter() - t0
+        rows_q = torch.randperm(r, device=dev)[:nq]  # unique rows, far beyond L2
+        q = keys[rows_q]
+        qmiss = torch.where(torch.rand(nq, device=dev) < 0.5, q, q + 1)  # keys % 3 == 2: absent
+        out, hit = table.query(q)
+        ok = bool(hit.all()) and torch.equal(out, vals[rows_q])
+        t_static = bench(lambda t=table, k=q: t.query(k), dev)
+        t_static_miss = bench(lambda t=table, k=qmiss: t.query(k), dev)
+        t_gather = bench(lambda v=vals, r=rows_q: gather_rows(v, r), dev)
+        t_isel = bench(lambda v=vals, r=rows_q: torch.index_select(v, 0, r), dev)
+        log(section="static", rows=r, dim=dim, keys=nq, correct=ok, build_s=build_s,
+            slots=table.index.slots, probe_windows=table.index.n_windows,
+            static_Gkeys=nq / t_static / 1e9, static_50miss_Gkeys=nq / t_static_miss / 1e9,
+            gather_Gkeys=nq / t_gather / 1e9, index_select_Gkeys=nq / t_isel / 1e9,
+            static_vs_gather=t_gather / t_static,
+            static_GBps=nq * (4 * dim * 2 + 8 + 64) / t_static / 1e9)
+        del table, vals
+        if dev.type != "cuda" or dim != 128:
+            continue
+        # UVM: the same rows in pinned host memory, read by the kernel over the bus.
+        hv = pinned_empty((r, dim))
+        hv.copy_(torch.randn(r, dim, device=dev))
+        table = StaticTable(keys, hv, device=dev, n_device=0)
+        out, hit = table.query(q)
+        ok = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
+        t_uvm = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
+        log(section="uvm", rows=r, dim=dim, keys=nq, correct=ok, pinned=hv.is_pinned(),
+            uvm_Gkeys=nq / t_uvm / 1e9, uvm_GBps_over_bus=nq * 4 * dim / t_uvm / 1e9)
+        del table, hv
+
+
+# ------------------------------------------------------------------------------ combiner
+def section_combiner(dev, small: bool) -> None:
+    import torch
+    import torch.nn.functional as F
+    from keras_hps.triton_kernels.combiners import combine_bags
+
+    batch = 512 if small else 65536
+    dim = 128
+    lengths = torch.randint(0, 41, (batch,), device=dev)  # mean 20, some empty
+    offsets = torch.zeros(batch + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    nnz = int(offsets[-1])
+    vec = torch.randn(nnz, dim, device=dev)
+    w = torch.rand(nnz, device=dev)
+    idx = torch.arange(nnz, device=dev)
+    for combiner, weights in (("sum", None), ("mean", None), ("sum", w)):
+        mode = combiner
+        ours = combine_bags(vec, offsets, weights, combiner, validate=False)
+        ref = F.embedding_bag(idx, vec, offsets[:-1], mode=mode, per_sample_weights=weights,
+                              include_last_offset=False)
+        err = float((ours - ref).norm() / ref.norm())
+        t_ours = bench(
+            lambda w=weights, c=combiner: combine_bags(vec, offsets, w, c, validate=False), dev
+        )
+        t_ref = bench(lambda w=weights, m=mode: F.embedding_bag(
+            idx, vec, offsets[:-1], mode=m, per_sample_weights=w), dev)
+        log(section="combiner", combiner=combiner, weighted=weights is not None, batch=batch,
+            nnz=nnz, dim=dim, rel_err=err, ours_ms=t_ours * 1e3, embedding_bag_ms=t_ref * 1e3,
+            ours_GBps=nnz * 4 * dim / t_ours / 1e9, speedup=t_ref / t_ours)
+
+
+# ------------------------------------------------------------------------------ hierarchy
+def write_table(path: str, rows: int, dim: int, dev) -> None:
+    """An HPS table directory: keys 3*i + 1 (sorted), random float32 vectors."""
+    import torch
+
+    os.makedirs(path, exist_ok=True)
+    (np.arange(rows, dtype=np.int64) * 3 + 1).tofile(os.path.join(path, "key"))
+    chunk = max(1, (1 << 30) // (4 * dim))
+    pin = dev.type == "cuda"
+    buf = torch.empty((chunk, dim), pin_memory=pin)
+    with open(os.path.join(path, "emb_vector"), "wb") as f:
+        for s in range(0, rows, chunk):
+            n = min(chunk, rows - s)
+            buf[:n].copy_(torch.randn(n, dim, device=dev))
+            f.write(memoryview(buf[:n].numpy()).cast("B"))
+
+
+def zipf_batches(rows: int, alpha: float, batch: int, count: int, dev):
+    """``count`` batches of keys: Zipf ranks over ``rows`` mapped to randomly placed keys."""
+    import torch
+
+    w = torch.arange(1, rows + 1, device=dev, dtype=torch.float64).pow_(-alpha)
+    cdf = torch.cumsum(w, 0)
+    cdf /= cdf[-1].clone()
+    del w
+    place = torch.randperm(rows, device=dev)
+    out = []
+    for _ in range(count):
+        u = torch.rand(batch, device=dev, dtype=torch.float64)
+        r = torch.searchsorted(cdf, u).clamp_(max=rows - 1)
+        out.append(place[r] * 3 + 1)
+    del cdf, place
+    return out
+
+
+def section_hierarchy(dev, args) -> None:
+    import torch
+
+    from keras_hps.parameter_server import ParameterServer
+
+    rows, dim, batch = args.rows, args.dim, args.batch
+    path = os.path.join(args.workdir, f"table_{rows}x{dim}")
+    t0 = time.perf_counter()
+    if not os.path.exists(os.path.join(path, "emb_vector")):
+        write_table(path, rows, dim, dev)
+    log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
+    batches = zipf_batches(rows, args.alpha, batch, args.warm + args.reps, dev)
+    uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
+    emb = np.memmap(os.path.join(path, "emb_vector"), np.float32, "r", shape=(rows, dim))
+    for mode in args.modes:
+        if time.time() > args.deadline:
+            log(section="hierarchy", mode=mode, skipped="deadline")
+            continue
+        cfg = {
+            "volatile_db": {"type": "hash_map" if mode == "dynamic" else "disabled",
+                            "initial_cache_rate": 0.0},
+            "models": [{
+                "model": "bench", "sparse_files": [path],
+                "embedding_vecsize_per_table": [dim],
+                "maxnum_catfeature_query_per_table_per_sample": [1],
+                "max_batch_size": batch, "gpucache": True, "gpucacheper": args.cache_frac,
+                "hit_rate_threshold": args.threshold, "embedding_cache_type": mode,
+                "deployed_device_list": [dev.index or 0] if dev.type == "cuda" else [0],
+            }],
+        }
+        t0 = time.perf_counter()
+        ps = ParameterServer(cfg)
+        init_s = time.perf_counter() - t0
+        try:
+            tier = ps._table("bench", 0).gpu_tier
+            # Exactness on a sample, against the file itself.
+            q = batches[0][:20000]
+            got = ps.lookup("bench", 0, q)
+            want = emb[((q.cpu().numpy() - 1) // 3)]
+            exact = bool(np.array_equal(got.cpu().numpy(), want)) and got.device == q.device
+            n_warm = args.warm if mode != "dynamic" else min(args.warm, 3)
+            n_reps = args.reps if mode != "dynamic" else min(args.reps, 3)
+            for b in batches[:n_warm]:
+                ps.lookup("bench", 0, b)
+            tier.wait()
+            sync(dev)
+            s0 = tier.stats()
+            times = []
+            for b in batches[n_warm:n_warm + n_reps]:
+                t1 = time.perf_counter()
+                ps.lookup("bench", 0, b)
+                sync(dev)
+                times.append(time.perf_counter() - t1)
+            s1 = tier.stats()
+            dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+            total = sum(times)
+            log(section="hierarchy", mode=mode, rows=rows, dim=dim, batch=batch,
+                alpha=args.alpha, cache_frac=args.cache_frac, cache_slots=tier.slots,
+                threshold=args.threshold, init_s=init_s, exact_sample=exact,
+                mean_unique_per_batch=uniq, gpu_hit_rate_unique=dh / max(1, dh + dm),
+                uvm_hits=s1["uvm_hits"] - s0["uvm_hits"],
+                fetched_from_host=s1["fetched"] - s0["fetched"],
+                Gkeys_per_s=batch * len(times) / total / 1e9,
+                batch_ms_median=statistics.median(times) * 1e3, batches=len(times))
+        finally:
+            ps.close()
+            del ps
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+    if args.cleanup:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sections", default="bw,static,combiner,hierarchy")
+    ap.add_argument("--rows", type=int, default=100_000_000)
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=1 << 20)
+    ap.add_argument("--alpha", type=float, default=1.05)
+    ap.add_argument("--cache-frac", type=float, default=0.1)
+    ap.add_argument("--threshold", type=float, default=0.9)
+    ap.add_argument("--modes", default="uvm,dynamic")
+    ap.add_argument("--warm", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--workdir", default="/dev/shm/keras_hps_bench")
+    ap.add_argument("--cleanup", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="skip later hierarchy modes once this many seconds have passed")
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    args.modes = [m for m in args.modes.split(",") if m]
+    args.deadline = time.time() + args.budget_s
+    if args.out:
+        OUT_PATH.append(args.out)
+    import torch
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if args.small:
+        args.rows, args.batch, args.warm, args.reps = 20_000, 2048, 2, 2
+        REPS.update(reps=1, warm=0)
+    info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__, "argv": sys.argv[1:],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    log(section="info", **info)
+    sections = args.sections.split(",")
+    try:
+        if "bw" in sections:
+            section_bw(dev, args.small)
+        if "static" in sections:
+            section_static(dev, args.small)
+        if "combiner" in sections:
+            section_combiner(dev, args.small)
+        if "hierarchy" in sections:
+            section_hierarchy(dev, args)
+    finally:
+        print("\nsummary")
+        for r in RESULTS:
+            print("  " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in r.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
