@@ -203,6 +203,16 @@ def section_hierarchy(dev, args) -> None:
     from keras_hps.parameter_server import ParameterServer
 
     rows, dim, batch = args.rows, args.dim, args.batch
+    if args.workdir == "auto":  # the roomier of tmpfs and disk
+        cands = [d for d in ("/dev/shm", "/tmp") if os.path.isdir(d)]
+        base = max(cands, key=lambda d: shutil.disk_usage(d).free)
+        args.workdir = os.path.join(base, "keras_hps_bench")
+        free = shutil.disk_usage(base).free
+        need = rows * (4 * dim + 8)
+        if need > 0.95 * free:
+            rows = int(0.95 * free / (4 * dim + 8)) // 1_000_000 * 1_000_000
+            log(section="hierarchy_note", note=f"only {free / 1e9:.1f} GB free in {base}: "
+                f"table shrunk to {rows} rows")
     path = os.path.join(args.workdir, f"table_{rows}x{dim}")
     t0 = time.perf_counter()
     if not os.path.exists(os.path.join(path, "emb_vector")):
@@ -281,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="uvm,dynamic")
     ap.add_argument("--warm", type=int, default=20)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--workdir", default="/dev/shm/keras_hps_bench")
+    ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="skip later hierarchy modes once this many seconds have passed")
