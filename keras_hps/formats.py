@@ -48,6 +48,10 @@ VECTOR_FILE = "emb_vector"
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 #: Bytes per block that writers and converters move at once.
 BLOCK_BYTES = 64 * 1024 * 1024
+#: Bytes per block when rows are gathered out of file order (each block is one sweep over the
+#: source file), and bytes of the source file mapped at once during such a sweep.
+PERMUTED_BLOCK_BYTES = 256 * 1024 * 1024
+SWEEP_BYTES = 256 * 1024 * 1024
 #: Bytes per HDF5 chunk of /vectors (a row read through h5py reads one chunk).
 CHUNK_BYTES = 64 * 1024
 
@@ -362,25 +366,58 @@ def _check_inputs(path: Any, keys: Any, vectors: Any) -> tuple[np.ndarray, Any, 
     return k, v, int(v.shape[1])
 
 
+def _mapped_base(v: Any, order: np.ndarray | None) -> tuple[Any, np.ndarray | None]:
+    """(memory map, row order into it) when blocks of `v` gather rows of a memory map out of
+    order, else (None, None)."""
+    if isinstance(v, _RowView):
+        base = v.base
+        rows = v.rows if order is None else v.rows[order]
+    else:
+        base, rows = v, order
+    if rows is None or not isinstance(getattr(base, "_mmap", None), mmap.mmap):
+        return None, None
+    return base, rows
+
+
+def _gather_sweeping(base: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`base[rows]` for a memory map, read in ascending row order one SWEEP_BYTES range of the
+    file at a time, releasing the mapped pages after each range. A random gather would map
+    the whole file (the kernel maps whole page-cache folios around each row touched)."""
+    order = np.argsort(rows, kind="stable")
+    srows = rows[order]
+    out = np.empty((len(rows), base.shape[1]), np.float32)
+    span = max(1, SWEEP_BYTES // (base.shape[1] * base.dtype.itemsize))
+    edges = np.searchsorted(srows, np.arange(0, base.shape[0] + span, span))
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        if hi > lo:
+            out[order[lo:hi]] = np.take(base, srows[lo:hi], axis=0)
+            release_pages(base)
+    return out
+
+
 def _blocks(k: np.ndarray, v: Any, order: np.ndarray | None, dim: int, progress: Any,
             desc: str) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, keys, vectors) blocks of the rows to write, in `order` when given. Resident
+    memory stays near one block whatever the table's size."""
     n = len(k) if order is None else len(order)
-    step = _block_rows(dim)
+    base, rows = _mapped_base(v, order)
+    step = _block_rows(dim) if base is None else max(1, PERMUTED_BLOCK_BYTES // (4 * dim + 8))
     bar = _progress(progress, n, desc)
     try:
         for start in range(0, n, step):
             stop = min(n, start + step)
-            if order is None:
-                kb = k[start:stop]
+            kb = k[start:stop] if order is None else k[order[start:stop]]
+            if base is not None:
+                vb = _gather_sweeping(base, rows[start:stop])
+            elif order is None:
                 vb = v[start:stop]
             else:
-                idx = order[start:stop]
-                kb = k[idx]
-                vb = gather_rows(v, idx, dim)
+                vb = gather_rows(v, order[start:stop], dim)
             vb = np.ascontiguousarray(vb, dtype="<f4")
             if vb.shape != (stop - start, dim):
                 raise TableFormatError(f"vectors block has shape {vb.shape}")
             yield start, np.ascontiguousarray(kb, dtype="<i8"), vb
+            del vb
             release_pages(v)
             if bar is not None:
                 bar.update(stop - start)

@@ -14,7 +14,8 @@ structures keras-hps allocates:
 - host RAM tier: `min(rows, overflow_margin)` rows preallocated (vector + 33 bytes of key and
   bookkeeping per row) and the key index (a dense int32 array over the key range when keys are
   compact, else a hash index of 16-byte entries, at least 4 per row);
-- cold tier: its in-memory key index (8 bytes per row, 16 when the file is not in key order);
+- cold tier: its in-memory key index (8 bytes per row, 16 when the file is not in key order,
+  plus every 64th key for tables of 65,536 rows or more);
 - disk: the table file's size.
 
 GPU figures are per device; a model's caches are replicated on every device of
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_hps.cold_tier import index_nbytes as cold_index_nbytes
 from keras_hps.config import PSConfig, load_config
 from keras_hps.errors import ConfigError, TableFormatError
 from keras_hps.formats import KEY_FILE, VECTOR_FILE, is_hdf5_path, read_hdf5_table
@@ -134,7 +136,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             if vdb.enabled and uses_dbs:
                 host_rows = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
                 host = host_rows * (vec + ROW_OVERHEAD) + index_nbytes(host_rows, (lo, hi, rows))
-            cold = rows * (8 if is_sorted else 16) if uses_dbs else 0
+            cold = cold_index_nbytes(rows, is_sorted) if uses_dbs else 0
             plans.append(TablePlan(
                 model=m.model, table_id=t, name=m.table_name(t), rows=rows, dim=dim,
                 cache_type=ctype if m.gpucache else "off", gpu_slots=gpu_slots, gpu_bytes=gpu,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from keras_hps import cold_tier
 from keras_hps.cold_tier import ColdTier
 from keras_hps.formats import open_table, write_hdf5_table, write_hps_table
 from keras_hps.host_tier import HostTier
@@ -121,8 +122,10 @@ def test_hash_index_survives_churn_with_tombstones():
     assert tier.evictions > 0 and tier.resident_rows <= cap
 
 
+@pytest.mark.parametrize("two_level", [False, True], ids=["searchsorted", "coarse-index"])
 @pytest.mark.parametrize("kind", ["hps-unsorted", "hps-sorted", "hdf5"])
-def test_cold_tier_matches_reference(tmp_path, kind):
+def test_cold_tier_matches_reference(tmp_path, kind, two_level, monkeypatch):
+    monkeypatch.setattr(cold_tier, "_TWO_LEVEL_MIN", 1 if two_level else 10**9)
     rng = np.random.default_rng(12)
     dim = 9
     keys = rng.permutation(np.unique(np.concatenate([[0, -5, 2**40],
@@ -133,6 +136,8 @@ def test_cold_tier_matches_reference(tmp_path, kind):
     path = tmp_path / ("t.h5" if kind == "hdf5" else "t")
     (write_hdf5_table if kind == "hdf5" else write_hps_table)(path, keys, vecs)
     cold = ColdTier(open_table(path))
+    assert (cold._coarse is not None) == two_level
+    assert cold.index_nbytes == cold_tier.index_nbytes(len(keys), kind != "hps-unsorted")
     ref = {int(k): v for k, v in zip(keys, vecs, strict=True)}
     assert cold.key_range == (int(keys.min()), int(keys.max()), len(keys))
     for _ in range(5):
