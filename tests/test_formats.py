@@ -103,11 +103,17 @@ def test_round_trip_between_formats(tmp_path, first):
 def test_streamed_writes_in_many_blocks(tmp_path, monkeypatch):
     """Blocks smaller than the table: the permuted (sorting) and in-order paths both stream."""
     monkeypatch.setattr(formats, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(formats, "PERMUTED_BLOCK_BYTES", 8192)
+    monkeypatch.setattr(formats, "SWEEP_BYTES", 2048)
     rng = np.random.default_rng(4)
     keys, vecs = random_table(rng, 3001, 12)
     write_hps_table(tmp_path / "t", keys, vecs)
-    with read_hps_table(tmp_path / "t") as t:
+    with read_hps_table(tmp_path / "t") as t:  # memory-mapped, out of key order: swept gather
         write_hdf5_table(tmp_path / "t.h5", t.keys, t.vectors, chunk_rows=7)
+        sorted_keys, view = t.in_key_order()  # what convert does
+        write_hdf5_table(tmp_path / "v.h5", sorted_keys, view)
+    with read_hdf5_table(tmp_path / "v.h5") as t:
+        assert_same_table(t, keys, vecs)
     with read_hdf5_table(tmp_path / "t.h5") as t:
         assert_same_table(t, keys, vecs)
         blocks = list(t.iter_blocks(100))
