@@ -16,6 +16,9 @@ import keras
 from keras_hps.errors import ConfigError, InvalidInputError
 
 SUPPORTED_BACKENDS = ("tensorflow", "torch")
+# Guards every layer's (parameter server, table spec) binding; module-level so that
+# layers stay copyable (a lock attribute cannot be deep-copied or pickled).
+_BINDING_LOCK = threading.Lock()
 ID_DTYPES = ("int32", "int64")
 
 
@@ -98,7 +101,6 @@ class TableLookupLayer(keras.layers.Layer):
         # Lookups cross into Python (TF) or call Triton from Python (torch): no XLA.
         self.supports_jit = False
         self._binding: TableBinding | None = None
-        self._binding_lock = threading.Lock()
 
     # -- parameter server -------------------------------------------------------------
 
@@ -120,7 +122,7 @@ class TableLookupLayer(keras.layers.Layer):
         binding = self._binding
         if binding is not None and binding.ps is ps:
             return binding
-        with self._binding_lock:
+        with _BINDING_LOCK:
             spec = ps.table_spec(self.model_name, self.table_id)
             if spec.dim != self.emb_vec_size:
                 raise ConfigError(
