@@ -160,11 +160,12 @@ class ModelManager:
                     self._unload(record)
 
     # ------------------------------------------------------------------ polling
-    def poll_once(self) -> list[tuple[str, int, ServingError]]:
-        """One pass over every model (in parallel): load newly aspired versions, then unload
-        versions no longer aspired. Returns (model, version, error) of failed loads."""
+    def poll_once(self, names: set[str] | None = None) -> list[tuple[str, int, ServingError]]:
+        """One pass over every model, or those in `names` (in parallel): load newly aspired
+        versions, then unload versions no longer aspired. Returns (model, version, error) of
+        the versions that failed to load."""
         with self._cond:
-            models = list(self._models.values())
+            models = [m for n, m in self._models.items() if names is None or n in names]
         failures: list[tuple[str, int, ServingError]] = []
 
         def work(model: _Model) -> None:
@@ -272,11 +273,14 @@ class ModelManager:
             with self._cond:
                 new_names = {e.name for e in entries}
                 removed = [m for n, m in self._models.items() if n not in new_names]
+                touched = set()  # new or changed models: this call waits for their loads
                 for entry in entries:
                     model = self._models.get(entry.name)
                     if model is None:
                         self._models[entry.name] = _Model(entry)
-                    else:
+                        touched.add(entry.name)
+                    elif model.entry != entry:
+                        touched.add(entry.name)
                         if model.entry.base_path != entry.base_path:
                             # another folder: its versions are other versions
                             removed.append(model)
@@ -298,7 +302,8 @@ class ModelManager:
                 with model.lock:
                     for record in list(model.versions.values()):
                         self._unload(record)
-            return self.poll_once()
+            # unchanged models keep their state (a load in progress is not waited for)
+            return self.poll_once(touched)
 
     def entries(self) -> list[ModelEntry]:
         """The model entries served now."""
