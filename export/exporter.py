@@ -7,6 +7,7 @@ import math
 import os
 import uuid
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,14 +224,21 @@ def export_for_serving(
             _write_saved_model(tmp, graph, names, out_names, in_specs)
         else:
             result.hps_json = hps_path
-            part = dense_part(inference, calls)
-            dense_specs = {n: in_specs[n] for n in part.passthrough}
-            for call, feed in part.feeds:
-                dense_specs[feed] = _spec_of(call.output)
-            _write_saved_model(tmp, part.model, part.input_names, out_names, dense_specs)
             table_dir = os.path.join(repo_dir, repo.TABLES_DIR, model_name, str(version))
             _make_dirs(txn, table_dir)
-            result.table_files = _write_tables(table_dir, table_list, progress)
+            # Table files are written by worker threads (file writes release the GIL) while
+            # this thread builds and saves the dense part; leaving the block waits for them.
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
+                pending = _write_tables(pool, table_dir, table_list, progress)
+                part = dense_part(inference, calls)
+                dense_specs = {n: in_specs[n] for n in part.passthrough}
+                for call, feed in part.feeds:
+                    dense_specs[feed] = _spec_of(call.output)
+                _write_saved_model(tmp, part.model, part.input_names, out_names, dense_specs)
+                result.table_files = [h5 for h5, _ in pending]
+                for _, futures in pending:
+                    for future in futures:
+                        future.result()
             _write_manifest(tmp, model_name, hps_path, part, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
                                max_batch_size,
@@ -277,18 +285,22 @@ def _make_dirs(txn: repo.Transaction, path: str) -> None:
         os.mkdir(txn.created(p))
 
 
-def _write_tables(table_dir: str, table_list: Sequence[EmbeddingTable],
-                  progress: bool) -> list[str]:
+def _write_tables(pool: ThreadPoolExecutor, table_dir: str,
+                  table_list: Sequence[EmbeddingTable],
+                  progress: bool) -> list[tuple[str, list[Future]]]:
+    """Start writing each table as HDF5 and as an HPS directory; (h5 path, futures) each."""
     from keras_hps.formats import write_hdf5_table, write_hps_table
 
-    written = []
+    pending = []
     for t in table_list:
         h5 = os.path.join(table_dir, f"{t.layer_name}.h5")
-        write_hdf5_table(h5, t.keys, t.vectors, progress=progress)
-        write_hps_table(os.path.join(table_dir, t.layer_name), t.keys, t.vectors,
-                        progress=progress)
-        written.append(h5)
-    return written
+        futures = [
+            pool.submit(write_hdf5_table, h5, t.keys, t.vectors, progress=progress),
+            pool.submit(write_hps_table, os.path.join(table_dir, t.layer_name), t.keys,
+                        t.vectors, progress=progress),
+        ]
+        pending.append((h5, futures))
+    return pending
 
 
 def _write_manifest(version_dir: str, model_name: str, hps_path: str, part: Any,

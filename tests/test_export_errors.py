@@ -44,7 +44,7 @@ def repo(tmp_path_factory):
     return root, model
 
 
-class _Subclassed(keras.Model):
+class SubclassedCTR(keras.Model):
     def __init__(self):
         super().__init__()
         self.table = keras.layers.Embedding(10, 3, name="sub_table")
@@ -60,7 +60,7 @@ def _no_embedding_model():
 
 
 def _subclassed():
-    m = _Subclassed()
+    m = SubclassedCTR()
     m(np.zeros((1, 2), np.int64))
     return m
 
@@ -111,17 +111,23 @@ def test_bad_input_is_a_clear_error_and_changes_nothing(repo, case):
     assert _snapshot(root) == before
 
 
-@pytest.mark.parametrize("tables", ["external", "embedded"])
-def test_failure_while_writing_rolls_back(repo, monkeypatch, tables):
+@pytest.mark.parametrize("tables,target", [
+    ("external", "exporter.write_warmup"),
+    ("embedded", "exporter.write_warmup"),
+    ("external", "formats.write_hps_table"),  # fails in a table-writing thread
+])
+def test_failure_while_writing_rolls_back(repo, monkeypatch, tables, target):
     root, model = repo
     before = _snapshot(root)
     import keras_hps.export.exporter as exporter
 
+    import keras_hps.formats as formats
+
     def broken(*args, **kwargs):
         raise OSError("disk full (injected)")
 
-    # The last write before the version appears: the warmup file.
-    monkeypatch.setattr(exporter, "write_warmup", broken)
+    module, name = target.split(".")
+    monkeypatch.setattr({"exporter": exporter, "formats": formats}[module], name, broken)
     with pytest.raises(OSError, match="injected"):
         export_for_serving(model, root, "half_written", tables=tables)
     assert _snapshot(root) == before
