@@ -500,14 +500,26 @@ def _dataset_view(dset: Any, path: str) -> np.ndarray | None:
                                                   shape=shape, offset=off)
     if layout != h5py.h5d.CHUNKED:
         return None
-    chunks = dset.chunks
-    if any(c != s for c, s in zip(chunks[1:], shape[1:], strict=True)):
-        return None  # chunks split rows: not one run of bytes per row block
+    off = _linear_chunks_offset(dset)
+    if off is None:
+        return None
+    rows = -(-shape[0] // dset.chunks[0]) * dset.chunks[0]
+    full = np.memmap(path, dtype=dset.dtype, mode="r", offset=off, shape=(rows, *shape[1:]))
+    return full[: shape[0]]
+
+
+def _linear_chunks_offset(dset: Any) -> int | None:
+    """File offset of a chunked dataset's data when its chunks span whole rows, are all
+    allocated, unfiltered and laid out back to back in row order (then the data is one run
+    of bytes, like a contiguous dataset); else None."""
+    shape, chunks = tuple(dset.shape), dset.chunks
+    if chunks is None or any(c != s for c, s in zip(chunks[1:], shape[1:], strict=True)):
+        return None
     chunk_bytes = int(np.prod(chunks)) * dset.dtype.itemsize
     infos: list[tuple[int, int, int]] = []
     dset.id.chunk_iter(lambda i: infos.append((i.chunk_offset[0], i.byte_offset, i.size)))
     nchunks = -(-shape[0] // chunks[0])
-    if len(infos) != nchunks:
+    if len(infos) != nchunks or nchunks == 0:
         return None
     infos.sort()
     rows0 = np.array([i[0] for i in infos])
@@ -516,9 +528,7 @@ def _dataset_view(dset: Any, path: str) -> np.ndarray | None:
     if (not np.array_equal(rows0, np.arange(nchunks) * chunks[0]) or np.any(sizes != chunk_bytes)
             or not np.array_equal(offs - offs[0], np.arange(nchunks) * chunk_bytes)):
         return None
-    full = np.memmap(path, dtype=dset.dtype, mode="r", offset=int(offs[0]),
-                     shape=(nchunks * chunks[0], *shape[1:]))
-    return full[: shape[0]]
+    return int(offs[0])
 
 
 def read_hdf5_table(path: str | os.PathLike, *, verify: bool = True) -> Table:
@@ -595,28 +605,47 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
     crow = max(1, min(crow, max(n, 1)))
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(dst)
+    blocks = _blocks(k, v, order, dim, progress, f"write {dst.name}")
     try:
         with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
             f.attrs["format"] = FORMAT_NAME
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["dim"] = dim
-            kd = f.create_dataset("keys", shape=(n,), dtype="<i8")
+            f.create_dataset("keys", data=k if order is None else k[order], dtype="<i8")
             if n:
                 dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
                 dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # chunks in file order
                 vd = f.create_dataset("vectors", shape=(n, dim), dtype="<f4",
                                       chunks=(crow, dim), fill_time="never", dcpl=dcpl)
+                offset = _linear_chunks_offset(vd)
+                if offset is None:  # unusual storage: let HDF5 place every chunk
+                    for start, _, vb in blocks:
+                        vd.write_direct(vb, dest_sel=np.s_[start:start + len(vb)])
             else:  # HDF5 has no chunks for an empty dataset
-                vd = f.create_dataset("vectors", shape=(0, dim), dtype="<f4")
-            for start, kb, vb in _blocks(k, v, order, dim, progress, f"write {dst.name}"):
-                stop = start + len(kb)
-                kd[start:stop] = kb
-                vd.write_direct(vb, dest_sel=np.s_[start:stop])
+                f.create_dataset("vectors", shape=(0, dim), dtype="<f4")
+                offset = None
+        if offset is not None:
+            # The chunks are one run of bytes in row order (allocated up front, unfiltered):
+            # write the rows straight into it, at the speed of a plain file write.
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                for start, _, vb in blocks:
+                    _pwrite_all(fd, memoryview(vb).cast("B"), offset + start * dim * 4)
+            finally:
+                os.close(fd)
         _replace(tmp, dst, overwrite)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        blocks.close()
     return dst
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while len(data):
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
 
 
 def open_table(path: str | os.PathLike, dim: int | None = None, *,

@@ -261,3 +261,17 @@ def test_writer_input_errors(tmp_path):
     with pytest.raises(TableFormatError, match=r"\[rows, dim\]"):
         write_hdf5_table(tmp_path / "x.h5", np.array([1, 2]), np.zeros(2))
     assert not os.listdir(tmp_path)
+
+
+def test_hdf5_chunks_not_in_row_order_go_through_h5py(tmp_path, monkeypatch):
+    """Storage whose chunks are not one run of bytes: written and read through h5py."""
+    monkeypatch.setattr(formats, "_linear_chunks_offset", lambda dset: None)
+    rng = np.random.default_rng(7)
+    keys, vecs = random_table(rng, 1500, 5)
+    write_hdf5_table(tmp_path / "t.h5", keys, vecs, chunk_rows=64)
+    with read_hdf5_table(tmp_path / "t.h5") as t:
+        assert isinstance(t.vectors, h5py.Dataset)
+        assert_same_table(t, keys, vecs)
+        order = np.argsort(keys)
+        rows = rng.integers(0, len(keys), 200)
+        np.testing.assert_array_equal(t.read_rows(rows), vecs[order][rows])
