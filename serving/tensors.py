@@ -8,6 +8,8 @@ tensors; TF Serving's `--enable_serialization_as_tensor_content`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 
@@ -100,7 +102,7 @@ def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
     shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
     if any(d < 0 for d in shape):
         raise invalid_argument(f"tensor parsing error: {name}: negative dimension in {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
         if len(proto.tensor_content) != count * dtype.itemsize:
             raise invalid_argument(
