@@ -89,6 +89,15 @@ def test_ragged_sparse_padded_and_offsets_agree(table, ps, combiner):
     assert empty.shape == (0, DIM)
 
 
+def test_ids_are_made_unique_before_the_lookup(table, ps):
+    ids = np.array([[3, 3, 7, -1], [7, 3, 3, 3], [9, -1, -1, -1]])
+    before = ps.stats("bags", 0)
+    SparseLookupLayer("bags", 0, DIM)(ids)
+    after = ps.stats("bags", 0)
+    assert after["lookups"] - before["lookups"] == 1
+    assert after["keys"] - before["keys"] == 3  # 3, 7, 9: one key each crossed over
+
+
 def test_in_tf_function_and_functional_model(table, ps):
     layer = SparseLookupLayer("bags", 0, DIM, combiner="sum")
     ids, w = random_bags(8, 6)
