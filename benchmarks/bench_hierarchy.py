@@ -89,7 +89,7 @@ def section_bw(dev, small: bool) -> dict:
 def section_static(dev, small: bool, dims=(128, 16)) -> None:
     import torch
     from keras_hps.triton_kernels.gather import gather_rows
-    from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+    from keras_hps.triton_kernels.static_table import StaticTable
 
     rows = 20_000 if small else 64_000_000
     nq = 4096 if small else 1 << 20
@@ -117,18 +117,38 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
             static_vs_gather=t_gather / t_static,
             static_GBps=nq * (4 * dim * 2 + 8 + 64) / t_static / 1e9)
         del table, vals
-        if dev.type != "cuda" or dim != 128:
-            continue
-        # UVM: the same rows in pinned host memory, read by the kernel over the bus.
-        hv = pinned_empty((r, dim))
-        hv.copy_(torch.randn(r, dim, device=dev))
-        table = StaticTable(keys, hv, device=dev, n_device=0)
-        out, hit = table.query(q)
-        ok = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
-        t_uvm = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
+
+
+UVM_LAUNCH: dict[str, int] = {}  # the fastest launch found by section_uvm, used later
+
+
+def section_uvm(dev, small: bool) -> None:
+    """UVM table query (all rows in pinned host memory) over a sweep of launch configs."""
+    import torch
+    from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+
+    r, dim = (20_000, 128) if small else (16_000_000, 128)
+    nq = 4096 if small else 1 << 20
+    keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
+    hv = pinned_empty((r, dim))
+    hv.copy_(torch.randn(r, dim, device=dev))
+    table = StaticTable(keys, hv, device=dev, n_device=0)
+    rows_q = torch.randperm(r, device=dev)[:nq]
+    q = keys[rows_q]
+    out, hit = table.query(q)
+    ok = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
+    best = None
+    configs = [(32, 4)] if small else [(bk, nw) for bk in (32, 64, 128, 256) for nw in (4, 8)]
+    for bk, nw in configs:
+        table.launch = {"block_k": bk, "num_warps": nw}
+        t = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
         log(section="uvm", rows=r, dim=dim, keys=nq, correct=ok, pinned=hv.is_pinned(),
-            uvm_Gkeys=nq / t_uvm / 1e9, uvm_GBps_over_bus=nq * 4 * dim / t_uvm / 1e9)
-        del table, hv
+            block_k=bk, num_warps=nw, uvm_Gkeys=nq / t / 1e9,
+            uvm_GBps_over_bus=nq * 4 * dim / t / 1e9)
+        if best is None or t < best[0]:
+            best = (t, bk, nw)
+    UVM_LAUNCH.update(block_k=best[1], num_warps=best[2])
+    del table, hv
 
 
 # ------------------------------------------------------------------------------ combiner
@@ -197,6 +217,33 @@ def zipf_batches(rows: int, alpha: float, batch: int, count: int, dev):
     return out
 
 
+def breakdown(tier, keys, dev) -> None:
+    """Device time of each step of one uvm lookup (each step synchronised: an upper bound)."""
+    import torch
+
+    rep = tier._replicas[0]
+    steps = {}
+
+    def step(name, fn):
+        sync(dev)
+        t0 = time.perf_counter()
+        r = fn()
+        sync(dev)
+        steps[name + "_ms"] = (time.perf_counter() - t0) * 1e3
+        return r
+
+    ukeys, inv = step("unique", lambda: torch.unique(keys, return_inverse=True))
+    vals, hit = step("cache_query", lambda: rep.cache.query(ukeys))
+    midx = step("miss_index", lambda: torch.nonzero(~hit).reshape(-1))
+    mkeys = ukeys[midx]
+    mv, _ = step("uvm_query", lambda: rep.table.query(mkeys))
+    step("scatter_misses", lambda: vals.index_copy_(0, midx, mv))
+    step("cache_insert", lambda: rep.cache.insert(mkeys, mv))
+    step("gather_to_input_order", lambda: vals[inv])
+    log(section="hierarchy_breakdown", keys=keys.numel(), unique=ukeys.numel(),
+        misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
+
+
 def section_hierarchy(dev, args) -> None:
     import torch
 
@@ -218,7 +265,7 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    batches = zipf_batches(rows, args.alpha, batch, args.warm + args.reps, dev)
+    batches = zipf_batches(rows, args.alpha, batch, args.warm + 2 * args.reps + 1, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
     emb = np.memmap(os.path.join(path, "emb_vector"), np.float32, "r", shape=(rows, dim))
     for mode in args.modes:
@@ -242,6 +289,9 @@ def section_hierarchy(dev, args) -> None:
         init_s = time.perf_counter() - t0
         try:
             tier = ps._table("bench", 0).gpu_tier
+            for rep in tier._replicas:
+                if rep.table is not None:
+                    rep.table.launch = dict(UVM_LAUNCH)
             # Exactness on a sample, against the file itself.
             q = batches[0][:20000]
             got = ps.lookup("bench", 0, q)
@@ -253,24 +303,32 @@ def section_hierarchy(dev, args) -> None:
                 ps.lookup("bench", 0, b)
             tier.wait()
             sync(dev)
-            s0 = tier.stats()
-            times = []
-            for b in batches[n_warm:n_warm + n_reps]:
-                t1 = time.perf_counter()
-                ps.lookup("bench", 0, b)
-                sync(dev)
-                times.append(time.perf_counter() - t1)
-            s1 = tier.stats()
-            dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
-            total = sum(times)
-            log(section="hierarchy", mode=mode, rows=rows, dim=dim, batch=batch,
-                alpha=args.alpha, cache_frac=args.cache_frac, cache_slots=tier.slots,
-                threshold=args.threshold, init_s=init_s, exact_sample=exact,
-                mean_unique_per_batch=uniq, gpu_hit_rate_unique=dh / max(1, dh + dm),
-                uvm_hits=s1["uvm_hits"] - s0["uvm_hits"],
-                fetched_from_host=s1["fetched"] - s0["fetched"],
-                Gkeys_per_s=batch * len(times) / total / 1e9,
-                batch_ms_median=statistics.median(times) * 1e3, batches=len(times))
+            pos = n_warm
+            for threshold in (args.threshold, 0.0) if mode != "dynamic" else (args.threshold,):
+                tier.hit_rate_threshold = threshold  # 0.0: every insert in the background
+                s0 = tier.stats()
+                times = []
+                for b in batches[pos:pos + n_reps]:
+                    t1 = time.perf_counter()
+                    ps.lookup("bench", 0, b)
+                    sync(dev)
+                    times.append(time.perf_counter() - t1)
+                pos += n_reps
+                tier.wait()
+                s1 = tier.stats()
+                dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+                total = sum(times)
+                log(section="hierarchy", mode=mode, rows=rows, dim=dim, batch=batch,
+                    alpha=args.alpha, cache_frac=args.cache_frac, cache_slots=tier.slots,
+                    threshold=threshold, init_s=init_s, exact_sample=exact, warm_batches=n_warm,
+                    mean_unique_per_batch=uniq, gpu_hit_rate_unique=dh / max(1, dh + dm),
+                    uvm_hits=s1["uvm_hits"] - s0["uvm_hits"],
+                    fetched_from_host=s1["fetched"] - s0["fetched"],
+                    resident=s1["resident"], uvm_launch=dict(UVM_LAUNCH),
+                    Gkeys_per_s=batch * len(times) / total / 1e9,
+                    batch_ms_median=statistics.median(times) * 1e3, batches=len(times))
+            if mode == "uvm" and pos < len(batches):
+                breakdown(tier, batches[pos], dev)
         finally:
             ps.close()
             del ps
@@ -281,7 +339,7 @@ def section_hierarchy(dev, args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sections", default="bw,static,combiner,hierarchy")
+    ap.add_argument("--sections", default="bw,static,uvm,combiner,hierarchy")
     ap.add_argument("--rows", type=int, default=100_000_000)
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--batch", type=int, default=1 << 20)
@@ -289,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-frac", type=float, default=0.1)
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--modes", default="uvm,dynamic")
-    ap.add_argument("--warm", type=int, default=20)
+    ap.add_argument("--warm", type=int, default=60)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
@@ -319,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             section_bw(dev, args.small)
         if "static" in sections:
             section_static(dev, args.small)
+        if "uvm" in sections and dev.type == "cuda":
+            section_uvm(dev, args.small)
         if "combiner" in sections:
             section_combiner(dev, args.small)
         if "hierarchy" in sections:

@@ -244,10 +244,9 @@ class GpuTableTier:
             mkeys = ukeys[miss_idx]
             mvals = None
             if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
-                tv, thit = rep.table.query(mkeys)
-                mvals = tv
-                uvm_hits = int(thit.sum())
+                mvals, thit = rep.table.query(mkeys)
                 still = torch.nonzero(~thit).reshape(-1)
+                uvm_hits = n_miss - still.numel()
             else:
                 still = torch.arange(n_miss, device=ukeys.device)
             generation = self._generation

@@ -279,12 +279,17 @@ def static_query(
     device_values: torch.Tensor,
     host_values: torch.Tensor | None = None,
     default: torch.Tensor | None = None,
+    *,
+    block_k: int | None = None,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Look up keys: ``(vectors [n, dim], hit [n] bool)`` on the index's device.
 
     Row ``r`` of the table is ``device_values[r]`` for ``r < len(device_values)``, else
     ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place).
     Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened.
+    ``block_k`` (keys per program, a power of two) and ``num_warps`` override the launch
+    configuration (for tuning).
     """
     keys = _as_int64_keys(keys, "static_query")
     _check_values(device_values, "device_values")
@@ -313,7 +318,8 @@ def static_query(
     if n == 0 or dim == 0:
         return out, hit.fill_(False)
     block_d = min(triton.next_power_of_2(dim), 128)
-    block_k = max(16, min(128, 4096 // block_d))
+    if block_k is None:
+        block_k = max(16, min(128, 4096 // block_d))
     # Arrays the kernel never reads still need a valid pointer: an empty tensor may have none.
     dev_arg = device_values if device_values.numel() else out
     _static_query_kernel[(triton.cdiv(n, block_k),)](
@@ -335,6 +341,7 @@ def static_query(
         BLOCK_K=block_k,
         W=WINDOW,
         BLOCK_D=block_d,
+        num_warps=num_warps or 4,
     )
     return out, hit
 
@@ -386,6 +393,7 @@ class StaticTable:
         n = keys.numel()
         n_device = n if n_device is None else max(0, min(int(n_device), n))
         self.index = build_index(keys.to(device))
+        self.launch: dict[str, int] = {}  # block_k / num_warps overrides for static_query
         self.dim = int(values.shape[1])
         self.device_values = values[:n_device].to(device).contiguous()
         self.host_values: torch.Tensor | None = None
@@ -404,7 +412,9 @@ class StaticTable:
         self, keys: torch.Tensor, default: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` for flattened keys; misses get default or zeros."""
-        return static_query(self.index, keys, self.device_values, self.host_values, default)
+        return static_query(
+            self.index, keys, self.device_values, self.host_values, default, **self.launch
+        )
 
     def update(self, keys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
         """Overwrite the rows of the keys the table holds; returns the mask of those keys.
