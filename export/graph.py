@@ -116,7 +116,7 @@ def rewire(
             new = replace_lookup(layer)
             originals[id(new)] = layer
             return new
-        if not copy_layers or not layer.weights:
+        if not copy_layers or not getattr(layer, "weights", None):  # ops have no weights
             return layer
         try:
             new = layer.__class__.from_config(layer.get_config())

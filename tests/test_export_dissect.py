@@ -168,3 +168,21 @@ def test_pooled_bags_become_sparse_lookups(tmp_path, combiner):
     _check_both_placements(model, tmp_path / "repo", f"bags_{combiner}", {"bags": raw},
                            pooled_ref @ kernel + bias, keys={"bag_emb": keys},
                            default_value=0.5)
+
+
+def test_shared_table_and_key_input_used_as_a_feature(tmp_path):
+    """One Embedding called on two inputs; one key input also feeds a keras.ops computation."""
+    keras.utils.set_random_seed(4)
+    a = keras.Input(shape=(1,), dtype="int64", name="a")
+    b = keras.Input(shape=(2,), dtype="int64", name="b")
+    emb = keras.layers.Embedding(30, 4, name="shared")
+    x = keras.layers.Concatenate()([keras.layers.Flatten()(emb(a)), keras.layers.Flatten()(emb(b)),
+                                    ops.cast(a, "float32") / 30.0])
+    model = keras.Model([a, b], keras.layers.Dense(1, name="o")(x))
+    assert len(dissect(model)) == 1
+    rng = np.random.default_rng(4)
+    inputs = {"a": rng.integers(0, 30, (7, 1)), "b": rng.integers(0, 30, (7, 2))}
+    want = model.predict([inputs["a"], inputs["b"]], verbose=0)
+    _check_both_placements(model, tmp_path / "repo", "shared", inputs, want)
+    hps = (tmp_path / "repo" / "hps.json").read_text()
+    assert '"maxnum_catfeature_query_per_table_per_sample": [\n        3\n      ]' in hps
