@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -184,5 +185,6 @@ def test_shared_table_and_key_input_used_as_a_feature(tmp_path):
     inputs = {"a": rng.integers(0, 30, (7, 1)), "b": rng.integers(0, 30, (7, 2))}
     want = model.predict([inputs["a"], inputs["b"]], verbose=0)
     _check_both_placements(model, tmp_path / "repo", "shared", inputs, want)
-    hps = (tmp_path / "repo" / "hps.json").read_text()
-    assert '"maxnum_catfeature_query_per_table_per_sample": [\n        3\n      ]' in hps
+    hps = json.loads((tmp_path / "repo" / "hps.json").read_text())
+    entry = next(m for m in hps["models"] if m["model"] == "shared_external")
+    assert entry["maxnum_catfeature_query_per_table_per_sample"] == [3]  # 1 + 2 keys per sample
