@@ -66,8 +66,7 @@ def lookup(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
         out = tf.py_function(functools.partial(_lookup_eager, fetch), [keys], Tout=tf.float32)
     else:
         out = tf.numpy_function(fetch, [ids], tf.float32, stateful=True)
-    out = tf.reshape(out, tf.concat([tf.shape(ids, out_type=tf.int64), [dim]], axis=0))
-    out.set_shape(ids.shape.concatenate([dim]))
+    out.set_shape(ids.shape.concatenate([dim]))  # the server answers keys.shape + (dim,)
     return out
 
 
