@@ -15,7 +15,15 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import POLICIES, SLOTS_PER_SET, NpCacheState, block_d, probe, set_and_tag
+from .cache_layout import (
+    POLICIES,
+    SLOTS_PER_SET,
+    NpCacheState,
+    block_d,
+    probe,
+    set_and_tag,
+    touch_scores,
+)
 from .cache_query import _launch_config, np_cache_query
 
 
@@ -70,12 +78,7 @@ def _fused_query_kernel(
                  eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
-        if LFU:
-            tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
-        else:
-            # Only stale stamps are written: a hot key repeated in a batch (or queried again
-            # before the clock moves) does not make every lane store to one address.
-            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
+        touch_scores(slots_ptr, slot, hit, score, stamp, LFU)
 
 
 def fused_cache_query(

@@ -102,12 +102,32 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
             j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
             active = active & (~match) & (j < SLOTS)
     else:
-        ck = tl.load(slots_ptr + 2 * sidx, mask=cand, other=0)
-        cs = tl.load(slots_ptr + 2 * sidx + 1, mask=cand, other=0)
+        # (key, score) records of the candidates as 16-byte pairs: one vector load each.
+        pair = tl.arange(0, 2)
+        rec = tl.load(slots_ptr + 2 * sidx[:, :, None] + pair[None, None, :],
+                      mask=cand[:, :, None], other=0)
+        ck = tl.sum(tl.where(pair[None, None, :] == 0, rec, 0), axis=2)
+        cs = tl.sum(tl.where(pair[None, None, :] == 1, rec, 0), axis=2)
         eq = cand & (ck == k64[:, None])
         j_hit = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
         score = tl.sum(tl.where(eq, cs, 0), axis=1)
     return j_hit, score, tg
+
+
+@triton.jit
+def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr):
+    """Update the scores of hit slots: LRU stores ``stamp`` where stale, LFU adds the number of
+    hits. Lanes of one program that hit the same slot are merged first, so a hot key repeated
+    in a batch costs one store or atomic per program, not one per occurrence."""
+    lane = tl.arange(0, slot.shape[0])
+    same = (slot[:, None] == slot[None, :]) & hit[:, None] & hit[None, :]
+    earlier = tl.max((same & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1) > 0
+    first = hit & (~earlier)
+    if LFU:
+        count = tl.sum(same.to(tl.int64), axis=1)
+        tl.atomic_add(slots_ptr + 2 * slot + 1, count, mask=first, sem="relaxed")
+    else:
+        tl.store(slots_ptr + 2 * slot + 1, stamp, mask=first & (score != stamp))
 
 
 def np_hash(keys: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ from .cache_layout import (
     np_set_and_tag,
     probe,
     set_and_tag,
+    touch_scores,
 )
 
 
@@ -51,12 +52,7 @@ def _cache_query_kernel(
                  eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
-        if LFU:
-            tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
-        else:
-            # Only stale stamps are written: a hot key repeated in a batch (or queried again
-            # before the clock moves) does not make every lane store to one address.
-            tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
+        touch_scores(slots_ptr, slot, hit, score, stamp, LFU)
     miss = m & (~hit)
     if COUNT:
         tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
