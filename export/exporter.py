@@ -209,6 +209,10 @@ def export_for_serving(
     out_names = output_names(inference)
     key_samples = {c.input_name: table_list[c.layer.table_id].keys for c in calls
                    if c.input_name is not None}
+    if tables == "external":
+        part = dense_part(inference, calls)
+        keys_per_sample = _keys_per_sample(calls, table_list, _per_table(
+            max_keys_per_sample, table_list, "max_keys_per_sample", None))
 
     txn = repo.Transaction()
     result = ExportResult(model_name, version, tables, os.path.join(model_dir, str(version)),
@@ -230,7 +234,6 @@ def export_for_serving(
             # this thread builds and saves the dense part; leaving the block waits for them.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
                 pending = _write_tables(pool, table_dir, table_list, progress)
-                part = dense_part(inference, calls)
                 dense_specs = {n: in_specs[n] for n in part.passthrough}
                 for call, feed in part.feeds:
                     dense_specs[feed] = _spec_of(call.output)
@@ -241,9 +244,7 @@ def export_for_serving(
                         future.result()
             _write_manifest(tmp, model_name, hps_path, part, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
-                               max_batch_size,
-                               _keys_per_sample(calls, table_list, _per_table(
-                                   max_keys_per_sample, table_list, "max_keys_per_sample", None)))
+                               max_batch_size, keys_per_sample)
             txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
         _write_export_info(tmp, model_name, tables, table_list, defaults)

@@ -59,6 +59,12 @@ def _no_embedding_model():
     return keras.Model(x, keras.layers.Dense(2, name="d")(x))
 
 
+def _variable_length_model():
+    ids = keras.Input(shape=(None,), dtype="int64", name="ids")
+    pooled = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(9, 3, name="var")(ids))
+    return keras.Model(ids, keras.layers.Dense(1)(pooled))
+
+
 def _subclassed():
     m = SubclassedCTR()
     m(np.zeros((1, 2), np.int64))
@@ -96,6 +102,8 @@ CASES = {
         m, r, "fresh", embedding_layers=["nope"]), ConfigError, "no layer"),
     "subclassed model": (lambda r, m: export_for_serving(_subclassed(), r, "fresh"),
                          ConfigError, "inference_model="),
+    "variable keys per sample": (lambda r, m: export_for_serving(
+        _variable_length_model(), r, "fresh"), ConfigError, "max_keys_per_sample"),
     "version zero": (lambda r, m: export_for_serving(m, r, "fresh", version=0), ConfigError,
                      "positive"),
 }
@@ -131,6 +139,27 @@ def test_failure_while_writing_rolls_back(repo, monkeypatch, tables, target):
     with pytest.raises(OSError, match="injected"):
         export_for_serving(model, root, "half_written", tables=tables)
     assert _snapshot(root) == before
+
+
+def test_variable_length_keys_with_max_keys_per_sample(tmp_path):
+    model = _variable_length_model()
+    result = export_for_serving(model, tmp_path / "repo", "var", max_keys_per_sample={"var": 5})
+    import json
+
+    hps = json.loads((tmp_path / "repo" / "hps.json").read_text())
+    assert hps["models"][0]["maxnum_catfeature_query_per_table_per_sample"] == [5]
+    from keras_hps.parameter_server import ParameterServer
+    from keras_hps.servable import load_servable
+
+    ps = ParameterServer(str(tmp_path / "repo" / "hps.json"))
+    try:
+        servable = load_servable(result.version_dir, parameter_server=ps)
+        assert servable.signatures["serving_default"].inputs["ids"].shape == (None, None)
+        ids = np.array([[1, 2, 3, 4], [8, 8, 0, 1]], np.int64)
+        np.testing.assert_allclose(next(iter(servable.run({"ids": ids}).values())),
+                                   model.predict(ids, verbose=0), rtol=1e-5, atol=1e-5)
+    finally:
+        ps.close()
 
 
 def test_subclassed_model_with_an_inference_model(tmp_path):
