@@ -240,6 +240,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
         assert out.device == emb(check).device, f"lookup answered on {out.device}"
         torch.testing.assert_close(out, emb(check), rtol=0, atol=0)
         check_sparse(model, table, args.dim, dev)
+        before = ps.stats(model, 0).get("gpu", {})
         print(f"\nGPU ({result['machine']}), torch backend, {args.rows:,} x {args.dim} table, "
               f"all hits, GPU tier {cache_type!r}; median latency of eager calls")
         print("| batch | Embedding ms | LookupLayer ms | ps.lookup ms | layer / Embedding |")
@@ -257,6 +258,11 @@ def bench_gpu(args: argparse.Namespace) -> dict:
             result["runs"].append(row)
             print(f"| {n:,} | {row['embedding_ms']:.3f} | {row['layer_ms']:.3f} | "
                   f"{row['ps_lookup_ms']:.3f} | {row['ratio']:.2f} |", flush=True)
+        after = ps.stats(model, 0).get("gpu", {})
+        timed_counts = {k: after.get(k, 0) - before.get(k, 0) for k in ("hits", "misses")}
+        result.setdefault("gpu_tier", {})[cache_type] = {"timed": timed_counts, "after": after}
+        print(f"GPU tier during the timed calls: {timed_counts} (unique keys); "
+              f"resident {after.get('resident')} of capacity {after.get('capacity')}")
         ps.close()
     return result
 
