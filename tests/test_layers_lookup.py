@@ -232,3 +232,14 @@ def test_gpu_ids_cross_by_dlpack(tables, ps):
     want[inside] = tables["served"][0][ids[inside]]
     np.testing.assert_array_equal(out.numpy(), want)
     np.testing.assert_array_equal(traced.numpy(), want)
+
+
+def test_emb_vec_dtype_casts_the_vectors(tables, ps):
+    layer = LookupLayer("ranker", 1, DIMS[1], emb_vec_dtype="float16")
+    ids = np.random.default_rng(12).integers(0, VOCAB[1], size=(5, 2))
+    out = layer(ids)
+    assert out.dtype == tf.float16
+    np.testing.assert_array_equal(out.numpy(), tables["served"][1][ids].astype(np.float16))
+    assert layer(keras.Input((2,), dtype="int64")).dtype == "float16"
+    with pytest.raises(ConfigError, match="float dtype"):
+        LookupLayer("ranker", 1, DIMS[1], emb_vec_dtype="int32")
