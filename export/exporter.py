@@ -245,14 +245,30 @@ def export_for_serving(
             _write_manifest(tmp, model_name, hps_path, part, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
                                max_batch_size, keys_per_sample)
-            txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
         _write_export_info(tmp, model_name, tables, table_list, defaults)
         base_path = model_dir if serving_repo_path is None else (
             serving_repo_path.rstrip("/") + "/" + model_name)
-        txn.replace_file(config_path, repo.models_config_with(config_path, model_name, base_path))
-        # Last step: the version appears complete, in one rename.
-        os.rename(tmp, result.version_dir)
+        # Publishing: concurrent exports into one repository take turns here (and roll back
+        # under the lock), so none loses another's models.config or hps.json entries.
+        if not os.path.exists(os.path.join(repo_dir, repo.LOCK_FILE)):
+            txn.created(os.path.join(repo_dir, repo.LOCK_FILE))
+        with repo.locked(repo_dir):
+            try:
+                if os.path.exists(result.version_dir):
+                    raise ConfigError(
+                        f"version {version} of model {model_name!r} was written meanwhile by "
+                        "another export; export again to take the next version"
+                    )
+                if tables == "external":
+                    txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
+                txn.replace_file(config_path,
+                                 repo.models_config_with(config_path, model_name, base_path))
+                # Last step: the version appears complete, in one rename.
+                os.rename(tmp, result.version_dir)
+            except BaseException:
+                txn.rollback()
+                raise
     except BaseException:
         txn.rollback()
         raise

@@ -12,16 +12,20 @@ Layout written by `export_for_serving`::
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 from keras_hps.errors import ConfigError
 
 MODELS_CONFIG = "models.config"
+LOCK_FILE = ".keras-hps-export.lock"
 HPS_JSON = "hps.json"
 TABLES_DIR = "tables"
 # hps.json's rule for a model name; also safe in TF Serving URLs (no '/' or ':') and as a
@@ -175,15 +179,29 @@ class Transaction:
         write_text_atomically(path, text)
 
     def rollback(self) -> None:
-        """Undo everything, newest first."""
-        for path, old in reversed(self._saved):
+        """Undo everything, newest first (a second call does nothing)."""
+        saved, created = self._saved, self._created
+        self._saved, self._created = [], []
+        for path, old in reversed(saved):
             if old is None:
                 if os.path.exists(path):
                     os.unlink(path)
             else:
                 write_text_atomically(path, old.decode("utf-8"))
-        for path in reversed(self._created):
+        for path in reversed(created):
             if os.path.isdir(path):
                 shutil.rmtree(path, ignore_errors=True)
             elif os.path.exists(path):
                 os.unlink(path)
+
+
+@contextlib.contextmanager
+def locked(repo_dir: str) -> Iterator[None]:
+    """Hold the repository's export lock: exports that update models.config / hps.json and
+    publish versions take turns, so none overwrites another's entries."""
+    with open(os.path.join(repo_dir, LOCK_FILE), "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)

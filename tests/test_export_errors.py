@@ -141,6 +141,37 @@ def test_failure_while_writing_rolls_back(repo, monkeypatch, tables, target):
     assert _snapshot(root) == before
 
 
+def test_concurrent_exports_keep_each_others_entries(tmp_path):
+    import json
+    import threading
+
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    models = {f"m{i}": _model(5 + i) for i in range(4)}
+    errors = []
+
+    def run(name, model):
+        try:
+            export_for_serving(model, root, name, tables="external")
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=item) for item in models.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    config = model_server_config_pb2.ModelServerConfig()
+    text_format.Parse((root / "models.config").read_text(), config)
+    assert sorted(c.name for c in config.model_config_list.config) == sorted(models)
+    hps = json.loads((root / "hps.json").read_text())
+    assert sorted(m["model"] for m in hps["models"]) == sorted(models)
+
+
 def test_variable_length_keys_with_max_keys_per_sample(tmp_path):
     model = _variable_length_model()
     result = export_for_serving(model, tmp_path / "repo", "var", max_keys_per_sample={"var": 5})
