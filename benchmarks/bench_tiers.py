@@ -46,13 +46,16 @@ def timed(fn, reps: int) -> float:
     return float(np.median(ts))
 
 
-def interleaved(fns: dict, reps: int) -> dict[str, float]:
-    """Median seconds per function, calls interleaved so machine noise hits all alike."""
+def interleaved(fns: dict, reps: int, before=None) -> dict[str, float]:
+    """Median seconds per function, calls interleaved so machine noise hits all alike;
+    `before()` runs untimed ahead of each call."""
     for f in fns.values():
         f()
     ts: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            if before is not None:
+                before()
             t = time.perf_counter()
             f()
             ts[k].append(time.perf_counter() - t)
@@ -136,7 +139,7 @@ def bench_write(rows: int, dim: int, reps: int, workdir: Path) -> None:
         "hps sorted": lambda: write_hps_table(out / "hps", sorted_keys, vectors),
         "hdf5 sorted": lambda: write_hdf5_table(out / "t.h5", sorted_keys, vectors),
         "hdf5 random": lambda: write_hdf5_table(out / "r.h5", random_keys, vectors),
-    }, reps)
+    }, reps, before=os.sync)  # each write starts with no dirty pages left by the one before
     nbytes = rows * (8 + 4 * dim)
     print(f"\n### writers: {rows:,} x {dim} table ({nbytes / 1e6:,.0f} MB) from NumPy arrays\n")
     print("| what | seconds | MB/s | time vs np.save |\n|---|---:|---:|---:|")

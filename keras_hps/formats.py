@@ -50,8 +50,8 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 BLOCK_BYTES = 64 * 1024 * 1024
 #: Bytes per block when rows are gathered out of file order (each block is one sweep over the
 #: source file), and bytes of the source file mapped at once during such a sweep.
-PERMUTED_BLOCK_BYTES = 256 * 1024 * 1024
-SWEEP_BYTES = 256 * 1024 * 1024
+PERMUTED_BLOCK_BYTES = 768 * 1024 * 1024
+SWEEP_BYTES = 128 * 1024 * 1024
 #: Bytes per HDF5 chunk of /vectors (a row read through h5py reads one chunk).
 CHUNK_BYTES = 64 * 1024
 
@@ -118,9 +118,7 @@ class Table:
             if self._sorted_unique or _is_strictly_increasing(keys):
                 self._sorted_index = (keys, None)
             else:
-                order = np.argsort(keys, kind="stable")
-                skeys = keys[order]
-                dup = skeys[1:] == skeys[:-1]
+                order, skeys, dup = _sort_keys(keys)
                 if dup.any():
                     raise TableFormatError(
                         f"{self.path}: duplicate key {int(skeys[1:][dup][0])}")
@@ -182,6 +180,19 @@ def _block_rows(dim: int) -> int:
 def _read_all(keys: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(keys[:] if not isinstance(keys, np.ndarray) else keys,
                                            dtype=np.int64))
+
+
+def _sort_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(order, keys[order], repeat mask of keys[order][1:]). Among equal keys the order is the
+    file order (a stable sort, done only when keys repeat: the default sort is faster)."""
+    order = np.argsort(keys)
+    sk = keys[order]
+    dup = sk[1:] == sk[:-1]
+    if dup.any():
+        order = np.argsort(keys, kind="stable")
+        sk = keys[order]
+        dup = sk[1:] == sk[:-1]
+    return order, sk, dup
 
 
 def _is_strictly_increasing(keys: np.ndarray) -> bool:
@@ -309,9 +320,8 @@ def read_hps_table(path: str | os.PathLike, dim: int | None = None, *,
             table._sorted_unique = True
             table._sorted_index = (k, None)
         else:
-            order = np.argsort(k, kind="stable")
-            sk = k[order]
-            dup = sk[1:] == sk[:-1]
+            order, sk, dup = _sort_keys(k)
+            release_pages(keys)
             if dup.any():
                 if on_duplicate == "error":
                     raise TableFormatError(
@@ -333,9 +343,7 @@ def _unique_last(keys: np.ndarray, path: Any, on_duplicate: str,
         raise ValueError(f"on_duplicate must be 'error' or 'last', got {on_duplicate!r}")
     if len(keys) == 0 or _is_strictly_increasing(keys):
         return None
-    order = np.argsort(keys, kind="stable")
-    sk = keys[order]
-    dup = sk[1:] == sk[:-1]
+    order, sk, dup = _sort_keys(keys)
     if dup.any():
         if on_duplicate == "error":
             raise TableFormatError(f"{path}: duplicate key {int(sk[1:][dup][0])} "
@@ -383,7 +391,7 @@ def _gather_sweeping(base: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`base[rows]` for a memory map, read in ascending row order one SWEEP_BYTES range of the
     file at a time, releasing the mapped pages after each range. A random gather would map
     the whole file (the kernel maps whole page-cache folios around each row touched)."""
-    order = np.argsort(rows, kind="stable")
+    order = np.argsort(rows)
     srows = rows[order]
     out = np.empty((len(rows), base.shape[1]), np.float32)
     span = max(1, SWEEP_BYTES // (base.shape[1] * base.dtype.itemsize))
@@ -471,6 +479,7 @@ def write_hps_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
             for _, kb, vb in _blocks(k, v, order, dim, progress, f"write {dst.name}"):
                 fk.write(memoryview(kb).cast("B"))
                 fv.write(memoryview(vb).cast("B"))
+                del kb, vb  # before the next block is gathered
         _replace(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -621,6 +630,7 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
                 if offset is None:  # unusual storage: let HDF5 place every chunk
                     for start, _, vb in blocks:
                         vd.write_direct(vb, dest_sel=np.s_[start:start + len(vb)])
+                        del vb  # before the next block is gathered
             else:  # HDF5 has no chunks for an empty dataset
                 f.create_dataset("vectors", shape=(0, dim), dtype="<f4")
                 offset = None
@@ -631,6 +641,7 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
             try:
                 for start, _, vb in blocks:
                     _pwrite_all(fd, memoryview(vb).cast("B"), offset + start * dim * 4)
+                    del vb  # before the next block is gathered
             finally:
                 os.close(fd)
         _replace(tmp, dst, overwrite)
