@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vector value for unknown keys (default 0.0)")
     parser.add_argument("--max-batch-size", type=int, default=1024,
                         help="hps.json max_batch_size of the model (external)")
+    parser.add_argument("--max-keys-per-sample", action="append", default=[],
+                        metavar="LAYER=N", help="keys per sample of a table whose input has a "
+                        "variable length (external); repeatable")
     parser.add_argument("--serving-repo-path", default=None,
                         help="where the model server sees the repository (e.g. /models in a "
                         "container); models.config base paths start with it")
@@ -50,6 +53,16 @@ def _keys_arg(items: list[str]) -> dict:
     return keys
 
 
+def _counts_arg(items: list[str]) -> dict | None:
+    counts = {}
+    for item in items:
+        layer, sep, n = item.partition("=")
+        if not sep or not layer or not n.isdigit() or int(n) < 1:
+            raise ConfigError(f"--max-keys-per-sample takes LAYER=N (N >= 1), got {item!r}")
+        counts[layer] = int(n)
+    return counts or None
+
+
 def run(args: argparse.Namespace) -> int:
     """Export; prints what was written. Returns 0, or 1 with the error on stderr."""
     from keras_hps.export.exporter import export_for_serving
@@ -62,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.repo, args.name, version=args.version, tables=args.tables,
             embedding_layers=layers, keys=_keys_arg(args.keys),
             default_value=args.default_value, max_batch_size=args.max_batch_size,
+            max_keys_per_sample=_counts_arg(args.max_keys_per_sample),
             serving_repo_path=args.serving_repo_path, progress=not args.quiet,
         )
     except HPSError as e:
