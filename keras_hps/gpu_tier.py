@@ -222,7 +222,14 @@ class GpuTableTier:
         else:
             ukeys, inverse = torch.unique(flat, return_inverse=True)
             n_unique = ukeys.numel()
-            out = self._lookup_unique(rep, ukeys)[inverse].reshape(*shape, self.dim)
+            uvals = self._lookup_unique(rep, ukeys)
+            if rep.device.type == "cuda":
+                # Back to input order with the Triton row gather (2x torch indexing on H200).
+                from keras_hps.triton_kernels.gather import gather_rows
+
+                out = gather_rows(uvals, inverse.reshape(-1)).reshape(*shape, self.dim)
+            else:
+                out = uvals[inverse].reshape(*shape, self.dim)
         if as_numpy:
             return out.cpu().numpy(), n_unique
         return out.to(tkeys.device, non_blocking=True), n_unique
