@@ -72,14 +72,14 @@ def to_proto(array: np.ndarray, tensor_content: bool = False) -> tensor_pb2.Tens
             v.encode() if isinstance(v, str) else bytes(v) for v in array.reshape(-1).tolist()
         )
         return proto
+    if array.dtype.byteorder == ">":  # TensorProto bytes are little-endian
+        array = array.astype(array.dtype.newbyteorder("<"))
     enum, field = _BY_NUMPY.get(array.dtype, (None, None))
     if enum is None:
         raise invalid_argument(f"dtype {array.dtype} is not supported")
     proto.dtype = enum
     if tensor_content:
-        proto.tensor_content = (
-            np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
-        )
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
     elif enum == types_pb2.DT_HALF:
         proto.half_val.extend(array.reshape(-1).view(np.uint16).astype(np.int32).tolist())
     else:

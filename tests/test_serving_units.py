@@ -180,6 +180,7 @@ def test_array_to_json_floats_and_specials():
         np.array([1.5, -2.25], np.float16),
         np.zeros((0, 3), np.int32),
         np.array([b"a", b"\x00b"], object),
+        np.arange(4, dtype=">i8"),  # big-endian input: little-endian on the wire
     ],
 )
 def test_tensor_proto_round_trip_both_encodings(array):
