@@ -192,7 +192,8 @@ def test_tensor_proto_round_trip_both_encodings(array):
         assert back.shape == array.shape
         np.testing.assert_array_equal(back, array)
         np.testing.assert_array_equal(tf.make_ndarray(proto), array)
-    np.testing.assert_array_equal(from_proto(tf.make_tensor_proto(array)), array)
+    if array.dtype.byteorder != ">":  # tf.make_tensor_proto copies big-endian bytes as is
+        np.testing.assert_array_equal(from_proto(tf.make_tensor_proto(array)), array)
 
 
 def test_tensor_proto_fill_and_bad_content():
