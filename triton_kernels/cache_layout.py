@@ -116,18 +116,13 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
 
 @triton.jit
 def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr):
-    """Update the scores of hit slots: LRU stores ``stamp`` where stale, LFU adds the number of
-    hits. Lanes of one program that hit the same slot are merged first, so a hot key repeated
-    in a batch costs one store or atomic per program, not one per occurrence."""
-    lane = tl.arange(0, slot.shape[0])
-    same = (slot[:, None] == slot[None, :]) & hit[:, None] & hit[None, :]
-    earlier = tl.max((same & (lane[None, :] < lane[:, None])).to(tl.int32), axis=1) > 0
-    first = hit & (~earlier)
+    """Update the scores of hit slots: LFU adds one per hit; LRU stores ``stamp`` only where the
+    slot's score (read with its key) is stale, so repeated hits of a hot key that already
+    carries this call's stamp write nothing."""
     if LFU:
-        count = tl.sum(same.to(tl.int64), axis=1)
-        tl.atomic_add(slots_ptr + 2 * slot + 1, count, mask=first, sem="relaxed")
+        tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
     else:
-        tl.store(slots_ptr + 2 * slot + 1, stamp, mask=first & (score != stamp))
+        tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
 
 
 def np_hash(keys: np.ndarray) -> np.ndarray:
