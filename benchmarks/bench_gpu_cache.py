@@ -301,11 +301,16 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
                                        validate=False, **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
     dg = bench(lambda i: gather_rows(dense, dense_idx[i]), R)
+    fnt = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, touch=False, **qcfg), R)
+    flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
+                 R)
     n = batch * nt
     query_b = 8 + 32 + 32 + 32 + 8 * dim + 1
     row("dense gather of the same rows (1 launch)", dim, n, dg, 8 + 8 * dim, bw, dg,
         "hot rows of tiny tables")
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, dg)
+    row("fused 26-table query kernel, no touch", dim, n, fnt, query_b - 32, bw, dg)
+    row("fused 26-table query kernel, LFU", dim, n, flfu, query_b, bw, dg)
     row("26 per-table query launches", dim, n, per, query_b, bw, dg)
     row("GpuCacheGroup.query (checked)", dim, n, gq, query_b, bw, dg)
 
