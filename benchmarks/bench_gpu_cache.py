@@ -178,6 +178,10 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
     qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
                                      **qcfg), R)
+    qat = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
+                                      validate=False, **dict(qcfg, lru_atomic=True)), R)
+    qzat = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS),
+                                       validate=False, **dict(qcfg, lru_atomic=True)), R)
     qlfu = bench(lambda i: cache_query(cache.arrays, batches[i][0], policy="lfu",
                                        validate=False, **qcfg), R)
     qzlfu = bench(lambda i: cache_query(cache.arrays, zipf[i], policy="lfu", validate=False,
@@ -194,6 +198,8 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
     row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
     row("cache query kernel, Zipf 1.05 keys", dim, n, qz, query_b, bw, gms, "L2 reuse")
+    row("cache query kernel (LRU touch, atomic max)", dim, n, qat, query_b, bw, gms)
+    row("cache query kernel, Zipf 1.05, LRU atomic max", dim, n, qzat, query_b, bw, gms)
     row("cache query kernel (LFU count)", dim, n, qlfu, query_b, bw, gms, "atomic add per hit")
     row("cache query kernel, Zipf 1.05, LFU", dim, n, qzlfu, query_b, bw, gms,
         "atomics on hot slots")
@@ -302,6 +308,8 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     gq = bench(lambda i: group.query(rot[i]), R)
     dg = bench(lambda i: gather_rows(dense, dense_idx[i]), R)
     fnt = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, touch=False, **qcfg), R)
+    fat = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
+                                            **dict(qcfg, lru_atomic=True)), R)
     flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
                  R)
     n = batch * nt
@@ -311,6 +319,7 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, dg)
     row("fused 26-table query kernel, no touch", dim, n, fnt, query_b - 32, bw, dg)
     row("fused 26-table query kernel, LFU", dim, n, flfu, query_b, bw, dg)
+    row("fused 26-table query kernel, LRU atomic max", dim, n, fat, query_b, bw, dg)
     row("26 per-table query launches", dim, n, per, query_b, bw, dg)
     row("GpuCacheGroup.query (checked)", dim, n, gq, query_b, bw, dg)
 

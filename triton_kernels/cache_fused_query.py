@@ -53,6 +53,7 @@ def _fused_query_kernel(
     NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -78,7 +79,7 @@ def _fused_query_kernel(
                  eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
-        touch_scores(slots_ptr, slot, hit, score, stamp, LFU)
+        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
 
 
 def fused_cache_query(
@@ -126,7 +127,7 @@ def fused_cache_query(
             NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
             PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
-            num_warps=cfg["num_warps"],
+            LRU_ATOMIC=cfg["lru_atomic"], num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

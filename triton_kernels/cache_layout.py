@@ -115,12 +115,16 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
 
 
 @triton.jit
-def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr):
+def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr,
+                 LRU_ATOMIC: tl.constexpr):
     """Update the scores of hit slots: LFU adds one per hit; LRU stores ``stamp`` only where the
     slot's score (read with its key) is stale, so repeated hits of a hot key that already
     carries this call's stamp write nothing."""
     if LFU:
         tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
+    elif LRU_ATOMIC:
+        tl.atomic_max(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp),
+                      sem="relaxed")
     else:
         tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
 

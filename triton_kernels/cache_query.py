@@ -34,6 +34,7 @@ def _cache_query_kernel(
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -52,7 +53,7 @@ def _cache_query_kernel(
                  eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
-        touch_scores(slots_ptr, slot, hit, score, stamp, LFU)
+        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
     miss = m & (~hit)
     if COUNT:
         tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
@@ -71,7 +72,7 @@ def _cache_query_kernel(
 def _launch_config(dim: int) -> dict:
     block_k, num_warps = (64, 8) if dim <= 32 else (16, 4)
     return {"block_k": block_k, "num_warps": num_warps, "probe_1d": False, "tag_evict": "",
-            "row_evict": ""}
+            "row_evict": "", "lru_atomic": False}
 
 
 def cache_query(
@@ -116,7 +117,8 @@ def cache_query(
             DIM=dim, BLOCK_D=block_d(dim), BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET,
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
             MISS_POS=return_miss_positions, PROBE_1D=cfg["probe_1d"],
-            TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], num_warps=cfg["num_warps"],
+            TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], LRU_ATOMIC=cfg["lru_atomic"],
+            num_warps=cfg["num_warps"],
         )
     if return_miss_positions:
         return out, hit, miss_pos, miss_count
