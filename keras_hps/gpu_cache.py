@@ -31,6 +31,7 @@ from keras_hps.triton_kernels.cache_layout import (
     check_keys,
     check_values,
     num_sets_for,
+    small_int64_to_device,
 )
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
@@ -355,7 +356,7 @@ class GpuCacheGroup:
                                             stamp=stamp, touch=touch)
             # Per-table hit counts from one cumulative sum, whatever the number of tables.
             csum = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.cumsum(0)])
-            bounds = torch.tensor(offsets, dtype=torch.int64).to(keys.device, non_blocking=True)
+            bounds = small_int64_to_device(offsets, keys.device)
             nhits = csum[bounds[1:]] - csum[bounds[:-1]]
             self._counters[:, _HITS] += nhits
             self._counters[:, _MISSES] += (bounds[1:] - bounds[:-1]) - nhits

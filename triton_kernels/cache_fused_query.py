@@ -22,6 +22,7 @@ from .cache_layout import (
     block_d,
     probe,
     set_and_tag,
+    small_int64_to_device,
     touch_scores,
 )
 from .cache_query import _launch_config, np_cache_query
@@ -115,8 +116,8 @@ def fused_cache_query(
     hit = torch.empty(keys.numel(), dtype=torch.bool, device=dev)
     n = keys.numel()
     if n:
-        offs_dev = torch.tensor(key_offsets, dtype=torch.int64).to(dev, non_blocking=True)
-        out_base_dev = torch.tensor(out_bases[:-1], dtype=torch.int64).to(dev, non_blocking=True)
+        offs_dev = small_int64_to_device(key_offsets, dev)
+        out_base_dev = small_int64_to_device(out_bases[:-1], dev)
         max_dim = max(pooled.dims_host)
         cfg = _launch_config(max_dim)
         cfg.update({k: v for k, v in tuning.items() if v is not None})

@@ -288,6 +288,18 @@ def check_values(values: torch.Tensor, n: int, dim: int, device: torch.device) -
     return values.to(torch.float32).contiguous()
 
 
+def small_int64_to_device(values, device: torch.device) -> torch.Tensor:
+    """A short int64 vector on ``device``, copied without a stream synchronisation.
+
+    (A copy from ordinary pageable host memory makes CUDA wait for the stream first; from
+    pinned memory it is queued like a kernel.)
+    """
+    t = torch.as_tensor(np.asarray(values, dtype=np.int64))
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def block_d(dim: int) -> int:
     """Row tile width: the next power of two of ``dim``, capped at 256 (wider rows loop)."""
     return min(256, triton.next_power_of_2(dim))
