@@ -312,6 +312,17 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
                                             **dict(qcfg, lru_atomic=True)), R)
     flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
                  R)
+    # Per-table breakdown: which tables cost the time.
+    dbase = [int(x) for x in bases.tolist()]
+    per_t = []
+    for t in range(nt):
+        tq = bench(lambda i, t=t: cache_query(group[t].arrays, rot[i][t], touch=False,
+                                              validate=False, **qcfg), R)
+        tg = bench(lambda i, t=t: gather_rows(dense, rot[i][t] + dbase[t]), R)
+        per_t.append((tq, tg, t))
+    per_t.sort(reverse=True)
+    log("  slowest tables (query ms, dense gather ms, rows): " + ", ".join(
+        f"t{t}: {tq:.4f}/{tg:.4f}/{CRITEO_FL15[t]}" for tq, tg, t in per_t[:8]))
     n = batch * nt
     query_b = 8 + 32 + 32 + 32 + 8 * dim + 1
     row("dense gather of the same rows (1 launch)", dim, n, dg, 8 + 8 * dim, bw, dg,
