@@ -152,12 +152,13 @@ def bench_write(rows: int, dim: int, reps: int, workdir: Path) -> None:
     shutil.rmtree(out)
 
 
-def make_big_hps(path: Path, rows: int, dim: int) -> None:
+def make_big_hps(path: Path, rows: int, dim: int, key_order: str = "random") -> None:
+    """An HPS table of `rows` x `dim` with keys 3i+11, in random or ascending file order."""
     if (path / "emb_vector").exists() and (path / "emb_vector").stat().st_size == rows * dim * 4:
         return
-    print(f"(writing {rows:,} x {dim} HPS table to {path}, keys in random order)")
-    rng = np.random.default_rng(1)
-    keys = rng.permutation(rows).astype(np.int64) * 3 + 11
+    print(f"(writing {rows:,} x {dim} HPS table to {path}, keys in {key_order} order)")
+    ids = np.arange(rows) if key_order == "sorted" else np.random.default_rng(1).permutation(rows)
+    keys = ids.astype(np.int64) * 3 + 11
 
     class Rows:  # generated on the fly, block by block, so the table never sits in RAM
         shape = (rows, dim)
@@ -166,8 +167,7 @@ def make_big_hps(path: Path, rows: int, dim: int) -> None:
         def __getitem__(self, item):
             start = item.start or 0
             stop = min(rows, item.stop)
-            g = np.random.default_rng(start)
-            return g.standard_normal((stop - start, dim), dtype=np.float32)
+            return np.random.default_rng(start).random((stop - start, dim), dtype=np.float32)
 
     write_hps_table(path, keys, Rows(), progress=True)
 
@@ -181,9 +181,9 @@ def peak_rss_of(cmd: list[str]) -> tuple[float, int]:
     return time.perf_counter() - t, int(out.strip().splitlines()[-1]) * 1024
 
 
-def bench_convert(rows: int, dim: int, workdir: Path) -> Path:
-    src = workdir / f"hps_{rows}x{dim}"
-    make_big_hps(src, rows, dim)
+def bench_convert(rows: int, dim: int, workdir: Path, key_order: str) -> Path:
+    src = workdir / f"hps_{rows}x{dim}_{key_order}"
+    make_big_hps(src, rows, dim, key_order)
     dst = workdir / f"table_{rows}x{dim}.h5"
     copy = workdir / "copy"
     nbytes = rows * (8 + 4 * dim)
@@ -191,15 +191,17 @@ def bench_convert(rows: int, dim: int, workdir: Path) -> Path:
                    check=True)  # page cache warm for both
     shutil.rmtree(copy, ignore_errors=True)
     copy.mkdir()
+    os.sync()
     t_cp, rss_cp = peak_rss_of(["sh", "-c", f"cp {src}/key {src}/emb_vector {copy}/ && sync"])
     shutil.rmtree(copy)
     if dst.exists():
         dst.unlink()
+    os.sync()
     code = (f"from keras_hps.convert import convert; "
             f"print(convert({str(src)!r}, {str(dst)!r}, overwrite=True))")
     t_cv, rss_cv = peak_rss_of([sys.executable, "-c", code + "; import os; os.sync()"])
-    print(f"\n### convert: {rows:,} x {dim} HPS directory (keys in random order) -> HDF5, "
-          f"{nbytes / 1e9:.2f} GB\n")
+    print(f"\n### convert: {rows:,} x {dim} HPS directory (keys in {key_order} file order) -> "
+          f"HDF5, {nbytes / 1e9:.2f} GB\n")
     print("| what | seconds | MB/s | peak RSS MB | vs baseline |\n|---|---:|---:|---:|---:|")
     print(f"| cp key + emb_vector, then sync (baseline) | {t_cp:.2f} | {nbytes / t_cp / 1e6:,.0f} |"
           f" {rss_cp / 1e6:,.0f} | - |")
@@ -247,6 +249,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=65536)
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--workdir", default="/tmp/keras-hps-bench")
+    p.add_argument("--key-order", default="sorted,random",
+                   help="file orders of the HPS sources converted (sorted, random)")
     p.add_argument("--keep", action="store_true", help="keep the big tables for the next run")
     a = p.parse_args()
     work = Path(a.workdir)
@@ -262,13 +266,15 @@ def main() -> None:
         bench_write(a.host_rows, a.dim, max(3, a.reps // 3), work)
     h5 = work / f"table_{a.cold_rows}x{a.dim}.h5"
     if "convert" in only:
-        h5 = bench_convert(a.cold_rows, a.dim, work)
+        for order in a.key_order.split(","):
+            h5 = bench_convert(a.cold_rows, a.dim, work, order)
     if "cold" in only:
         if not h5.exists():
             from keras_hps.convert import convert
 
-            make_big_hps(work / f"hps_{a.cold_rows}x{a.dim}", a.cold_rows, a.dim)
-            convert(work / f"hps_{a.cold_rows}x{a.dim}", h5, progress=True)
+            src = work / f"hps_{a.cold_rows}x{a.dim}_random"
+            make_big_hps(src, a.cold_rows, a.dim)
+            convert(src, h5, progress=True)
         bench_cold(h5, a.batch, a.reps)
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)

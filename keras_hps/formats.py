@@ -50,7 +50,7 @@ HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 BLOCK_BYTES = 64 * 1024 * 1024
 #: Bytes per block when rows are gathered out of file order (each block is one sweep over the
 #: source file), and bytes of the source file mapped at once during such a sweep.
-PERMUTED_BLOCK_BYTES = 768 * 1024 * 1024
+PERMUTED_BLOCK_BYTES = 512 * 1024 * 1024
 SWEEP_BYTES = 128 * 1024 * 1024
 #: Bytes per HDF5 chunk of /vectors (a row read through h5py reads one chunk).
 CHUNK_BYTES = 64 * 1024
@@ -389,17 +389,30 @@ def _mapped_base(v: Any, order: np.ndarray | None) -> tuple[Any, np.ndarray | No
 
 def _gather_sweeping(base: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """`base[rows]` for a memory map, read in ascending row order one SWEEP_BYTES range of the
-    file at a time, releasing the mapped pages after each range. A random gather would map
-    the whole file (the kernel maps whole page-cache folios around each row touched)."""
+    file at a time, releasing each range's mapped pages after use (a random gather would map
+    the whole file: the kernel maps whole page-cache folios around each row touched)."""
     order = np.argsort(rows)
     srows = rows[order]
     out = np.empty((len(rows), base.shape[1]), np.float32)
-    span = max(1, SWEEP_BYTES // (base.shape[1] * base.dtype.itemsize))
+    row_bytes = base.shape[1] * base.dtype.itemsize
+    span = max(1, SWEEP_BYTES // row_bytes)
     edges = np.searchsorted(srows, np.arange(0, base.shape[0] + span, span))
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        if hi > lo:
+    ranges = [(lo, hi) for lo, hi in zip(edges[:-1], edges[1:], strict=True) if hi > lo]
+    mm = base._mmap  # type: ignore[attr-defined]
+    first = base.ctypes.data - np.frombuffer(mm, np.uint8).ctypes.data  # row 0 in the mapping
+    page = mmap.PAGESIZE
+
+    def work(part: list[tuple[int, int]]) -> None:
+        for lo, hi in part:
             out[order[lo:hi]] = np.take(base, srows[lo:hi], axis=0)
-            release_pages(base)
+            start = (first + int(srows[lo]) * row_bytes) // page * page
+            stop = min(len(mm), first + (int(srows[hi - 1]) + 1) * row_bytes)
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+            except (OSError, ValueError):
+                pass
+
+    work(ranges)
     return out
 
 
@@ -432,6 +445,23 @@ def _blocks(k: np.ndarray, v: Any, order: np.ndarray | None, dim: int, progress:
     finally:
         if bar is not None:
             bar.close()
+
+
+def _write_behind(blocks: Iterator[tuple[int, np.ndarray, np.ndarray]],
+                  write: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+    """Call `write(start, keys, vectors)` for each block on a second thread, so the next block
+    is gathered while the previous one is written (at most two blocks alive)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="keras-hps-write") as pool:
+        pending = None
+        for item in blocks:
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(write, *item)
+            del item
+        if pending is not None:
+            pending.result()
 
 
 def _progress(progress: Any, total: int, desc: str) -> Any:
@@ -476,10 +506,11 @@ def write_hps_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
     tmp.mkdir()
     try:
         with open(tmp / KEY_FILE, "wb") as fk, open(tmp / VECTOR_FILE, "wb") as fv:
-            for _, kb, vb in _blocks(k, v, order, dim, progress, f"write {dst.name}"):
+            def write(_: int, kb: np.ndarray, vb: np.ndarray) -> None:
                 fk.write(memoryview(kb).cast("B"))
                 fv.write(memoryview(vb).cast("B"))
-                del kb, vb  # before the next block is gathered
+
+            _write_behind(_blocks(k, v, order, dim, progress, f"write {dst.name}"), write)
         _replace(tmp, dst, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -639,9 +670,8 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
             # write the rows straight into it, at the speed of a plain file write.
             fd = os.open(tmp, os.O_WRONLY)
             try:
-                for start, _, vb in blocks:
-                    _pwrite_all(fd, memoryview(vb).cast("B"), offset + start * dim * 4)
-                    del vb  # before the next block is gathered
+                _write_behind(blocks, lambda start, _, vb: _pwrite_all(
+                    fd, memoryview(vb).cast("B"), offset + start * dim * 4))
             finally:
                 os.close(fd)
         _replace(tmp, dst, overwrite)
