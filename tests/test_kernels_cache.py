@@ -293,9 +293,12 @@ def _pool(tables, key_dtype):
     return pooled, per
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
-def test_fused_multi_table_query_equals_per_table(rng, policy):
-    tables = [(64, 16), (40, 1), (100, 100), (32, 128), (64, 16)]
+@pytest.mark.parametrize(
+    "policy,tables",
+    [("lru", [(64, 16), (40, 1), (100, 100), (32, 128), (64, 16)]),  # mixed dims
+     ("lfu", [(64, 16), (4, 16), (100, 16), (40, 16)])],  # one dim: the uniform fast path
+)
+def test_fused_multi_table_query_equals_per_table(rng, policy, tables):
     pooled, per = _pool(tables, torch.int64)
     refs = []
     keys_per_table = []

@@ -53,6 +53,7 @@ def _fused_query_kernel(
     tags_ptr, slots_ptr, vec_ptr, out_ptr, hit_ptr, stamp,
     NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
+    UNIFORM_DIM: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
     LRU_ATOMIC: tl.constexpr,
 ):
@@ -68,16 +69,28 @@ def _fused_query_kernel(
     jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
     hit = jj >= 0
     slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
-    dim = tl.load(dims_ptr + tid)
-    src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
-    dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
-    for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d[None, :] < dim[:, None]
-        row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm, other=0.0,
-                      eviction_policy=ROW_EVICT)
-        tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
-                 eviction_policy=ROW_EVICT)
+    if UNIFORM_DIM:
+        # All tables share MAX_DIM: the pool is one [slots, MAX_DIM] array and the output one
+        # [keys, MAX_DIM] array, so rows are addressed as in the single-table kernel (constant
+        # row width: the compiler can use 16-byte accesses).
+        for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = (d < MAX_DIM)[None, :]
+            row = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :], mask=hit[:, None] & dm,
+                          other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row, mask=m[:, None] & dm,
+                     eviction_policy=ROW_EVICT)
+    else:
+        dim = tl.load(dims_ptr + tid)
+        src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
+        dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
+        for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d[None, :] < dim[:, None]
+            row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm,
+                          other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
+                     eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
         touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
@@ -127,6 +140,7 @@ def fused_cache_query(
             pooled.tags, pooled.slots, pooled.vectors, out, hit, stamp,
             NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
+            UNIFORM_DIM=len(set(pooled.dims_host)) == 1,
             PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
             LRU_ATOMIC=cfg["lru_atomic"], num_warps=cfg["num_warps"],
         )
