@@ -30,8 +30,32 @@ import numpy as np
 
 # Criteo 1TB cardinalities (frequency threshold 15), capped for a CPU demo.
 CRITEO_CARDINALITIES = (
-    7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828, 11,
-    2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35,
+    7912889,
+    33823,
+    17139,
+    7339,
+    20046,
+    4,
+    7105,
+    1382,
+    63,
+    5554114,
+    582469,
+    245828,
+    11,
+    2209,
+    10667,
+    104,
+    4,
+    968,
+    15,
+    8165896,
+    2675940,
+    7156453,
+    302516,
+    12022,
+    97,
+    35,
 )
 NUM_DENSE = 13
 
@@ -42,11 +66,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=32768, help="training samples")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--dim", type=int, default=16, help="embedding dimension")
-    parser.add_argument("--max-rows", type=int, default=20000,
-                        help="cap on each table's rows (Criteo's largest have 8M)")
+    parser.add_argument(
+        "--max-rows",
+        type=int,
+        default=20000,
+        help="cap on each table's rows (Criteo's largest have 8M)",
+    )
     parser.add_argument("--query-batch", type=int, default=256, help="rows per query")
-    parser.add_argument("--host-cache-rate", type=float, default=0.1,
-                        help="hps.json volatile_db.initial_cache_rate for the served model")
+    parser.add_argument(
+        "--host-cache-rate",
+        type=float,
+        default=0.1,
+        help="hps.json volatile_db.initial_cache_rate for the served model",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -73,9 +105,7 @@ def synthetic_criteo(
     rng = np.random.default_rng(seed)
     hidden = np.random.default_rng(1234)
     features: dict[str, np.ndarray] = {
-        "dense_features": np.log1p(rng.lognormal(1.0, 1.2, size=(n, NUM_DENSE))).astype(
-            np.float32
-        )
+        "dense_features": np.log1p(rng.lognormal(1.0, 1.2, size=(n, NUM_DENSE))).astype(np.float32)
     }
     logit = features["dense_features"] @ hidden.normal(0, 0.3, NUM_DENSE) - 1.0
     for i, card in enumerate(cards):
@@ -129,8 +159,10 @@ def _wait_ready(proc: subprocess.Popen, lines: list[str], timeout: float) -> thr
 def tier_hit_rates(metrics_text: str, model: str) -> dict[str, tuple[float, float]]:
     """{tier: (hits, misses)} summed over a model's tables, from the Prometheus text."""
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    pattern = re.compile(r'^keras_hps_table_(hits|misses)\{model="([^"]*)",table="(\d+)",'
-                         r'tier="([^"]*)"\} (\S+)$')
+    pattern = re.compile(
+        r'^keras_hps_table_(hits|misses)\{model="([^"]*)",table="(\d+)",'
+        r'tier="([^"]*)"\} (\S+)$'
+    )
     for line in metrics_text.splitlines():
         m = pattern.match(line)
         if m and m.group(2) == model:
@@ -153,17 +185,25 @@ def run(args: argparse.Namespace) -> int:
     keras.utils.set_random_seed(args.seed)
     features, labels = synthetic_criteo(args.samples, cards, args.seed)
     model = build_dlrm(cards, args.dim)
-    model.compile(optimizer=keras.optimizers.Adam(0.003), loss="binary_crossentropy",
-                  metrics=[keras.metrics.AUC(name="auc")])
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.003),
+        loss="binary_crossentropy",
+        metrics=[keras.metrics.AUC(name="auc")],
+    )
     t = time.perf_counter()
-    history = model.fit(features, labels, batch_size=512, epochs=args.epochs, verbose=0,
-                        validation_split=0.1)
+    history = model.fit(
+        features, labels, batch_size=512, epochs=args.epochs, verbose=0, validation_split=0.1
+    )
     rows = sum(cards)
-    print(f"    {args.samples} synthetic Criteo-like samples; 26 tables, {rows:,} rows x "
-          f"dim {args.dim} ({rows * args.dim * 4 / 2**20:.1f} MiB of embeddings)")
-    print(f"    trained {args.epochs} epochs in {time.perf_counter() - t:.1f} s: "
-          f"loss {history.history['loss'][-1]:.4f}, "
-          f"validation AUC {history.history['val_auc'][-1]:.3f}")
+    print(
+        f"    {args.samples} synthetic Criteo-like samples; 26 tables, {rows:,} rows x "
+        f"dim {args.dim} ({rows * args.dim * 4 / 2**20:.1f} MiB of embeddings)"
+    )
+    print(
+        f"    trained {args.epochs} epochs in {time.perf_counter() - t:.1f} s: "
+        f"loss {history.history['loss'][-1]:.4f}, "
+        f"validation AUC {history.history['val_auc'][-1]:.3f}"
+    )
     keras_path = os.path.join(workdir, "dlrm.keras")
     model.save(keras_path)
     print(f"    saved {keras_path}")
@@ -171,44 +211,87 @@ def run(args: argparse.Namespace) -> int:
     _step(2, "export it as a TF Serving model repository, tables external (HDF5 + hps.json)")
     import shutil
 
-    from keras_hps.export import export_for_serving
-
+    # through the command line, as a user would (serving never imports the exporter)
     repo = os.path.join(workdir, "model_repository")
     shutil.rmtree(repo, ignore_errors=True)
+    export_cmd = [
+        sys.executable,
+        "-m",
+        "keras_hps.cli",
+        "export",
+        keras_path,
+        "--repo",
+        repo,
+        "--name",
+        "dlrm",
+        "--tables",
+        "external",
+        "--max-batch-size",
+        "65536",
+        "--quiet",
+    ]
+    print("    keras-hps " + " ".join(export_cmd[3:]))
     t = time.perf_counter()
-    result = export_for_serving(model, repo, "dlrm", tables="external", max_batch_size=65536)
-    print(f"    wrote {result.version_dir} (placement {result.placement}) in "
-          f"{time.perf_counter() - t:.1f} s")
-    print(f"    models.config: {result.models_config}")
-    print(f"    hps.json:      {result.hps_json}")
-    print(f"    {len(result.table_files)} table files, e.g. {result.table_files[0]}")
+    done = subprocess.run(
+        export_cmd, capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    )
+    if done.returncode != 0:
+        print(f"    export failed:\n{done.stdout}{done.stderr}", file=sys.stderr)
+        return 1
+    for line in done.stdout.strip().splitlines():
+        print(f"    | {line}")
+    version_dir = os.path.join(repo, "dlrm", "1")
+    models_config = os.path.join(repo, "models.config")
+    hps_json = os.path.join(repo, "hps.json")
+    tables = sorted(
+        os.path.join(root, f)
+        for root, _, files in os.walk(repo)
+        for f in files
+        if f.endswith(".h5")
+    )
+    print(f"    wrote {version_dir} in {time.perf_counter() - t:.1f} s (a new process)")
+    print(f"    models.config: {models_config}")
+    print(f"    hps.json:      {hps_json}")
+    print(f"    {len(tables)} HDF5 table files, e.g. {tables[0] if tables else '(none)'}")
     import json
 
-    with open(result.hps_json, encoding="utf-8") as f:
+    with open(hps_json, encoding="utf-8") as f:
         hps_config = json.load(f)
     hps_config.setdefault("volatile_db", {})["initial_cache_rate"] = args.host_cache_rate
-    with open(result.hps_json, "w", encoding="utf-8") as f:
+    with open(hps_json, "w", encoding="utf-8") as f:
         json.dump(hps_config, f, indent=2)
-    print(f"    set volatile_db.initial_cache_rate = {args.host_cache_rate} in hps.json: the host "
-          "RAM tier starts with that share of each table, the rest is read from HDF5 on use")
+    print(
+        f"    set volatile_db.initial_cache_rate = {args.host_cache_rate} in hps.json: the host "
+        "RAM tier starts with that share of each table, the rest is read from HDF5 on use"
+    )
 
     _step(3, "start the server: keras-hps serve --model_config_file ... (a subprocess)")
     grpc_port, rest_port = _free_port(), _free_port()
-    cmd = [sys.executable, "-m", "keras_hps.cli", "serve",
-           f"--model_config_file={result.models_config}", f"--port={grpc_port}",
-           f"--rest_api_port={rest_port}", "--host=127.0.0.1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "keras_hps.cli",
+        "serve",
+        f"--model_config_file={models_config}",
+        f"--port={grpc_port}",
+        f"--rest_api_port={rest_port}",
+        "--host=127.0.0.1",
+    ]
     print("    " + " ".join(cmd[2:]))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     lines: list[str] = []
     try:
         if not _wait_ready(proc, lines, 180).is_set():
             print("    the server did not start:\n" + "".join(lines), file=sys.stderr)
             return 1
-        print(f"    ready in {time.perf_counter() - t:.1f} s: gRPC on 127.0.0.1:{grpc_port}, "
-              f"REST on 127.0.0.1:{rest_port}")
+        print(
+            f"    ready in {time.perf_counter() - t:.1f} s: gRPC on 127.0.0.1:{grpc_port}, "
+            f"REST on 127.0.0.1:{rest_port}"
+        )
         return _query_and_check(args, model, cards, grpc_port, rest_port, proc, lines, t_start)
     finally:
         if proc.poll() is None:
@@ -216,9 +299,16 @@ def run(args: argparse.Namespace) -> int:
             proc.wait()
 
 
-def _query_and_check(args: argparse.Namespace, model: Any, cards: list[int], grpc_port: int,
-                     rest_port: int, proc: subprocess.Popen, lines: list[str],
-                     t_start: float) -> int:
+def _query_and_check(
+    args: argparse.Namespace,
+    model: Any,
+    cards: list[int],
+    grpc_port: int,
+    rest_port: int,
+    proc: subprocess.Popen,
+    lines: list[str],
+    t_start: float,
+) -> int:
     import grpc
     import requests
     import tensorflow as tf
@@ -240,29 +330,35 @@ def _query_and_check(args: argparse.Namespace, model: Any, cards: list[int], grp
     grpc_ms = (time.perf_counter() - t) * 1e3
     (out_name,) = response.outputs
     served_grpc = tf.make_ndarray(response.outputs[out_name]).reshape(-1)
-    print(f"    gRPC Predict: {args.query_batch} rows in {grpc_ms:.1f} ms, served by version "
-          f"{response.model_spec.version.value}; first scores {np.round(served_grpc[:4], 4)}")
+    print(
+        f"    gRPC Predict: {args.query_batch} rows in {grpc_ms:.1f} ms, served by version "
+        f"{response.model_spec.version.value}; first scores {np.round(served_grpc[:4], 4)}"
+    )
     body = {"inputs": {k: v.tolist() for k, v in queries.items()}}
     t = time.perf_counter()
-    r = requests.post(f"http://127.0.0.1:{rest_port}/v1/models/dlrm:predict", json=body,
-                      timeout=60)
+    r = requests.post(f"http://127.0.0.1:{rest_port}/v1/models/dlrm:predict", json=body, timeout=60)
     rest_ms = (time.perf_counter() - t) * 1e3
     if r.status_code != 200:
         print(f"    REST predict failed: {r.status_code} {r.text}", file=sys.stderr)
         return 1
     served_rest = np.asarray(r.json()["outputs"], np.float32).reshape(-1)
-    print(f"    REST :predict: {args.query_batch} rows in {rest_ms:.1f} ms (HTTP "
-          f"{r.status_code}); first scores {np.round(served_rest[:4], 4)}")
+    print(
+        f"    REST :predict: {args.query_batch} rows in {rest_ms:.1f} ms (HTTP "
+        f"{r.status_code}); first scores {np.round(served_rest[:4], 4)}"
+    )
     meta = requests.get(f"http://127.0.0.1:{rest_port}/v1/models/dlrm/metadata", timeout=10)
     sig = meta.json()["metadata"]["signature_def"]["signature_def"]["serving_default"]
     shown = []
     for name in ("C1", "C26", "dense_features"):
         info = sig["inputs"][name]
-        dims = ",".join("?" if int(d["size"]) < 0 else d["size"]
-                        for d in info["tensor_shape"]["dim"])
+        dims = ",".join(
+            "?" if int(d["size"]) < 0 else d["size"] for d in info["tensor_shape"]["dim"]
+        )
         shown.append(f"{name}: {info['dtype'][3:].lower()} [{dims}]")
-    print(f"    GET /v1/models/dlrm/metadata -> serving_default takes raw keys: "
-          f"{', '.join(shown)}, ... ({len(sig['inputs'])} inputs)")
+    print(
+        f"    GET /v1/models/dlrm/metadata -> serving_default takes raw keys: "
+        f"{', '.join(shown)}, ... ({len(sig['inputs'])} inputs)"
+    )
     status = requests.get(f"http://127.0.0.1:{rest_port}/v1/models/dlrm", timeout=10).json()
     print(f"    GET /v1/models/dlrm -> {status['model_version_status']}")
 
@@ -284,15 +380,18 @@ def _query_and_check(args: argparse.Namespace, model: Any, cards: list[int], grp
     err_grpc = float(np.max(np.abs(served_grpc - want)))
     err_rest = float(np.max(np.abs(served_rest - want)))
     ok = err_grpc < 1e-5 and err_rest < 1e-5
-    print(f"    max |served - trained|: gRPC {err_grpc:.2e}, REST {err_rest:.2e} over "
-          f"{len(want)} rows (3 with unseen keys {unseen.reshape(-1).tolist()} -> default "
-          f"vector) -> {'MATCH' if ok else 'MISMATCH'}")
+    print(
+        f"    max |served - trained|: gRPC {err_grpc:.2e}, REST {err_rest:.2e} over "
+        f"{len(want)} rows (3 with unseen keys {unseen.reshape(-1).tolist()} -> default "
+        f"vector) -> {'MATCH' if ok else 'MISMATCH'}"
+    )
 
     _step(6, "per-tier hit rates of the parameter server (from /monitoring/prometheus/metrics)")
     for _ in range(3):  # a few more queries so the caches have seen repeated keys
         stub.Predict(request, 30.0)
-    text = requests.get(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics",
-                        timeout=10).text
+    text = requests.get(
+        f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics", timeout=10
+    ).text
     rates = tier_hit_rates(text, "dlrm")
     if not rates:
         print("    (the server reported no per-table counters)")
@@ -308,6 +407,8 @@ def _query_and_check(args: argparse.Namespace, model: Any, cards: list[int], grp
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(60)
     print(f"    server exited with code {code}")
-    print(f"\ndemo finished in {time.perf_counter() - t_start:.0f} s: "
-          f"{'served answers match the trained model' if ok else 'ANSWERS DO NOT MATCH'}")
+    print(
+        f"\ndemo finished in {time.perf_counter() - t_start:.0f} s: "
+        f"{'served answers match the trained model' if ok else 'ANSWERS DO NOT MATCH'}"
+    )
     return 0 if ok and code == 0 else 1

@@ -32,6 +32,8 @@ _BY_NUMPY: dict[np.dtype, tuple[int, str]] = {
 }
 _BY_ENUM: dict[int, tuple[np.dtype, str]] = {e: (d, f) for d, (e, f) in _BY_NUMPY.items()}
 _BY_ENUM[types_pb2.DT_STRING] = (np.dtype(object), "string_val")
+# tensor_content is little-endian; on a big-endian host read it as such
+_WIRE: dict[np.dtype, np.dtype] = {d: d.newbyteorder("<") for d in _BY_NUMPY}
 
 
 def dtype_name(dtype: np.dtype | int) -> str:
@@ -96,25 +98,26 @@ def shape_proto(shape: tuple) -> tensor_shape_pb2.TensorShapeProto:
 
 def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
     """The NumPy array a TensorProto holds; INVALID_ARGUMENT if it is malformed."""
-    dtype = enum_to_numpy(proto.dtype)
-    if proto.tensor_shape.unknown_rank:
+    entry = _BY_ENUM.get(proto.dtype)
+    if entry is None:
+        raise invalid_argument(f"tensor dtype {dtype_name(proto.dtype)} is not supported")
+    dtype = entry[0]
+    tensor_shape = proto.tensor_shape
+    if tensor_shape.unknown_rank:
         raise invalid_argument(f"tensor parsing error: {name}: unknown rank")
-    shape = tuple(int(d.size) for d in proto.tensor_shape.dim)
-    if any(d < 0 for d in shape):
+    shape = tuple([d.size for d in tensor_shape.dim])
+    if shape and min(shape) < 0:
         raise invalid_argument(f"tensor parsing error: {name}: negative dimension in {list(shape)}")
     count = math.prod(shape)
-    if proto.tensor_content and proto.dtype != types_pb2.DT_STRING:
-        if len(proto.tensor_content) != count * dtype.itemsize:
+    content = proto.tensor_content  # read once: each read copies the bytes
+    if content and proto.dtype != types_pb2.DT_STRING:
+        if len(content) != count * dtype.itemsize:
             raise invalid_argument(
-                f"tensor parsing error: {name}: tensor_content holds {len(proto.tensor_content)} "
+                f"tensor parsing error: {name}: tensor_content holds {len(content)} "
                 f"bytes, shape {list(shape)} of {dtype_name(proto.dtype)} needs "
                 f"{count * dtype.itemsize}"
             )
-        return (
-            np.frombuffer(proto.tensor_content, dtype=dtype.newbyteorder("<"))
-            .astype(dtype, copy=False)
-            .reshape(shape)
-        )
+        return np.frombuffer(content, dtype=_WIRE.get(dtype, dtype)).reshape(shape)
     field = _BY_ENUM[proto.dtype][1]
     values = getattr(proto, field)
     n = len(values)
