@@ -26,9 +26,11 @@ def write_config(
     defaults: list[float],
     queries: list[int],
     max_batch_size: int = 256,
+    gpucache: bool = False,
 ) -> Path:
     """Write each (keys, vectors) table (even ids as HPS directories, odd ids as HDF5) and an
-    hps.json naming them; returns the config path."""
+    hps.json naming them; returns the config path. `gpucache` turns the GPU tier on where
+    CUDA is available."""
     from keras_hps import formats
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -53,7 +55,7 @@ def write_config(
                 "default_value_for_each_table": defaults,
                 "deployed_device_list": [0],
                 "max_batch_size": max_batch_size,
-                "gpucache": False,
+                "gpucache": gpucache,
             }
         ],
     }
