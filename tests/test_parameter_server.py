@@ -135,6 +135,9 @@ def test_bad_input_is_an_error(server):
         server.lookup("beta", 1, [1])
     with pytest.raises(NotFoundError):
         server.stats("gamma", 0)
+    everything = server.stats()
+    assert sorted(everything) == ["alpha", "beta"] and sorted(everything["alpha"]) == [0, 1]
+    assert server.stats("beta") == {"beta": {0: server.stats("beta", 0)}}
     spec = server.table_spec("alpha", 1)
     assert (spec.dim, spec.default_value, spec.max_keys_per_lookup, spec.num_rows) == \
         (4, -1.0, 3000, 2000)
