@@ -572,3 +572,26 @@ def test_reload_config_adds_and_removes_models(stubs, repo, server):
     assert err.code() == grpc.StatusCode.NOT_FOUND
     out = stubs[0].Predict(grpc_request("ctr", ids, x, label="stable"), timeout=30)
     check({k: tf.make_ndarray(v) for k, v in out.outputs.items()}, "ctr", 1, ids, x)
+
+
+def test_bench_load_generator_against_the_server(server, capsys):
+    """`keras-hps bench` over gRPC and REST: every request succeeds, percentiles ordered."""
+    import argparse
+
+    from keras_hps.serving import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    for protocol, port in (("grpc", server.grpc_port), ("rest", server.rest_port)):
+        args = parser.parse_args(
+            ["--protocol", protocol, "--target", f"127.0.0.1:{port}", "--model", "ctr",
+             "--batch-sizes", "1,8", "--concurrency", "2", "--duration", "0.3",
+             "--key-range", str(VOCAB)]
+        )
+        assert bench.run(args) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "req/s" in ln]
+    assert len(lines) == 4
+    make = bench.grpc_calls(f"127.0.0.1:{server.grpc_port}", "ctr", "serving_default", 8, VOCAB)
+    result = bench.measure(make, "grpc", "ctr", 8, 2, 0.3)
+    assert result.requests > 0 and result.p50_ms <= result.p90_ms <= result.p99_ms
+    assert result.rows_per_s == pytest.approx(result.requests * 8 / result.seconds)
