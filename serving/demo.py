@@ -238,9 +238,12 @@ def run(args: argparse.Namespace) -> int:
     if done.returncode != 0:
         print(f"    export failed:\n{done.stdout}{done.stderr}", file=sys.stderr)
         return 1
-    for line in done.stdout.strip().splitlines():
+    out_lines = done.stdout.strip().splitlines()
+    table_lines = [ln for ln in out_lines if ln.lstrip().startswith("table:")]
+    for line in [ln for ln in out_lines if ln not in table_lines] + table_lines[:2]:
         print(f"    | {line}")
-    version_dir = os.path.join(repo, "dlrm", "1")
+    if len(table_lines) > 2:
+        print(f"    | ... and {len(table_lines) - 2} more tables")
     models_config = os.path.join(repo, "models.config")
     hps_json = os.path.join(repo, "hps.json")
     tables = sorted(
@@ -249,10 +252,11 @@ def run(args: argparse.Namespace) -> int:
         for f in files
         if f.endswith(".h5")
     )
-    print(f"    wrote {version_dir} in {time.perf_counter() - t:.1f} s (a new process)")
-    print(f"    models.config: {models_config}")
-    print(f"    hps.json:      {hps_json}")
-    print(f"    {len(tables)} HDF5 table files, e.g. {tables[0] if tables else '(none)'}")
+    print(
+        f"    export took {time.perf_counter() - t:.1f} s in its own process; "
+        f"{len(tables)} HDF5 table files under {os.path.join(repo, 'tables')}"
+    )
+
     import json
 
     with open(hps_json, encoding="utf-8") as f:
