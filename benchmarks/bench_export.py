@@ -53,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import numpy as np
+
     from keras_hps.export import export_for_serving
 
     model = _model(args.rows, args.dim)

@@ -24,12 +24,12 @@ import time
 import numpy as np
 import torch
 import triton
-from keras_hps.triton_kernels.cache_insert import cache_insert, sort_by_set
-from keras_hps.triton_kernels.cache_query import cache_query
-from keras_hps.triton_kernels.gather import gather_rows
 from triton.testing import do_bench
 
 from keras_hps.gpu_cache import GpuCacheGroup, GpuEmbeddingCache
+from keras_hps.triton_kernels.cache_insert import cache_insert, sort_by_set
+from keras_hps.triton_kernels.cache_query import cache_query
+from keras_hps.triton_kernels.gather import gather_rows
 
 STAMPS = itertools.count(100)  # a fresh LRU stamp per call, as GpuEmbeddingCache gives
 CRITEO_FL15 = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828,

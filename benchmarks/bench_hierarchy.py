@@ -88,6 +88,7 @@ def section_bw(dev, small: bool) -> dict:
 # ------------------------------------------------------------------------------ static / uvm
 def section_static(dev, small: bool, dims=(128, 16)) -> None:
     import torch
+
     from keras_hps.triton_kernels.gather import gather_rows
     from keras_hps.triton_kernels.static_table import StaticTable
 
@@ -125,6 +126,7 @@ UVM_LAUNCH: dict[str, int] = {}  # the fastest launch found by section_uvm, used
 def section_uvm(dev, small: bool) -> None:
     """UVM table query (all rows in pinned host memory) over a sweep of launch configs."""
     import torch
+
     from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
 
     r, dim = (20_000, 128) if small else (16_000_000, 128)
@@ -155,6 +157,7 @@ def section_uvm(dev, small: bool) -> None:
 def section_combiner(dev, small: bool) -> None:
     import torch
     import torch.nn.functional as F
+
     from keras_hps.triton_kernels.combiners import combine_bags
 
     batch = 512 if small else 65536

@@ -86,6 +86,7 @@ def build_models(rows: int):
 def build_repository(repo: str, rows: int) -> None:
     """Exports the three models into `repo` and writes its models.config."""
     import tensorflow as tf
+
     from keras_hps.export import export_for_serving
     from keras_hps.serving.model_config import ModelEntry, to_text
 

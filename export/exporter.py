@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from keras_hps.errors import ConfigError, NotFoundError
 from keras_hps.export import repository as repo
 from keras_hps.export.dissection import EmbeddingTable, dissect
 from keras_hps.export.graph import call_with_named_inputs, flat_outputs, input_names, output_names
@@ -23,8 +25,6 @@ from keras_hps.export.inference import (
     lookup_calls,
 )
 from keras_hps.export.warmup import write_warmup
-
-from keras_hps.errors import ConfigError, NotFoundError
 from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
 
 PLACEMENTS = ("external", "embedded")

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import keras
+
+from keras_hps.errors import ConfigError
 from keras_hps.export.dissection import EmbeddingTable, dissect, find_table_layers
 from keras_hps.export.embedded import EmbeddedLookup
 from keras_hps.export.graph import LookupCall, input_names, is_graph_model, rewire
-
-from keras_hps.errors import ConfigError
 
 
 def _lookup_layer_types() -> tuple[type, ...]:

@@ -68,7 +68,6 @@ def _export_info(version_dir: str) -> dict[str, Any]:
 def describe(repo_dir: str) -> str:
     """The repository as text (what `keras-hps inspect` prints)."""
     from keras_hps.export import repository as repo
-
     from keras_hps.servable import describe_version
 
     repo_dir = os.path.abspath(repo_dir)

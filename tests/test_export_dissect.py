@@ -12,9 +12,8 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
 ops = keras.ops
 
-from keras_hps.export import build_inference_model, dissect, export_for_serving  # noqa: E402
-
 from keras_hps.errors import ConfigError  # noqa: E402
+from keras_hps.export import build_inference_model, dissect, export_for_serving  # noqa: E402
 from keras_hps.layers import LookupLayer, SparseLookupLayer  # noqa: E402
 from keras_hps.parameter_server import ParameterServer  # noqa: E402
 from keras_hps.servable import load_servable  # noqa: E402

@@ -19,11 +19,11 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from google.protobuf import text_format  # noqa: E402
-from keras_hps.export import export_for_serving  # noqa: E402
-from keras_hps.export.warmup import read_warmup  # noqa: E402
 from tensorflow_serving.config import model_server_config_pb2  # noqa: E402
 
 from keras_hps.config import load_config  # noqa: E402
+from keras_hps.export import export_for_serving  # noqa: E402
+from keras_hps.export.warmup import read_warmup  # noqa: E402
 from keras_hps.parameter_server import ParameterServer  # noqa: E402
 from keras_hps.servable import load_servable  # noqa: E402
 

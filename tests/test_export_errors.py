@@ -11,9 +11,8 @@ import pytest
 keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
 
-from keras_hps.export import build_inference_model, export_for_serving  # noqa: E402
-
 from keras_hps.errors import ConfigError, NotFoundError  # noqa: E402
+from keras_hps.export import build_inference_model, export_for_serving  # noqa: E402
 
 
 def _model(rows: int = 12) -> keras.Model:
@@ -128,7 +127,6 @@ def test_failure_while_writing_rolls_back(repo, monkeypatch, tables, target):
     root, model = repo
     before = _snapshot(root)
     import keras_hps.export.exporter as exporter
-
     import keras_hps.formats as formats
 
     def broken(*args, **kwargs):

@@ -13,11 +13,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from keras_hps.triton_kernels.cache_insert import np_cache_insert  # noqa: E402
-from keras_hps.triton_kernels.cache_query import np_cache_query  # noqa: E402
-
 from keras_hps.errors import InvalidInputError  # noqa: E402
 from keras_hps.gpu_cache import GpuCacheGroup, GpuEmbeddingCache  # noqa: E402
+from keras_hps.triton_kernels.cache_insert import np_cache_insert  # noqa: E402
+from keras_hps.triton_kernels.cache_query import np_cache_query  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU_SCALE = 16 if DEVICE == "cuda" else 1

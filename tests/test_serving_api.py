@@ -22,9 +22,6 @@ from serving_models import DIM, VOCAB, copy_version, free_port, reference, save_
 
 tf = pytest.importorskip("tensorflow")
 
-from keras_hps.serving.batching import BatchingOptions  # noqa: E402
-from keras_hps.serving.model_config import load_model_config_file  # noqa: E402
-from keras_hps.serving.server import ModelServer, ServerOptions  # noqa: E402
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_metadata_pb2,
     get_model_status_pb2,
@@ -33,6 +30,10 @@ from tensorflow_serving.apis import (  # noqa: E402
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+
+from keras_hps.serving.batching import BatchingOptions  # noqa: E402
+from keras_hps.serving.model_config import load_model_config_file  # noqa: E402
+from keras_hps.serving.server import ModelServer, ServerOptions  # noqa: E402
 
 SEEDS = {("ctr", 1): 11, ("ctr", 2): 12, ("live", 1): 21, ("live", 2): 22, ("slow", 1): 31}
 MAX_BATCH = 64

@@ -10,6 +10,7 @@ import pytest
 
 pytest.importorskip("tensorflow_serving")
 
+from keras_hps.errors import ConfigError  # noqa: E402
 from keras_hps.serving.batching import (  # noqa: E402
     Batcher,
     BatchingOptions,
@@ -24,8 +25,6 @@ from keras_hps.serving.model_config import (  # noqa: E402
 from keras_hps.serving.rest_json import array_to_json, json_to_array  # noqa: E402
 from keras_hps.serving.status import ServingError  # noqa: E402
 from keras_hps.serving.tensors import from_proto, to_proto  # noqa: E402
-
-from keras_hps.errors import ConfigError  # noqa: E402
 
 
 def test_models_config_policies_labels_and_round_trip(tmp_path):
