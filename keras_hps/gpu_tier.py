@@ -120,10 +120,16 @@ def cache_slots(gpucacheper: float, rows: int) -> int:
 class _Replica:
     """The GPU tier of one table on one device."""
 
-    def __init__(self, device: Any, cache: Any, table: Any) -> None:
+    def __init__(self, device: Any, cache: Any, table: Any, default: Any = None) -> None:
+        import torch
+
         self.device = device
         self.cache = cache  # GpuEmbeddingCache or None (static mode)
         self.table = table  # StaticTable or None (dynamic mode)
+        self.default = default  # [dim] float32 on device: the static fast path's miss value
+        # Static fast path: (keys looked up, keys found) summed on the device, so a lookup
+        # never waits on the host for its counts; read back by stats().
+        self.static_counts = torch.zeros(2, dtype=torch.int64, device=device)
 
 
 class GpuTableTier:
@@ -146,6 +152,7 @@ class GpuTableTier:
         devices: Sequence[Any],
         fetch: Fetch,
         table_path: str | None = None,
+        default_vector: np.ndarray | None = None,
     ) -> None:
         import torch
 
@@ -183,7 +190,12 @@ class GpuTableTier:
                 cache = GpuEmbeddingCache(self.slots, self.dim, device=dev, policy="lru")
             if host_keys is not None:
                 table = _static_table(host_keys, host_vectors, dev, on_device=mode == "static")
-            self._replicas.append(_Replica(torch.device(dev), cache, table))
+            default = None
+            if mode == "static" and default_vector is not None:
+                default = torch.as_tensor(
+                    np.asarray(default_vector, np.float32).reshape(self.dim), device=dev
+                )
+            self._replicas.append(_Replica(torch.device(dev), cache, table, default))
 
     # ------------------------------------------------------------------ lookup
     @property
@@ -219,6 +231,15 @@ class GpuTableTier:
         n_unique = 0
         if flat.numel() == 0:
             out = torch.empty((*shape, self.dim), dtype=torch.float32, device=rep.device)
+        elif rep.default is not None:
+            # Static mode: the whole table is on the device, so keys it lacks are in no tier.
+            # One probe-and-gather straight into input order (duplicates are just read
+            # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
+            vals, hit = rep.table.query(flat, default=rep.default)
+            rep.static_counts[0] += flat.numel()
+            rep.static_counts[1] += hit.sum()
+            n_unique = flat.numel()
+            out = vals.reshape(*shape, self.dim)
         else:
             ukeys, inverse = torch.unique(flat, return_inverse=True)
             n_unique = ukeys.numel()
@@ -337,12 +358,18 @@ class GpuTableTier:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Counts over unique keys per lookup: ``hits`` (device-resident rows), ``misses``,
+        """Counts over unique keys per lookup (over every key in static mode, which skips
+        the unique step): ``hits`` (device-resident rows), ``misses``,
         ``uvm_hits`` (misses served from pinned host memory), ``fetched`` (from lower tiers),
         plus the caches' ``evictions``, ``resident`` rows and ``capacity``, summed over
         replicas."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
+        for rep in self._replicas:
+            if rep.default is not None:
+                looked, found = (int(v) for v in rep.static_counts.tolist())
+                out["hits"] += found
+                out["misses"] += looked - found
         out.update(
             mode=self.mode,
             devices=[str(d) for d in self.devices],
@@ -499,6 +526,7 @@ def wrap_with_gpu_tier(
             devices=devices,
             fetch=hierarchy.fetch,
             table_path=spec.path,
+            default_vector=np.full(spec.dim, spec.default_value, np.float32),
         )
     except BaseException:
         hierarchy.close()
