@@ -7,8 +7,7 @@ Names load lazily so `import keras_hps.export` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from keras_hps._lazy import lazy_exports
 
 _LAZY = {
     "EmbeddingTable": "keras_hps.export.dissection",
@@ -19,16 +18,4 @@ _LAZY = {
 }
 
 __all__ = list(_LAZY)
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_hps.export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

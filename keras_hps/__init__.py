@@ -7,8 +7,7 @@ the names that need them are first used.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from keras_hps._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -26,16 +25,4 @@ _LAZY = {
 }
 
 __all__ = ["__version__", *_LAZY]
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'keras_hps' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, also=["__version__"])
