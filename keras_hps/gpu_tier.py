@@ -126,10 +126,15 @@ class _Replica:
         self.device = device
         self.cache = cache  # GpuEmbeddingCache or None (static mode)
         self.table = table  # StaticTable or None (dynamic mode)
-        self.default = default  # [dim] float32 on device: the static fast path's miss value
-        # Static fast path: (keys looked up, keys found) summed on the device, so a lookup
+        # Static fast path: while set, a key the on-device table lacks is in no tier, so it
+        # gets this [dim] default on the device. Cleared once an update names a key outside
+        # the table (a static table never grows); lookups then fetch misses from below.
+        self.default = default
+        # (keys looked up, keys found) on the fast path, summed on the device so a lookup
         # never waits on the host for its counts; read back by stats().
-        self.static_counts = torch.zeros(2, dtype=torch.int64, device=device)
+        self.static_counts = (
+            torch.zeros(2, dtype=torch.int64, device=device) if default is not None else None
+        )
 
 
 class GpuTableTier:
@@ -345,7 +350,9 @@ class GpuTableTier:
                 if vectors is None:
                     raise ValueError(f"{self.name}: {self.mode} mode needs the updated vectors")
                 tv = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(rep.device)
-                rep.table.update(tk, tv.reshape(keys.size, self.dim))
+                found = rep.table.update(tk, tv.reshape(keys.size, self.dim))
+                if rep.default is not None and not bool(found.all()):
+                    rep.default = None  # keys outside the static table now exist below
 
     def clear(self) -> None:
         """Empty the dynamic caches (static tables stay)."""
@@ -366,7 +373,7 @@ class GpuTableTier:
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
         for rep in self._replicas:
-            if rep.default is not None:
+            if rep.static_counts is not None:
                 looked, found = (int(v) for v in rep.static_counts.tolist())
                 out["hits"] += found
                 out["misses"] += looked - found

@@ -157,6 +157,13 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
         fresh = ps.lookup("m", 0, q)
         np.testing.assert_array_equal(fresh[:5], new)
         np.testing.assert_array_equal(fresh[5:], vectors[5:10])
+        # A key the table file never held, added below and announced: served, not defaulted.
+        extra = np.array([keys.max() + 12345], np.int64)
+        extra_vec = rng.standard_normal((1, DIM)).astype(np.float32)
+        host.insert(extra, extra_vec)
+        tiered.on_update(extra, extra_vec)
+        np.testing.assert_array_equal(ps.lookup("m", 0, np.r_[extra, q[5:7]]),
+                                      np.r_[extra_vec, vectors[5:7]])
 
 
 def test_tier_off_and_settings(table, monkeypatch):
