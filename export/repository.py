@@ -130,16 +130,6 @@ def hps_json_with(path: str, entry: dict[str, Any]) -> str:
     return json.dumps(data, indent=2) + "\n"
 
 
-def hps_json_without(path: str, model: str) -> str | None:
-    """hps.json's text without `model`, or None if it does not list it."""
-    data = read_hps_json(path)
-    models = [m for m in data["models"] if m.get("model") != model]
-    if len(models) == len(data["models"]):
-        return None
-    data["models"] = models
-    return json.dumps(data, indent=2) + "\n"
-
-
 def write_text_atomically(path: str, text: str) -> None:
     """Replace `path` with `text` in one rename (readers see the old or the new file)."""
     folder = os.path.dirname(path) or "."

@@ -40,7 +40,6 @@ from keras_hps.errors import ConfigError, InvalidInputError, NotFoundError
 MANIFEST_NAME = "keras_hps_manifest.json"
 MANIFEST_FORMAT = "keras-hps-external"
 MANIFEST_VERSION = 1
-PREDICT_METHOD = "tensorflow/serving/predict"
 COMBINERS = ("sum", "mean", "sqrtn")
 INIT_OP_SIGNATURE_KEY = "__saved_model_init_op"
 

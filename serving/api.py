@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .manager import Handle, ModelManager, State, VersionStatus
+from .manager import Handle, ModelManager, VersionStatus
 from .status import ServingError, invalid_argument
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -72,8 +72,3 @@ def check_signature(handle: Handle, signature_name: str, rest: bool) -> Any:
             "FAILED_PRECONDITION", f'Serving signature key "{signature_name}" not found.'
         )
     return spec
-
-
-def state_name(state: State) -> str:
-    """The proto enum name of a version state (e.g. "AVAILABLE")."""
-    return State(state).name

@@ -142,14 +142,3 @@ def flatten_stats(stats: dict[str, Any]) -> list[tuple[str, str, float]]:
 def _metric_name(name: Any) -> str:
     text = "".join(c if c.isalnum() else "_" for c in str(name).lower())
     return text or "value"
-
-
-def hit_rates(stats: dict[str, Any]) -> dict[str, float]:
-    """Per-tier hit rate hits / (hits + misses) of one `ps.stats` dict (tiers with lookups)."""
-    rates = {}
-    for key, value in stats.items():
-        if isinstance(value, dict) and "hits" in value and "misses" in value:
-            seen = value["hits"] + value["misses"]
-            if seen:
-                rates[key] = value["hits"] / seen
-    return rates
