@@ -147,9 +147,10 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
                                              validate=False, **c), base)
     if sweep:
         top = q[0][1]
-        variants = [dict(top, probe_1d=True), dict(top, tag_evict="evict_last"),
+        variants = [dict(top, speculate=False), dict(top, probe_1d=True, speculate=False),
+                    dict(top, tag_evict="evict_last"),
                     dict(top, tag_evict="evict_last", row_evict="evict_first"),
-                    dict(top, probe_1d=True, tag_evict="evict_last", row_evict="evict_first")]
+                    dict(top, speculate=False, tag_evict="evict_last", row_evict="evict_first")]
         q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                                   validate=False, **c), variants)
         q.sort(key=lambda r: r[0])
@@ -178,6 +179,10 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
     qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
                                      **qcfg), R)
+    qns = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
+                                      validate=False, **dict(qcfg, speculate=False)), R)
+    qnns = bench(lambda i: cache_query(cache.arrays, batches[i][0], touch=False, validate=False,
+                                       **dict(qcfg, speculate=False)), R)
     qat = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                       validate=False, **dict(qcfg, lru_atomic=True)), R)
     qzat = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS),
@@ -191,11 +196,15 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     cq = bench(lambda i: cache.query(batches[i][0]), R)
     cqn = bench(lambda i: cache.query(batches[i][0], validate=False), R)
     gather_b = 8 + 8 * dim
-    query_b = 8 + 32 + 32 + 32 + 8 * dim + 1  # key, tag sector, slot sector read + written back
+    # key, the set's 64 bytes of tags, slot-record sector read + written back, row, hit flag
+    query_b = 8 + 64 + 32 + 32 + 8 * dim + 1
     row("triton gather (yardstick)", dim, n, gms, gather_b, bw, gms, f"cfg {g[0][1]}")
     row("torch.index_select", dim, n, isel, gather_b, bw, gms)
     row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {qcfg}")
     row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
+    row("cache query kernel (LRU touch), key then row", dim, n, qns, query_b, bw, gms,
+        "speculate=False: the row read waits for the key compare")
+    row("cache query kernel (no touch), key then row", dim, n, qnns, query_b - 32, bw, gms)
     row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
     row("cache query kernel, Zipf 1.05 keys", dim, n, qz, query_b, bw, gms, "L2 reuse")
     row("cache query kernel (LRU touch, atomic max)", dim, n, qat, query_b, bw, gms)
@@ -323,12 +332,16 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     per_t.sort(reverse=True)
     log("  slowest tables (query ms, dense gather ms, rows): " + ", ".join(
         f"t{t}: {tq:.4f}/{tg:.4f}/{CRITEO_FL15[t]}" for tq, tg, t in per_t[:8]))
+    fns = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
+                                            **dict(qcfg, speculate=False)), R)
     n = batch * nt
-    query_b = 8 + 32 + 32 + 32 + 8 * dim + 1
+    query_b = 8 + 64 + 32 + 32 + 8 * dim + 1
     row("dense gather of the same rows (1 launch)", dim, n, dg, 8 + 8 * dim, bw, dg,
         "hot rows of tiny tables")
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, dg)
     row("fused 26-table query kernel, no touch", dim, n, fnt, query_b - 32, bw, dg)
+    row("fused 26-table query kernel, key then row", dim, n, fns, query_b, bw, dg,
+        "speculate=False")
     row("fused 26-table query kernel, LFU", dim, n, flfu, query_b, bw, dg)
     row("fused 26-table query kernel, LRU atomic max", dim, n, fat, query_b, bw, dg)
     row("26 per-table query launches", dim, n, per, query_b, bw, dg)

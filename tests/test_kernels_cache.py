@@ -266,8 +266,8 @@ def test_set_and_tag_spread_keys_over_sets():
     sets, tags = np_set_and_tag(keys, 97)
     counts = np.bincount(sets, minlength=97)
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
-    assert tags.min() >= 1 and tags.max() <= 255
-    assert np.unique(tags).size > 250
+    assert tags.min() >= 1 and tags.max() <= 2**15 - 1
+    assert np.unique(tags).size > 30_000  # of 32,767 (100,000 draws)
 
 
 def _pool(tables, key_dtype):
@@ -325,6 +325,28 @@ def test_fused_multi_table_query_equals_per_table(rng, policy, tables):
         fused_cache_query(pooled, flat, offsets[:-1])
 
 
+def test_fused_query_with_many_tag_collisions(rng):
+    # Uniform dims (the speculative path); table 1's set 1 holds 32 keys sharing one tag.
+    tables = [(64, 4), (64, 4)]
+    pooled, per = _pool(tables, torch.int64)
+    keys1 = _same_set_and_tag_keys(rng, per[1].num_sets, 40)
+    keys0 = rng.integers(0, 200, size=64)
+    refs = []
+    for arrays, ks in zip(per, (keys0, keys1[:32]), strict=True):
+        vals = rng.standard_normal((ks.size, 4)).astype(np.float32)
+        cache_insert(arrays, t(ks), f32(vals), stamp=1)
+        refs.append(arrays.to_numpy())
+    q = [rng.integers(0, 250, size=50), rng.permutation(np.concatenate([keys1, keys1[:8]]))]
+    offsets = [0, q[0].size, q[0].size + q[1].size]
+    values, hit = fused_cache_query(pooled, t(np.concatenate(q)), offsets, stamp=2)
+    ref_vals, ref_hits = np_fused_cache_query(refs, q, stamp=2)
+    np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
+    for i in range(2):
+        np.testing.assert_array_equal(values[i].cpu().numpy(), ref_vals[i])
+        assert_same_state(per[i], refs[i])
+    assert ref_hits[1].sum() == 40 and (~ref_hits[1]).sum() == 8
+
+
 @pytest.mark.parametrize("dim", [1, 16, 100, 128])
 def test_gather_matches_reference(rng, dim):
     table = rng.standard_normal((300, dim)).astype(np.float32)
@@ -334,22 +356,28 @@ def test_gather_matches_reference(rng, dim):
         np.testing.assert_array_equal(out.cpu().numpy(), np_gather_rows(table, idx))
 
 
-@pytest.mark.parametrize("probe_1d", [False, True])
-def test_probe_with_many_tag_collisions(rng, probe_1d):
-    # 40 keys of one set that share one tag: every probe sees up to 32 false candidates.
-    num_sets = 2
-    cands = rng.integers(-(2**62), 2**62, size=40_000)
+def _same_set_and_tag_keys(rng, num_sets, count):
+    """``count`` distinct keys that all land in set 1 with one tag."""
+    cands = rng.integers(-(2**62), 2**62, size=4_000_000)
     sets, tags = np_set_and_tag(cands, num_sets)
     same = np.unique(cands[(sets == 1) & (tags == np.bincount(tags[sets == 1]).argmax())])
-    assert same.size >= 40
-    keys = rng.permutation(same)[:40]
+    assert same.size >= count
+    return rng.permutation(same)[:count]
+
+
+@pytest.mark.parametrize("probe_1d,speculate", [(False, True), (False, False), (True, False)])
+def test_probe_with_many_tag_collisions(rng, probe_1d, speculate):
+    # 40 keys of one set that share one tag: every probe sees up to 32 false candidates.
+    num_sets = 2
+    keys = _same_set_and_tag_keys(rng, num_sets, 40)
     arrays = allocate(num_sets, 4, torch.int64, DEVICE)
     ref = arrays.to_numpy()
     vals = rng.standard_normal((32, 4)).astype(np.float32)
     cache_insert(arrays, t(keys[:32]), f32(vals), stamp=1)
     np_cache_insert(ref, keys[:32], vals, stamp=1)
     q = rng.permutation(np.concatenate([keys, keys[:8]]))
-    out, hit = cache_query(arrays, t(q), stamp=2, probe_1d=probe_1d, tag_evict="evict_last",
+    out, hit = cache_query(arrays, t(q), stamp=2, probe_1d=probe_1d, speculate=speculate,
+                           tag_evict="evict_last",
                            row_evict="evict_first")
     ref_out, ref_hit = np_cache_query(ref, q, stamp=2)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)

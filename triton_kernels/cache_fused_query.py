@@ -23,6 +23,7 @@ from .cache_layout import (
     probe,
     set_and_tag,
     small_int64_to_device,
+    speculate,
     touch_scores,
 )
 from .cache_query import _launch_config, np_cache_query
@@ -55,7 +56,7 @@ def _fused_query_kernel(
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
     UNIFORM_DIM: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -66,31 +67,60 @@ def _fused_query_kernel(
     s, t = set_and_tag(k, tl.load(num_sets_ptr + tid))
     set_base = tl.load(set_base_ptr + tid)
     s += set_base
-    jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
-    hit = jj >= 0
-    slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
-    if UNIFORM_DIM:
+    if UNIFORM_DIM and SPECULATE:
         # All tables share MAX_DIM: the pool is one [slots, MAX_DIM] array and the output one
         # [keys, MAX_DIM] array, so rows are addressed as in the single-table kernel (constant
-        # row width: the compiler can use 16-byte accesses).
-        for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+        # row width: the compiler can use 16-byte accesses), with its speculative probe.
+        slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
+                                                MAX_DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
+        keep = m & (~need)
+        d = tl.arange(0, BLOCK_D)
+        tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row,
+                 mask=keep[:, None] & (d < MAX_DIM)[None, :], eviction_policy=ROW_EVICT)
+        for d0 in tl.static_range(BLOCK_D, MAX_DIM, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = (d < MAX_DIM)[None, :]
-            row = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :], mask=hit[:, None] & dm,
-                          other=0.0, eviction_policy=ROW_EVICT)
-            tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row, mask=m[:, None] & dm,
+            r = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :], mask=hit[:, None] & dm,
+                        other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], r, mask=keep[:, None] & dm,
                      eviction_policy=ROW_EVICT)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
+            hit2 = need & (j2 >= 0)
+            slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
+            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = (d < MAX_DIM)[None, :]
+                r = tl.load(vec_ptr + slot2[:, None] * MAX_DIM + d[None, :],
+                            mask=hit2[:, None] & dm, other=0.0)
+                tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], r,
+                         mask=need[:, None] & dm)
+            hit = hit | hit2
+            slot = tl.where(hit2, slot2, slot)
+            score = tl.where(hit2, score2, score)
     else:
-        dim = tl.load(dims_ptr + tid)
-        src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
-        dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
-        for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d[None, :] < dim[:, None]
-            row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm,
-                          other=0.0, eviction_policy=ROW_EVICT)
-            tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
-                     eviction_policy=ROW_EVICT)
+        jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
+        hit = jj >= 0
+        slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
+        if UNIFORM_DIM:
+            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = (d < MAX_DIM)[None, :]
+                row = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :],
+                              mask=hit[:, None] & dm, other=0.0, eviction_policy=ROW_EVICT)
+                tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row,
+                         mask=m[:, None] & dm, eviction_policy=ROW_EVICT)
+        else:
+            dim = tl.load(dims_ptr + tid)
+            src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
+            dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
+            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = d[None, :] < dim[:, None]
+                row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm,
+                              other=0.0, eviction_policy=ROW_EVICT)
+                tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
+                         eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
         touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
@@ -142,7 +172,7 @@ def fused_cache_query(
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
             UNIFORM_DIM=len(set(pooled.dims_host)) == 1,
             PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
-            LRU_ATOMIC=cfg["lru_atomic"], num_warps=cfg["num_warps"],
+            LRU_ATOMIC=cfg["lru_atomic"], SPECULATE=cfg["speculate"], num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

@@ -92,7 +92,7 @@ def _cache_insert_kernel(
                 score = tl.zeros([BLOCK_K], dtype=tl.int64) + stamp
             tl.store(slots_ptr + 2 * vslot + 1, score, mask=do)
             tl.store(slots_ptr + 2 * vslot, k.to(tl.int64), mask=do)
-            tl.store(tags_ptr + vslot, t.to(tl.uint8), mask=do)
+            tl.store(tags_ptr + vslot, t.to(tl.int16), mask=do)
         for d0 in tl.static_range(0, DIM, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = (d < DIM)[None, :]

@@ -2,9 +2,11 @@
 
 A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is three flat device arrays:
 
-- ``tags``    uint8  ``[num_sets * 32]``: a one-byte fingerprint per slot (0 = empty). One set's
-  tags are 32 contiguous bytes, i.e. one 32-byte DRAM sector, so a probe reads one sector and
-  then only the key of a slot whose tag matches.
+- ``tags``    int16  ``[num_sets * 32]``: a 15-bit fingerprint per slot (0 = empty). One set's
+  tags are 64 contiguous bytes (two sectors of one 128-byte line), so a probe reads one line
+  and then only the key of a slot whose tag matches. With 15 bits a tag matches a wrong key of
+  the set with probability 31/32767, so the query reads the key and the row of the first
+  matching slot at once and falls back to the other candidates only when that key differs.
 - ``slots``   int64  ``[num_sets * 32, 2]``: per slot its key (sign-extended to int64;
   ``empty_key(key_dtype)`` when empty) and its score (LRU clock stamp or LFU access count).
   Key and score share one 16-byte record, so the score a query touches on a hit lies in the
@@ -13,7 +15,7 @@ A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is three fla
 
 A key is hashed with MurmurHash3's 64-bit finalizer (applied to the key sign-extended to int64).
 The low 32 bits pick the set (``(lo32 * num_sets) >> 32``, any set count works) and the top
-8 bits are the tag (0 is remapped to 1, since 0 marks an empty slot).
+15 bits are the tag (0 is remapped to 1, since 0 marks an empty slot).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import triton.language as tl
 
 SLOTS_PER_SET = 32
 EMPTY_TAG = 0
+TAG_BITS = 15
+TAG_DTYPE = torch.int16
 KEY_DTYPES = (torch.int64, torch.int32)
 POLICIES = ("lru", "lfu")
 
@@ -62,10 +66,10 @@ def hash_key(k):
 
 @triton.jit
 def set_and_tag(k, num_sets):
-    """Set index (int64) and tag (int32 in 1..255) of keys ``k``."""
+    """Set index (int64) and tag (int32 in 1..32767) of keys ``k``."""
     h = hash_key(k)
     s = ((h & 0xFFFFFFFF) * num_sets.to(tl.uint64)) >> 32
-    t = (h >> 56).to(tl.int32)
+    t = (h >> 49).to(tl.int32)
     t = tl.where(t == 0, 1, t)
     return s.to(tl.int64), t
 
@@ -115,6 +119,35 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
 
 
 @triton.jit
+def speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS: tl.constexpr, DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr):
+    """Read the set's tags, then the record (key, score) and the first row tile of the first
+    tag-matching slot together, so that the row does not wait for the key compare.
+
+    Returns (slot, hit, score, first row tile [keys, BLOCK_D] (zeros where not a hit), need):
+    ``need`` marks the rare keys whose first candidate held another key while later slots of
+    the set carry the same tag; :func:`probe` resolves those.
+    """
+    sl = tl.arange(0, SLOTS)
+    tg = tl.load(tags_ptr + s[:, None] * SLOTS + sl[None, :], mask=m[:, None], other=0,
+                 eviction_policy=TAG_EVICT).to(tl.int32)
+    cand = (tg == t[:, None]) & m[:, None]
+    j0 = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
+    has = j0 < SLOTS
+    slot = s * SLOTS + tl.minimum(j0, SLOTS - 1).to(tl.int64)
+    ck = tl.load(slots_ptr + 2 * slot, mask=has, other=0)
+    score = tl.load(slots_ptr + 2 * slot + 1, mask=has, other=0)
+    d = tl.arange(0, BLOCK_D)
+    row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :],
+                  mask=has[:, None] & (d < DIM)[None, :], other=0.0, eviction_policy=ROW_EVICT)
+    hit = has & (ck == k.to(tl.int64))
+    later = tl.max((cand & (sl[None, :] > j0[:, None])).to(tl.int32), axis=1) > 0
+    need = has & (~hit) & later
+    row = tl.where(hit[:, None], row, 0.0)
+    return slot, hit, score, row, need
+
+
+@triton.jit
 def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr,
                  LRU_ATOMIC: tl.constexpr):
     """Update the scores of hit slots: LFU adds one per hit; LRU stores ``stamp`` only where the
@@ -146,7 +179,7 @@ def np_set_and_tag(keys: np.ndarray, num_sets: int) -> tuple[np.ndarray, np.ndar
     h = np_hash(keys)
     with np.errstate(over="ignore"):
         s = ((h & np.uint64(0xFFFFFFFF)) * np.uint64(num_sets)) >> np.uint64(32)
-    t = (h >> np.uint64(56)).astype(np.int64)
+    t = (h >> np.uint64(64 - TAG_BITS)).astype(np.int64)
     t[t == 0] = 1
     return s.astype(np.int64), t
 
@@ -231,7 +264,7 @@ def allocate(num_sets: int, dim: int, key_dtype: torch.dtype,
     empty_key(key_dtype)  # validates the dtype
     n = num_sets * SLOTS_PER_SET
     arrays = CacheArrays(
-        tags=torch.empty(n, dtype=torch.uint8, device=device),
+        tags=torch.empty(n, dtype=TAG_DTYPE, device=device),
         slots=torch.empty(n, 2, dtype=torch.int64, device=device),
         vectors=torch.zeros(n, dim, dtype=torch.float32, device=device),
         num_sets=num_sets,

@@ -1,8 +1,10 @@
 """Query kernel of the set-associative GPU embedding cache (layout: cache_layout.py).
 
-Per key: hash to a set, read the set's 32 one-byte tags (one sector), read the key of each slot
-whose tag matches, and on a hit copy the slot's row into the output and touch the slot's score
-(LRU: the call's clock stamp; LFU: +1 per occurrence). Misses get a zero row, ``hit=False``,
+Per key: hash to a set, read the set's 32 15-bit tags (one 64-byte line piece), then read the
+record (key, score) and the row of the first slot whose tag matches at once (``speculate``; a
+wrong first candidate with more candidates behind it, about one key in 2,000, is resolved by a
+full probe), and on a hit copy the row into the output and touch the slot's score (LRU: the
+call's clock stamp; LFU: +1 per occurrence). Misses get a zero row, ``hit=False``,
 and optionally a compact list of their positions.
 """
 
@@ -23,6 +25,7 @@ from .cache_layout import (
     np_set_and_tag,
     probe,
     set_and_tag,
+    speculate,
     touch_scores,
 )
 
@@ -34,23 +37,52 @@ def _cache_query_kernel(
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
-    j, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
-    hit = j >= 0
-    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
-    for d0 in tl.static_range(0, DIM, BLOCK_D):
-        d = d0 + tl.arange(0, BLOCK_D)
-        dm = d < DIM
-        row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm[None, :],
-                      other=0.0, eviction_policy=ROW_EVICT)
-        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row, mask=m[:, None] & dm[None, :],
-                 eviction_policy=ROW_EVICT)
+    if SPECULATE:
+        slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
+                                                DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
+        keep = m & (~need)
+        d = tl.arange(0, BLOCK_D)
+        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
+                 mask=keep[:, None] & (d < DIM)[None, :], eviction_policy=ROW_EVICT)
+        for d0 in tl.static_range(BLOCK_D, DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = (d < DIM)[None, :]
+            r = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm,
+                        other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=keep[:, None] & dm,
+                     eviction_policy=ROW_EVICT)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            # A later slot of the set carries the same tag: probe all candidates (rare).
+            j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
+            hit2 = need & (j2 >= 0)
+            slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
+            for d0 in tl.static_range(0, DIM, BLOCK_D):
+                d = d0 + tl.arange(0, BLOCK_D)
+                dm = (d < DIM)[None, :]
+                r = tl.load(vec_ptr + slot2[:, None] * DIM + d[None, :],
+                            mask=hit2[:, None] & dm, other=0.0)
+                tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=need[:, None] & dm)
+            hit = hit | hit2
+            slot = tl.where(hit2, slot2, slot)
+            score = tl.where(hit2, score2, score)
+    else:
+        j, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
+        hit = j >= 0
+        slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+        for d0 in tl.static_range(0, DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d < DIM
+            row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :],
+                          mask=hit[:, None] & dm[None, :], other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
+                     mask=m[:, None] & dm[None, :], eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
     if TOUCH:
         touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
@@ -72,7 +104,7 @@ def _cache_query_kernel(
 def _launch_config(dim: int) -> dict:
     block_k, num_warps = (64, 8) if dim <= 32 else (16, 4)
     return {"block_k": block_k, "num_warps": num_warps, "probe_1d": False, "tag_evict": "",
-            "row_evict": "", "lru_atomic": False}
+            "row_evict": "", "lru_atomic": False, "speculate": True}
 
 
 def cache_query(
@@ -94,7 +126,8 @@ def cache_query(
     the input positions that missed, in no particular order. Hits stamp ``stamp`` into the slot
     score (``policy="lru"``) or add one per occurrence (``"lfu"``) unless ``touch=False``.
     ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
-    the launch settings (block_k, num_warps, probe_1d, tag_evict, row_evict) for benchmarks.
+    the launch settings (block_k, num_warps, speculate, probe_1d, tag_evict, row_evict) for
+    benchmarks.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -118,7 +151,7 @@ def cache_query(
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
             MISS_POS=return_miss_positions, PROBE_1D=cfg["probe_1d"],
             TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], LRU_ATOMIC=cfg["lru_atomic"],
-            num_warps=cfg["num_warps"],
+            SPECULATE=cfg["speculate"], num_warps=cfg["num_warps"],
         )
     if return_miss_positions:
         return out, hit, miss_pos, miss_count

@@ -39,7 +39,7 @@ def _cache_invalidate_kernel(
     found = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     # Repeated keys write the same values to the same slot: benign.
-    tl.store(tags_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.uint8), mask=found)
+    tl.store(tags_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int16), mask=found)
     tl.store(slots_ptr + 2 * slot, tl.zeros([BLOCK_K], dtype=tl.int64) + empty, mask=found)
     tl.store(slots_ptr + 2 * slot + 1, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
 
