@@ -130,8 +130,8 @@ class _Replica:
         # gets this [dim] default on the device. Cleared once an update names a key outside
         # the table (a static table never grows); lookups then fetch misses from below.
         self.default = default
-        # (keys looked up, keys found) on the fast path, summed on the device so a lookup
-        # never waits on the host for its counts; read back by stats().
+        # (keys looked up, keys found) on the fast path, summed by the lookup kernel itself
+        # so a lookup never waits on the host for its counts; read back by stats().
         self.static_counts = (
             torch.zeros(2, dtype=torch.int64, device=device) if default is not None else None
         )
@@ -180,6 +180,9 @@ class GpuTableTier:
         self._pending: list[Future] = []
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"keras-hps-gpu-insert-{name}")
         self._counts = {"hits": 0, "misses": 0, "uvm_hits": 0, "fetched": 0}
+        # uvm: how misses read the table in host memory: "copy" (host threads gather the
+        # rows, the copy engine moves them) or "kernel" (zero-copy reads over the bus).
+        self.host_read = "copy"
         self._closed = False
         host_keys = host_vectors = None
         if mode in ("static", "uvm"):
@@ -240,9 +243,7 @@ class GpuTableTier:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
-            vals, hit = rep.table.query(flat, default=rep.default)
-            rep.static_counts[0] += flat.numel()
-            rep.static_counts[1] += hit.sum()
+            vals, _hit = rep.table.lookup(flat, rep.default, rep.static_counts)
             n_unique = flat.numel()
             out = vals.reshape(*shape, self.dim)
         else:
@@ -277,7 +278,11 @@ class GpuTableTier:
             mkeys = ukeys[miss_idx]
             mvals = None
             if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
-                mvals, thit = rep.table.query(mkeys)
+                # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
+                if self.host_read == "copy":
+                    mvals, thit = rep.table.fetch(mkeys)
+                else:
+                    mvals, thit = rep.table.query(mkeys)
                 still = torch.nonzero(~thit).reshape(-1)
                 uvm_hits = n_miss - still.numel()
             else:
@@ -451,6 +456,7 @@ class GpuTieredTable:
         self.hierarchy = hierarchy
         self.gpu_tier = tier
         self._validate = validate
+        self._narrow: dict[Any, bool] = {}  # torch key dtype -> needs a value range check
 
     @property
     def spec(self) -> Any:
@@ -467,6 +473,9 @@ class GpuTieredTable:
         import torch
 
         spec = self.spec
+        narrow = self._narrow.get(keys.dtype)
+        if narrow is False and keys.numel() <= spec.max_keys_per_lookup:
+            return  # an integer dtype within the key type, a count within the limit
         where = f"model {spec.model!r} table {spec.table_id}"
         if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
             raise InvalidInputError(f"{where}: keys must be integers, got {keys.dtype}")
@@ -477,7 +486,9 @@ class GpuTieredTable:
             )
         info = np.iinfo(spec.key_dtype)
         tinfo = torch.iinfo(keys.dtype)
-        if keys.numel() and (tinfo.min < info.min or tinfo.max > info.max):
+        # Whether this key dtype can hold values outside the table's key type.
+        self._narrow[keys.dtype] = tinfo.min < info.min or tinfo.max > info.max
+        if keys.numel() and self._narrow[keys.dtype]:
             lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
             if lo < info.min or hi > info.max:
                 bad = lo if lo < info.min else hi
