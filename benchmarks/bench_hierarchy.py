@@ -121,6 +121,7 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
 
 
 UVM_LAUNCH: dict[str, int] = {}  # the fastest launch found by section_uvm, used later
+UVM_SHARE = [0.0]  # the best fetch() zero-copy share found by section_uvm
 
 
 def section_uvm(dev, small: bool) -> None:
@@ -150,6 +151,35 @@ def section_uvm(dev, small: bool) -> None:
         if best is None or t < best[0]:
             best = (t, bk, nw)
     UVM_LAUNCH.update(block_k=best[1], num_warps=best[2])
+    table.launch = dict(UVM_LAUNCH)
+    # The same rows through the copy engine: host threads gather them into pinned staging.
+    out, hit = table.fetch(q)
+    ok_copy = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
+    t_copy = bench(lambda t=table, k=q: t.fetch(k), dev, reps=10)
+    t_kernel = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
+    idx = rows_q.cpu()
+    stage = torch.empty((nq, dim), pin_memory=dev.type == "cuda")
+    t_gather = bench(lambda h=hv: torch.index_select(h, 0, idx, out=stage), dev, reps=10)
+    dst = torch.empty((nq, dim), device=dev)
+    t_h2d = bench(lambda: dst.copy_(stage, non_blocking=True), dev, reps=10)
+    shares = {}
+    for share in (0.15, 0.3):
+        table.zero_copy_share = share
+        o2, h2 = table.fetch(q)
+        assert bool(h2.all()) and torch.equal(o2, out), "fetch with a zero-copy share differs"
+        shares[share] = bench(lambda t=table, k=q: t.fetch(k), dev, reps=10)
+    table.zero_copy_share = 0.0
+    best_share = min([(t_copy, 0.0)] + [(t, sh) for sh, t in shares.items()])[1]
+    UVM_SHARE[0] = best_share
+    log(section="uvm_copy_engine_split", keys=nq, best_share=best_share,
+        **{f"fetch_share_{sh}_ms": t * 1e3 for sh, t in shares.items()},
+        **{f"fetch_share_{sh}_GBps": nq * 4 * dim / t / 1e9 for sh, t in shares.items()})
+    log(section="uvm_copy_engine", rows=r, dim=dim, keys=nq, correct=ok_copy,
+        torch_threads=torch.get_num_threads(), fetch_copy_ms=t_copy * 1e3,
+        query_zero_copy_ms=t_kernel * 1e3, fetch_copy_GBps=nq * 4 * dim / t_copy / 1e9,
+        zero_copy_GBps=nq * 4 * dim / t_kernel / 1e9,
+        host_index_select_GBps=nq * 4 * dim / t_gather / 1e9,
+        h2d_pinned_GBps=nq * 4 * dim / t_h2d / 1e9)
     del table, hv
 
 
@@ -239,7 +269,8 @@ def breakdown(tier, keys, dev) -> None:
     vals, hit = step("cache_query", lambda: rep.cache.query(ukeys))
     midx = step("miss_index", lambda: torch.nonzero(~hit).reshape(-1))
     mkeys = ukeys[midx]
-    mv, _ = step("uvm_query", lambda: rep.table.query(mkeys))
+    step("uvm_query_zero_copy", lambda: rep.table.query(mkeys))
+    mv, _ = step("uvm_fetch_copy_engine", lambda: rep.table.fetch(mkeys))
     step("scatter_misses", lambda: vals.index_copy_(0, midx, mv))
     step("cache_insert", lambda: rep.cache.insert(mkeys, mv))
     step("gather_to_input_order", lambda: vals[inv])
@@ -268,7 +299,8 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    batches = zipf_batches(rows, args.alpha, batch, args.warm + 2 * args.reps + 1, dev)
+    count = args.warm + 4 * args.reps + 1 + (args.warm + args.reps if args.lfu else 0)
+    batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
     emb = np.memmap(os.path.join(path, "emb_vector"), np.float32, "r", shape=(rows, dim))
     for mode in args.modes:
@@ -307,7 +339,16 @@ def section_hierarchy(dev, args) -> None:
             tier.wait()
             sync(dev)
             pos = n_warm
-            for threshold in (args.threshold, 0.0) if mode != "dynamic" else (args.threshold,):
+            variants = [("copy", args.threshold, 0.0), ("kernel", args.threshold, 0.0),
+                        ("copy", 0.0, 0.0)]
+            if UVM_SHARE[0]:
+                variants.insert(1, ("copy", args.threshold, UVM_SHARE[0]))
+            for host_read, threshold, share in (
+                    variants if mode == "uvm" else [("-", args.threshold, 0.0)]):
+                tier.host_read = host_read  # uvm misses: copy engine or zero-copy kernel reads
+                for rep in tier._replicas:
+                    if rep.table is not None:
+                        rep.table.zero_copy_share = share
                 tier.hit_rate_threshold = threshold  # 0.0: every insert in the background
                 s0 = tier.stats()
                 times = []
@@ -321,7 +362,9 @@ def section_hierarchy(dev, args) -> None:
                 s1 = tier.stats()
                 dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
                 total = sum(times)
-                log(section="hierarchy", mode=mode, rows=rows, dim=dim, batch=batch,
+                log(section="hierarchy", mode=mode, host_read=host_read, zero_copy_share=share,
+                    rows=rows, dim=dim,
+                    batch=batch,
                     alpha=args.alpha, cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=threshold, init_s=init_s, exact_sample=exact, warm_batches=n_warm,
                     mean_unique_per_batch=uniq, gpu_hit_rate_unique=dh / max(1, dh + dm),
@@ -332,6 +375,37 @@ def section_hierarchy(dev, args) -> None:
                     batch_ms_median=statistics.median(times) * 1e3, batches=len(times))
             if mode == "uvm" and pos < len(batches):
                 breakdown(tier, batches[pos], dev)
+                pos += 1
+            if mode == "uvm" and args.lfu:
+                # The same tier with LFU caches (frequency keeps the Zipf head resident).
+                from keras_hps.gpu_cache import GpuEmbeddingCache
+
+                for rep in tier._replicas:
+                    rep.cache = GpuEmbeddingCache(tier.slots, tier.dim, device=rep.device,
+                                                  policy="lfu")
+                tier.host_read, tier.hit_rate_threshold = "copy", args.threshold
+                for rep in tier._replicas:
+                    rep.table.zero_copy_share = UVM_SHARE[0]
+                for b in batches[pos:pos + n_warm]:
+                    ps.lookup("bench", 0, b)
+                pos += n_warm
+                tier.wait()
+                sync(dev)
+                s0 = tier.stats()
+                times = []
+                for b in batches[pos:pos + n_reps]:
+                    t1 = time.perf_counter()
+                    ps.lookup("bench", 0, b)
+                    sync(dev)
+                    times.append(time.perf_counter() - t1)
+                tier.wait()
+                s1 = tier.stats()
+                dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+                log(section="hierarchy", mode=mode, policy="lfu", host_read="copy",
+                    zero_copy_share=UVM_SHARE[0], threshold=args.threshold,
+                    gpu_hit_rate_unique=dh / max(1, dh + dm),
+                    Gkeys_per_s=batch * len(times) / sum(times) / 1e9,
+                    batch_ms_median=statistics.median(times) * 1e3, batches=len(times))
         finally:
             ps.close()
             del ps
@@ -354,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
+    ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="skip later hierarchy modes once this many seconds have passed")
     ap.add_argument("--small", action="store_true")

@@ -507,7 +507,7 @@ class GpuTieredTable:
             keys = np.asarray(self._validate(self.spec, keys)).astype(np.int64, copy=False)
         out, n_unique = self.gpu_tier.lookup_counted(keys)
         if n_unique:
-            self.record_call(int(np.prod(keys.shape)), n_unique)
+            self.record_call(keys.numel() if hasattr(keys, "numel") else keys.size, n_unique)
         return out
 
     def on_update(self, keys: np.ndarray, vectors: np.ndarray | None = None) -> None:

@@ -143,8 +143,8 @@ def test_find_and_update_in_both_parts():
 
 
 @pytest.mark.parametrize("n_device_frac", [0.0, 0.4])  # 0.0: the UVM mode; 0.4: split
-@pytest.mark.parametrize("dim", [16, 100])
-def test_fetch_through_copy_engine_matches_reference(dim, n_device_frac):
+@pytest.mark.parametrize("dim,share", [(16, 0.0), (100, 0.0), (16, 0.3)])
+def test_fetch_through_copy_engine_matches_reference(dim, share, n_device_frac):
     # fetch() gathers host rows on the host and copies them (chunked on CUDA); it must equal
     # the reference and the kernel's query for hits, misses and duplicates, in several calls
     # (the pinned staging buffer is reused and grown).
@@ -154,6 +154,7 @@ def test_fetch_through_copy_engine_matches_reference(dim, n_device_frac):
                         n_device=int(n_device_frac * keys.size))
     assert table.host_values is not None
     table.copy_chunk_bytes = 64 * dim * 4  # many chunks of 64 rows (8 MiB by default)
+    table.zero_copy_share = share  # on CUDA: this share of the keys read by the kernel
     for n_hit, n_miss in ((50, 0), (400, 90), (0, 7), (0, 0), (2000, 10)):
         q = _queries(rng, keys, n_hit, n_miss)
         out, hit = table.fetch(torch.from_numpy(q).to(DEVICE))

@@ -425,6 +425,7 @@ class StaticTable:
         self.host_values: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None  # pinned, for fetch()
         self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
+        self.zero_copy_share = 0.0  # fetch(): share of the keys read by the kernel meanwhile
         self._staging_done: torch.cuda.Event | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if n_device < n:
@@ -470,6 +471,15 @@ class StaticTable:
             return out, hit
         rows_h = rows.cpu()
         n_dev = self.device_values.shape[0]
+        # The first `k` keys are read by the kernel over the bus while the host gathers the
+        # rest: both paths run at once.
+        k = int(n * self.zero_copy_share) if dev.type == "cuda" else 0
+        if k:
+            zc, _ = self.query(keys[:k])
+            out[:k] = zc
+            keys, rows, rows_h, hit_k = keys[k:], rows[k:], rows_h[k:], hit
+            out_all, out = out, out[k:]
+            hit = rows >= 0
         on_host = rows_h >= n_dev
         if n_dev:
             pos_dev = torch.nonzero(hit & (rows < n_dev)).reshape(-1)
@@ -482,6 +492,8 @@ class StaticTable:
                 buf = torch.empty((pos.numel(), self.dim), dtype=out.dtype, device=dev)
                 self._copy_host_rows(rows_h[pos] - n_dev, buf)
                 out[pos.to(dev, non_blocking=True)] = buf
+        if k:
+            return out_all, hit_k
         return out, hit
 
     def _copy_host_rows(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
