@@ -425,7 +425,10 @@ class StaticTable:
         self.host_values: torch.Tensor | None = None
         self._staging: torch.Tensor | None = None  # pinned, for fetch()
         self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
-        self.zero_copy_share = 0.0  # fetch(): share of the keys read by the kernel meanwhile
+        # fetch(): share of the keys read by the kernel over the bus while the host gathers
+        # the rest (the two paths use different resources; 0.3 was best of 0, 0.15, 0.3 on
+        # an H200, docs/benchmarks/gpu_hierarchy.md).
+        self.zero_copy_share = 0.3
         self._staging_done: torch.cuda.Event | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if n_device < n:
