@@ -305,17 +305,27 @@ def _make_dirs(txn: repo.Transaction, path: str) -> None:
 def _write_tables(pool: ThreadPoolExecutor, table_dir: str,
                   table_list: Sequence[EmbeddingTable],
                   progress: bool) -> list[tuple[str, list[Future]]]:
-    """Start writing each table as HDF5 and as an HPS directory; (h5 path, futures) each."""
-    from keras_hps.formats import write_hdf5_table, write_hps_table
+    """Start writing each table as an HPS directory and as an HDF5 table; (h5 path, futures)
+    each. Keys in sorted order (the default, row index) are written once: the HDF5 table is a
+    header whose datasets are stored in the HPS files. Other key orders need a second, sorted
+    copy in the HDF5 file."""
+    from keras_hps.formats import write_hdf5_table, write_hdf5_table_over_hps, write_hps_table
+
+    def shared(h5: str, hps: str, t: EmbeddingTable) -> None:
+        write_hps_table(hps, t.keys, t.vectors, progress=progress)
+        write_hdf5_table_over_hps(h5, hps, dim=t.dim)
 
     pending = []
     for t in table_list:
         h5 = os.path.join(table_dir, f"{t.layer_name}.h5")
-        futures = [
-            pool.submit(write_hdf5_table, h5, t.keys, t.vectors, progress=progress),
-            pool.submit(write_hps_table, os.path.join(table_dir, t.layer_name), t.keys,
-                        t.vectors, progress=progress),
-        ]
+        hps = os.path.join(table_dir, t.layer_name)
+        if t.rows and bool(np.all(t.keys[1:] > t.keys[:-1])):
+            futures = [pool.submit(shared, h5, hps, t)]
+        else:
+            futures = [
+                pool.submit(write_hdf5_table, h5, t.keys, t.vectors, progress=progress),
+                pool.submit(write_hps_table, hps, t.keys, t.vectors, progress=progress),
+            ]
         pending.append((h5, futures))
     return pending
 

@@ -111,7 +111,7 @@ def describe(repo_dir: str) -> str:
 
 
 def _table_line(path: str, entry: dict[str, Any], i: int) -> str:
-    from keras_hps.formats import table_header
+    from keras_hps.formats import table_disk_bytes, table_header
 
     names = entry.get("embedding_table_names") or []
     name = names[i] if i < len(names) else f"sparse_embedding{i}"
@@ -119,9 +119,10 @@ def _table_line(path: str, entry: dict[str, Any], i: int) -> str:
     dim = dims[i] if i < len(dims) else "?"
     try:
         rows, _ = table_header(path)
+        size = table_disk_bytes(path)
     except (HPSError, OSError) as e:
         return f"{name}: {path}: unreadable: {e}"
-    return f"{name}: {rows} rows x {dim}, {_human(_size(path))}, {path}"
+    return f"{name}: {rows} rows x {dim}, {_human(size)}, {path}"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@
   config's `embedding_vecsize_per_table`, or inferred from the two file sizes.
 - keras-hps HDF5 table: `/keys` int64 sorted unique, `/vectors` float32 `[rows, dim]` (chunked
   in row blocks, storage allocated up front so the rows lie in file order), attrs
-  `format="keras-hps-table"`, `format_version`, `dim`.
+  `format="keras-hps-table"`, `format_version`, `dim`. A variant written by
+  `write_hdf5_table_over_hps` keeps /keys and /vectors contiguous in an HPS directory's `key`
+  and `emb_vector` files (HDF5 external storage, paths relative to the .h5 file's folder), so
+  one copy of the bytes serves both formats.
 
 Readers memory-map; writers stream in large blocks and write to a temporary name that is
 renamed into place, so a crash never leaves half a table. Every problem is a
@@ -37,7 +40,9 @@ __all__ = [
     "read_hdf5_table",
     "read_hps_table",
     "table_header",
+    "table_disk_bytes",
     "write_hdf5_table",
+    "write_hdf5_table_over_hps",
     "write_hps_table",
 ]
 
@@ -530,8 +535,10 @@ def _dataset_view(dset: Any, path: str) -> np.ndarray | None:
     shape = tuple(dset.shape)
     if int(np.prod(shape)) == 0:
         return np.empty(shape, dset.dtype)
+    if dset.external:
+        return _external_view(dset, path)
     dcpl = dset.id.get_create_plist()
-    if dcpl.get_nfilters() > 0 or dset.external:
+    if dcpl.get_nfilters() > 0:
         return None
     layout = dcpl.get_layout()
     if layout == h5py.h5d.CONTIGUOUS:
@@ -546,6 +553,33 @@ def _dataset_view(dset: Any, path: str) -> np.ndarray | None:
     rows = -(-shape[0] // dset.chunks[0]) * dset.chunks[0]
     full = np.memmap(path, dtype=dset.dtype, mode="r", offset=off, shape=(rows, *shape[1:]))
     return full[: shape[0]]
+
+
+def _external_file(name: str | bytes, h5_path: str) -> Path:
+    """An external storage file name resolved as HDF5 does with efile prefix "${ORIGIN}":
+    relative names against the folder of the .h5 file (not the current directory)."""
+    name = os.fsdecode(name)
+    return Path(name) if os.path.isabs(name) else Path(h5_path).parent / name
+
+
+def _external_view(dset: Any, path: str) -> np.ndarray:
+    """A read-only memory map of a dataset kept in one external raw file."""
+    segments = dset.external
+    shape = tuple(dset.shape)
+    nbytes = int(np.prod(shape)) * dset.dtype.itemsize
+    if len(segments) != 1:
+        raise TableFormatError(f"{path}: /{dset.name.lstrip('/')} is stored in "
+                               f"{len(segments)} external files; keras-hps reads one")
+    name, offset, _ = segments[0]
+    raw = _external_file(name, path)
+    if not raw.is_file():
+        raise TableFormatError(f"{path}: /{dset.name.lstrip('/')} is stored in {raw}, which "
+                               "does not exist (keep the .h5 file next to its data files)")
+    size = raw.stat().st_size
+    if size < offset + nbytes:
+        raise TableFormatError(f"{path}: /{dset.name.lstrip('/')} needs {nbytes} bytes at "
+                               f"offset {offset} of {raw}, which holds {size}")
+    return _memmap(raw, dset.dtype.str, shape, offset)
 
 
 def _linear_chunks_offset(dset: Any) -> int | None:
@@ -681,6 +715,67 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
     finally:
         blocks.close()
     return dst
+
+
+def write_hdf5_table_over_hps(path: str | os.PathLike, hps_dir: str | os.PathLike, *,
+                              dim: int | None = None, overwrite: bool = True) -> Path:
+    """Write a keras-hps HDF5 table whose data is an existing HPS table's files, atomically.
+
+    /keys and /vectors are contiguous datasets in HDF5 external storage: the `key` and
+    `emb_vector` files of `hps_dir`, named relative to the .h5 file's folder (HDF5's efile
+    prefix "${ORIGIN}"; keras-hps readers resolve them so, plain h5py needs
+    `HDF5_EXTFILE_PREFIX='${ORIGIN}'`). Only the header is written: the table's bytes exist
+    once, and the .h5 file is valid only next to that directory. The HPS keys must be sorted
+    and unique (the HDF5 table's order); otherwise TableFormatError (use `write_hdf5_table`).
+    `dim` is checked, or inferred from the file sizes (pass it for an empty table)."""
+    import h5py
+
+    dst = Path(path)
+    with read_hps_table(hps_dir, dim, check_duplicates=False) as hps:
+        rows, dim = hps.num_rows, hps.dim
+        if rows and not _is_strictly_increasing(_read_all(hps.keys)):
+            raise TableFormatError(
+                f"{hps.path}: keys are not sorted and unique, so its files cannot hold the HDF5 "
+                f"table {dst} (which stores rows in key order); write it with write_hdf5_table")
+    kf, vf = Path(hps_dir) / KEY_FILE, Path(hps_dir) / VECTOR_FILE
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(dst)
+    try:
+        with h5py.File(tmp, "w", libver=("v110", "v110")) as f:
+            f.attrs["format"] = FORMAT_NAME
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["dim"] = dim
+            for name, raw, shape, dtype in (("keys", kf, (rows,), "<i8"),
+                                            ("vectors", vf, (rows, dim), "<f4")):
+                nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+                if nbytes == 0:  # HDF5 has no external storage of zero bytes
+                    f.create_dataset(name, shape=shape, dtype=dtype)
+                    continue
+                rel = os.path.relpath(os.path.abspath(raw), os.path.abspath(dst.parent))
+                f.create_dataset(name, shape=shape, dtype=dtype, fill_time="never",
+                                 external=[(rel, 0, nbytes)])
+        _replace(tmp, dst, overwrite)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
+
+
+def table_disk_bytes(path: str | os.PathLike) -> int:
+    """Bytes a table occupies on disk: an HPS directory's two files, or an HDF5 file plus the
+    external data files its datasets are stored in."""
+    if not is_hdf5_path(path):
+        _, kf, vf = _hps_files(path)
+        return kf.stat().st_size + vf.stat().st_size
+    import h5py
+
+    total = os.path.getsize(path)
+    with h5py.File(path, "r") as f:
+        for name in ("keys", "vectors"):
+            dset = f.get(name)
+            for _, _, size in (dset.external or []) if isinstance(dset, h5py.Dataset) else []:
+                total += int(size)
+    return total
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
