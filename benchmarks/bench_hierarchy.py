@@ -152,6 +152,7 @@ def section_uvm(dev, small: bool) -> None:
             best = (t, bk, nw)
     UVM_LAUNCH.update(block_k=best[1], num_warps=best[2])
     table.launch = dict(UVM_LAUNCH)
+    table.zero_copy_share = 0.0
     # The same rows through the copy engine: host threads gather them into pinned staging.
     out, hit = table.fetch(q)
     ok_copy = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
@@ -162,18 +163,36 @@ def section_uvm(dev, small: bool) -> None:
     t_gather = bench(lambda h=hv: torch.index_select(h, 0, idx, out=stage), dev, reps=10)
     dst = torch.empty((nq, dim), device=dev)
     t_h2d = bench(lambda: dst.copy_(stage, non_blocking=True), dev, reps=10)
-    shares = {}
-    for share in (0.3, 0.4, 0.5):
-        table.zero_copy_share = share
-        o2, h2 = table.fetch(q)
-        assert bool(h2.all()) and torch.equal(o2, out), "fetch with a zero-copy share differs"
-        shares[share] = bench(lambda t=table, k=q: t.fetch(k), dev, reps=10)
-    table.zero_copy_share = 0.0
-    best_share = min([(t_copy, 0.0)] + [(t, sh) for sh, t in shares.items()])[1]
+    # Misses of the hierarchy benchmark: ~113K rows per batch. Split and chunk size there.
+    nm = min(nq, 131072)
+    qm = q[:nm]
+    ref_m, _ = table.query(qm)
+    split = {}
+    for share in (0.0, 0.2, 0.3, 0.4):
+        for chunk_mb in (2, 8):
+            table.zero_copy_share, table.copy_chunk_bytes = share, chunk_mb << 20
+            o2, h2 = table.fetch(qm)
+            assert bool(h2.all()) and torch.equal(o2, ref_m), "fetch differs from query"
+            split[(share, chunk_mb)] = bench(lambda t=table, k=qm: t.fetch(k), dev, reps=20)
+    t_zc_m = bench(lambda t=table, k=qm: t.query(k), dev, reps=20)
+    best_share, best_chunk = min(split, key=split.get)
+    table.zero_copy_share, table.copy_chunk_bytes = 0.0, 8 << 20
     UVM_SHARE[0] = best_share
-    log(section="uvm_copy_engine_split", keys=nq, best_share=best_share,
-        **{f"fetch_share_{sh}_ms": t * 1e3 for sh, t in shares.items()},
-        **{f"fetch_share_{sh}_GBps": nq * 4 * dim / t / 1e9 for sh, t in shares.items()})
+    log(section="uvm_copy_engine_split", keys=nm, best_share=best_share,
+        best_chunk_MB=best_chunk, zero_copy_ms=t_zc_m * 1e3,
+        **{f"fetch_share{sh}_chunk{c}MB_ms": t * 1e3 for (sh, c), t in split.items()})
+    # The same table without transparent huge pages.
+    hv4k = pinned_empty((r, dim), huge_pages=False)
+    hv4k.copy_(hv)
+    t4k = StaticTable(keys, hv4k, device=dev, n_device=0)
+    t4k.launch = dict(UVM_LAUNCH)
+    t4k.zero_copy_share = 0.0
+    log(section="uvm_huge_pages", keys=nm,
+        zero_copy_ms_huge=t_zc_m * 1e3,
+        zero_copy_ms_4k=bench(lambda t=t4k, k=qm: t.query(k), dev, reps=20) * 1e3,
+        fetch_copy_ms_huge=split[(0.0, 8)] * 1e3,
+        fetch_copy_ms_4k=bench(lambda t=t4k, k=qm: t.fetch(k), dev, reps=20) * 1e3)
+    del t4k, hv4k
     log(section="uvm_copy_engine", rows=r, dim=dim, keys=nq, correct=ok_copy,
         torch_threads=torch.get_num_threads(), fetch_copy_ms=t_copy * 1e3,
         query_zero_copy_ms=t_kernel * 1e3, fetch_copy_GBps=nq * 4 * dim / t_copy / 1e9,

@@ -372,17 +372,26 @@ def _launch_query(
     return out, hit
 
 
-def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def pinned_empty(
+    shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, huge_pages: bool = True
+) -> torch.Tensor:
     """An uninitialised page-locked host tensor of exactly ``shape`` (for UVM tables).
 
     ``torch.empty(..., pin_memory=True)`` rounds the allocation up to a power of two (a
     51 GB table would pin 64 GiB); this registers an anonymous mapping of the exact size with
-    CUDA instead, and falls back to torch's allocator where registering fails.
+    CUDA instead, and falls back to torch's allocator where registering fails. With
+    ``huge_pages`` the mapping asks the kernel for transparent huge pages (random row reads,
+    by host threads or by the GPU, then miss the TLB far less often).
     """
     nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
     if nbytes < (1 << 30) or not torch.cuda.is_available():
         return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
     buf = mmap.mmap(-1, nbytes)
+    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # no transparent huge pages here: ordinary pages
+            pass
     arr = np.frombuffer(buf, dtype=np.uint8)
     ptr = arr.ctypes.data
     rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
@@ -426,9 +435,9 @@ class StaticTable:
         self._staging: torch.Tensor | None = None  # pinned, for fetch()
         self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
         # fetch(): share of the keys read by the kernel over the bus while the host gathers
-        # the rest (the two paths use different resources; 0.3 was best of 0, 0.15, 0.3 on
-        # an H200, docs/benchmarks/gpu_hierarchy.md).
-        self.zero_copy_share = 0.3
+        # the rest (the two paths use different resources; 0.2 was best of 0 to 0.4 for
+        # 131,072 misses on an H200, docs/benchmarks/gpu_hierarchy.md).
+        self.zero_copy_share = 0.2
         self._staging_done: torch.cuda.Event | None = None
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if n_device < n:
