@@ -27,7 +27,7 @@ from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError
 from keras_hps.formats import open_table
-from keras_hps.host_tier import HostTier
+from keras_hps.host_tier import HostTier, aligned_empty, gather_rows
 
 __all__ = [
     "Init",
@@ -87,7 +87,8 @@ class TableHierarchy:
         """float32 `[len(unique_keys), dim]` for unique int64 keys, exact, filling the host tier.
 
         With `inverse` (indices into `unique_keys`) the result is `[len(inverse), dim]`, rows
-        in that order; when the host tier holds every key this is a single gather."""
+        in that order; when the host tier holds every key this is a single gather. The result
+        is 64-byte aligned (see `host_tier.ALIGN`)."""
         keys = np.asarray(unique_keys, dtype=np.int64)
         n = len(keys)
         dim = self.spec.dim
@@ -95,7 +96,7 @@ class TableHierarchy:
             if self._closed:
                 raise RuntimeError(f"table {self.spec.model}/{self.spec.table_id} is closed")
             if n == 0:
-                return np.empty((0 if inverse is None else len(inverse), dim), np.float32)
+                return aligned_empty((0 if inverse is None else len(inverse), dim))
             host = self.host
             if host is not None:
                 slots = host.find(keys)
@@ -103,14 +104,14 @@ class TableHierarchy:
                 if found.all():
                     host.touch(slots)
                     rows = slots if inverse is None else slots[inverse]
-                    return np.take(host.vectors, rows, axis=0)
-                out = np.empty((n, dim), np.float32)
+                    return gather_rows(host.vectors, rows)
+                out = aligned_empty((n, dim))
                 hit = slots[found]
                 host.touch(hit, n - len(hit))
                 out[found] = np.take(host.vectors, hit, axis=0)
                 miss = np.flatnonzero(~found)
             else:
-                out = np.empty((n, dim), np.float32)
+                out = aligned_empty((n, dim))
                 miss = np.arange(n)
             if host is not None and self.host_complete:
                 absent = miss
@@ -123,7 +124,7 @@ class TableHierarchy:
                     host.insert(mkeys[cfound], cvec)
             out[absent] = self.default_vector
             self.defaults += len(absent)
-        return out if inverse is None else np.take(out, inverse, axis=0)
+        return out if inverse is None else gather_rows(out, inverse)
 
     def record_call(self, nkeys: int, nunique: int) -> None:
         """Count one lookup call (for stats)."""
@@ -266,9 +267,10 @@ class ParameterServer:
     def lookup(self, model: str, table_id: int, keys: Any) -> Any:
         """float32 vectors of shape `keys.shape + (dim,)`; a torch tensor in -> torch out.
 
-        Keys found in no tier get the table's default value. Raises InvalidInputError for
-        non-integer keys, keys beyond the key type or too many keys, NotFoundError for an
-        unknown model or table."""
+        Keys found in no tier get the table's default value. A NumPy result is 64-byte
+        aligned, so TensorFlow adopts it without a copy (`tf.numpy_function`). Raises
+        InvalidInputError for non-integer keys, keys beyond the key type or too many keys,
+        NotFoundError for an unknown model or table."""
         table = self._table(model, table_id)
         if hasattr(table, "gpu_tier"):  # keras_hps.gpu_tier.GpuTieredTable
             return table.lookup(keys)
@@ -278,7 +280,7 @@ class ParameterServer:
         shape = arr.shape
         flat = arr.reshape(-1).astype(np.int64, copy=False)
         if flat.size == 0:
-            out = np.zeros((*shape, spec.dim), np.float32)
+            out = aligned_empty((*shape, spec.dim))
         else:
             uniq, inv = np.unique(flat, return_inverse=True)
             out = table.fetch(uniq, inv.reshape(-1)).reshape(*shape, spec.dim)

@@ -122,6 +122,35 @@ def test_vectors_and_shapes_for_any_rank(tables, ps):
     assert sym.shape == (None, 7, 3, DIMS[0]) and sym.dtype == "float32"
 
 
+def test_compiled_step_takes_the_lookup_result_without_a_copy(tables, ps, monkeypatch):
+    """The vectors cross from the parameter server into TensorFlow by address: TF adopts a
+    64-byte-aligned NumPy result of the lookup op and copies an unaligned one."""
+    results = []
+    lookup = ps.lookup
+
+    def recording_lookup(model, table_id, keys):
+        results.append(lookup(model, table_id, keys))
+        return results[-1]
+
+    monkeypatch.setattr(ps, "lookup", recording_lookup)
+    layer = LookupLayer("ranker", 0, DIMS[0])
+
+    def address(x: np.ndarray) -> np.ndarray:
+        return np.array(x.ctypes.data, np.int64)
+
+    @tf.function
+    def step(ids):
+        out = layer(ids)
+        return out, tf.numpy_function(address, [out], tf.int64, stateful=True)
+
+    for seed, batch in ((3, MAX_BATCH), (4, 7), (5, 1)):
+        ids = fresh_ids(seed, batch)["cat"]
+        ids[0, 0] = ids[-1, -1]  # a duplicate
+        got, where = step(tf.constant(ids))
+        np.testing.assert_array_equal(got.numpy(), tables["served"][0][ids])
+        assert int(where) == results[-1].ctypes.data  # the layer's output is that buffer
+
+
 def test_config_round_trip(tables):
     layer = LookupLayer(
         "ranker", 1, DIMS[1], ps_config_file=str(tables["config"]), global_batch_size=32,

@@ -89,6 +89,8 @@ def test_lookups_match_numpy_reference_through_every_tier(tables, name):
                     keys = random_keys(rng, table_ref, shape)
                     out = ps.lookup(model, t, keys)
                     assert out.dtype == np.float32 and out.shape == (*shape, dim)
+                    # TensorFlow adopts 64-byte-aligned NumPy results without a copy
+                    assert out.flags.c_contiguous and (out.size == 0 or out.ctypes.data % 64 == 0)
                     np.testing.assert_array_equal(out, expected(table_ref, keys, dim, default))
         for (model, t), table_ref in ref.items():
             s = ps.stats(model, t)
