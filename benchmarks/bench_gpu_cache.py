@@ -179,6 +179,8 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
     qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
                                      **qcfg), R)
+    qlate = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
+                                        validate=False, **dict(qcfg, early_touch=False)), R)
     qns = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                       validate=False, **dict(qcfg, speculate=False)), R)
     qnns = bench(lambda i: cache_query(cache.arrays, batches[i][0], touch=False, validate=False,
@@ -202,6 +204,8 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     row("torch.index_select", dim, n, isel, gather_b, bw, gms)
     row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {qcfg}")
     row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
+    row("cache query kernel (LRU touch after the row copy)", dim, n, qlate, query_b, bw, gms,
+        "early_touch=False")
     row("cache query kernel (LRU touch), key then row", dim, n, qns, query_b, bw, gms,
         "speculate=False: the row read waits for the key compare")
     row("cache query kernel (no touch), key then row", dim, n, qnns, query_b - 32, bw, gms)
@@ -332,6 +336,8 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     per_t.sort(reverse=True)
     log("  slowest tables (query ms, dense gather ms, rows): " + ", ".join(
         f"t{t}: {tq:.4f}/{tg:.4f}/{CRITEO_FL15[t]}" for tq, tg, t in per_t[:8]))
+    flate = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
+                                              **dict(qcfg, early_touch=False)), R)
     fns = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
                                             **dict(qcfg, speculate=False)), R)
     n = batch * nt
@@ -340,6 +346,8 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
         "hot rows of tiny tables")
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, dg)
     row("fused 26-table query kernel, no touch", dim, n, fnt, query_b - 32, bw, dg)
+    row("fused 26-table query kernel, touch after the rows", dim, n, flate, query_b, bw, dg,
+        "early_touch=False")
     row("fused 26-table query kernel, key then row", dim, n, fns, query_b, bw, dg,
         "speculate=False")
     row("fused 26-table query kernel, LFU", dim, n, flfu, query_b, bw, dg)

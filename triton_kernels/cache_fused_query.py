@@ -56,7 +56,7 @@ def _fused_query_kernel(
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
     UNIFORM_DIM: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr, TOUCH_EARLY: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -73,6 +73,8 @@ def _fused_query_kernel(
         # row width: the compiler can use 16-byte accesses), with its speculative probe.
         slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
                                                 MAX_DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
+        if TOUCH_EARLY:  # while the record's sector is still in L2, before the rows stream
+            touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
         keep = m & (~need)
         d = tl.arange(0, BLOCK_D)
         tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row,
@@ -95,6 +97,8 @@ def _fused_query_kernel(
                             mask=hit2[:, None] & dm, other=0.0)
                 tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], r,
                          mask=need[:, None] & dm)
+            if TOUCH_EARLY:
+                touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
             hit = hit | hit2
             slot = tl.where(hit2, slot2, slot)
             score = tl.where(hit2, score2, score)
@@ -122,7 +126,7 @@ def _fused_query_kernel(
                 tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
                          eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
-    if TOUCH:
+    if TOUCH and not TOUCH_EARLY:
         touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
 
 
@@ -164,15 +168,18 @@ def fused_cache_query(
         max_dim = max(pooled.dims_host)
         cfg = _launch_config(max_dim)
         cfg.update({k: v for k, v in tuning.items() if v is not None})
+        uniform = len(set(pooled.dims_host)) == 1
         _fused_query_kernel[(triton.cdiv(n, cfg["block_k"]),)](
             keys, n, offs_dev,
             pooled.set_base, pooled.num_sets, pooled.vec_base, pooled.dims, out_base_dev,
             pooled.tags, pooled.slots, pooled.vectors, out, hit, stamp,
             NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
-            UNIFORM_DIM=len(set(pooled.dims_host)) == 1,
+            UNIFORM_DIM=uniform,
             PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
-            LRU_ATOMIC=cfg["lru_atomic"], SPECULATE=cfg["speculate"], num_warps=cfg["num_warps"],
+            LRU_ATOMIC=cfg["lru_atomic"], SPECULATE=cfg["speculate"],
+            TOUCH_EARLY=touch and uniform and cfg["speculate"] and cfg["early_touch"],
+            num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

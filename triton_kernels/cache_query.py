@@ -37,7 +37,7 @@ def _cache_query_kernel(
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
     PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr,
+    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr, TOUCH_EARLY: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -47,6 +47,8 @@ def _cache_query_kernel(
     if SPECULATE:
         slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
                                                 DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
+        if TOUCH_EARLY:  # while the record's sector is still in L2, before the rows stream
+            touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
         keep = m & (~need)
         d = tl.arange(0, BLOCK_D)
         tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
@@ -69,6 +71,8 @@ def _cache_query_kernel(
                 r = tl.load(vec_ptr + slot2[:, None] * DIM + d[None, :],
                             mask=hit2[:, None] & dm, other=0.0)
                 tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=need[:, None] & dm)
+            if TOUCH_EARLY:
+                touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
             hit = hit | hit2
             slot = tl.where(hit2, slot2, slot)
             score = tl.where(hit2, score2, score)
@@ -84,7 +88,7 @@ def _cache_query_kernel(
             tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
                      mask=m[:, None] & dm[None, :], eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
-    if TOUCH:
+    if TOUCH and not TOUCH_EARLY:
         touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
     miss = m & (~hit)
     if COUNT:
@@ -104,7 +108,7 @@ def _cache_query_kernel(
 def _launch_config(dim: int) -> dict:
     block_k, num_warps = (64, 8) if dim <= 32 else (16, 4)
     return {"block_k": block_k, "num_warps": num_warps, "probe_1d": False, "tag_evict": "",
-            "row_evict": "", "lru_atomic": False, "speculate": True}
+            "row_evict": "", "lru_atomic": False, "speculate": True, "early_touch": True}
 
 
 def cache_query(
@@ -126,8 +130,8 @@ def cache_query(
     the input positions that missed, in no particular order. Hits stamp ``stamp`` into the slot
     score (``policy="lru"``) or add one per occurrence (``"lfu"``) unless ``touch=False``.
     ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
-    the launch settings (block_k, num_warps, speculate, probe_1d, tag_evict, row_evict) for
-    benchmarks.
+    the launch settings (block_k, num_warps, speculate, early_touch, probe_1d, tag_evict,
+    row_evict) for benchmarks.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -151,7 +155,9 @@ def cache_query(
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
             MISS_POS=return_miss_positions, PROBE_1D=cfg["probe_1d"],
             TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], LRU_ATOMIC=cfg["lru_atomic"],
-            SPECULATE=cfg["speculate"], num_warps=cfg["num_warps"],
+            SPECULATE=cfg["speculate"],
+            TOUCH_EARLY=touch and cfg["speculate"] and cfg["early_touch"],
+            num_warps=cfg["num_warps"],
         )
     if return_miss_positions:
         return out, hit, miss_pos, miss_count
