@@ -17,6 +17,7 @@ that key, and a query for it is a miss.
 from __future__ import annotations
 
 import mmap
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -407,6 +408,8 @@ class StaticTable:
     """A whole table on the device behind a hash index (static mode), optionally with
     rows from ``n_device`` on in pinned host memory read by the kernel (UVM mode)."""
 
+    STAGING_BUFFERS = 4  # fetch(): pinned chunk buffers in flight
+
     def __init__(
         self,
         keys: torch.Tensor,
@@ -432,13 +435,17 @@ class StaticTable:
         self.dim = int(values.shape[1])
         self.device_values = values[:n_device].to(device).contiguous()
         self.host_values: torch.Tensor | None = None
-        self._staging: torch.Tensor | None = None  # pinned, for fetch()
         self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
         # fetch(): share of the keys read by the kernel over the bus while the host gathers
         # the rest (the two paths use different resources; 0.2 was best of 0 to 0.4 for
         # 131,072 misses on an H200, docs/benchmarks/gpu_hierarchy.md).
         self.zero_copy_share = 0.2
-        self._staging_done: torch.cuda.Event | None = None
+        # fetch(): a ring of pinned chunk buffers (small enough to stay in the CPU's cache
+        # between the gather that writes one and the copy that reads it) and, per buffer, the
+        # event of the copy that last read it.
+        self._staging_ring: list[torch.Tensor] | None = None
+        self._staging_done: list[torch.cuda.Event | None] = []
+        self._staging_lock = threading.Lock()  # one fetch at a time uses the ring
         self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         if n_device < n:
             rest = values[n_device:]
@@ -511,33 +518,41 @@ class StaticTable:
     def _copy_host_rows(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
         """``dst[i] = host_values[idx[i]]`` (idx on the host, dst on the device), chunked:
         host gather of chunk c+1 overlaps the copy of chunk c."""
-        n = idx.numel()
         hv = self.host_values
         if dst.device.type != "cuda":  # CPU tensors (the interpreter): a plain gather
             torch.index_select(hv, 0, idx.to(hv.device), out=dst)
             return
+        with self._staging_lock:
+            self._copy_chunks(idx, dst)
+
+    def _copy_chunks(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
+        n = idx.numel()
+        hv = self.host_values
         row_bytes = self.dim * hv.element_size()
         chunk = max(1, self.copy_chunk_bytes // row_bytes)
-        if self._staging is None or self._staging.shape[0] < n:
-            if self._staging_done is not None:
-                self._staging_done.synchronize()
-            self._staging = torch.empty((max(n, 2 * chunk), self.dim), dtype=hv.dtype,
-                                        pin_memory=True)
-            self._staging_done = None
-        elif self._staging_done is not None:
-            self._staging_done.synchronize()  # the previous call's copies have read it
+        ring = self._staging_ring
+        if ring is None or ring[0].shape[0] != chunk:
+            for ev in self._staging_done:
+                if ev is not None:
+                    ev.synchronize()
+            ring = [torch.empty((chunk, self.dim), dtype=hv.dtype, pin_memory=True)
+                    for _ in range(self.STAGING_BUFFERS)]
+            self._staging_ring, self._staging_done = ring, [None] * self.STAGING_BUFFERS
+        done = self._staging_done
         stream = self._copy_stream
         stream.wait_stream(torch.cuda.current_stream(dst.device))  # dst is allocated
-        for lo in range(0, n, chunk):
+        for c, lo in enumerate(range(0, n, chunk)):
             hi = min(n, lo + chunk)
-            part = self._staging[lo:hi]
+            b = c % len(ring)
+            if done[b] is not None:
+                done[b].synchronize()  # the copy that last read this buffer has finished
+            part = ring[b][: hi - lo]
             torch.index_select(hv, 0, idx[lo:hi], out=part)
             with torch.cuda.stream(stream):
                 dst[lo:hi].copy_(part, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(stream)
-        self._staging_done = done
-        torch.cuda.current_stream(dst.device).wait_event(done)
+            done[b] = torch.cuda.Event()
+            done[b].record(stream)
+        torch.cuda.current_stream(dst.device).wait_stream(stream)
         dst.record_stream(stream)
 
     def query(
