@@ -4,7 +4,7 @@ HPS users had no way to estimate this (HugeCTR issue #427). The numbers follow t
 structures keras-hps allocates:
 
 - GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole 32-slot
-  sets, each slot holding a one-byte tag, a 16-byte (key, LRU/LFU score) record and the
+  sets, each slot holding a two-byte tag, a 16-byte (key, LRU/LFU score) record and the
   vector;
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
   power of two >= 2 x rows slots;
@@ -43,7 +43,7 @@ from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
 
 SLOTS_PER_SET = 32
-GPU_SLOT_BYTES = 1 + 16  # dynamic cache slot besides its vector: tag, (key, score) record
+GPU_SLOT_BYTES = 2 + 16  # dynamic cache slot besides its vector: tag, (key, score) record
 MIN_CACHE_SLOTS = 64
 
 

@@ -95,7 +95,7 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
     wide, compact, static = plans[("m1", 0)], plans[("m1", 1)], plans[("m2", 0)]
     # GPU: dynamic cache slots = max(ceil(0.1 x rows), 64) in whole 32-slot sets
     assert wide.gpu_slots == 320 and compact.gpu_slots == 224
-    assert wide.gpu_bytes == 320 * (1 + 16 + 16 * 4)  # tag, (key, score), vector
+    assert wide.gpu_bytes == 320 * (2 + 16 + 16 * 4)  # tag, (key, score), vector
     assert wide.gpu_workspace_bytes == 128 * 2 * (8 + 16 * 4)
     assert static.gpu_slots == 4096 and static.gpu_bytes == 4096 * 16 + 2000 * 8 * 4
     assert wide.devices == 2 and static.devices == 1
