@@ -130,7 +130,8 @@ def test_errors_name_the_files(shared, tmp_path):
     # A truncated data file, then a moved .h5: the reader says which file is wrong.
     moved = tmp_path / "moved.h5"
     os.link(h5, moved)
-    with pytest.raises(TableFormatError, match=r"moved.h5: /keys is stored in .*emb/key, which does not exist"):
+    with pytest.raises(TableFormatError,
+                       match=r"moved.h5: /keys is stored in .*emb/key, which does not exist"):
         read_hdf5_table(moved)
     with open(hps / "emb_vector", "r+b") as f:
         f.truncate(vectors.nbytes - 4)
