@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["HostTier", "OVERFLOW_POLICIES", "aligned_empty", "gather_rows"]
+__all__ = ["HostTier", "OVERFLOW_POLICIES"]
 
 OVERFLOW_POLICIES = ("evict_least_used", "evict_oldest", "evict_random")
 
@@ -27,29 +27,8 @@ OVERFLOW_POLICIES = ("evict_least_used", "evict_oldest", "evict_random")
 DENSE_FACTOR = 4
 DENSE_MAX = 1 << 31
 
-#: Alignment of the arrays that lookups return. TensorFlow adopts a NumPy result of
-#: `tf.numpy_function` without a copy only when its data is aligned to Eigen's 64 bytes;
-#: NumPy's own large allocations are often only 16- or 32-byte aligned.
-ALIGN = 64
-
 _HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 _EMPTY, _TOMB = -1, -2
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on an `ALIGN`-byte boundary."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + ALIGN, np.uint8)
-    start = -raw.ctypes.data % ALIGN
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
-
-
-def gather_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`vectors[rows]` into a new `ALIGN`-byte-aligned array; `rows` must be valid indices."""
-    out = aligned_empty((len(rows), vectors.shape[1]), vectors.dtype)
-    # mode="clip": NumPy buffers `out` for the default mode="raise" (a second copy).
-    return np.take(vectors, rows, axis=0, out=out, mode="clip")
 
 
 class _DenseIndex:

@@ -27,7 +27,8 @@ from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError
 from keras_hps.formats import open_table
-from keras_hps.host_tier import HostTier, aligned_empty, gather_rows
+from keras_hps.host_tier import HostTier
+from keras_hps.output_buffers import aligned_empty, gather_rows
 
 __all__ = [
     "Init",
@@ -88,7 +89,7 @@ class TableHierarchy:
 
         With `inverse` (indices into `unique_keys`) the result is `[len(inverse), dim]`, rows
         in that order; when the host tier holds every key this is a single gather. The result
-        is 64-byte aligned (see `host_tier.ALIGN`)."""
+        is 64-byte aligned and comes from `output_buffers.output_pool`."""
         keys = np.asarray(unique_keys, dtype=np.int64)
         n = len(keys)
         dim = self.spec.dim
