@@ -189,3 +189,23 @@ def test_errors_under_torch(table, ps):
         LookupLayer("tt", 0, DIM)(torch.zeros(64 * SLOTS * MAX_NNZ + 1, dtype=torch.int64))
     with pytest.raises(InvalidInputError, match="got rank 1"):
         SparseLookupLayer("tt", 0, DIM)(torch.zeros(4, dtype=torch.int64))
+
+
+@torch_only
+def test_fused_layer_equals_lookup_layers(table, ps):
+    import torch
+
+    from keras_hps.layers import FusedLookupLayer, LookupLayer
+
+    rng = np.random.default_rng(23)
+    ids = [torch.as_tensor(rng.integers(-2, VOCAB + 4, size=(16, SLOTS))),
+           torch.as_tensor(rng.integers(0, VOCAB, size=(9,)), dtype=torch.int32)]
+    got = FusedLookupLayer("tt", [0, 0], DIM)(ids)
+    for g, i in zip(got, ids, strict=True):
+        want = LookupLayer("tt", 0, DIM)(i)
+        assert g.device == i.device and tuple(g.shape) == (*i.shape, DIM)
+        np.testing.assert_array_equal(g.cpu().numpy(), want.cpu().numpy())
+        known = (i >= 0) & (i < VOCAB)
+        ref = np.where(known.numpy()[..., None], table["served"][i.clamp(0, VOCAB - 1).numpy()],
+                       np.float32(DEFAULT))
+        np.testing.assert_array_equal(g.cpu().numpy(), ref)
