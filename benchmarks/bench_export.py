@@ -10,7 +10,7 @@ Prints one line per repeat and a Markdown table (median and best of the repeats)
 Every step starts from the same state: the previous step's files deleted, `os.sync()` done,
 and the page allocator in the state `--pages` names (see docs/benchmarks/export.md: on this
 Firecracker VM, memory freed more than ~2 s earlier is handed back to the host, and touching
-it again costs 8-10x the time of writing to hot pages, whichever step happens to do it):
+it again costs 7-10x the time of writing to hot pages, whichever step happens to do it):
 - warm: right before the timing, a buffer of three times the table's bytes is touched and freed, so
   the step's page-cache pages are backed by the host (as on a machine without that behaviour);
 - cold: 3 s of sleep, so every page the step allocates is a fresh one from the host.
