@@ -1,8 +1,10 @@
 """Benchmark the Keras lookup layers against their baselines.
 
 cpu: TensorFlow backend, 26 tables (Criteo cardinalities, capped), one batch of keys per
-     table per step. A model made only of LookupLayers under `model.predict` (and
-     `predict_on_batch`) against direct `ParameterServer.lookup` calls for the same keys.
+     table per step. A model made only of LookupLayers (and one of a FusedLookupLayer) run as
+     a compiled step, by `predict_on_batch` and by `model.predict`, each against direct
+     `ParameterServer.lookup` calls for the same keys that produce the same outputs: one
+     step's 26 arrays for a step, 26 `[steps x batch, dim]` arrays for `predict`.
 gpu: torch backend on CUDA, one 1M x 128 table, all hits. `LookupLayer` latency against
      `keras.layers.Embedding` holding the same table in GPU memory, batch 1,024 to 1,048,576.
 
@@ -84,7 +86,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     import tensorflow as tf
 
     import keras_hps
-    from keras_hps.layers import LookupLayer
+    from keras_hps.layers import FusedLookupLayer, LookupLayer
 
     rng = np.random.default_rng(0)
     rows = [min(c, args.max_rows) for c in CRITEO]
@@ -112,58 +114,93 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     step = tf.function(lambda ks: model(ks))
     native_step = tf.function(lambda ks: native(ks))
 
-    def direct():  # one step's 26 outputs live together, as a model step's do
-        for batch in batches:
-            outs = [ps.lookup("dlrm", t, k) for t, k in enumerate(batch)]
+    fused_in = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
+    fused = keras.Model(fused_in, FusedLookupLayer("dlrm", list(range(len(rows))),
+                                                   args.dim)(fused_in))
+    fused_step = tf.function(lambda ks: fused(ks))
+
+    def per_step(fn, inputs):  # keeps one step's outputs alive at a time, as a model step does
+        for batch in inputs:
+            outs = fn(batch)
         return outs
 
-    def direct_assembled():  # what predict returns: one [steps * batch, dim] array per table
-        outs = [[ps.lookup("dlrm", t, k) for t, k in enumerate(batch)] for batch in batches]
-        return [np.concatenate(per_table) for per_table in zip(*outs, strict=True)]
+    def direct_step(batch):
+        return [ps.lookup("dlrm", t, k) for t, k in enumerate(batch)]
 
+    def direct_into_arrays():  # what predict returns: one [steps * batch, dim] array per table
+        outs = [np.empty((n, args.dim), np.float32) for _ in rows]
+        for s, batch in enumerate(batches):
+            for t, k in enumerate(batch):
+                outs[t][s * args.batch:(s + 1) * args.batch] = ps.lookup("dlrm", t, k)
+        return outs
+
+    # name -> (function, the direct baseline it is compared with)
     variants = {
-        "direct `ps.lookup`": direct,
-        "direct `ps.lookup` + concatenate per table": direct_assembled,
-        "`model.predict`": lambda: model.predict(keys, batch_size=args.batch, verbose=0),
-        "`model.predict_on_batch` per step": lambda: [model.predict_on_batch(b)
-                                                      for b in batches],
-        "compiled model step (`tf.function(model)`)": lambda: [step(b) for b in tensors],
-        "Embedding model: `model.predict`": lambda: native.predict(keys, batch_size=args.batch,
-                                                                   verbose=0),
-        "Embedding model: compiled step": lambda: [native_step(b) for b in tensors],
+        "direct `ps.lookup` x 26 per step": (
+            lambda: per_step(direct_step, batches), None),
+        "direct `ps.lookup` into per-table arrays": (direct_into_arrays, None),
+        "lookup model: compiled step `tf.function(model)`": (
+            lambda: per_step(step, tensors), "direct `ps.lookup` x 26 per step"),
+        "fused model: compiled step": (
+            lambda: per_step(fused_step, tensors), "direct `ps.lookup` x 26 per step"),
+        "lookup model: `predict_on_batch` per step": (
+            lambda: per_step(model.predict_on_batch, batches), "direct `ps.lookup` x 26 per step"),
+        "lookup model: `model.predict`": (
+            lambda: model.predict(keys, batch_size=args.batch, verbose=0),
+            "direct `ps.lookup` into per-table arrays"),
+        "fused model: `model.predict`": (
+            lambda: fused.predict(keys, batch_size=args.batch, verbose=0),
+            "direct `ps.lookup` into per-table arrays"),
+        "Embedding model: compiled step": (
+            lambda: per_step(native_step, tensors), "direct `ps.lookup` x 26 per step"),
+        "Embedding model: `model.predict`": (
+            lambda: native.predict(keys, batch_size=args.batch, verbose=0),
+            "direct `ps.lookup` into per-table arrays"),
     }
-    for fn in variants.values():  # warm up: host tier resident, functions traced
+    if args.only:
+        keep = [name for name in variants if any(w in name for w in args.only.split(","))]
+        variants = {name: variants[name] for name in variants
+                    if name in keep or any(variants[k][1] == name for k in keep)}
+    for fn, _ in variants.values():  # warm up: host tier resident, functions traced
         fn()
     got = model.predict_on_batch(batches[0])
     for t in (0, 9, 25):
         np.testing.assert_array_equal(got[t], tables[t][batches[0][t]])
+    for m in (model, fused):
+        got = m.predict(keys, batch_size=args.batch, verbose=0)
+        for t in (0, 9, 25):
+            np.testing.assert_array_equal(got[t], tables[t][keys[t]])
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
-        for name, fn in variants.items():
+        for name, (fn, _) in variants.items():
             start = time.perf_counter()
             fn()
             times[name].append(1e3 * (time.perf_counter() - start) / args.steps)
     result = {
         "machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
-                   f"Keras {keras.__version__}",
+                   f"Keras {keras.__version__}, NumPy {np.__version__}",
         "tables": len(rows), "rows": sum(rows), "dim": args.dim, "batch": args.batch,
         "steps": args.steps, "repeats": args.repeats,
         "ms_per_step": {name: statistics.median(t) for name, t in times.items()},
         "ms_per_step_all": times,
+        "baseline": {name: base for name, (_, base) in variants.items()},
+        "load_average": os.getloadavg(),
     }
-    result["load_average"] = os.getloadavg()
-    base = result["ms_per_step"]["direct `ps.lookup`"]
-    base_min = min(times["direct `ps.lookup`"])
     print(f"\nCPU, TF backend: {len(rows)} tables ({sum(rows):,} rows, dim {args.dim}), "
           f"batch {args.batch}, {args.steps} steps per pass, {args.repeats} passes; "
           f"load average {result['load_average'][0]:.1f}")
-    print("| path | median ms/step | vs direct | min ms/step | vs direct |")
+    print("| path | median ms/step | vs its direct baseline | min ms/step | vs baseline (min) |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, ms in result["ms_per_step"].items():
+        base = result["baseline"][name]
         low = min(times[name])
-        print(f"| {name} | {ms:.2f} | {100 * (ms / base - 1):+.1f}% | {low:.2f} | "
-              f"{100 * (low / base_min - 1):+.1f}% |")
+        if base is None:
+            print(f"| {name} | {ms:.2f} | - | {low:.2f} | - |")
+            continue
+        ratio = ms / result["ms_per_step"][base] - 1
+        ratio_min = low / min(times[base]) - 1
+        print(f"| {name} | {ms:.2f} | {100 * ratio:+.1f}% | {low:.2f} | {100 * ratio_min:+.1f}% |")
     return result
 
 
@@ -286,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=100_000, help="cpu: rows cap per table")
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="cpu: timed passes (median)")
+    parser.add_argument("--only", help="cpu: comma-separated name parts of the variants to run "
+                                       "(their baselines run too)")
     parser.add_argument("--rows", type=int, default=1_000_000, help="gpu: table rows")
     parser.add_argument("--sizes", default="1024,4096,16384,65536,262144,1048576",
                         help="gpu: batch sizes")
