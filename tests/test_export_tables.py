@@ -184,7 +184,13 @@ def test_external_export_writes_sorted_tables_once(tmp_path, monkeypatch, capsys
         assert not f["vectors"].external
         np.testing.assert_array_equal(f["keys"][...], np.sort(b_keys))
     np.testing.assert_array_equal(np.fromfile(tdir / "tab_b" / "key", "<i8"), b_keys)
-    # The parameter server reads both through hps.json from another working directory.
+    # The repository moves as a whole (e.g. mounted elsewhere in a container): the .h5 names
+    # its data files relative to itself. The parameter server reads both tables through
+    # hps.json, from another working directory.
+    moved = tmp_path / "mounted" / "repo"
+    moved.parent.mkdir()
+    os.rename(repo, moved)
+    repo, tdir = moved, moved / "tables" / "m" / "1"
     monkeypatch.chdir(tmp_path)
     a_tab = model.get_layer("tab_a").get_weights()[0]
     b_tab = model.get_layer("tab_b").get_weights()[0]
