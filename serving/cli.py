@@ -28,6 +28,16 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _cpus(text: str) -> tuple[int, ...]:
+    try:
+        cpus = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        cpus = ()
+    if not cpus or min(cpus) < 0:
+        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0 or 0,1, got {text!r}")
+    return cpus
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """TF Serving's flag names (both --flag=value and --flag value work)."""
     parser.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
@@ -71,6 +81,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--hps_config",
         help="hps.json for external-placement models (default: the one each "
         "export's manifest names)",
+    )
+    parser.add_argument(
+        "--enable_model_warmup",
+        type=_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="replay assets.extra/tf_serving_warmup_requests before a version serves",
+    )
+    parser.add_argument(
+        "--num_request_iterations_for_warmup",
+        type=int,
+        default=1,
+        help="times each warmup record is replayed (default 1)",
+    )
+    parser.add_argument(
+        "--tensorflow_intra_op_parallelism",
+        type=int,
+        default=0,
+        help="threads one TensorFlow op may use (0: TensorFlow's choice)",
+    )
+    parser.add_argument(
+        "--tensorflow_inter_op_parallelism",
+        type=int,
+        default=0,
+        help="TensorFlow ops run at once (0: TensorFlow's choice)",
+    )
+    parser.add_argument(
+        "--frontend_cpus",
+        type=_cpus,
+        default=None,
+        help="comma-separated CPUs for the gRPC/REST request threads, e.g. 0 "
+        "(TensorFlow's compute keeps every CPU; default: no restriction)",
     )
     parser.add_argument("--verbose", action="store_true", help="log loads and unloads")
 
@@ -116,6 +159,11 @@ def run(args: argparse.Namespace) -> int:
             enable_serialization_as_tensor_content=bool(
                 args.enable_serialization_as_tensor_content
             ),
+            enable_model_warmup=bool(args.enable_model_warmup),
+            num_request_iterations_for_warmup=args.num_request_iterations_for_warmup,
+            tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
+            tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
+            frontend_cpus=args.frontend_cpus,
         )
         server = ModelServer(entries, options, parameter_server=ps)
         stop = threading.Event()

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from keras_hps.errors import ConfigError
+
 from .batching import Batcher, BatchingOptions
 from .manager import Handle, ModelManager
 from .metrics import Metrics
@@ -40,6 +42,69 @@ class ServerOptions:
     enable_serialization_as_tensor_content: bool = False
     grpc_max_threads: int = 4 * (os.cpu_count() or 1)
     shutdown_grace_seconds: float = 30.0
+    enable_model_warmup: bool = True
+    num_request_iterations_for_warmup: int = 1
+    tensorflow_intra_op_parallelism: int = 0  # 0: TensorFlow's choice
+    tensorflow_inter_op_parallelism: int = 0
+    frontend_cpus: tuple[int, ...] | None = None  # None: request threads run on any CPU
+
+
+def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
+    """TF Serving's --tensorflow_intra_op_parallelism / --tensorflow_inter_op_parallelism
+    (0 keeps TensorFlow's choice). Must run before TensorFlow starts its thread pools."""
+    if intra_op < 0 or inter_op < 0:
+        raise ConfigError("TensorFlow thread counts must be >= 0 (0: TensorFlow's choice)")
+    if not intra_op and not inter_op:
+        return
+    import tensorflow as tf
+
+    threading_config = tf.config.threading
+    for flag, want, get, put in (
+        ("--tensorflow_intra_op_parallelism", intra_op,
+         threading_config.get_intra_op_parallelism_threads,
+         threading_config.set_intra_op_parallelism_threads),
+        ("--tensorflow_inter_op_parallelism", inter_op,
+         threading_config.get_inter_op_parallelism_threads,
+         threading_config.set_inter_op_parallelism_threads),
+    ):
+        if not want or get() == want:
+            continue
+        try:
+            put(want)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"{flag}={want}: TensorFlow's thread pools already started in this process "
+                f"({exc})"
+            ) from None
+
+
+@contextmanager
+def frontend_affinity(cpus: tuple[int, ...] | None) -> Iterator[None]:
+    """Threads started inside the block run only on `cpus` (None: no change).
+
+    TensorFlow's thread pools are started first, outside the restriction, so the model's
+    compute keeps every CPU while the request path's thread hand-offs stay on `cpus`.
+    """
+    if not cpus:
+        yield
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        raise ConfigError("--frontend_cpus needs Linux (os.sched_setaffinity)")
+    allowed = os.sched_getaffinity(0)
+    wanted = set(cpus)
+    if not wanted <= allowed:
+        raise ConfigError(
+            f"--frontend_cpus={','.join(map(str, sorted(wanted)))}: this process may run only "
+            f"on CPUs {','.join(map(str, sorted(allowed)))}"
+        )
+    import tensorflow as tf
+
+    tf.config.list_logical_devices()  # starts TensorFlow's pools with the full CPU set
+    os.sched_setaffinity(0, wanted)  # this thread only; threads started now inherit it
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 def ps_table_stats(ps: Any) -> Iterator[tuple[str, int, dict[str, Any]]]:
@@ -75,7 +140,9 @@ class ModelServer:
                         return load_servable(path)
                 return load_servable(path, parameter_server=self.parameter_server)
 
-        self.manager = ModelManager(entries, loader, self.options.file_system_poll_wait_seconds)
+        self.manager = ModelManager(
+            entries, self._warmed(loader), self.options.file_system_poll_wait_seconds
+        )
         self.metrics = Metrics(self._table_stats)
         self.batcher: Batcher | None = None
         if self.options.enable_batching:
@@ -89,22 +156,53 @@ class ModelServer:
         self._cond = threading.Condition()
         self._stopped = threading.Event()
 
+    def _warmed(self, loader: Callable[[str], Any]) -> Callable[[str], Any]:
+        """`loader` followed by the version's warmup replay: a version is AVAILABLE only
+        after its warmup records ran, and a failing record fails its load."""
+
+        def load(path: str) -> Any:
+            servable = loader(path)
+            if self.options.enable_model_warmup:
+                from .warmup import replay_warmup
+
+                try:
+                    replay_warmup(servable, path, self.options.num_request_iterations_for_warmup)
+                except BaseException:
+                    close = getattr(servable, "close", None)
+                    if close is not None:
+                        close()
+                    raise
+            return servable
+
+        return load
+
     # ------------------------------------------------------------------ lifecycle
     def start(self, wait_for_models: bool = True) -> ModelServer:
         """Loads the models (unless `wait_for_models` is False: then in the background) and
         starts the gRPC and REST listeners. Returns self."""
+        configure_tensorflow_threads(
+            self.options.tensorflow_intra_op_parallelism,
+            self.options.tensorflow_inter_op_parallelism,
+        )
         self.manager.start(wait_for_initial_load=wait_for_models)
         from .grpc_service import start_grpc_server
 
-        self._grpc, self.grpc_port = start_grpc_server(self, self.options.host, self.options.port)
-        log.info("Running gRPC ModelServer at %s:%d ...", self.options.host, self.grpc_port)
-        if self.options.rest_api_port:
-            from .rest import start_rest_server
-
-            self._rest, self.rest_port = start_rest_server(
-                self, self.options.host, self.options.rest_api_port
+        # The listeners' threads (gRPC's I/O, poll and handler threads; the REST threads) are
+        # created inside this block and keep its CPU affinity; TensorFlow's pools do not.
+        with frontend_affinity(self.options.frontend_cpus):
+            self._grpc, self.grpc_port = start_grpc_server(
+                self, self.options.host, self.options.port
             )
-            log.info("Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port)
+            log.info("Running gRPC ModelServer at %s:%d ...", self.options.host, self.grpc_port)
+            if self.options.rest_api_port:
+                from .rest import start_rest_server
+
+                self._rest, self.rest_port = start_rest_server(
+                    self, self.options.host, self.options.rest_api_port
+                )
+                log.info(
+                    "Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port
+                )
         return self
 
     def stop(self, grace: float | None = None) -> None:

@@ -33,7 +33,7 @@ _BY_NUMPY: dict[np.dtype, tuple[int, str]] = {
 _BY_ENUM: dict[int, tuple[np.dtype, str]] = {e: (d, f) for d, (e, f) in _BY_NUMPY.items()}
 _BY_ENUM[types_pb2.DT_STRING] = (np.dtype(object), "string_val")
 # tensor_content is little-endian; on a big-endian host read it as such
-_WIRE: dict[np.dtype, np.dtype] = {d: d.newbyteorder("<") for d in _BY_NUMPY}
+_WIRE_BY_ENUM: dict[int, np.dtype] = {e: d.newbyteorder("<") for d, (e, _) in _BY_NUMPY.items()}
 
 
 def dtype_name(dtype: np.dtype | int) -> str:
@@ -98,10 +98,11 @@ def shape_proto(shape: tuple) -> tensor_shape_pb2.TensorShapeProto:
 
 def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
     """The NumPy array a TensorProto holds; INVALID_ARGUMENT if it is malformed."""
-    entry = _BY_ENUM.get(proto.dtype)
-    if entry is None:
-        raise invalid_argument(f"tensor dtype {dtype_name(proto.dtype)} is not supported")
-    dtype = entry[0]
+    dtype = _WIRE_BY_ENUM.get(proto.dtype)
+    if dtype is None:
+        if proto.dtype not in _BY_ENUM:
+            raise invalid_argument(f"tensor dtype {dtype_name(proto.dtype)} is not supported")
+        dtype = _BY_ENUM[proto.dtype][0]  # DT_STRING
     tensor_shape = proto.tensor_shape
     if tensor_shape.unknown_rank:
         raise invalid_argument(f"tensor parsing error: {name}: unknown rank")
@@ -110,14 +111,20 @@ def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
         raise invalid_argument(f"tensor parsing error: {name}: negative dimension in {list(shape)}")
     count = math.prod(shape)
     content = proto.tensor_content  # read once: each read copies the bytes
-    if content and proto.dtype != types_pb2.DT_STRING:
+    if content and dtype.kind != "O":
         if len(content) != count * dtype.itemsize:
             raise invalid_argument(
                 f"tensor parsing error: {name}: tensor_content holds {len(content)} "
                 f"bytes, shape {list(shape)} of {dtype_name(proto.dtype)} needs "
                 f"{count * dtype.itemsize}"
             )
-        return np.frombuffer(content, dtype=_WIRE.get(dtype, dtype)).reshape(shape)
+        return np.frombuffer(content, dtype=dtype).reshape(shape)
+    return _from_typed_field(proto, name, dtype.newbyteorder("="), shape, count)
+
+
+def _from_typed_field(
+    proto: tensor_pb2.TensorProto, name: str, dtype: np.dtype, shape: tuple, count: int
+) -> np.ndarray:
     field = _BY_ENUM[proto.dtype][1]
     values = getattr(proto, field)
     n = len(values)
