@@ -1,0 +1,83 @@
+"""`--frontend_cpus`: the server's request threads keep to the given CPUs, the rest of the
+process (TensorFlow's pools, the caller) does not; bad values are clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+
+import numpy as np
+import pytest
+from serving_models import reference, save_version
+
+tf = pytest.importorskip("tensorflow")
+
+from keras_hps.errors import ConfigError  # noqa: E402
+from keras_hps.serving import cli  # noqa: E402
+from keras_hps.serving.client import GrpcClient  # noqa: E402
+from keras_hps.serving.model_config import ModelEntry  # noqa: E402
+from keras_hps.serving.server import ModelServer, ServerOptions  # noqa: E402
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="needs Linux and 2 CPUs")
+
+
+def affinity(native_id: int) -> set[int]:
+    return os.sched_getaffinity(native_id)
+
+
+@needs_two_cpus
+def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
+    save_version(str(tmp_path / "m" / "1"), seed=3)
+    frontend = (CPUS[-1],)
+    options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
+                            file_system_poll_wait_seconds=0, frontend_cpus=frontend)
+    server = ModelServer([ModelEntry("m", str(tmp_path / "m"))], options).start()
+    try:
+        assert affinity(threading.get_native_id()) == set(CPUS)  # the caller is restored
+        client = GrpcClient(f"127.0.0.1:{server.grpc_port}")
+        rng = np.random.default_rng(0)
+        for n in (1, 4, 9):  # answers stay right
+            ids = rng.integers(0, 50, size=(n, 2)).astype(np.int64)
+            x = rng.normal(size=(n, 3)).astype(np.float32)
+            out = client.predict("m", {"ids": ids, "x": x})
+            np.testing.assert_allclose(out["score"], reference(3, ids, x)["score"], rtol=1e-5)
+        client.close()
+        handlers = [t for t in threading.enumerate() if t.name.startswith("keras-hps-grpc")]
+        assert handlers, "no gRPC handler thread was started"
+        for t in handlers:
+            assert affinity(t.native_id) == set(frontend), t.name
+        others = [t for t in threading.enumerate() if t.name == "keras-hps-poll"
+                  or t is threading.main_thread()]
+        for t in others:
+            assert affinity(t.native_id) == set(CPUS), t.name
+    finally:
+        server.stop(grace=5)
+
+
+@needs_two_cpus
+def test_frontend_cpus_outside_the_allowed_set_is_an_error(tmp_path):
+    options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
+                            file_system_poll_wait_seconds=0, frontend_cpus=(max(CPUS) + 64,))
+    server = ModelServer([ModelEntry("m", str(tmp_path / "none"))], options)
+    with pytest.raises(ConfigError, match=r"--frontend_cpus=\d+: this process may run only"):
+        server.start()
+    server.stop(grace=1)
+
+
+def test_serve_flags_parse():
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--frontend_cpus=1,0,1", "--enable_model_warmup=false",
+                              "--num_request_iterations_for_warmup=3",
+                              "--tensorflow_intra_op_parallelism=2",
+                              "--tensorflow_inter_op_parallelism=1"])
+    assert args.frontend_cpus == (0, 1)
+    assert args.enable_model_warmup is False and args.num_request_iterations_for_warmup == 3
+    assert (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) == (2, 1)
+    defaults = parser.parse_args([])
+    assert defaults.frontend_cpus is None and defaults.enable_model_warmup is True
+    for bad in ("x", "-1", ""):
+        with pytest.raises(SystemExit):
+            parser.parse_args([f"--frontend_cpus={bad}"])
