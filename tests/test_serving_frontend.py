@@ -1,5 +1,5 @@
-"""`--frontend_cpus`: the server's request threads keep to the given CPUs, the rest of the
-process (TensorFlow's pools, the caller) does not; bad values are clear errors."""
+"""`--frontend_cpus`: the server's request threads keep to the given CPUs, except while
+they run the model; the rest of the process does not; bad values are clear errors."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from serving_models import reference, save_version
 tf = pytest.importorskip("tensorflow")
 
 from keras_hps.errors import ConfigError  # noqa: E402
+from keras_hps.servable import load_servable  # noqa: E402
 from keras_hps.serving import cli  # noqa: E402
 from keras_hps.serving.client import GrpcClient  # noqa: E402
 from keras_hps.serving.model_config import ModelEntry  # noqa: E402
@@ -33,7 +34,20 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
     frontend = (CPUS[-1],)
     options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
                             file_system_poll_wait_seconds=0, frontend_cpus=frontend)
-    server = ModelServer([ModelEntry("m", str(tmp_path / "m"))], options).start()
+    during_run: list[set[int]] = []
+
+    def loader(path: str):
+        servable = load_servable(path)
+        run = servable.run
+
+        def recording_run(*args, **kwargs):
+            during_run.append(os.sched_getaffinity(0))
+            return run(*args, **kwargs)
+
+        servable.run = recording_run
+        return servable
+
+    server = ModelServer([ModelEntry("m", str(tmp_path / "m"))], options, loader=loader).start()
     try:
         assert affinity(threading.get_native_id()) == set(CPUS)  # the caller is restored
         client = GrpcClient(f"127.0.0.1:{server.grpc_port}")
@@ -44,6 +58,7 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
             out = client.predict("m", {"ids": ids, "x": x})
             np.testing.assert_allclose(out["score"], reference(3, ids, x)["score"], rtol=1e-5)
         client.close()
+        assert len(during_run) == 3 and all(cpus == set(CPUS) for cpus in during_run)
         handlers = [t for t in threading.enumerate() if t.name.startswith("keras-hps-grpc")]
         assert handlers, "no gRPC handler thread was started"
         for t in handlers:
