@@ -89,6 +89,10 @@ CASES = {
         "11 entries but the table has 12"),
     "repeated keys": (lambda r, m: export_for_serving(
         m, r, "fresh", keys={"table": np.zeros(12, np.int64)}), ConfigError, "repeat"),
+    "one repeated hashed key": (lambda r, m: export_for_serving(
+        m, r, "fresh", keys={"table": np.array([90, 2**40, -7, 33, 5, 2**40, 12, 8, 1, 0, 61,
+                                                 4])}), ConfigError,
+        r"repeat \(key 1099511627776 and 0 more\)"),
     "float keys": (lambda r, m: export_for_serving(
         m, r, "fresh", keys={"table": np.arange(12.0)}), ConfigError, "integer"),
     "keys for unknown layer": (lambda r, m: export_for_serving(
