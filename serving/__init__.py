@@ -4,6 +4,7 @@ Installed as `keras_hps.serving`. Modules (each imported only when used):
 
 - `model_config`: `models.config` (ModelServerConfig text), version policies, labels
 - `manager`: loading, polling, availability-preserving switchover, version status
+- `warmup`: replay of a version's `tf_serving_warmup_requests` before it serves
 - `server`: `ModelServer`, one process serving gRPC and REST over one manager
 - `rest`, `rest_json`: the REST routes and TF Serving's JSON (row, columnar, b64, errors)
 - `grpc_service`, `tensors`: PredictionService / ModelService and TensorProto conversion
