@@ -113,6 +113,8 @@ def test_static_shapes_and_dtype(tables, ps):
 def test_errors(tables, ps):
     with pytest.raises(ConfigError, match="non-empty list"):
         FusedLookupLayer("fz", [], 8)
+    with pytest.raises(ConfigError, match="an int or a list"):
+        FusedLookupLayer("fz", [0, 1], None)
     with pytest.raises(ConfigError, match="2 entries for 3 tables"):
         FusedLookupLayer("fz", [0, 1, 2], [8, 4])
     with pytest.raises(ConfigError, match="emb_vec_size"):

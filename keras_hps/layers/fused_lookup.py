@@ -51,6 +51,10 @@ class FusedLookupLayer(keras.layers.Layer):
             raise ConfigError(f"table_ids must be a non-empty list of ints, got {table_ids!r}")
         if isinstance(emb_vec_sizes, int) and not isinstance(emb_vec_sizes, bool):
             emb_vec_sizes = [emb_vec_sizes] * len(table_ids)
+        if not isinstance(emb_vec_sizes, list | tuple):
+            raise ConfigError(
+                f"emb_vec_sizes must be an int or a list of ints, got {emb_vec_sizes!r}"
+            )
         emb_vec_sizes = list(emb_vec_sizes)
         if len(emb_vec_sizes) != len(table_ids):
             raise ConfigError(
@@ -61,8 +65,8 @@ class FusedLookupLayer(keras.layers.Layer):
         self.tables = [
             LookupLayer(model_name, t, d, emb_vec_dtype=emb_vec_dtype,
                         ps_config_file=ps_config_file, global_batch_size=global_batch_size,
-                        name=f"{self.name}_table{t}")
-            for t, d in zip(table_ids, emb_vec_sizes, strict=True)
+                        name=f"{self.name}_{i}_table{t}")
+            for i, (t, d) in enumerate(zip(table_ids, emb_vec_sizes, strict=True))
         ]
         self.model_name = model_name
         self.table_ids = table_ids
