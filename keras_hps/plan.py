@@ -37,7 +37,7 @@ import numpy as np
 from keras_hps.cold_tier import index_nbytes as cold_index_nbytes
 from keras_hps.config import PSConfig, load_config
 from keras_hps.errors import ConfigError, TableFormatError
-from keras_hps.formats import KEY_FILE, VECTOR_FILE, is_hdf5_path, read_hdf5_table
+from keras_hps.formats import KEY_FILE, is_hdf5_path, read_hdf5_table, table_disk_bytes
 from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
@@ -96,13 +96,6 @@ def _key_facts(path: str) -> tuple[int, int, int, bool]:
     return n, lo, hi, is_sorted
 
 
-def _disk_bytes(path: str) -> int:
-    if is_hdf5_path(path):
-        return os.path.getsize(path)
-    d = Path(path)
-    return (d / KEY_FILE).stat().st_size + (d / VECTOR_FILE).stat().st_size
-
-
 def _cache_slots(gpucacheper: float, rows: int) -> int:
     slots = max(math.ceil(gpucacheper * rows), MIN_CACHE_SLOTS)
     return -(-slots // SLOTS_PER_SET) * SLOTS_PER_SET
@@ -141,7 +134,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                 model=m.model, table_id=t, name=m.table_name(t), rows=rows, dim=dim,
                 cache_type=ctype if m.gpucache else "off", gpu_slots=gpu_slots, gpu_bytes=gpu,
                 gpu_workspace_bytes=workspace, pinned_host_bytes=pinned, host_rows=host_rows,
-                host_bytes=host, cold_index_bytes=cold, disk_bytes=_disk_bytes(path),
+                host_bytes=host, cold_index_bytes=cold, disk_bytes=table_disk_bytes(path),
                 devices=len(m.deployed_device_list) if m.gpucache else 0))
     return plans
 

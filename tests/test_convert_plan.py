@@ -118,3 +118,20 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out)) == 3
     assert cli.main(["plan", str(tmp_path / "missing.json")]) == 1
     assert "config file not found" in capsys.readouterr().err
+
+
+def test_plan_counts_the_external_data_of_an_exported_table(tmp_path):
+    # An exported HDF5 table is a header over the HPS files: its disk size includes them.
+    from keras_hps.formats import write_hdf5_table_over_hps
+
+    rng = np.random.default_rng(32)
+    keys, vecs = np.arange(0, 4000, 2), rng.standard_normal((2000, 12)).astype(np.float32)
+    write_hps_table(tmp_path / "emb", keys, vecs)
+    h5 = write_hdf5_table_over_hps(tmp_path / "emb.h5", tmp_path / "emb")
+    cfg = {"models": [{"model": "m", "sparse_files": ["emb.h5"],
+                       "embedding_vecsize_per_table": [12],
+                       "maxnum_catfeature_query_per_table_per_sample": [1]}]}
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    (plan,) = plan_config(str(tmp_path / "hps.json"))
+    assert plan.disk_bytes == h5.stat().st_size + keys.size * 8 + vecs.nbytes
+    assert plan.rows == 2000
