@@ -22,6 +22,7 @@ _LAZY = {
     "ConfigError": "keras_hps.config",
     "LookupLayer": "keras_hps.layers",
     "SparseLookupLayer": "keras_hps.layers",
+    "FusedLookupLayer": "keras_hps.layers",
 }
 
 __all__ = ["__version__", *_LAZY]
