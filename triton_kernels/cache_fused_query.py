@@ -23,7 +23,7 @@ from .cache_layout import (
     probe,
     set_and_tag,
     small_int64_to_device,
-    speculate,
+    speculative_query,
     touch_scores,
 )
 from .cache_query import _launch_config, np_cache_query
@@ -71,37 +71,9 @@ def _fused_query_kernel(
         # All tables share MAX_DIM: the pool is one [slots, MAX_DIM] array and the output one
         # [keys, MAX_DIM] array, so rows are addressed as in the single-table kernel (constant
         # row width: the compiler can use 16-byte accesses), with its speculative probe.
-        slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
-                                                MAX_DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
-        if TOUCH_EARLY:  # while the record's sector is still in L2, before the rows stream
-            touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
-        keep = m & (~need)
-        d = tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row,
-                 mask=keep[:, None] & (d < MAX_DIM)[None, :], eviction_policy=ROW_EVICT)
-        for d0 in tl.static_range(BLOCK_D, MAX_DIM, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = (d < MAX_DIM)[None, :]
-            r = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :], mask=hit[:, None] & dm,
-                        other=0.0, eviction_policy=ROW_EVICT)
-            tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], r, mask=keep[:, None] & dm,
-                     eviction_policy=ROW_EVICT)
-        if tl.max(need.to(tl.int32), axis=0) > 0:
-            j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
-            hit2 = need & (j2 >= 0)
-            slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
-            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = (d < MAX_DIM)[None, :]
-                r = tl.load(vec_ptr + slot2[:, None] * MAX_DIM + d[None, :],
-                            mask=hit2[:, None] & dm, other=0.0)
-                tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], r,
-                         mask=need[:, None] & dm)
-            if TOUCH_EARLY:
-                touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
-            hit = hit | hit2
-            slot = tl.where(hit2, slot2, slot)
-            score = tl.where(hit2, score2, score)
+        slot, hit, score = speculative_query(
+            k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp, SLOTS, MAX_DIM, BLOCK_D,
+            TAG_EVICT, ROW_EVICT, TOUCH_EARLY, LFU, LRU_ATOMIC)
     else:
         jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
         hit = jj >= 0

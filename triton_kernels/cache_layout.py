@@ -119,14 +119,18 @@ def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.con
 
 
 @triton.jit
-def speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS: tl.constexpr, DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr):
-    """Read the set's tags, then the record (key, score) and the first row tile of the first
-    tag-matching slot together, so that the row does not wait for the key compare.
+def speculative_query(k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp,
+                      SLOTS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
+                      TOUCH_EARLY: tl.constexpr, LFU: tl.constexpr, LRU_ATOMIC: tl.constexpr):
+    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``) and write their rows to
+    ``out_ptr + offs * DIM`` (zeros for misses); returns (slot, hit, score).
 
-    Returns (slot, hit, score, first row tile [keys, BLOCK_D] (zeros where not a hit), need):
-    ``need`` marks the rare keys whose first candidate held another key while later slots of
-    the set carry the same tag; :func:`probe` resolves those.
+    Reads the set's tags, then the record (key, score) and the first row tile of the first
+    tag-matching slot together, so that the row does not wait for the key compare. A key
+    whose first candidate holds another key while later slots carry the same tag (rare with
+    15-bit tags) is resolved by :func:`probe`. With ``TOUCH_EARLY`` the score of a hit is
+    written right after the compare, while its sector is still in L2.
     """
     sl = tl.arange(0, SLOTS)
     tg = tl.load(tags_ptr + s[:, None] * SLOTS + sl[None, :], mask=m[:, None], other=0,
@@ -143,8 +147,34 @@ def speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS: tl.constexpr, DIM
     hit = has & (ck == k.to(tl.int64))
     later = tl.max((cand & (sl[None, :] > j0[:, None])).to(tl.int32), axis=1) > 0
     need = has & (~hit) & later
-    row = tl.where(hit[:, None], row, 0.0)
-    return slot, hit, score, row, need
+    if TOUCH_EARLY:
+        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
+    keep = m & (~need)
+    tl.store(out_ptr + offs[:, None] * DIM + d[None, :], tl.where(hit[:, None], row, 0.0),
+             mask=keep[:, None] & (d < DIM)[None, :], eviction_policy=ROW_EVICT)
+    for d0 in tl.static_range(BLOCK_D, DIM, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        dm = (d < DIM)[None, :]
+        r = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm,
+                    other=0.0, eviction_policy=ROW_EVICT)
+        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=keep[:, None] & dm,
+                 eviction_policy=ROW_EVICT)
+    if tl.max(need.to(tl.int32), axis=0) > 0:
+        j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
+        hit2 = need & (j2 >= 0)
+        slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
+        for d0 in tl.static_range(0, DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = (d < DIM)[None, :]
+            r = tl.load(vec_ptr + slot2[:, None] * DIM + d[None, :], mask=hit2[:, None] & dm,
+                        other=0.0)
+            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=need[:, None] & dm)
+        if TOUCH_EARLY:
+            touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
+        hit = hit | hit2
+        slot = tl.where(hit2, slot2, slot)
+        score = tl.where(hit2, score2, score)
+    return slot, hit, score
 
 
 @triton.jit

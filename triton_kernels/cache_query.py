@@ -25,7 +25,7 @@ from .cache_layout import (
     np_set_and_tag,
     probe,
     set_and_tag,
-    speculate,
+    speculative_query,
     touch_scores,
 )
 
@@ -45,37 +45,9 @@ def _cache_query_kernel(
     k = tl.load(keys_ptr + offs, mask=m, other=0)
     s, t = set_and_tag(k, num_sets)
     if SPECULATE:
-        slot, hit, score, row, need = speculate(k, s, t, m, tags_ptr, slots_ptr, vec_ptr, SLOTS,
-                                                DIM, BLOCK_D, TAG_EVICT, ROW_EVICT)
-        if TOUCH_EARLY:  # while the record's sector is still in L2, before the rows stream
-            touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
-        keep = m & (~need)
-        d = tl.arange(0, BLOCK_D)
-        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
-                 mask=keep[:, None] & (d < DIM)[None, :], eviction_policy=ROW_EVICT)
-        for d0 in tl.static_range(BLOCK_D, DIM, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = (d < DIM)[None, :]
-            r = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm,
-                        other=0.0, eviction_policy=ROW_EVICT)
-            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=keep[:, None] & dm,
-                     eviction_policy=ROW_EVICT)
-        if tl.max(need.to(tl.int32), axis=0) > 0:
-            # A later slot of the set carries the same tag: probe all candidates (rare).
-            j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
-            hit2 = need & (j2 >= 0)
-            slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
-            for d0 in tl.static_range(0, DIM, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = (d < DIM)[None, :]
-                r = tl.load(vec_ptr + slot2[:, None] * DIM + d[None, :],
-                            mask=hit2[:, None] & dm, other=0.0)
-                tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=need[:, None] & dm)
-            if TOUCH_EARLY:
-                touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
-            hit = hit | hit2
-            slot = tl.where(hit2, slot2, slot)
-            score = tl.where(hit2, score2, score)
+        slot, hit, score = speculative_query(
+            k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp, SLOTS, DIM, BLOCK_D,
+            TAG_EVICT, ROW_EVICT, TOUCH_EARLY, LFU, LRU_ATOMIC)
     else:
         j, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
         hit = j >= 0
