@@ -304,6 +304,19 @@ def breakdown(tier, keys, dev) -> None:
         misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
 
 
+def timed_lookup(ps, tier, keys, dev) -> tuple[float, int, int]:
+    """(seconds, GPU-tier hits, misses) of one synchronised `ps.lookup`; background inserts
+    finish before the counts are read, outside the timing."""
+    s0 = tier.stats()
+    t0 = time.perf_counter()
+    ps.lookup("bench", 0, keys)
+    sync(dev)
+    sec = time.perf_counter() - t0
+    tier.wait()
+    s1 = tier.stats()
+    return sec, s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+
+
 def section_hierarchy(dev, args) -> None:
     import torch
 
@@ -389,16 +402,11 @@ def section_hierarchy(dev, args) -> None:
             for _ in range(n_reps):
                 for v in variants:
                     use(*v)
-                    s0 = tier.stats()
-                    t1 = time.perf_counter()
-                    ps.lookup("bench", 0, batches[pos])
-                    sync(dev)
-                    times[v].append(time.perf_counter() - t1)
+                    sec, h, mi = timed_lookup(ps, tier, batches[pos], dev)
                     pos += 1
-                    tier.wait()
-                    s1 = tier.stats()
-                    counts[v][0] += s1["hits"] - s0["hits"]
-                    counts[v][1] += s1["misses"] - s0["misses"]
+                    times[v].append(sec)
+                    counts[v][0] += h
+                    counts[v][1] += mi
             for v in variants:
                 dh, dm = counts[v]
                 log(section="hierarchy", mode=mode, host_read=v[0], zero_copy_share=v[1],
@@ -429,16 +437,9 @@ def section_hierarchy(dev, args) -> None:
                 pos += n_warm
                 tier.wait()
                 sync(dev)
-                s0 = tier.stats()
-                times = []
-                for b in batches[pos:pos + n_reps]:
-                    t1 = time.perf_counter()
-                    ps.lookup("bench", 0, b)
-                    sync(dev)
-                    times.append(time.perf_counter() - t1)
-                tier.wait()
-                s1 = tier.stats()
-                dh, dm = s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+                runs = [timed_lookup(ps, tier, b, dev) for b in batches[pos:pos + n_reps]]
+                times = [r[0] for r in runs]
+                dh, dm = sum(r[1] for r in runs), sum(r[2] for r in runs)
                 log(section="hierarchy", mode=mode, policy="lfu", host_read="copy",
                     zero_copy_share=UVM_SHARE[0], threshold=args.threshold,
                     gpu_hit_rate_unique=dh / max(1, dh + dm),

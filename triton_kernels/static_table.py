@@ -494,25 +494,20 @@ class StaticTable:
         # rest: both paths run at once.
         k = int(n * self.zero_copy_share) if dev.type == "cuda" else 0
         if k:
-            zc, _ = self.query(keys[:k])
-            out[:k] = zc
-            keys, rows, rows_h, hit_k = keys[k:], rows[k:], rows_h[k:], hit
-            out_all, out = out, out[k:]
-            hit = rows >= 0
-        on_host = rows_h >= n_dev
+            out[:k] = self.query(keys[:k])[0]
+        rest, rows_t, rows_ht = out[k:], rows[k:], rows_h[k:]
         if n_dev:
-            pos_dev = torch.nonzero(hit & (rows < n_dev)).reshape(-1)
-            out[pos_dev] = self.device_values[rows[pos_dev]]
+            pos_dev = torch.nonzero((rows_t >= 0) & (rows_t < n_dev)).reshape(-1)
+            rest[pos_dev] = self.device_values[rows_t[pos_dev]]
+        on_host = rows_ht >= n_dev
         if bool(on_host.all()):
-            self._copy_host_rows(rows_h - n_dev, out)
+            self._copy_host_rows(rows_ht - n_dev, rest)
         else:
             pos = torch.nonzero(on_host).reshape(-1)
             if pos.numel():
                 buf = torch.empty((pos.numel(), self.dim), dtype=out.dtype, device=dev)
-                self._copy_host_rows(rows_h[pos] - n_dev, buf)
-                out[pos.to(dev, non_blocking=True)] = buf
-        if k:
-            return out_all, hit_k
+                self._copy_host_rows(rows_ht[pos] - n_dev, buf)
+                rest[pos.to(dev, non_blocking=True)] = buf
         return out, hit
 
     def _copy_host_rows(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
