@@ -24,6 +24,7 @@ from keras_hps.export.inference import (
     embedded_model,
     lookup_calls,
 )
+from keras_hps.export.saved_model_writer import save_saved_model
 from keras_hps.export.warmup import write_warmup
 from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
 
@@ -42,6 +43,9 @@ class ExportResult:
     models_config: str
     hps_json: str | None = None
     table_files: list[str] = field(default_factory=list)
+    # Which wrote the SavedModel's variables: "bundle" (keras-hps' checkpoint writer) or
+    # "savev2" (TensorFlow's, the fallback); both give the same files.
+    checkpoint_writer: str | None = None
 
 
 def _load_model(model: Any) -> Any:
@@ -87,9 +91,9 @@ def _tf_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
 
 
 def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names: list[str],
-                       specs: dict[str, TensorSpec]) -> None:
+                       specs: dict[str, TensorSpec], progress: bool = False) -> str:
     """Write `keras_model` as a SavedModel whose `serving_default` takes `specs` by name and
-    returns `out_names`.
+    returns `out_names`; returns which writer wrote its variables (see `save_saved_model`).
 
     Not through keras.export.ExportArchive: it tracks each variable twice (the Keras variable
     and its tf.Variable), which writes every table twice. Here each tf.Variable is tracked once.
@@ -105,7 +109,8 @@ def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names:
         result = call_with_named_inputs(keras_model, names, inputs)
         return dict(zip(out_names, flat_outputs(result), strict=True))
 
-    tf.saved_model.save(module, path, signatures={"serving_default": serve.get_concrete_function()})
+    return save_saved_model(module, path, {"serving_default": serve.get_concrete_function()},
+                            progress=progress)
 
 
 def _keys_per_sample(calls: Sequence[Any], tables: Sequence[EmbeddingTable],
@@ -225,7 +230,8 @@ def export_for_serving(
         tmp = txn.created(os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}"))
         if tables == "embedded":
             graph = embedded_model(inference, table_list, defaults)
-            _write_saved_model(tmp, graph, names, out_names, in_specs)
+            result.checkpoint_writer = _write_saved_model(tmp, graph, names, out_names,
+                                                          in_specs, progress)
         else:
             result.hps_json = hps_path
             table_dir = os.path.join(repo_dir, repo.TABLES_DIR, model_name, str(version))
@@ -237,7 +243,8 @@ def export_for_serving(
                 dense_specs = {n: in_specs[n] for n in part.passthrough}
                 for call, feed in part.feeds:
                     dense_specs[feed] = _spec_of(call.output)
-                _write_saved_model(tmp, part.model, part.input_names, out_names, dense_specs)
+                result.checkpoint_writer = _write_saved_model(
+                    tmp, part.model, part.input_names, out_names, dense_specs)
                 result.table_files = [h5 for h5, _ in pending]
                 for _, futures in pending:
                     for future in futures:
