@@ -90,7 +90,7 @@ def resident_batches(cache: GpuEmbeddingCache, n: int, count: int, gen: torch.Ge
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches of ``n`` unique resident (keys, slot) pairs in random order."""
     a = cache.arrays
-    occ = torch.nonzero(a.tags != 0).squeeze(1)
+    occ = torch.nonzero(a.occupied).squeeze(1)
     out = []
     for _ in range(count):
         slots = occ[torch.randperm(occ.numel(), device=occ.device, generator=gen)[:n]]
@@ -104,7 +104,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     cache = GpuEmbeddingCache(cap, dim, device=dev)
     t0 = time.time()
     fill(cache, int(cap * 1.25), gen)
-    occ = int((cache.arrays.tags != 0).sum())
+    occ = int(cache.arrays.occupied.sum())
     log(f"  filled to {occ / cache.capacity:.4f} in {time.time() - t0:.1f} s")
     R = 6
     batches = resident_batches(cache, n, R, gen)
@@ -147,10 +147,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
                                              validate=False, **c), base)
     if sweep:
         top = q[0][1]
-        variants = [dict(top, speculate=False), dict(top, probe_1d=True, speculate=False),
-                    dict(top, tag_evict="evict_last"),
-                    dict(top, tag_evict="evict_last", row_evict="evict_first"),
-                    dict(top, speculate=False, tag_evict="evict_last", row_evict="evict_first")]
+        variants = [dict(top, row_evict="evict_first")]
         q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
                                                   validate=False, **c), variants)
         q.sort(key=lambda r: r[0])
@@ -169,7 +166,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=next(STAMPS), validate=False,
                                      **qcfg), R)
     # Zipf(1.05) over the resident keys: repeats within a call, hot rows reused from L2.
-    occ_slots = torch.nonzero(cache.arrays.tags != 0).squeeze(1)
+    occ_slots = torch.nonzero(cache.arrays.occupied).squeeze(1)
     perm = occ_slots[torch.randperm(occ_slots.numel(), device=dev, generator=gen)]
     zipf = []
     rs = np.random.default_rng(7)
@@ -179,16 +176,6 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
     qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
                                      **qcfg), R)
-    qlate = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
-                                        validate=False, **dict(qcfg, early_touch=False)), R)
-    qns = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
-                                      validate=False, **dict(qcfg, speculate=False)), R)
-    qnns = bench(lambda i: cache_query(cache.arrays, batches[i][0], touch=False, validate=False,
-                                       **dict(qcfg, speculate=False)), R)
-    qat = bench(lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
-                                      validate=False, **dict(qcfg, lru_atomic=True)), R)
-    qzat = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS),
-                                       validate=False, **dict(qcfg, lru_atomic=True)), R)
     qlfu = bench(lambda i: cache_query(cache.arrays, batches[i][0], policy="lfu",
                                        validate=False, **qcfg), R)
     qzlfu = bench(lambda i: cache_query(cache.arrays, zipf[i], policy="lfu", validate=False,
@@ -198,22 +185,17 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     cq = bench(lambda i: cache.query(batches[i][0]), R)
     cqn = bench(lambda i: cache.query(batches[i][0], validate=False), R)
     gather_b = 8 + 8 * dim
-    # key, the set's 64 bytes of tags, slot-record sector read + written back, row, hit flag
-    query_b = 8 + 64 + 32 + 32 + 8 * dim + 1
+    # key, the set's 64-byte key block, row read and written, hit flag (the LRU mark is an
+    # atomic on an 8 MiB bitmap that stays in L2: not counted)
+    query_b = 8 + 64 + 8 * dim + 1
     row("triton gather (yardstick)", dim, n, gms, gather_b, bw, gms, f"cfg {g[0][1]}")
     row("torch.index_select", dim, n, isel, gather_b, bw, gms)
     row("cache query kernel (LRU touch)", dim, n, q[0][0], query_b, bw, gms, f"cfg {qcfg}")
-    row("cache query kernel (no touch)", dim, n, qn, query_b - 32, bw, gms)
-    row("cache query kernel (LRU touch after the row copy)", dim, n, qlate, query_b, bw, gms,
-        "early_touch=False")
-    row("cache query kernel (LRU touch), key then row", dim, n, qns, query_b, bw, gms,
-        "speculate=False: the row read waits for the key compare")
-    row("cache query kernel (no touch), key then row", dim, n, qnns, query_b - 32, bw, gms)
+    row("cache query kernel (no touch)", dim, n, qn, query_b, bw, gms)
     row("cache query kernel, 60% hits", dim, n, qm, query_b - 0.4 * 8 * dim, bw, gms)
     row("cache query kernel, Zipf 1.05 keys", dim, n, qz, query_b, bw, gms, "L2 reuse")
-    row("cache query kernel (LRU touch, atomic max)", dim, n, qat, query_b, bw, gms)
-    row("cache query kernel, Zipf 1.05, LRU atomic max", dim, n, qzat, query_b, bw, gms)
-    row("cache query kernel (LFU count)", dim, n, qlfu, query_b, bw, gms, "atomic add per hit")
+    row("cache query kernel (LFU count)", dim, n, qlfu, query_b + 64, bw, gms,
+        "atomic add per hit on the score array")
     row("cache query kernel, Zipf 1.05, LFU", dim, n, qzlfu, query_b, bw, gms,
         "atomics on hot slots")
     row("GpuEmbeddingCache.query", dim, n, cq, query_b, bw, gms,
@@ -228,7 +210,7 @@ def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
         f"{n:,} new unique keys/call ==")
     cache = GpuEmbeddingCache(cap, dim, device=dev, policy=policy)
     fill(cache, int(cap * 1.25), gen)
-    occ = int((cache.arrays.tags != 0).sum())
+    occ = int(cache.arrays.occupied.sum())
     log(f"  filled to {occ / cache.capacity:.4f}")
     n_batches = 160
     keys = [torch.randint(0, 2**62, (n,), device=dev, generator=gen) for _ in range(n_batches)]
@@ -274,9 +256,9 @@ def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
     slots = torch.randint(0, cache.capacity, (n,), device=dev, generator=gen)
     table = cache.arrays.vectors
     scatter_ms = bench(lambda i: table.index_copy_(0, slots, vals[i]), 4)
-    # bytes: key 8 + value row in 4d + tag sector 32 + the set's 32 slot records 512
-    # + tag and slot sectors written 64 + row out 4d (the set sort not counted)
-    insert_b = 8 + 4 * dim + 32 + 512 + 64 + 4 * dim
+    # bytes: key 8 + value row in 4d + the set's key block 64 and scores 64 + key and score
+    # sectors written 64 + row out 4d (the set sort and the L2-resident marks not counted)
+    insert_b = 8 + 4 * dim + 64 + 64 + 64 + 4 * dim
     row(f"insert/replace ({policy}), full cache", dim, n, ms, insert_b, bw, None,
         f"cfg ({bk},{nw}); {len(left)} fresh batches; incl. set sort {sort_ms:.4f} ms")
     row("torch.index_copy_ (scatter rows)", dim, n, scatter_ms, 8 + 8 * dim, bw, None,
@@ -321,8 +303,6 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     gq = bench(lambda i: group.query(rot[i]), R)
     dg = bench(lambda i: gather_rows(dense, dense_idx[i]), R)
     fnt = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, touch=False, **qcfg), R)
-    fat = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
-                                            **dict(qcfg, lru_atomic=True)), R)
     flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
                  R)
     # Per-table breakdown: which tables cost the time.
@@ -336,22 +316,13 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     per_t.sort(reverse=True)
     log("  slowest tables (query ms, dense gather ms, rows): " + ", ".join(
         f"t{t}: {tq:.4f}/{tg:.4f}/{CRITEO_FL15[t]}" for tq, tg, t in per_t[:8]))
-    flate = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
-                                              **dict(qcfg, early_touch=False)), R)
-    fns = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
-                                            **dict(qcfg, speculate=False)), R)
     n = batch * nt
-    query_b = 8 + 64 + 32 + 32 + 8 * dim + 1
+    query_b = 8 + 64 + 8 * dim + 1
     row("dense gather of the same rows (1 launch)", dim, n, dg, 8 + 8 * dim, bw, dg,
         "hot rows of tiny tables")
     row("fused 26-table query kernel", dim, n, fused, query_b, bw, dg)
-    row("fused 26-table query kernel, no touch", dim, n, fnt, query_b - 32, bw, dg)
-    row("fused 26-table query kernel, touch after the rows", dim, n, flate, query_b, bw, dg,
-        "early_touch=False")
-    row("fused 26-table query kernel, key then row", dim, n, fns, query_b, bw, dg,
-        "speculate=False")
+    row("fused 26-table query kernel, no touch", dim, n, fnt, query_b, bw, dg)
     row("fused 26-table query kernel, LFU", dim, n, flfu, query_b, bw, dg)
-    row("fused 26-table query kernel, LRU atomic max", dim, n, fat, query_b, bw, dg)
     row("26 per-table query launches", dim, n, per, query_b, bw, dg)
     row("GpuCacheGroup.query (checked)", dim, n, gq, query_b, bw, dg)
 

@@ -5,8 +5,10 @@ docs/benchmarks/gpu_cache.md ("Layout study"). All-hit queries of 1M unique resi
 64M-slot caches (far larger than L2), timed with ``triton.testing.do_bench`` (L2 flushed
 between calls). Layouts:
 
-- ``tags32``: the current cache (32 slots per set, 15-bit tags, (key, score) records, rows
-  apart); touch = LRU stamp into the record (current), none, or a bit in an 8 MiB bitmap.
+- ``tags32``: the cache before the study (32 slots per set, 15-bit tags, (key, score)
+  records, rows apart); touch = LRU stamp into the record, none, or a bit in an 8 MiB bitmap.
+  That layout is gone: its rows were measured by this script as of commit a1e3e10, and
+  ``cache_query`` now runs the ``keys8`` layout with the bitmap touch.
 - ``keys8`` / ``keys16``: no tags; a set's 8 (16) int64 keys are one 64 (128) byte block, the
   rows apart; touch = none, an int32 score array, or the bitmap.
 - ``region8``: as ``keys8`` but each set's key block and its 8 rows lie in one contiguous
@@ -28,7 +30,7 @@ from triton.testing import do_bench
 
 from keras_hps.gpu_cache import GpuEmbeddingCache
 from keras_hps.triton_kernels.cache_insert import cache_insert
-from keras_hps.triton_kernels.cache_layout import block_d, set_and_tag, speculative_query
+from keras_hps.triton_kernels.cache_layout import block_d, set_index
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.gather import gather_rows
 
@@ -45,8 +47,7 @@ def _sets_kernel(keys_ptr, n, out_ptr, num_sets, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, _t = set_and_tag(k, num_sets)
-    tl.store(out_ptr + offs, s, mask=m)
+    tl.store(out_ptr + offs, set_index(k, num_sets), mask=m)
 
 
 @triton.jit
@@ -66,7 +67,7 @@ def _keys_query(keys_ptr, n, kb_ptr, vec_ptr, out_ptr, hit_ptr, bits_ptr, score_
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, _t = set_and_tag(k, num_sets)
+    s = set_index(k, num_sets)
     w = tl.arange(0, W)
     if REGION:
         base = s * (2 * W + W * DIM)
@@ -88,21 +89,6 @@ def _keys_query(keys_ptr, n, kb_ptr, vec_ptr, out_ptr, hit_ptr, bits_ptr, score_
         dm = (d < DIM)[None, :]
         r = tl.load(vec_ptr + rbase[:, None] + d[None, :], mask=hit[:, None] & dm, other=0.0)
         tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=m[:, None] & dm)
-    tl.store(hit_ptr + offs, hit, mask=m)
-
-
-@triton.jit(do_not_specialize=["num_sets"])
-def _tags_bits_query(keys_ptr, n, tags_ptr, slots_ptr, vec_ptr, out_ptr, hit_ptr, bits_ptr,
-                     num_sets, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_K: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = offs < n
-    k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, t = set_and_tag(k, num_sets)
-    slot, hit, _score = speculative_query(k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr,
-                                          out_ptr, 0, 32, DIM, BLOCK_D, "", "", False, False,
-                                          False)
-    _touch(bits_ptr, bits_ptr, slot, hit, 0, 2)
     tl.store(hit_ptr + offs, hit, mask=m)
 
 
@@ -153,33 +139,20 @@ def study(dim: int, slots: int, n: int, dev: torch.device, gen: torch.Generator)
     bd = block_d(dim)
     cand = torch.randint(0, 2**62, (int(slots * 1.25),), device=dev, generator=gen)
 
-    # Current layout.
+    # The shipped cache (keys8 + bitmap), through cache_query.
     cache = GpuEmbeddingCache(slots, dim, device=dev)
     for lo in range(0, cand.numel(), 1 << 22):
         k = cand[lo:lo + (1 << 22)]
         cache_insert(cache.arrays, k, torch.randn(k.numel(), dim, device=dev, generator=gen),
                      stamp=1, validate=False)
     a = cache.arrays
-    occ = torch.nonzero(a.tags != 0).squeeze(1)
+    occ = torch.nonzero(a.occupied).squeeze(1)
     qa = [a.keys[occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]]].contiguous()
           for _ in range(R)]
-    stamps = iter(range(100, 10**9))
-    ms = bench(lambda i: cache_query(a, qa[i], stamp=next(stamps), validate=False), R)
-    record("tags32 + LRU stamp in record (now)", dim, n, ms, g)
+    ms = bench(lambda i: cache_query(a, qa[i], validate=False), R)
+    record("cache_query (LRU marks)", dim, n, ms, g)
     ms = bench(lambda i: cache_query(a, qa[i], touch=False, validate=False), R)
-    record("tags32, no touch", dim, n, ms, g)
-    bk, nw = (64, 8) if dim <= 32 else (16, 4)
-
-    def tags_bits(i: int) -> None:
-        _tags_bits_query[(triton.cdiv(n, bk),)](qa[i], n, a.tags, a.slots, a.vectors, out, hit,
-                                               bits, a.num_sets, DIM=dim, BLOCK_D=bd,
-                                               BLOCK_K=bk, num_warps=nw)
-
-    tags_bits(0)
-    ref, _h = cache_query(a, qa[0], touch=False, validate=False)
-    assert torch.equal(out, ref) and bool(hit.all()), "tags32+bits differs"
-    ms = bench(tags_bits, R)
-    record("tags32 + bitmap touch", dim, n, ms, g)
+    record("cache_query, no touch", dim, n, ms, g)
     cache = a = qa = occ = None
     torch.cuda.empty_cache()
 

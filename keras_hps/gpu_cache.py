@@ -30,6 +30,7 @@ from keras_hps.triton_kernels.cache_layout import (
     allocate,
     check_keys,
     check_values,
+    empty_key,
     num_sets_for,
     small_int64_to_device,
 )
@@ -85,9 +86,11 @@ class GpuEmbeddingCache:
     """A set-associative cache of ``capacity`` float32 rows of width ``dim`` in device memory.
 
     Keys are ``key_dtype`` integers (int64 by default); the dtype's largest value is reserved
-    as the empty-slot marker and is rejected. The capacity is rounded up to whole sets of 32
-    slots. ``policy`` picks the victim when a set is full: ``"lru"`` (least recently queried or
-    inserted) or ``"lfu"`` (fewest queries since insertion).
+    as the empty-slot marker and is rejected. The capacity is rounded up to whole groups of 32
+    slots (four 8-slot sets). ``policy`` picks the victim when a set is full: ``"lru"`` (least
+    recently queried or inserted, to the resolution of the inserts into the set: hits are
+    marked in a bitmap and stamped by the set's next insert) or ``"lfu"`` (fewest queries
+    since insertion).
     """
 
     def __init__(
@@ -145,7 +148,7 @@ class GpuEmbeddingCache:
     def size(self) -> int:
         """Number of occupied slots (counts them on the device; synchronises)."""
         with self.ordered():
-            return int((self._arrays.tags != 0).sum())
+            return int(self._arrays.occupied.sum())
 
     def _counter(self, i: int) -> int:
         with self.ordered():
@@ -175,7 +178,7 @@ class GpuEmbeddingCache:
         """Counters and occupancy in one read."""
         with self.ordered():
             c = self._counters.tolist()
-            size = int((self._arrays.tags != 0).sum())
+            size = int(self._arrays.occupied.sum())
         return {"hits": c[_HITS], "misses": c[_MISSES], "insertions": c[_INSERTIONS],
                 "evictions": c[_EVICTIONS], "size": size, "capacity": self.capacity}
 
@@ -214,9 +217,10 @@ class GpuEmbeddingCache:
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Look ``keys`` (any shape, may repeat) up: ``(values [n, dim] float32, hit [n] bool)``.
 
-        Missed keys get zero rows. Hits refresh the slot's LRU stamp or LFU count unless
-        ``touch=False``. ``validate=False`` skips the key-value checks (the sentinel, int32
-        range), which read the keys back to the host; pass it only for keys already checked.
+        Missed keys get zero rows. Hits mark the slot as recently used (LRU) or count one
+        more use (LFU) unless ``touch=False``. ``validate=False`` skips the key-value checks
+        (the sentinel, int32 range), which read the keys back to the host; pass it only for
+        keys already checked.
         """
         keys = _checked_keys(keys, self, validate=validate)
         with self.ordered():
@@ -287,7 +291,7 @@ class GpuCacheGroup:
         device = _check_common(min(dims), device, policy, key_dtype)
         sets = [num_sets_for(c) for c, _d in tables]
         total_sets = sum(sets)
-        pool = allocate(total_sets, 1, key_dtype, device)  # tags and slots; vectors below
+        pool = allocate(total_sets, 1, key_dtype, device)  # keys, scores, marks; vectors below
         vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
         vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
@@ -296,8 +300,9 @@ class GpuCacheGroup:
         self._caches: list[GpuEmbeddingCache] = []
         set_base, vec_base, s0, v0 = [], [], 0, 0
         for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
-            lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
-            arrays = CacheArrays(tags=pool.tags[lo:hi], slots=pool.slots[lo:hi],
+            lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET  # multiples of 32
+            arrays = CacheArrays(keys=pool.keys[lo:hi], scores=pool.scores[lo:hi],
+                                 marks=pool.marks[lo // 32:hi // 32],
                                  vectors=vectors[v0:v0 + vs].view(s * SLOTS_PER_SET, d),
                                  num_sets=s, key_dtype=key_dtype)
             self._caches.append(GpuEmbeddingCache(
@@ -312,9 +317,9 @@ class GpuCacheGroup:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
         self._pooled = PooledTables(
-            tags=pool.tags, slots=pool.slots, vectors=vectors,
+            keys=pool.keys, scores=pool.scores, marks=pool.marks, vectors=vectors,
             set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
-            dims=dev64(dims), dims_host=tuple(dims))
+            dims=dev64(dims), dims_host=tuple(dims), empty=empty_key(key_dtype))
 
     def __len__(self) -> int:
         return len(self._caches)

@@ -3,8 +3,9 @@
 Modes (a model's `embedding_cache_type`; `use_static_table: true` means "static"):
 
 - ``dynamic``: a set-associative `GpuEmbeddingCache` of
-  ``max(gpucacheper x rows, 64)`` slots (rounded up to whole 32-slot sets), filled from the
-  table's lower tiers (host RAM -> cold tier -> default) on misses, evicting by LRU.
+  ``max(gpucacheper x rows, 64)`` slots (rounded up to whole groups of 32 slots, four 8-slot
+  sets), filled from the table's lower tiers (host RAM -> cold tier -> default) on misses,
+  evicting by LRU.
 - ``static``: the whole table in device memory behind a hash index (`StaticTable`).
 - ``uvm``: the whole table in pinned host memory, read by the GPU kernel over the bus, with
   a dynamic cache of the same size as in ``dynamic`` mode in device memory in front of it.
@@ -110,11 +111,13 @@ def gpu_tier_devices(gpucache: bool, deployed_device_list: Sequence[int]) -> lis
 
 
 def cache_slots(gpucacheper: float, rows: int) -> int:
-    """Dynamic-cache slots for a table: HPS's ``max(gpucacheper x rows, 64)``, whole sets."""
-    from keras_hps.triton_kernels.cache_layout import SLOTS_PER_SET
+    """Dynamic-cache slots for a table: HPS's ``max(gpucacheper x rows, 64)``, in whole groups
+    of 32 slots (what the cache allocates)."""
+    from keras_hps.triton_kernels.cache_layout import SETS_PER_WORD, SLOTS_PER_SET
 
+    group = SLOTS_PER_SET * SETS_PER_WORD
     slots = max(int(np.ceil(gpucacheper * rows)), MIN_SLOTS)
-    return -(-slots // SLOTS_PER_SET) * SLOTS_PER_SET
+    return -(-slots // group) * group
 
 
 class _Replica:

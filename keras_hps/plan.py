@@ -3,9 +3,9 @@
 HPS users had no way to estimate this (HugeCTR issue #427). The numbers follow the data
 structures keras-hps allocates:
 
-- GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole 32-slot
-  sets, each slot holding a two-byte tag, a 16-byte (key, LRU/LFU score) record and the
-  vector;
+- GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole groups of 32
+  slots, each slot holding an 8-byte key, an 8-byte LRU/LFU score, one bit of the LRU marks
+  bitmap and the vector;
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
   power of two >= 2 x rows slots;
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
@@ -42,8 +42,8 @@ from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
 
-SLOTS_PER_SET = 32
-GPU_SLOT_BYTES = 2 + 16  # dynamic cache slot besides its vector: tag, (key, score) record
+SLOT_GROUP = 32  # dynamic-cache slots come in groups of 32 (four 8-slot sets)
+GPU_SLOT_BYTES = 8 + 8  # dynamic cache slot besides its vector: key, score (+ a mark bit)
 MIN_CACHE_SLOTS = 64
 
 
@@ -98,7 +98,7 @@ def _key_facts(path: str) -> tuple[int, int, int, bool]:
 
 def _cache_slots(gpucacheper: float, rows: int) -> int:
     slots = max(math.ceil(gpucacheper * rows), MIN_CACHE_SLOTS)
-    return -(-slots // SLOTS_PER_SET) * SLOTS_PER_SET
+    return -(-slots // SLOT_GROUP) * SLOT_GROUP
 
 
 def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
@@ -120,7 +120,7 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                     gpu = gpu_slots * 16 + rows * vec
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows)
-                    gpu = gpu_slots * (GPU_SLOT_BYTES + vec)
+                    gpu = gpu_slots * (GPU_SLOT_BYTES + vec) + gpu_slots // 8
                     if ctype == "uvm":
                         pinned = rows * vec
             workspace = m.max_keys_per_lookup(t) * (8 + vec) if m.gpucache else 0

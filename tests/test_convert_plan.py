@@ -93,9 +93,16 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
     (tmp_path / "hps.json").write_text(json.dumps(cfg))
     plans = {(p.model, p.table_id): p for p in plan_config(str(tmp_path / "hps.json"))}
     wide, compact, static = plans[("m1", 0)], plans[("m1", 1)], plans[("m2", 0)]
-    # GPU: dynamic cache slots = max(ceil(0.1 x rows), 64) in whole 32-slot sets
+    # GPU: dynamic cache slots = max(ceil(0.1 x rows), 64) in whole groups of 32 slots, and
+    # the bytes of the arrays such a cache allocates
     assert wide.gpu_slots == 320 and compact.gpu_slots == 224
-    assert wide.gpu_bytes == 320 * (2 + 16 + 16 * 4)  # tag, (key, score), vector
+    torch = pytest.importorskip("torch")
+    from keras_hps.triton_kernels.cache_layout import allocate, num_sets_for
+
+    a = allocate(num_sets_for(wide.gpu_slots), 16, torch.int64, "cpu")
+    assert a.keys.numel() == wide.gpu_slots
+    assert wide.gpu_bytes == sum(x.numel() * x.element_size()
+                                 for x in (a.keys, a.scores, a.marks, a.vectors))
     assert wide.gpu_workspace_bytes == 128 * 2 * (8 + 16 * 4)
     assert static.gpu_slots == 4096 and static.gpu_bytes == 4096 * 16 + 2000 * 8 * 4
     assert wide.devices == 2 and static.devices == 1

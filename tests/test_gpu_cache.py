@@ -47,7 +47,7 @@ def rows_of(keys: torch.Tensor, dim: int) -> torch.Tensor:
 @pytest.mark.parametrize("policy", ["lru", "lfu"])
 def test_cache_follows_reference_and_counts(rng, policy):
     cache = GpuEmbeddingCache(70, 16, device=DEVICE, policy=policy)
-    assert (cache.capacity, cache.dim, cache.num_sets, cache.size) == (96, 16, 3, 0)
+    assert (cache.capacity, cache.dim, cache.num_sets, cache.size) == (96, 16, 12, 0)
     ref = cache.arrays.to_numpy()
     pool = rng.integers(-(2**40), 2**40, size=300)
     exp = {"hits": 0, "misses": 0, "insertions": 0, "evictions": 0}
@@ -68,8 +68,10 @@ def test_cache_follows_reference_and_counts(rng, policy):
     st = cache.stats()
     assert {k: st[k] for k in exp} == exp
     assert (cache.hits, cache.misses, cache.insertions, cache.evictions) == tuple(exp.values())
-    assert st["size"] == cache.size == int((ref.tags != 0).sum())
-    np.testing.assert_array_equal(cache.arrays.to_numpy().scores, ref.scores)
+    assert st["size"] == cache.size == int((ref.keys != ref.empty).sum())
+    got = cache.arrays.to_numpy()
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    np.testing.assert_array_equal(got.marks, ref.marks)
     cache.reset_counters()
     assert cache.hits == 0
     cache.clear()
@@ -77,7 +79,7 @@ def test_cache_follows_reference_and_counts(rng, policy):
 
 
 def test_invalidate_update_never_serve_stale_rows(rng):
-    cache = GpuEmbeddingCache(256, 8, device=DEVICE)
+    cache = GpuEmbeddingCache(2048, 8, device=DEVICE)  # 256 sets: no set overflows
     keys = t(unique_keys(rng, 100))
     cache.insert(keys, rows_of(keys, 8))
     cache.update(keys[:30], rows_of(keys[:30], 8) + 1.0)
@@ -183,7 +185,7 @@ def test_concurrent_query_and_insert_from_two_threads(rng):
         n_hits += int(hit.sum())
     assert n_hits > 0
     keys = cache.arrays.keys.cpu().numpy()
-    keys = keys[cache.arrays.tags.cpu().numpy() != 0]
+    keys = keys[cache.arrays.occupied.cpu().numpy()]
     assert np.unique(keys).size == keys.size  # no key stored twice
     resident = t(keys)
     out, hit = cache.query(resident)

@@ -44,7 +44,7 @@ def _config(path, **model):
         "default_value_for_each_table": [DEFAULT],
         "max_batch_size": 64,
         "gpucache": True,
-        "gpucacheper": 0.05,  # 45 rows -> 64 slots: two 32-slot sets, so evictions happen
+        "gpucacheper": 0.05,  # 45 rows -> 64 slots: eight 8-slot sets, so evictions happen
         "hit_rate_threshold": 1.0,
     }
     m.update(model)

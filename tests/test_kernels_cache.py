@@ -2,7 +2,7 @@
 
 Runs under TRITON_INTERPRET=1 on CPU torch tensors (CI) and unchanged on a CUDA device, where
 the sizes grow (GPU_SCALE). Every case draws fresh random keys and rows, and compares the whole
-cache state (tags, keys, scores, rows) after each operation, not just the outputs.
+cache state (keys, scores, LRU marks, rows) after each operation, not just the outputs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from keras_hps.triton_kernels.cache_layout import (  # noqa: E402
     CacheArrays,
     allocate,
     empty_key,
-    np_set_and_tag,
+    np_set_index,
+    num_sets_for,
 )
 from keras_hps.triton_kernels.cache_query import cache_query, np_cache_query  # noqa: E402
 from keras_hps.triton_kernels.cache_update import (  # noqa: E402
@@ -48,7 +49,7 @@ def rng(request) -> np.random.Generator:
 
 def assert_same_state(arrays: CacheArrays, ref) -> None:
     got = arrays.to_numpy()
-    for field in ("tags", "keys", "scores", "vectors"):
+    for field in ("keys", "scores", "marks", "vectors"):
         np.testing.assert_array_equal(getattr(got, field), getattr(ref, field), err_msg=field)
 
 
@@ -66,13 +67,6 @@ def key_range(dtype) -> tuple[int, int]:
     return info.min, info.max  # high is exclusive for rng.integers: sentinel excluded
 
 
-def unique_keys(rng, n, lo=-(2**62), hi=2**62) -> np.ndarray:
-    """``n`` distinct random keys in random order."""
-    keys = np.unique(rng.integers(lo, hi, size=2 * n + 8))
-    rng.shuffle(keys)
-    return keys[:n]
-
-
 def draw_keys(rng, n, pool) -> np.ndarray:
     """``n`` keys drawn with repetition from ``pool``: duplicates within a batch are likely."""
     return rng.choice(pool, size=n, replace=True)
@@ -84,9 +78,9 @@ def draw_keys(rng, n, pool) -> np.ndarray:
      (128, "lfu", torch.int64)],
 )
 def test_insert_and_query_follow_reference(rng, dim, policy, key_dtype):
-    # 3 sets of 32 slots and a key pool of ~3x the capacity: sets fill, evict, and batches
+    # 12 sets of 8 slots and a key pool of ~3x the capacity: sets fill, evict, and batches
     # carry duplicates, hits and misses.
-    num_sets = 3 * GPU_SCALE
+    num_sets = 12 * GPU_SCALE
     arrays = allocate(num_sets, dim, key_dtype, DEVICE)
     ref = arrays.to_numpy()
     lo, hi = key_range(key_dtype)
@@ -109,26 +103,27 @@ def test_insert_and_query_follow_reference(rng, dim, policy, key_dtype):
         ref_out, ref_hit = np_cache_query(ref, q, policy=policy, stamp=2 * rnd + 2)
         np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
         np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
-        assert_same_state(arrays, ref)  # scores touched the same way
+        assert_same_state(arrays, ref)  # hits recorded the same way (marks / counts)
         assert counters[:2].tolist() == [int(ref_hit.sum()), int((~ref_hit).sum())]
     assert 0 < ref_hit.sum() < n  # the case really mixes hits and misses
     assert ev > 0  # and really evicts
 
 
 def test_full_set_eviction_picks_lru_and_lfu_victims(rng):
-    # One set: fill its 32 slots, then make key C least frequently used but recently used, and
-    # key D least recently used but more frequently used than C.
+    # One set (four sets, keys drawn into set 0): fill its 8 slots, then make key C least
+    # frequently used but recently used, and key D least recently used but more frequently
+    # used than C. The insert at stamp 4 turns the hits marked so far into stamps.
     victims = {}
     for policy in ("lru", "lfu"):
-        arrays = allocate(1, 4, torch.int64, DEVICE)
+        arrays = allocate(4, 4, torch.int64, DEVICE)
         ref = arrays.to_numpy()
-        keys = unique_keys(rng, 33)
-        resident, newcomer = keys[:32], keys[32:]
-        c, d = resident[5], resident[17]
+        keys = _same_set_keys(rng, 4, 9, which=0)
+        resident, newcomer = keys[:8], keys[8:]
+        c, d = resident[2], resident[5]
         others = resident[(resident != c) & (resident != d)]
         steps = [("insert", resident, 1), ("query", resident[resident != c], 2),
-                 ("query", resident[resident != c], 3), ("query", np.array([c]), 4),
-                 ("query", others, 5), ("insert", newcomer, 6)]
+                 ("query", resident[resident != c], 3), ("insert", others[:1], 4),
+                 ("query", np.array([c]), 5), ("query", others, 6), ("insert", newcomer, 7)]
         for op, ks, stamp in steps:
             if op == "insert":
                 vals = rng.standard_normal((ks.size, 4)).astype(np.float32)
@@ -139,27 +134,44 @@ def test_full_set_eviction_picks_lru_and_lfu_victims(rng):
                 np_cache_query(ref, ks, policy=policy, stamp=stamp)
             assert_same_state(arrays, ref)
         stored = set(arrays.keys.cpu().tolist())
-        assert newcomer[0] in stored and len(stored) == 32
+        assert newcomer[0] in stored
         (victims[policy],) = set(resident.tolist()) - stored
         expected = d if policy == "lru" else c
         assert victims[policy] == expected
     assert victims["lru"] != victims["lfu"]
 
 
+def test_lru_marks_become_the_next_inserts_stamp(rng):
+    # Hits only set marks; the next insert into the set stamps exactly the marked slots.
+    arrays = allocate(4, 2, torch.int64, DEVICE)
+    keys = _same_set_keys(rng, 4, 8, which=3)
+    cache_insert(arrays, t(keys[:6]), f32(np.zeros((6, 2))), stamp=1)
+    cache_query(arrays, t(keys[[1, 4, 1]]), stamp=2)
+    st = arrays.to_numpy()
+    slots = [st.find(k) for k in keys[:6]]
+    assert st.marks[slots].tolist() == [False, True, False, False, True, False]
+    assert (st.scores[slots] == 1).all()
+    cache_insert(arrays, t(keys[6:7]), f32(np.ones((1, 2))), stamp=9)
+    st = arrays.to_numpy()
+    assert not st.marks.any()
+    assert st.scores[slots].tolist() == [1, 9, 1, 1, 9, 1]
+    assert st.scores[st.find(keys[6])] == 9
+
+
 def test_more_keys_than_slots_into_one_set(rng):
-    arrays = allocate(1, 3, torch.int64, DEVICE)
+    arrays = allocate(4, 3, torch.int64, DEVICE)
     ref = arrays.to_numpy()
-    keys = unique_keys(rng, 45)
-    vals = rng.standard_normal((45, 3)).astype(np.float32)
+    keys = _same_set_keys(rng, 4, 13, which=1)
+    vals = rng.standard_normal((13, 3)).astype(np.float32)
     counters = torch.zeros(4, dtype=torch.int64, device=DEVICE)
     cache_insert(arrays, t(keys), f32(vals), stamp=1, counters=counters)
     ins, ev = np_cache_insert(ref, keys, vals, stamp=1)
     assert_same_state(arrays, ref)
-    assert (ins, ev) == (45, 13) and counters[2:].tolist() == [45, 13]
+    assert (ins, ev) == (13, 5) and counters[2:].tolist() == [13, 5]
 
 
 def test_duplicates_in_one_insert_keep_one_copy_with_last_value(rng):
-    arrays = allocate(2, 8, torch.int64, DEVICE)
+    arrays = allocate(4, 8, torch.int64, DEVICE)
     keys = np.array([7, 9, 7, 7, 11, 9])
     vals = rng.standard_normal((6, 8)).astype(np.float32)
     cache_insert(arrays, t(keys), f32(vals), stamp=1)
@@ -209,14 +221,14 @@ def test_invalidate_and_update_follow_reference(rng):
 
 
 def test_int32_cache_range_and_sentinel_errors():
-    a32 = allocate(1, 2, torch.int32, DEVICE)
+    a32 = allocate(4, 2, torch.int32, DEVICE)
     with pytest.raises(ValueError, match="2147483647"):
         cache_query(a32, t([1, 2**31 - 1], torch.int32))
     with pytest.raises(ValueError, match="does not fit"):
         cache_query(a32, t([1, 2**31]))
     with pytest.raises(ValueError, match="does not fit"):
         cache_insert(a32, t([-(2**31) - 1]), f32(np.zeros((1, 2))))
-    a64 = allocate(1, 2, torch.int64, DEVICE)
+    a64 = allocate(4, 2, torch.int64, DEVICE)
     with pytest.raises(ValueError, match="reserved as the empty-slot sentinel"):
         cache_insert(a64, t([3, 2**63 - 1]), f32(np.zeros((2, 2))))
     with pytest.raises(ValueError, match="reserved"):
@@ -233,7 +245,7 @@ def test_int32_cache_range_and_sentinel_errors():
 
 
 def test_empty_batches_do_nothing(rng):
-    arrays = allocate(2, 100, torch.int64, DEVICE)
+    arrays = allocate(4, 100, torch.int64, DEVICE)
     keys = rng.integers(0, 1000, size=20)
     cache_insert(arrays, t(keys), f32(rng.standard_normal((20, 100))), stamp=1)
     before = arrays.to_numpy()
@@ -248,7 +260,7 @@ def test_empty_batches_do_nothing(rng):
 
 
 def test_query_reports_compact_miss_positions(rng):
-    arrays = allocate(2, 4, torch.int64, DEVICE)
+    arrays = allocate(8, 4, torch.int64, DEVICE)
     keys = rng.integers(0, 10**9, size=40)
     cache_insert(arrays, t(keys), f32(rng.standard_normal((40, 4))), stamp=1)
     q = np.concatenate([keys[:30], rng.integers(10**9, 2 * 10**9, size=30)])
@@ -261,17 +273,21 @@ def test_query_reports_compact_miss_positions(rng):
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
 
 
-def test_set_and_tag_spread_keys_over_sets():
+def test_set_index_spreads_keys_over_sets():
     keys = np.arange(100_000)
-    sets, tags = np_set_and_tag(keys, 97)
+    sets = np_set_index(keys, 97)
     counts = np.bincount(sets, minlength=97)
     assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
-    assert tags.min() >= 1 and tags.max() <= 2**15 - 1
-    assert np.unique(tags).size > 30_000  # of 32,767 (100,000 draws)
+
+
+def test_capacity_rounds_to_whole_marks_words():
+    assert [num_sets_for(c) for c in (1, 32, 33, 64, 1000)] == [4, 4, 8, 8, 128]
+    with pytest.raises(ValueError, match="multiple of 4"):
+        allocate(3, 2, torch.int64, DEVICE)
 
 
 def _pool(tables, key_dtype):
-    sets = [max(1, -(-c // SLOTS_PER_SET)) for c, _ in tables]
+    sets = [num_sets_for(c) for c, _ in tables]
     dims = [d for _, d in tables]
     pool = allocate(sum(sets), 1, key_dtype, DEVICE)
     vsz = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
@@ -279,7 +295,8 @@ def _pool(tables, key_dtype):
     per, s0, v0 = [], 0, 0
     for s, d, v in zip(sets, dims, vsz, strict=True):
         lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
-        per.append(CacheArrays(pool.tags[lo:hi], pool.slots[lo:hi], vec[v0:v0 + v].view(-1, d),
+        per.append(CacheArrays(pool.keys[lo:hi], pool.scores[lo:hi],
+                               pool.marks[lo // 32:hi // 32], vec[v0:v0 + v].view(-1, d),
                                s, key_dtype))
         s0, v0 = s0 + s, v0 + v
     bases = np.cumsum([0] + sets[:-1]).tolist()
@@ -288,8 +305,8 @@ def _pool(tables, key_dtype):
     def d64(x):
         return torch.tensor(x, dtype=torch.int64, device=DEVICE)
 
-    pooled = PooledTables(pool.tags, pool.slots, vec, d64(bases), d64(sets), d64(vbases),
-                          d64(dims), tuple(dims))
+    pooled = PooledTables(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
+                          d64(vbases), d64(dims), tuple(dims), empty_key(key_dtype))
     return pooled, per
 
 
@@ -325,14 +342,14 @@ def test_fused_multi_table_query_equals_per_table(rng, policy, tables):
         fused_cache_query(pooled, flat, offsets[:-1])
 
 
-def test_fused_query_with_many_tag_collisions(rng):
-    # Uniform dims (the speculative path); table 1's set 1 holds 32 keys sharing one tag.
+def test_fused_query_over_one_full_set(rng):
+    # Uniform dims; table 1's set 1 is full and 40 more keys of that set are asked for.
     tables = [(64, 4), (64, 4)]
     pooled, per = _pool(tables, torch.int64)
-    keys1 = _same_set_and_tag_keys(rng, per[1].num_sets, 40)
+    keys1 = _same_set_keys(rng, per[1].num_sets, 40)
     keys0 = rng.integers(0, 200, size=64)
     refs = []
-    for arrays, ks in zip(per, (keys0, keys1[:32]), strict=True):
+    for arrays, ks in zip(per, (keys0, keys1[:8]), strict=True):
         vals = rng.standard_normal((ks.size, 4)).astype(np.float32)
         cache_insert(arrays, t(ks), f32(vals), stamp=1)
         refs.append(arrays.to_numpy())
@@ -344,7 +361,7 @@ def test_fused_query_with_many_tag_collisions(rng):
     for i in range(2):
         np.testing.assert_array_equal(values[i].cpu().numpy(), ref_vals[i])
         assert_same_state(per[i], refs[i])
-    assert ref_hits[1].sum() == 40 and (~ref_hits[1]).sum() == 8
+    assert ref_hits[1].sum() == 16 and (~ref_hits[1]).sum() == 32
 
 
 @pytest.mark.parametrize("dim", [1, 16, 100, 128])
@@ -356,31 +373,27 @@ def test_gather_matches_reference(rng, dim):
         np.testing.assert_array_equal(out.cpu().numpy(), np_gather_rows(table, idx))
 
 
-def _same_set_and_tag_keys(rng, num_sets, count):
-    """``count`` distinct keys that all land in set 1 with one tag."""
-    cands = rng.integers(-(2**62), 2**62, size=4_000_000)
-    sets, tags = np_set_and_tag(cands, num_sets)
-    same = np.unique(cands[(sets == 1) & (tags == np.bincount(tags[sets == 1]).argmax())])
+def _same_set_keys(rng, num_sets, count, which=1):
+    """``count`` distinct random keys that all land in set ``which``."""
+    cands = rng.integers(-(2**62), 2**62, size=max(4000, 40 * count * num_sets))
+    same = np.unique(cands[np_set_index(cands, num_sets) == which])
     assert same.size >= count
     return rng.permutation(same)[:count]
 
 
-@pytest.mark.parametrize("probe_1d,speculate", [(False, True), (False, False), (True, False)])
-def test_probe_with_many_tag_collisions(rng, probe_1d, speculate):
-    # 40 keys of one set that share one tag: every probe sees up to 32 false candidates.
-    num_sets = 2
-    keys = _same_set_and_tag_keys(rng, num_sets, 40)
+def test_probe_of_a_full_set_finds_exactly_the_residents(rng):
+    # 40 keys of one set, 8 resident: every probe compares against a full key block.
+    num_sets = 4
+    keys = _same_set_keys(rng, num_sets, 40)
     arrays = allocate(num_sets, 4, torch.int64, DEVICE)
     ref = arrays.to_numpy()
-    vals = rng.standard_normal((32, 4)).astype(np.float32)
-    cache_insert(arrays, t(keys[:32]), f32(vals), stamp=1)
-    np_cache_insert(ref, keys[:32], vals, stamp=1)
+    vals = rng.standard_normal((8, 4)).astype(np.float32)
+    cache_insert(arrays, t(keys[:8]), f32(vals), stamp=1)
+    np_cache_insert(ref, keys[:8], vals, stamp=1)
     q = rng.permutation(np.concatenate([keys, keys[:8]]))
-    out, hit = cache_query(arrays, t(q), stamp=2, probe_1d=probe_1d, speculate=speculate,
-                           tag_evict="evict_last",
-                           row_evict="evict_first")
+    out, hit = cache_query(arrays, t(q), stamp=2, row_evict="evict_first")
     ref_out, ref_hit = np_cache_query(ref, q, stamp=2)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
-    assert ref_hit.sum() == 40 and (~ref_hit).sum() == 8
+    assert ref_hit.sum() == 16 and (~ref_hit).sum() == 32
     assert_same_state(arrays, ref)

@@ -1,9 +1,10 @@
 """Fused multi-table query: every table of a model looked up in one launch.
 
-The tables' caches live in one pooled allocation (tags, keys and scores concatenated set after
-set; vectors concatenated as one flat float32 buffer, each table with its own dim). The keys of
-all tables come concatenated, with ``key_offsets[t]:key_offsets[t+1]`` the keys of table ``t``.
-The output is one flat float32 buffer; table ``t``'s rows start at element ``out_base[t]``.
+The tables' caches live in one pooled allocation (keys, scores and marks concatenated set after
+set, each table starting on a whole marks word; vectors concatenated as one flat float32
+buffer, each table with its own dim). The keys of all tables come concatenated, with
+``key_offsets[t]:key_offsets[t+1]`` the keys of table ``t``. The output is one flat float32
+buffer; table ``t``'s rows start at element ``out_base[t]``.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from .cache_layout import (
     SLOTS_PER_SET,
     NpCacheState,
     block_d,
+    copy_rows,
     probe,
-    set_and_tag,
+    set_index,
     small_int64_to_device,
-    speculative_query,
-    touch_scores,
+    touch,
 )
 from .cache_query import _launch_config, np_cache_query
 
@@ -33,30 +34,30 @@ from .cache_query import _launch_config, np_cache_query
 class PooledTables:
     """Pooled arrays of several caches plus the per-table parameter vectors (int64, device)."""
 
-    tags: torch.Tensor
-    slots: torch.Tensor  # int64 [slots, 2]: key, score
+    keys: torch.Tensor  # int64 [slots]
+    scores: torch.Tensor  # int64 [slots]
+    marks: torch.Tensor  # int32 [slots / 32]
     vectors: torch.Tensor  # flat float32
     set_base: torch.Tensor  # first set of each table
     num_sets: torch.Tensor  # sets of each table
     vec_base: torch.Tensor  # first element of each table's vectors
     dims: torch.Tensor  # row width of each table
     dims_host: tuple[int, ...]
+    empty: int  # the empty-slot key of the pool's key dtype
 
     @property
     def num_tables(self) -> int:
         return len(self.dims_host)
 
 
-@triton.jit(do_not_specialize=["stamp"])
+@triton.jit(do_not_specialize=["empty"])
 def _fused_query_kernel(
     keys_ptr, n, key_off_ptr,
     set_base_ptr, num_sets_ptr, vec_base_ptr, dims_ptr, out_base_ptr,
-    tags_ptr, slots_ptr, vec_ptr, out_ptr, hit_ptr, stamp,
+    cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, out_ptr, hit_ptr, empty,
     NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
-    UNIFORM_DIM: tl.constexpr,
-    PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr, TOUCH_EARLY: tl.constexpr,
+    UNIFORM_DIM: tl.constexpr, ROW_EVICT: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -64,42 +65,30 @@ def _fused_query_kernel(
     for j in tl.static_range(1, NUM_TABLES):
         tid += (offs >= tl.load(key_off_ptr + j)).to(tl.int32)
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, t = set_and_tag(k, tl.load(num_sets_ptr + tid))
     set_base = tl.load(set_base_ptr + tid)
-    s += set_base
-    if UNIFORM_DIM and SPECULATE:
+    s = set_index(k, tl.load(num_sets_ptr + tid)) + set_base
+    jj, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
+    hit = jj >= 0
+    slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
+    if TOUCH:
+        touch(marks_ptr, scores_ptr, slot, hit, LFU)
+    if UNIFORM_DIM:
         # All tables share MAX_DIM: the pool is one [slots, MAX_DIM] array and the output one
         # [keys, MAX_DIM] array, so rows are addressed as in the single-table kernel (constant
-        # row width: the compiler can use 16-byte accesses), with its speculative probe.
-        slot, hit, score = speculative_query(
-            k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp, SLOTS, MAX_DIM, BLOCK_D,
-            TAG_EVICT, ROW_EVICT, TOUCH_EARLY, LFU, LRU_ATOMIC)
+        # row width: the compiler can use 16-byte accesses).
+        copy_rows(vec_ptr, slot, hit, out_ptr, offs, m, MAX_DIM, BLOCK_D, ROW_EVICT)
     else:
-        jj, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
-        hit = jj >= 0
-        slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
-        if UNIFORM_DIM:
-            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = (d < MAX_DIM)[None, :]
-                row = tl.load(vec_ptr + slot[:, None] * MAX_DIM + d[None, :],
-                              mask=hit[:, None] & dm, other=0.0, eviction_policy=ROW_EVICT)
-                tl.store(out_ptr + offs[:, None] * MAX_DIM + d[None, :], row,
-                         mask=m[:, None] & dm, eviction_policy=ROW_EVICT)
-        else:
-            dim = tl.load(dims_ptr + tid)
-            src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
-            dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
-            for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
-                d = d0 + tl.arange(0, BLOCK_D)
-                dm = d[None, :] < dim[:, None]
-                row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm,
-                              other=0.0, eviction_policy=ROW_EVICT)
-                tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
-                         eviction_policy=ROW_EVICT)
+        dim = tl.load(dims_ptr + tid)
+        src = tl.load(vec_base_ptr + tid) + (slot - set_base * SLOTS) * dim
+        dst = tl.load(out_base_ptr + tid) + (offs - tl.load(key_off_ptr + tid)) * dim
+        for d0 in tl.static_range(0, MAX_DIM, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            dm = d[None, :] < dim[:, None]
+            row = tl.load(vec_ptr + src[:, None] + d[None, :], mask=hit[:, None] & dm,
+                          other=0.0, eviction_policy=ROW_EVICT)
+            tl.store(out_ptr + dst[:, None] + d[None, :], row, mask=m[:, None] & dm,
+                     eviction_policy=ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
-    if TOUCH and not TOUCH_EARLY:
-        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
 
 
 def fused_cache_query(
@@ -144,14 +133,10 @@ def fused_cache_query(
         _fused_query_kernel[(triton.cdiv(n, cfg["block_k"]),)](
             keys, n, offs_dev,
             pooled.set_base, pooled.num_sets, pooled.vec_base, pooled.dims, out_base_dev,
-            pooled.tags, pooled.slots, pooled.vectors, out, hit, stamp,
+            pooled.keys, pooled.scores, pooled.marks, pooled.vectors, out, hit, pooled.empty,
             NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
-            UNIFORM_DIM=uniform,
-            PROBE_1D=cfg["probe_1d"], TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"],
-            LRU_ATOMIC=cfg["lru_atomic"], SPECULATE=cfg["speculate"],
-            TOUCH_EARLY=touch and uniform and cfg["speculate"] and cfg["early_touch"],
-            num_warps=cfg["num_warps"],
+            UNIFORM_DIM=uniform, ROW_EVICT=cfg["row_evict"], num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

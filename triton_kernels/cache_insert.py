@@ -2,13 +2,16 @@
 
 The batch is ordered by set (a stable sort of the keys' set indices), and each run of keys that
 share a set is handled by one lane, in input order. So no two lanes of a launch ever write the
-same set (no atomics, no locks), a key that appears twice in one batch is inserted once (its
-last value wins), and a key already present is updated in place.
+same set (the marks bitmap, whose words span 4 sets, is changed with atomics), a key that
+appears twice in one batch is inserted once (its last value wins), and a key already present
+is updated in place.
 
-Victim choice for a new key: the lowest-index empty slot of its set; else the slot with the
-lowest score among those not written earlier in this launch (ties: lowest index); if more than
-32 keys of one batch land in one set, the later ones replace the earlier, lowest index first.
-New keys get score ``stamp`` (LRU) or 1 (LFU); a present key gets ``stamp`` (LRU) or +1 (LFU).
+With LRU, the lane first stamps the set's slots marked by query hits since the last insert
+into the set with ``stamp`` and clears their marks. Victim choice for a new key: the
+lowest-index empty slot of its set; else the slot with the lowest score among those not written
+earlier in this launch (ties: lowest index); if more than 8 keys of one batch land in one set,
+the later ones replace the earlier, lowest index first. New keys get score ``stamp`` (LRU) or
+1 (LFU); a present key gets ``stamp`` (LRU) or +1 (LFU).
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from .cache_layout import (
     block_d,
     check_keys,
     check_values,
-    np_set_and_tag,
+    empty_key,
+    np_set_index,
     probe,
-    set_and_tag,
+    set_index,
 )
 
 _INT64_MAX = 2**63 - 1
@@ -39,14 +43,13 @@ def _set_index_kernel(keys_ptr, n, num_sets, out_ptr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, _t = set_and_tag(k, num_sets)
-    tl.store(out_ptr + offs, s.to(out_ptr.dtype.element_ty), mask=m)
+    tl.store(out_ptr + offs, set_index(k, num_sets).to(out_ptr.dtype.element_ty), mask=m)
 
 
-@triton.jit(do_not_specialize=["num_sets", "stamp"])
+@triton.jit(do_not_specialize=["num_sets", "stamp", "empty"])
 def _cache_insert_kernel(
     keys_ptr, vals_ptr, order_ptr, ssets_ptr, n,
-    tags_ptr, slots_ptr, vec_ptr, num_sets, counters_ptr, stamp,
+    cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, num_sets, empty, counters_ptr, stamp,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     LFU: tl.constexpr, ONLY_PRESENT: tl.constexpr, COUNT: tl.constexpr,
 ):
@@ -57,42 +60,51 @@ def _cache_insert_kernel(
     prev = tl.load(ssets_ptr + pos - 1, mask=m & (pos > 0), other=-1).to(tl.int64)
     active = m & (myset != prev)  # each lane owns the run of its set that starts here
     sl = tl.arange(0, SLOTS)
+    sbase = myset * SLOTS
+    sidx = sbase[:, None] + sl[None, :]
+    if not ONLY_PRESENT and not LFU:
+        # Query hits since the last insert into this set become this insert's stamp.
+        word = marks_ptr + (sbase >> 5)
+        shift = (sbase & 31).to(tl.int32)
+        bits = tl.load(word, mask=active, other=0)
+        marked = ((bits[:, None] >> (shift[:, None] + sl[None, :])) & 1) != 0
+        tl.store(scores_ptr + sidx, tl.zeros([BLOCK_K, SLOTS], tl.int64) + stamp,
+                 mask=active[:, None] & marked)
+        tl.atomic_and(word, ~(((bits >> shift) & 0xFF) << shift), mask=active, sem="relaxed")
+        tl.debug_barrier()
     written = tl.zeros([BLOCK_K, SLOTS], dtype=tl.int1)
     n_ins = tl.zeros([BLOCK_K], dtype=tl.int64)
     n_evict = tl.zeros([BLOCK_K], dtype=tl.int64)
-    sbase = myset * SLOTS
     while tl.max(active.to(tl.int32), axis=0) > 0:
         src = tl.load(order_ptr + pos, mask=active, other=0)
         k = tl.load(keys_ptr + src, mask=active, other=0)
-        _s, t = set_and_tag(k, num_sets)
-        j_hit, old, tg = probe(k, myset, t, active, tags_ptr, slots_ptr, SLOTS, False, "")
+        j_hit, kb = probe(k, myset, active, cache_keys_ptr, empty, SLOTS)
         present = j_hit >= 0
         if ONLY_PRESENT:
             victim = tl.maximum(j_hit, 0)
             do = present
         else:
-            empty = tg == 0
-            need_scores = active & (~present) & (tl.sum(empty.to(tl.int32), axis=1) == 0)
-            sidx = sbase[:, None] + sl[None, :]
-            sc = tl.load(slots_ptr + 2 * sidx + 1, mask=need_scores[:, None], other=0)
-            adj = tl.where(empty, -1, tl.where(written, 9223372036854775807, sc))
+            empty_slot = kb == empty
+            need_scores = active & (~present) & (tl.sum(empty_slot.to(tl.int32), axis=1) == 0)
+            sc = tl.load(scores_ptr + sidx, mask=need_scores[:, None], other=0)
+            adj = tl.where(empty_slot, -1, tl.where(written, 9223372036854775807, sc))
             minv = tl.min(adj, axis=1)
             victim = tl.min(tl.where(adj == minv[:, None], sl[None, :], SLOTS), axis=1)
             victim = tl.where(present, j_hit, victim)
             do = active
-            vtag = tl.sum(tl.where(sl[None, :] == victim[:, None], tg, 0), axis=1)
+            vempty = tl.sum(tl.where(sl[None, :] == victim[:, None], empty_slot, 0), axis=1)
             new = do & (~present)
             n_ins += new.to(tl.int64)
-            n_evict += (new & (vtag != 0)).to(tl.int64)
+            n_evict += (new & (vempty == 0)).to(tl.int64)
         vslot = sbase + victim.to(tl.int64)
         if not ONLY_PRESENT:
             if LFU:
+                old = tl.load(scores_ptr + vslot, mask=do & present, other=0)
                 score = tl.where(present, old + 1, 1)
             else:
                 score = tl.zeros([BLOCK_K], dtype=tl.int64) + stamp
-            tl.store(slots_ptr + 2 * vslot + 1, score, mask=do)
-            tl.store(slots_ptr + 2 * vslot, k.to(tl.int64), mask=do)
-            tl.store(tags_ptr + vslot, t.to(tl.int16), mask=do)
+            tl.store(scores_ptr + vslot, score, mask=do)
+            tl.store(cache_keys_ptr + vslot, k.to(tl.int64), mask=do)
         for d0 in tl.static_range(0, DIM, BLOCK_D):
             d = d0 + tl.arange(0, BLOCK_D)
             dm = (d < DIM)[None, :]
@@ -160,8 +172,8 @@ def cache_insert(
     bk, nw = block_k or bk, num_warps or nw
     _cache_insert_kernel[(triton.cdiv(n, bk),)](
         keys, values, order, sorted_sets, n,
-        arrays.tags, arrays.slots, arrays.vectors, arrays.num_sets,
-        counters if counters is not None else order, stamp,
+        arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
+        empty_key(arrays.key_dtype), counters if counters is not None else order, stamp,
         DIM=arrays.dim, BLOCK_D=block_d(arrays.dim), BLOCK_K=bk, SLOTS=SLOTS_PER_SET,
         LFU=policy == "lfu", ONLY_PRESENT=only_present, COUNT=counters is not None,
         num_warps=nw,
@@ -175,13 +187,16 @@ def np_cache_insert(
     """NumPy reference of :func:`cache_insert`, mutating ``state``: (insertions, evictions)."""
     keys = np.asarray(keys).reshape(-1).astype(np.int64)
     values = np.asarray(values, dtype=np.float32).reshape(keys.size, -1)
-    sets, tags = np_set_and_tag(keys, state.num_sets)
+    sets = np_set_index(keys, state.num_sets)
     written: dict[int, set[int]] = {}
+    if not only_present and policy == "lru":
+        for base in np.unique(sets) * SLOTS_PER_SET:
+            state.refresh(int(base), stamp)
     inserted = evicted = 0
     for i, key in enumerate(keys):
         base = int(sets[i]) * SLOTS_PER_SET
         slots = range(base, base + SLOTS_PER_SET)
-        found = [s for s in slots if state.tags[s] == tags[i] and state.keys[s] == key]
+        found = [s for s in slots if state.keys[s] == key]
         if found:
             slot = found[0]
             if not only_present:
@@ -190,12 +205,11 @@ def np_cache_insert(
             continue
         else:
             done = written.setdefault(base, set())
-            adj = [-1 if state.tags[s] == 0 else (_INT64_MAX if s in done else state.scores[s])
-                   for s in slots]
+            adj = [-1 if state.keys[s] == state.empty
+                   else (_INT64_MAX if s in done else state.scores[s]) for s in slots]
             slot = base + int(np.argmin(adj))  # argmin returns the lowest index among ties
-            evicted += int(state.tags[slot] != 0)
+            evicted += int(state.keys[slot] != state.empty)
             inserted += 1
-            state.tags[slot] = tags[i]
             state.keys[slot] = key
             state.scores[slot] = 1 if policy == "lfu" else stamp
         state.vectors[slot] = values[i]

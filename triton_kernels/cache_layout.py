@@ -1,21 +1,23 @@
 """Set-associative layout shared by the GPU embedding-cache kernels.
 
-A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (32) slots, is three flat device arrays:
+A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (8) slots, is four flat device arrays:
 
-- ``tags``    int16  ``[num_sets * 32]``: a 15-bit fingerprint per slot (0 = empty). One set's
-  tags are 64 contiguous bytes (two sectors of one 128-byte line), so a probe reads one line
-  and then only the key of a slot whose tag matches. With 15 bits a tag matches a wrong key of
-  the set with probability 31/32767, so the query reads the key and the row of the first
-  matching slot at once and falls back to the other candidates only when that key differs.
-- ``slots``   int64  ``[num_sets * 32, 2]``: per slot its key (sign-extended to int64;
-  ``empty_key(key_dtype)`` when empty) and its score (LRU clock stamp or LFU access count).
-  Key and score share one 16-byte record, so the score a query touches on a hit lies in the
-  32-byte sector it has just read to compare the key: the touch costs no extra DRAM read.
-- ``vectors`` float32 ``[num_sets * 32, dim]``: the embedding rows, separate from the keys.
+- ``keys``    int64  ``[num_sets * 8]``: the slots' keys (sign-extended to int64;
+  ``empty_key(key_dtype)`` when empty). One set's 8 keys are one 64-byte block, so a probe is
+  one read of that block and a compare of all 8 keys, with no fingerprint step (measured faster
+  than 15-bit tags plus a key read: docs/benchmarks/gpu_cache.md, "Layout study").
+- ``scores``  int64  ``[num_sets * 8]``: per slot its LRU clock stamp or LFU access count.
+- ``marks``   int32  ``[num_sets * 8 / 32]``: one bit per slot, set by an LRU query hit. At
+  1/64 of the keys' size the bitmap stays in L2, so a hit costs an L2 atomic instead of a DRAM
+  write. An insert into a set first stamps the set's marked slots with its own clock stamp
+  and clears their bits, then picks the victim: LRU ordered to the resolution of the inserts
+  into each set.
+- ``vectors`` float32 ``[num_sets * 8, dim]``: the embedding rows.
 
-A key is hashed with MurmurHash3's 64-bit finalizer (applied to the key sign-extended to int64).
-The low 32 bits pick the set (``(lo32 * num_sets) >> 32``, any set count works) and the top
-15 bits are the tag (0 is remapped to 1, since 0 marks an empty slot).
+The set count is a multiple of 4, so a cache's slots fill whole bitmap words (and a pooled
+group of caches can hand each one a word-aligned view). A key is hashed with MurmurHash3's
+64-bit finalizer (applied to the key sign-extended to int64); the low 32 bits pick the set
+(``(lo32 * num_sets) >> 32``).
 """
 
 from __future__ import annotations
@@ -27,10 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-SLOTS_PER_SET = 32
-EMPTY_TAG = 0
-TAG_BITS = 15
-TAG_DTYPE = torch.int16
+SLOTS_PER_SET = 8
+SETS_PER_WORD = 4  # 32 slots: one int32 word of the marks bitmap
 KEY_DTYPES = (torch.int64, torch.int32)
 POLICIES = ("lru", "lfu")
 
@@ -46,10 +46,11 @@ def empty_key(key_dtype: torch.dtype) -> int:
 
 
 def num_sets_for(capacity: int) -> int:
-    """Number of 32-slot sets that holds at least ``capacity`` slots (at least one set)."""
+    """Number of 8-slot sets that holds at least ``capacity`` slots: whole groups of 4 sets."""
     if capacity < 1:
         raise ValueError(f"cache capacity must be >= 1 slot, got {capacity}")
-    return max(1, -(-int(capacity) // SLOTS_PER_SET))
+    group = SLOTS_PER_SET * SETS_PER_WORD
+    return max(1, -(-int(capacity) // group)) * SETS_PER_WORD
 
 
 @triton.jit
@@ -65,131 +66,45 @@ def hash_key(k):
 
 
 @triton.jit
-def set_and_tag(k, num_sets):
-    """Set index (int64) and tag (int32 in 1..32767) of keys ``k``."""
+def set_index(k, num_sets):
+    """Set index (int64) of keys ``k``."""
     h = hash_key(k)
-    s = ((h & 0xFFFFFFFF) * num_sets.to(tl.uint64)) >> 32
-    t = (h >> 49).to(tl.int32)
-    t = tl.where(t == 0, 1, t)
-    return s.to(tl.int64), t
+    return (((h & 0xFFFFFFFF) * num_sets.to(tl.uint64)) >> 32).to(tl.int64)
 
 
 @triton.jit
-def probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS: tl.constexpr, PROBE_1D: tl.constexpr,
-          TAG_EVICT: tl.constexpr):
-    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``).
-
-    Returns (slot in set or -1, the score of that slot, the set's tags). Reads the set's 32
-    tags (one sector), then the records (key, score) of the tag-matching slots only: all of
-    them at once (``PROBE_1D=False``, a masked [keys, 32] load) or one candidate per key per
-    round, lowest slot first (``PROBE_1D=True``).
-    """
-    sl = tl.arange(0, SLOTS)
-    sidx = s[:, None] * SLOTS + sl[None, :]
-    tg = tl.load(tags_ptr + sidx, mask=m[:, None], other=0, eviction_policy=TAG_EVICT)
-    tg = tg.to(tl.int32)
-    cand = (tg == t[:, None]) & m[:, None]
+def probe(k, s, m, keys_ptr, empty, SLOTS: tl.constexpr):
+    """Find keys ``k`` (set ``s``, lanes ``m``): returns (way in the set or -1, the set's
+    ``[keys, SLOTS]`` key block). The empty-slot sentinel never matches."""
+    w = tl.arange(0, SLOTS)
+    kb = tl.load(keys_ptr + s[:, None] * SLOTS + w[None, :], mask=m[:, None], other=empty)
     k64 = k.to(tl.int64)
-    if PROBE_1D:
-        j_hit = tl.full(k64.shape, -1, tl.int32)
-        score = tl.zeros(k64.shape, tl.int64)
-        j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
-        active = j < SLOTS
-        while tl.max(active.to(tl.int32), axis=0) > 0:
-            rec = slots_ptr + 2 * (s * SLOTS + j)
-            ck = tl.load(rec, mask=active, other=0)
-            cs = tl.load(rec + 1, mask=active, other=0)
-            match = active & (ck == k64)
-            j_hit = tl.where(match, j, j_hit)
-            score = tl.where(match, cs, score)
-            cand = cand & (sl[None, :] != j[:, None])
-            j = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
-            active = active & (~match) & (j < SLOTS)
-    else:
-        # (key, score) records of the candidates as 16-byte pairs: one vector load each.
-        pair = tl.arange(0, 2)
-        rec = tl.load(slots_ptr + 2 * sidx[:, :, None] + pair[None, None, :],
-                      mask=cand[:, :, None], other=0)
-        ck = tl.sum(tl.where(pair[None, None, :] == 0, rec, 0), axis=2)
-        cs = tl.sum(tl.where(pair[None, None, :] == 1, rec, 0), axis=2)
-        eq = cand & (ck == k64[:, None])
-        j_hit = tl.max(tl.where(eq, sl[None, :], -1), axis=1)
-        score = tl.sum(tl.where(eq, cs, 0), axis=1)
-    return j_hit, score, tg
+    eq = (kb == k64[:, None]) & (k64 != empty)[:, None]
+    return tl.max(tl.where(eq, w[None, :], -1), axis=1), kb
 
 
 @triton.jit
-def speculative_query(k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp,
-                      SLOTS: tl.constexpr, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                      TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-                      TOUCH_EARLY: tl.constexpr, LFU: tl.constexpr, LRU_ATOMIC: tl.constexpr):
-    """Find keys ``k`` (set ``s``, tag ``t``, lanes ``m``) and write their rows to
-    ``out_ptr + offs * DIM`` (zeros for misses); returns (slot, hit, score).
+def touch(marks_ptr, scores_ptr, slot, hit, LFU: tl.constexpr):
+    """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit."""
+    if LFU:
+        tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
+    else:
+        one = tl.full(slot.shape, 1, tl.int32)
+        tl.atomic_or(marks_ptr + (slot >> 5), one << (slot & 31).to(tl.int32), mask=hit,
+                     sem="relaxed")
 
-    Reads the set's tags, then the record (key, score) and the first row tile of the first
-    tag-matching slot together, so that the row does not wait for the key compare. A key
-    whose first candidate holds another key while later slots carry the same tag (rare with
-    15-bit tags) is resolved by :func:`probe`. With ``TOUCH_EARLY`` the score of a hit is
-    written right after the compare, while its sector is still in L2.
-    """
-    sl = tl.arange(0, SLOTS)
-    tg = tl.load(tags_ptr + s[:, None] * SLOTS + sl[None, :], mask=m[:, None], other=0,
-                 eviction_policy=TAG_EVICT).to(tl.int32)
-    cand = (tg == t[:, None]) & m[:, None]
-    j0 = tl.min(tl.where(cand, sl[None, :], SLOTS), axis=1)
-    has = j0 < SLOTS
-    slot = s * SLOTS + tl.minimum(j0, SLOTS - 1).to(tl.int64)
-    ck = tl.load(slots_ptr + 2 * slot, mask=has, other=0)
-    score = tl.load(slots_ptr + 2 * slot + 1, mask=has, other=0)
-    d = tl.arange(0, BLOCK_D)
-    row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :],
-                  mask=has[:, None] & (d < DIM)[None, :], other=0.0, eviction_policy=ROW_EVICT)
-    hit = has & (ck == k.to(tl.int64))
-    later = tl.max((cand & (sl[None, :] > j0[:, None])).to(tl.int32), axis=1) > 0
-    need = has & (~hit) & later
-    if TOUCH_EARLY:
-        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
-    keep = m & (~need)
-    tl.store(out_ptr + offs[:, None] * DIM + d[None, :], tl.where(hit[:, None], row, 0.0),
-             mask=keep[:, None] & (d < DIM)[None, :], eviction_policy=ROW_EVICT)
-    for d0 in tl.static_range(BLOCK_D, DIM, BLOCK_D):
+
+@triton.jit
+def copy_rows(vec_ptr, slot, hit, out_ptr, offs, m, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              ROW_EVICT: tl.constexpr):
+    """``out[offs] = vectors[slot]`` where ``hit``, zeros elsewhere (lanes ``m``)."""
+    for d0 in tl.static_range(0, DIM, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         dm = (d < DIM)[None, :]
-        r = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm,
-                    other=0.0, eviction_policy=ROW_EVICT)
-        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=keep[:, None] & dm,
+        row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :], mask=hit[:, None] & dm,
+                      other=0.0, eviction_policy=ROW_EVICT)
+        tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row, mask=m[:, None] & dm,
                  eviction_policy=ROW_EVICT)
-    if tl.max(need.to(tl.int32), axis=0) > 0:
-        j2, score2, _tg = probe(k, s, t, need, tags_ptr, slots_ptr, SLOTS, False, TAG_EVICT)
-        hit2 = need & (j2 >= 0)
-        slot2 = s * SLOTS + tl.maximum(j2, 0).to(tl.int64)
-        for d0 in tl.static_range(0, DIM, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = (d < DIM)[None, :]
-            r = tl.load(vec_ptr + slot2[:, None] * DIM + d[None, :], mask=hit2[:, None] & dm,
-                        other=0.0)
-            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], r, mask=need[:, None] & dm)
-        if TOUCH_EARLY:
-            touch_scores(slots_ptr, slot2, hit2, score2, stamp, LFU, LRU_ATOMIC)
-        hit = hit | hit2
-        slot = tl.where(hit2, slot2, slot)
-        score = tl.where(hit2, score2, score)
-    return slot, hit, score
-
-
-@triton.jit
-def touch_scores(slots_ptr, slot, hit, score, stamp, LFU: tl.constexpr,
-                 LRU_ATOMIC: tl.constexpr):
-    """Update the scores of hit slots: LFU adds one per hit; LRU stores ``stamp`` only where the
-    slot's score (read with its key) is stale, so repeated hits of a hot key that already
-    carries this call's stamp write nothing."""
-    if LFU:
-        tl.atomic_add(slots_ptr + 2 * slot + 1, 1, mask=hit, sem="relaxed")
-    elif LRU_ATOMIC:
-        tl.atomic_max(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp),
-                      sem="relaxed")
-    else:
-        tl.store(slots_ptr + 2 * slot + 1, stamp, mask=hit & (score != stamp))
 
 
 def np_hash(keys: np.ndarray) -> np.ndarray:
@@ -204,35 +119,24 @@ def np_hash(keys: np.ndarray) -> np.ndarray:
     return h
 
 
-def np_set_and_tag(keys: np.ndarray, num_sets: int) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy twin of :func:`set_and_tag`: (set index int64, tag int64)."""
+def np_set_index(keys: np.ndarray, num_sets: int) -> np.ndarray:
+    """NumPy twin of :func:`set_index` (int64)."""
     h = np_hash(keys)
     with np.errstate(over="ignore"):
         s = ((h & np.uint64(0xFFFFFFFF)) * np.uint64(num_sets)) >> np.uint64(32)
-    t = (h >> np.uint64(64 - TAG_BITS)).astype(np.int64)
-    t[t == 0] = 1
-    return s.astype(np.int64), t
+    return s.astype(np.int64)
 
 
 @dataclass
 class CacheArrays:
     """The device arrays of one cache (or views into a pooled allocation)."""
 
-    tags: torch.Tensor
-    slots: torch.Tensor  # int64 [slots, 2]: key, score
-    vectors: torch.Tensor
+    keys: torch.Tensor  # int64 [slots]
+    scores: torch.Tensor  # int64 [slots]
+    marks: torch.Tensor  # int32 [slots / 32]: LRU hit bits
+    vectors: torch.Tensor  # float32 [slots, dim]
     num_sets: int
     key_dtype: torch.dtype
-
-    @property
-    def keys(self) -> torch.Tensor:
-        """Strided int64 view of the slots' keys."""
-        return self.slots[:, 0]
-
-    @property
-    def scores(self) -> torch.Tensor:
-        """Strided int64 view of the slots' scores."""
-        return self.slots[:, 1]
 
     @property
     def dim(self) -> int:
@@ -240,21 +144,27 @@ class CacheArrays:
 
     @property
     def device(self) -> torch.device:
-        return self.slots.device
+        return self.keys.device
+
+    @property
+    def occupied(self) -> torch.Tensor:
+        """Bool mask of the slots that hold a key."""
+        return self.keys != empty_key(self.key_dtype)
 
     def clear(self) -> None:
         """Mark every slot empty (vectors are left as they are)."""
-        self.tags.fill_(EMPTY_TAG)
         self.keys.fill_(empty_key(self.key_dtype))
         self.scores.zero_()
+        self.marks.zero_()
 
     def to_numpy(self) -> NpCacheState:
         """Host copy of the arrays, for the NumPy references and tests."""
-        slots = self.slots.cpu().numpy()
+        words = self.marks.cpu().numpy().view(np.uint32).astype(np.uint64)
+        bits = ((words[:, None] >> np.arange(32, dtype=np.uint64)) & np.uint64(1)).astype(bool)
         return NpCacheState(
-            tags=self.tags.cpu().numpy().astype(np.int64),
-            keys=slots[:, 0].copy(),
-            scores=slots[:, 1].copy(),
+            keys=self.keys.cpu().numpy().copy(),
+            scores=self.scores.cpu().numpy().copy(),
+            marks=bits.reshape(-1),
             vectors=self.vectors.cpu().numpy().copy(),
             num_sets=self.num_sets,
             empty=empty_key(self.key_dtype),
@@ -265,37 +175,49 @@ class CacheArrays:
 class NpCacheState:
     """Host copy of a cache's arrays, mutated in place by the NumPy references."""
 
-    tags: np.ndarray
     keys: np.ndarray
     scores: np.ndarray
+    marks: np.ndarray  # bool per slot
     vectors: np.ndarray
     num_sets: int
     empty: int
 
     def copy(self) -> NpCacheState:
-        return NpCacheState(self.tags.copy(), self.keys.copy(), self.scores.copy(),
+        return NpCacheState(self.keys.copy(), self.scores.copy(), self.marks.copy(),
                             self.vectors.copy(), self.num_sets, self.empty)
 
     def find(self, key: int) -> int:
         """Flat slot index of ``key``, or -1 if absent."""
-        s, t = np_set_and_tag(np.array([key]), self.num_sets)
-        base = int(s[0]) * SLOTS_PER_SET
+        if key == self.empty:
+            return -1
+        base = int(np_set_index(np.array([key]), self.num_sets)[0]) * SLOTS_PER_SET
         for j in range(SLOTS_PER_SET):
-            if self.tags[base + j] == t[0] and self.keys[base + j] == key:
+            if self.keys[base + j] == key:
                 return base + j
         return -1
+
+    def refresh(self, base: int, stamp: int) -> None:
+        """What an LRU insert does first to the set starting at slot ``base``: stamp its
+        marked slots with ``stamp`` and clear their marks."""
+        sl = slice(base, base + SLOTS_PER_SET)
+        self.scores[sl][self.marks[sl]] = stamp
+        self.marks[sl] = False
 
 
 def allocate(num_sets: int, dim: int, key_dtype: torch.dtype,
              device: torch.device | str) -> CacheArrays:
-    """Allocate an empty cache of ``num_sets`` sets of rows of ``dim`` float32."""
+    """Allocate an empty cache of ``num_sets`` sets (a multiple of 4) of ``dim`` float32 rows."""
     if dim < 1:
         raise ValueError(f"embedding dim must be >= 1, got {dim}")
+    if num_sets < 1 or num_sets % SETS_PER_WORD:
+        raise ValueError(f"num_sets must be a positive multiple of {SETS_PER_WORD}, "
+                         f"got {num_sets}")
     empty_key(key_dtype)  # validates the dtype
     n = num_sets * SLOTS_PER_SET
     arrays = CacheArrays(
-        tags=torch.empty(n, dtype=TAG_DTYPE, device=device),
-        slots=torch.empty(n, 2, dtype=torch.int64, device=device),
+        keys=torch.empty(n, dtype=torch.int64, device=device),
+        scores=torch.empty(n, dtype=torch.int64, device=device),
+        marks=torch.empty(n // 32, dtype=torch.int32, device=device),
         vectors=torch.zeros(n, dim, dtype=torch.float32, device=device),
         num_sets=num_sets,
         key_dtype=key_dtype,

@@ -1,11 +1,9 @@
 """Query kernel of the set-associative GPU embedding cache (layout: cache_layout.py).
 
-Per key: hash to a set, read the set's 32 15-bit tags (one 64-byte line piece), then read the
-record (key, score) and the row of the first slot whose tag matches at once (``speculate``; a
-wrong first candidate with more candidates behind it, about one key in 2,000, is resolved by a
-full probe), and on a hit copy the row into the output and touch the slot's score (LRU: the
-call's clock stamp; LFU: +1 per occurrence). Misses get a zero row, ``hit=False``,
-and optionally a compact list of their positions.
+Per key: hash to a set, read the set's 8 keys (one 64-byte block) and compare them all; on a
+hit copy the slot's row into the output and record the hit (LRU: the slot's bit in the marks
+bitmap; LFU: +1 to its count per occurrence). Misses get a zero row, ``hit=False``, and
+optionally a compact list of their positions.
 """
 
 from __future__ import annotations
@@ -22,46 +20,35 @@ from .cache_layout import (
     NpCacheState,
     block_d,
     check_keys,
-    np_set_and_tag,
+    copy_rows,
+    empty_key,
+    np_set_index,
     probe,
-    set_and_tag,
-    speculative_query,
-    touch_scores,
+    set_index,
+    touch,
 )
 
 
-@triton.jit(do_not_specialize=["num_sets", "stamp"])
+@triton.jit(do_not_specialize=["num_sets", "empty"])
 def _cache_query_kernel(
-    keys_ptr, n, tags_ptr, slots_ptr, vec_ptr, num_sets,
-    out_ptr, hit_ptr, counters_ptr, miss_pos_ptr, miss_count_ptr, stamp,
+    keys_ptr, n, cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, num_sets, empty,
+    out_ptr, hit_ptr, counters_ptr, miss_pos_ptr, miss_count_ptr,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
-    PROBE_1D: tl.constexpr, TAG_EVICT: tl.constexpr, ROW_EVICT: tl.constexpr,
-    LRU_ATOMIC: tl.constexpr, SPECULATE: tl.constexpr, TOUCH_EARLY: tl.constexpr,
+    ROW_EVICT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, t = set_and_tag(k, num_sets)
-    if SPECULATE:
-        slot, hit, score = speculative_query(
-            k, s, t, m, offs, tags_ptr, slots_ptr, vec_ptr, out_ptr, stamp, SLOTS, DIM, BLOCK_D,
-            TAG_EVICT, ROW_EVICT, TOUCH_EARLY, LFU, LRU_ATOMIC)
-    else:
-        j, score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, PROBE_1D, TAG_EVICT)
-        hit = j >= 0
-        slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
-        for d0 in tl.static_range(0, DIM, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            dm = d < DIM
-            row = tl.load(vec_ptr + slot[:, None] * DIM + d[None, :],
-                          mask=hit[:, None] & dm[None, :], other=0.0, eviction_policy=ROW_EVICT)
-            tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row,
-                     mask=m[:, None] & dm[None, :], eviction_policy=ROW_EVICT)
+    s = set_index(k, num_sets)
+    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
+    hit = j >= 0
+    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    if TOUCH:
+        touch(marks_ptr, scores_ptr, slot, hit, LFU)
+    copy_rows(vec_ptr, slot, hit, out_ptr, offs, m, DIM, BLOCK_D, ROW_EVICT)
     tl.store(hit_ptr + offs, hit, mask=m)
-    if TOUCH and not TOUCH_EARLY:
-        touch_scores(slots_ptr, slot, hit, score, stamp, LFU, LRU_ATOMIC)
     miss = m & (~hit)
     if COUNT:
         tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
@@ -75,12 +62,10 @@ def _cache_query_kernel(
 
 
 # Launch settings per row width, measured best on an H200 (docs/benchmarks/gpu_cache.md):
-# keys per program and warps. The one-candidate probe and the eviction hints measured no
-# faster there, so they are off by default (kept selectable for benchmarks).
+# keys per program and warps.
 def _launch_config(dim: int) -> dict:
-    block_k, num_warps = (64, 8) if dim <= 32 else (16, 4)
-    return {"block_k": block_k, "num_warps": num_warps, "probe_1d": False, "tag_evict": "",
-            "row_evict": "", "lru_atomic": False, "speculate": True, "early_touch": True}
+    block_k, num_warps = (64, 4) if dim <= 32 else (32, 8)
+    return {"block_k": block_k, "num_warps": num_warps, "row_evict": ""}
 
 
 def cache_query(
@@ -102,8 +87,9 @@ def cache_query(
     the input positions that missed, in no particular order. Hits stamp ``stamp`` into the slot
     score (``policy="lru"``) or add one per occurrence (``"lfu"``) unless ``touch=False``.
     ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
-    the launch settings (block_k, num_warps, speculate, early_touch, probe_1d, tag_evict,
-    row_evict) for benchmarks.
+    the launch settings (block_k, num_warps, row_evict) for benchmarks. ``stamp`` is accepted
+    for symmetry with insert; an LRU hit only sets the slot's mark, which the next insert into
+    its set turns into that insert's stamp.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -120,15 +106,12 @@ def cache_query(
         cfg.update({k: v for k, v in tuning.items() if v is not None})
         grid = (triton.cdiv(n, cfg["block_k"]),)
         _cache_query_kernel[grid](
-            keys, n, arrays.tags, arrays.slots, arrays.vectors, arrays.num_sets,
+            keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
+            empty_key(arrays.key_dtype),
             out, hit, counters if counters is not None else miss_count, miss_pos, miss_count,
-            stamp,
             DIM=dim, BLOCK_D=block_d(dim), BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET,
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
-            MISS_POS=return_miss_positions, PROBE_1D=cfg["probe_1d"],
-            TAG_EVICT=cfg["tag_evict"], ROW_EVICT=cfg["row_evict"], LRU_ATOMIC=cfg["lru_atomic"],
-            SPECULATE=cfg["speculate"],
-            TOUCH_EARLY=touch and cfg["speculate"] and cfg["early_touch"],
+            MISS_POS=return_miss_positions, ROW_EVICT=cfg["row_evict"],
             num_warps=cfg["num_warps"],
         )
     if return_miss_positions:
@@ -140,21 +123,22 @@ def np_cache_query(
     state: NpCacheState, keys: np.ndarray, *, policy: str = "lru", stamp: int = 0,
     touch: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """NumPy reference of :func:`cache_query`; touches ``state.scores`` in place."""
+    """NumPy reference of :func:`cache_query`; records hits in ``state`` (LRU marks, LFU
+    scores) in place."""
     keys = np.asarray(keys).reshape(-1).astype(np.int64)
     out = np.zeros((keys.size, state.vectors.shape[1]), dtype=np.float32)
     hit = np.zeros(keys.size, dtype=bool)
-    sets, tags = np_set_and_tag(keys, state.num_sets)
+    sets = np_set_index(keys, state.num_sets)
     for i, key in enumerate(keys):
         base = int(sets[i]) * SLOTS_PER_SET
         for j in range(SLOTS_PER_SET):
-            if state.tags[base + j] == tags[i] and state.keys[base + j] == key:
+            if key != state.empty and state.keys[base + j] == key:
                 out[i] = state.vectors[base + j]
                 hit[i] = True
                 if touch:
                     if policy == "lfu":
                         state.scores[base + j] += 1
                     else:
-                        state.scores[base + j] = stamp
+                        state.marks[base + j] = True
                 break
     return out, hit

@@ -20,28 +20,30 @@ from .cache_layout import (
     NpCacheState,
     check_keys,
     empty_key,
-    np_set_and_tag,
+    np_set_index,
     probe,
-    set_and_tag,
+    set_index,
 )
 
 
-@triton.jit(do_not_specialize=["num_sets"])
+@triton.jit(do_not_specialize=["num_sets", "empty"])
 def _cache_invalidate_kernel(
-    keys_ptr, n, tags_ptr, slots_ptr, num_sets, empty,
+    keys_ptr, n, cache_keys_ptr, scores_ptr, marks_ptr, num_sets, empty,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
     k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s, t = set_and_tag(k, num_sets)
-    j, _score, _tg = probe(k, s, t, m, tags_ptr, slots_ptr, SLOTS, False, "")
+    s = set_index(k, num_sets)
+    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
     found = j >= 0
     slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
     # Repeated keys write the same values to the same slot: benign.
-    tl.store(tags_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int16), mask=found)
-    tl.store(slots_ptr + 2 * slot, tl.zeros([BLOCK_K], dtype=tl.int64) + empty, mask=found)
-    tl.store(slots_ptr + 2 * slot + 1, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
+    tl.store(cache_keys_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64) + empty, mask=found)
+    tl.store(scores_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
+    one = tl.full([BLOCK_K], 1, tl.int32)
+    tl.atomic_and(marks_ptr + (slot >> 5), ~(one << (slot & 31).to(tl.int32)), mask=found,
+                  sem="relaxed")
 
 
 def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
@@ -53,7 +55,7 @@ def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
     if n:
         block = 64
         _cache_invalidate_kernel[(triton.cdiv(n, block),)](
-            keys, n, arrays.tags, arrays.slots, arrays.num_sets,
+            keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.num_sets,
             empty_key(arrays.key_dtype), BLOCK_K=block, SLOTS=SLOTS_PER_SET,
         )
 
@@ -67,14 +69,14 @@ def cache_update(arrays: CacheArrays, keys: torch.Tensor, values: torch.Tensor, 
 def np_cache_invalidate(state: NpCacheState, keys: np.ndarray) -> None:
     """NumPy reference of :func:`cache_invalidate`, mutating ``state``."""
     keys = np.asarray(keys).reshape(-1).astype(np.int64)
-    sets, tags = np_set_and_tag(keys, state.num_sets)
+    sets = np_set_index(keys, state.num_sets)
     for i, key in enumerate(keys):
         base = int(sets[i]) * SLOTS_PER_SET
         for s in range(base, base + SLOTS_PER_SET):
-            if state.tags[s] == tags[i] and state.keys[s] == key:
-                state.tags[s] = 0
+            if key != state.empty and state.keys[s] == key:
                 state.keys[s] = state.empty
                 state.scores[s] = 0
+                state.marks[s] = False
 
 
 def np_cache_update(state: NpCacheState, keys: np.ndarray, values: np.ndarray) -> None:
