@@ -94,6 +94,7 @@ def main() -> None:
     import tensorflow as tf
 
     from keras_hps.export import export_for_serving
+    from keras_hps.export.tensor_bundle import write_tensor_bundle
     from keras_hps.formats import write_hdf5_table_over_hps, write_hps_table
 
     model = _model(args.rows, args.dim)
@@ -112,6 +113,9 @@ def main() -> None:
         tf.raw_ops.SaveV2(prefix=os.path.join(scratch, "ckpt"), tensor_names=["t"],
                           shape_and_slices=[""], tensors=[tensor])
 
+    def bundle() -> None:
+        write_tensor_bundle(os.path.join(scratch, "ckpt"), [("keys", keys), ("t", table)])
+
     def tables() -> None:
         hps = write_hps_table(os.path.join(scratch, "t"), keys, table)
         write_hdf5_table_over_hps(os.path.join(scratch, "t.h5"), hps)
@@ -122,7 +126,8 @@ def main() -> None:
 
     steps: dict[str, Callable[[], object]] = {
         BASELINE: save,
-        "tf SaveV2 of the table (floor, embedded)": save_v2,
+        "tf SaveV2 of the table (the old embedded floor)": save_v2,
+        "keras-hps bundle writer, table + keys (floor, embedded)": bundle,
         "HPS files + HDF5 header (floor, external)": tables,
         "embedded export": export("embedded"),
         "external export": export("external"),

@@ -20,6 +20,7 @@ tests/test_export_bundle.py checks that a standard model takes the fast path.
 
 from __future__ import annotations
 
+import os
 import shutil
 import warnings
 from typing import Any
@@ -109,9 +110,17 @@ def save_saved_model(module: Any, path: str, signatures: Any, *, progress: bool 
         # The callback was not consulted (TensorFlow moved) or kept every tensor: SaveV2
         # wrote the whole checkpoint.
         return SAVEV2
-    tensors = [(key, tensor.numpy()) for key, tensor in capture.tensors]
-    tensor_bundle.write_tensor_bundle(f"{path}/variables/variables", tensors,
-                                      progress=progress)
+    import numpy as np
+
+    # np.asarray shares the tensor's memory; .numpy() would copy every table first.
+    tensors = [(key, tensor.numpy() if tensor.dtype == tf.string else np.asarray(tensor))
+               for key, tensor in capture.tensors]
+    prefix = f"{path}/variables/variables"
+    # Remove SaveV2's files first: renaming a new file over an existing one makes ext4
+    # (auto_da_alloc) start writing the new file back at once, 0.2 s for 0.5 GB.
+    for name in (tensor_bundle.data_filename(prefix), tensor_bundle.index_filename(prefix)):
+        os.remove(name)
+    tensor_bundle.write_tensor_bundle(prefix, tensors, progress=progress)
     from tensorflow.python.saved_model import fingerprinting_utils
 
     # fingerprint.pb holds a hash of variables.index: recompute it for the new index.

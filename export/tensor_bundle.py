@@ -293,24 +293,25 @@ def write_tensor_bundle(prefix: str, tensors: Sequence[tuple[str, Any]], *,
 
 def _write_raw(f: Any, array: np.ndarray, checksummer: ThreadPoolExecutor, crc: Any,
                bar: Any) -> tuple[int, int]:
-    """Write `array`'s bytes to `f` in pieces; each piece's CRC32C is taken in the
-    checksummer thread while the next is written. Returns (unmasked CRC32C, bytes)."""
+    """Write `array`'s bytes to `f` in pieces, straight from its memory, while the
+    checksummer thread takes each piece's CRC32C. Returns (unmasked CRC32C, bytes)."""
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
     flat = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     state = [0]
 
-    def extend(piece: bytes) -> None:
-        state[0] = crc.extend(state[0], piece)
+    def extend(piece: np.ndarray) -> None:
+        # google-crc32c takes only `bytes`: the copy is made here, beside the write (which
+        # releases the GIL), not before it.
+        state[0] = crc.extend(state[0], piece.tobytes())
 
     pending = []
     for start in range(0, flat.size, PIECE_BYTES):
-        # google-crc32c takes only `bytes`: one copy per piece, which is also what is written.
-        piece = flat[start:start + PIECE_BYTES].tobytes()
+        piece = flat[start:start + PIECE_BYTES]
         pending.append(checksummer.submit(extend, piece))
         _write_all(f, piece)
         if bar is not None:
-            bar.update(len(piece))
+            bar.update(piece.size)
         if len(pending) > 2:
             pending.pop(0).result()
     for future in pending:
@@ -318,7 +319,7 @@ def _write_raw(f: Any, array: np.ndarray, checksummer: ThreadPoolExecutor, crc: 
     return state[0], int(flat.size)
 
 
-def _write_all(f: Any, data: bytes) -> None:
-    view = memoryview(data)
+def _write_all(f: Any, data: Any) -> None:
+    view = memoryview(data).cast("B")
     while view:
         view = view[f.write(view):]
