@@ -1,14 +1,17 @@
 """Benchmark the Keras lookup layers against their baselines.
 
 cpu: TensorFlow backend, 26 tables (Criteo cardinalities, capped), one batch of keys per
-     table per step. A model made only of LookupLayers (and one of a FusedLookupLayer) run as
-     a compiled step, by `predict_on_batch` and by `model.predict`, each against direct
-     `ParameterServer.lookup` calls for the same keys that produce the same outputs: one
-     step's 26 arrays for a step, 26 `[steps x batch, dim]` arrays for `predict`.
+     table per step. Models made only of lookup layers (26 LookupLayers; one
+     FusedLookupLayer), of native `keras.layers.Embedding`s, and of two no-op layers that look
+     nothing up (the cost of Keras's machinery around any layer), each run as a compiled step
+     and by `model.predict`, against direct `ParameterServer.lookup` calls for the same keys
+     that produce the same outputs: one step's 26 arrays for a step, 26 `[steps x batch,
+     dim]` arrays for `predict`. `--phases` also times predict's phases (data adapter, next
+     batch, step function, collecting, concatenating, `.numpy()`).
 gpu: torch backend on CUDA, one 1M x 128 table, all hits. `LookupLayer` latency against
      `keras.layers.Embedding` holding the same table in GPU memory, batch 1,024 to 1,048,576.
 
-    python benchmarks/bench_layers.py cpu [--batch 4096 --steps 20 --max-rows 100000]
+    python benchmarks/bench_layers.py cpu [--batch 4096 --steps 20 --max-rows 100000 --phases]
     python benchmarks/bench_layers.py gpu [--rows 1000000 --dim 128 --cache-types static,dynamic]
 
 Prints a Markdown table; `--json PATH` also writes the numbers.
@@ -80,6 +83,87 @@ def median_time(fn, repeats: int) -> float:
 # -- CPU, TensorFlow backend -------------------------------------------------------------------
 
 
+def _noop_layers():
+    """Two layers that look nothing up, for the cost of Keras's machinery around any layer:
+    `ConstantOutput` returns (a slice of) one preallocated `[batch, dim]` constant, so its
+    step allocates nothing; `ZerosOutput` returns fresh zeros of the right shape, so each step
+    writes a new output as a lookup does, but reads no table."""
+    import keras
+    import tensorflow as tf
+
+    class ConstantOutput(keras.layers.Layer):
+        def __init__(self, block: np.ndarray, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.block = block
+
+        def call(self, ids):
+            return tf.constant(self.block)[: tf.shape(ids)[0]]
+
+        def compute_output_shape(self, shape):
+            return (*shape, self.block.shape[1])
+
+    class ZerosOutput(keras.layers.Layer):
+        def __init__(self, dim: int, **kwargs) -> None:
+            super().__init__(**kwargs)
+            self.dim = dim
+
+        def call(self, ids):
+            return tf.zeros(tf.concat([tf.shape(ids), [self.dim]], 0), tf.float32)
+
+        def compute_output_shape(self, shape):
+            return (*shape, self.dim)
+
+    return ConstantOutput, ZerosOutput
+
+
+PHASES = ("data adapter", "epoch iterator", "next batch", "step function", "collect",
+          "concatenate", ".numpy()")
+
+
+def phased_predict(model, x: list[np.ndarray], batch: int) -> tuple[list[np.ndarray], dict]:
+    """`model.predict(x, batch_size=batch, verbose=0)` as Keras 3.15's TensorFlow trainer runs
+    it (steps_per_execution=1, no callbacks), with the seconds spent in each phase."""
+    import time as _time
+
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    spent = dict.fromkeys(PHASES, 0.0)
+    clock = _time.perf_counter
+    start = clock()
+    epochs = tf_trainer.TFEpochIterator(
+        x=x, batch_size=batch, steps_per_epoch=None, shuffle=False,
+        distribute_strategy=model.distribute_strategy, steps_per_execution=1)
+    model.make_predict_function()
+    spent["data adapter"] = clock() - start
+    loop_start = clock()
+    outputs = None
+    with epochs.catch_stop_iteration():
+        for _, _, iterator in epochs:
+            t0 = clock()
+            data = [next(iterator)]
+            t1 = clock()
+            step = model.predict_function(data)
+            t2 = clock()
+            if outputs is None:
+                outputs = tree.map_structure(lambda b: [b], step)
+            else:
+                tree.map_structure_up_to(step, lambda o, b: o.append(b), outputs, step)
+            spent["next batch"] += t1 - t0
+            spent["step function"] += t2 - t1
+            spent["collect"] += clock() - t2
+    t0 = clock()
+    # the rest of the loop: making the dataset iterator, the loop's own bookkeeping
+    spent["epoch iterator"] = t0 - loop_start - sum(
+        spent[k] for k in ("next batch", "step function", "collect"))
+    outputs = tree.map_structure_up_to(step, tf_trainer.potentially_ragged_concat, outputs)
+    t1 = clock()
+    result = tree.map_structure(tf_trainer.convert_to_np_if_not_ragged, outputs)
+    spent["concatenate"] = t1 - t0
+    spent[".numpy()"] = clock() - t1
+    return result, spent
+
+
 def bench_cpu(args: argparse.Namespace) -> dict:
     os.environ["KERAS_BACKEND"] = "tensorflow"
     import keras
@@ -98,26 +182,31 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     n = args.batch * args.steps
     keys = [rng.integers(0, r, size=n) for r in rows]
     batches = [[k[s * args.batch:(s + 1) * args.batch] for k in keys] for s in range(args.steps)]
+    tensors = [[tf.constant(k) for k in batch] for batch in batches]
 
-    inputs = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
-    outputs = [LookupLayer("dlrm", i, args.dim)(x) for i, x in enumerate(inputs)]
-    model = keras.Model(inputs, outputs)
-    # Keras's own cost of predict on 26 inputs/outputs: the same model with the tables in
-    # keras.layers.Embedding (TF memory), whose lookup is a native gather.
-    native_in = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
+    def functional(make_outputs):
+        inputs = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
+        return keras.Model(inputs, make_outputs(inputs))
+
+    constant_output, zeros_output = _noop_layers()
+    block = rng.standard_normal((args.batch, args.dim), dtype=np.float32)
     embeddings = [keras.layers.Embedding(r, args.dim) for r in rows]
-    native = keras.Model(native_in, [e(x) for e, x in zip(embeddings, native_in, strict=True)])
+    models = {
+        # no lookup at all: Keras's cost around any layer with these inputs and outputs
+        "no-op (constant output)": functional(
+            lambda ins: [constant_output(block)(x) for x in ins]),
+        "no-op (fresh zeros)": functional(lambda ins: [zeros_output(args.dim)(x) for x in ins]),
+        # the tables in TF memory, looked up by a native gather
+        "`keras.layers.Embedding` x 26": functional(
+            lambda ins: [e(x) for e, x in zip(embeddings, ins, strict=True)]),
+        "`LookupLayer` x 26": functional(
+            lambda ins: [LookupLayer("dlrm", i, args.dim)(x) for i, x in enumerate(ins)]),
+        "`FusedLookupLayer` (26 tables)": functional(
+            lambda ins: FusedLookupLayer("dlrm", list(range(len(rows))), args.dim)(ins)),
+    }
     for e, t in zip(embeddings, tables, strict=True):
         e.set_weights([t])
-
-    tensors = [[tf.constant(k) for k in batch] for batch in batches]
-    step = tf.function(lambda ks: model(ks))
-    native_step = tf.function(lambda ks: native(ks))
-
-    fused_in = [keras.Input((), dtype="int64", name=f"cat{i}") for i in range(len(rows))]
-    fused = keras.Model(fused_in, FusedLookupLayer("dlrm", list(range(len(rows))),
-                                                   args.dim)(fused_in))
-    fused_step = tf.function(lambda ks: fused(ks))
+    steps = {name: tf.function(lambda ks, m=m: m(ks)) for name, m in models.items()}
 
     def per_step(fn, inputs):  # keeps one step's outputs alive at a time, as a model step does
         for batch in inputs:
@@ -134,49 +223,56 @@ def bench_cpu(args: argparse.Namespace) -> dict:
                 outs[t][s * args.batch:(s + 1) * args.batch] = ps.lookup("dlrm", t, k)
         return outs
 
+    step_base = "direct `ps.lookup` x 26 per step"
+    predict_base = "direct `ps.lookup` into per-table arrays"
     # name -> (function, the direct baseline it is compared with)
-    variants = {
-        "direct `ps.lookup` x 26 per step": (
-            lambda: per_step(direct_step, batches), None),
-        "direct `ps.lookup` into per-table arrays": (direct_into_arrays, None),
-        "lookup model: compiled step `tf.function(model)`": (
-            lambda: per_step(step, tensors), "direct `ps.lookup` x 26 per step"),
-        "fused model: compiled step": (
-            lambda: per_step(fused_step, tensors), "direct `ps.lookup` x 26 per step"),
-        "lookup model: `predict_on_batch` per step": (
-            lambda: per_step(model.predict_on_batch, batches), "direct `ps.lookup` x 26 per step"),
-        "lookup model: `model.predict`": (
-            lambda: model.predict(keys, batch_size=args.batch, verbose=0),
-            "direct `ps.lookup` into per-table arrays"),
-        "fused model: `model.predict`": (
-            lambda: fused.predict(keys, batch_size=args.batch, verbose=0),
-            "direct `ps.lookup` into per-table arrays"),
-        "Embedding model: compiled step": (
-            lambda: per_step(native_step, tensors), "direct `ps.lookup` x 26 per step"),
-        "Embedding model: `model.predict`": (
-            lambda: native.predict(keys, batch_size=args.batch, verbose=0),
-            "direct `ps.lookup` into per-table arrays"),
-    }
+    variants = {step_base: (lambda: per_step(direct_step, batches), None),
+                predict_base: (direct_into_arrays, None)}
+    for name, model in models.items():
+        variants[f"{name}: compiled step"] = (
+            functools.partial(per_step, steps[name], tensors), step_base)
+        variants[f"{name}: `model.predict`"] = (
+            functools.partial(model.predict, keys, batch_size=args.batch, verbose=0),
+            predict_base)
+        if args.phases:
+            variants[f"{name}: `model.predict`, phases timed"] = (
+                functools.partial(phased_predict, model, keys, args.batch), predict_base)
+        if args.steps_per_execution > 1:  # the same layers in a model compiled for it
+            twin = keras.Model(model.inputs, model.outputs)
+            twin.compile(steps_per_execution=args.steps_per_execution)
+            variants[f"{name}: `model.predict`, "
+                     f"steps_per_execution={args.steps_per_execution}"] = (
+                functools.partial(twin.predict, keys, batch_size=args.batch, verbose=0),
+                predict_base)
+    variants["`FusedLookupLayer` (26 tables): `predict_on_batch` per step"] = (
+        functools.partial(per_step, models["`FusedLookupLayer` (26 tables)"].predict_on_batch,
+                          batches), step_base)
     if args.only:
         keep = [name for name in variants if any(w in name for w in args.only.split(","))]
         variants = {name: variants[name] for name in variants
                     if name in keep or any(variants[k][1] == name for k in keep)}
     for fn, _ in variants.values():  # warm up: host tier resident, functions traced
         fn()
-    got = model.predict_on_batch(batches[0])
-    for t in (0, 9, 25):
-        np.testing.assert_array_equal(got[t], tables[t][batches[0][t]])
-    for m in (model, fused):
-        got = m.predict(keys, batch_size=args.batch, verbose=0)
+    for name in ("`keras.layers.Embedding` x 26", "`LookupLayer` x 26",
+                 "`FusedLookupLayer` (26 tables)"):
+        got = models[name].predict_on_batch(batches[0])
         for t in (0, 9, 25):
-            np.testing.assert_array_equal(got[t], tables[t][keys[t]])
+            np.testing.assert_array_equal(got[t], tables[t][batches[0][t]], err_msg=name)
+        got = models[name].predict(keys, batch_size=args.batch, verbose=0)
+        for t in (0, 9, 25):
+            np.testing.assert_array_equal(got[t], tables[t][keys[t]], err_msg=name)
 
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+    phases: dict[str, list[dict]] = {}
+    for _ in tqdm_range(args.repeats):  # interleaved, so load changes hit every variant alike
         for name, (fn, _) in variants.items():
             start = time.perf_counter()
-            fn()
+            out = fn()
             times[name].append(1e3 * (time.perf_counter() - start) / args.steps)
+            if name.endswith("phases timed"):
+                phases.setdefault(name, []).append(
+                    {k: 1e3 * v / args.steps for k, v in out[1].items()})
+            del out
     result = {
         "machine": f"{os.cpu_count()} CPU cores, TensorFlow {tf.__version__}, "
                    f"Keras {keras.__version__}, NumPy {np.__version__}",
@@ -185,6 +281,8 @@ def bench_cpu(args: argparse.Namespace) -> dict:
         "ms_per_step": {name: statistics.median(t) for name, t in times.items()},
         "ms_per_step_all": times,
         "baseline": {name: base for name, (_, base) in variants.items()},
+        "phases_ms_per_step": {name: {k: statistics.median(p[k] for p in runs) for k in PHASES}
+                               for name, runs in phases.items()},
         "load_average": os.getloadavg(),
     }
     print(f"\nCPU, TF backend: {len(rows)} tables ({sum(rows):,} rows, dim {args.dim}), "
@@ -201,7 +299,20 @@ def bench_cpu(args: argparse.Namespace) -> dict:
         ratio = ms / result["ms_per_step"][base] - 1
         ratio_min = low / min(times[base]) - 1
         print(f"| {name} | {ms:.2f} | {100 * ratio:+.1f}% | {low:.2f} | {100 * ratio_min:+.1f}% |")
+    if phases:
+        print("\n`model.predict`'s phases, median ms per step:")
+        print("| model | " + " | ".join(PHASES) + " | sum |")
+        print("| --- |" + " ---: |" * (len(PHASES) + 1))
+        for name, spent in result["phases_ms_per_step"].items():
+            cells = " | ".join(f"{spent[k]:.2f}" for k in PHASES)
+            print(f"| {name.split(':')[0]} | {cells} | {sum(spent.values()):.2f} |")
     return result
+
+
+def tqdm_range(n: int):
+    from tqdm import tqdm
+
+    return tqdm(range(n), desc="timed passes", unit="pass")
 
 
 # -- GPU, torch backend ------------------------------------------------------------------------
@@ -325,6 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="cpu: timed passes (median)")
     parser.add_argument("--only", help="cpu: comma-separated name parts of the variants to run "
                                        "(their baselines run too)")
+    parser.add_argument("--phases", action="store_true",
+                        help="cpu: also run each model's predict with its phases timed")
+    parser.add_argument("--steps-per-execution", type=int, default=1,
+                        help="cpu: above 1, also run predict of each model compiled with it")
     parser.add_argument("--rows", type=int, default=1_000_000, help="gpu: table rows")
     parser.add_argument("--sizes", default="1024,4096,16384,65536,262144,1048576",
                         help="gpu: batch sizes")
