@@ -381,7 +381,8 @@ def _same_set_keys(rng, num_sets, count, which=1):
     return rng.permutation(same)[:count]
 
 
-def test_probe_of_a_full_set_finds_exactly_the_residents(rng):
+@pytest.mark.parametrize("mark_check", [False, True])
+def test_probe_of_a_full_set_finds_exactly_the_residents(rng, mark_check):
     # 40 keys of one set, 8 resident: every probe compares against a full key block.
     num_sets = 4
     keys = _same_set_keys(rng, num_sets, 40)
@@ -391,7 +392,7 @@ def test_probe_of_a_full_set_finds_exactly_the_residents(rng):
     cache_insert(arrays, t(keys[:8]), f32(vals), stamp=1)
     np_cache_insert(ref, keys[:8], vals, stamp=1)
     q = rng.permutation(np.concatenate([keys, keys[:8]]))
-    out, hit = cache_query(arrays, t(q), stamp=2, row_evict="evict_first")
+    out, hit = cache_query(arrays, t(q), stamp=2, row_evict="evict_first", mark_check=mark_check)
     ref_out, ref_hit = np_cache_query(ref, q, stamp=2)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref_out)

@@ -57,7 +57,7 @@ def _fused_query_kernel(
     cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, out_ptr, hit_ptr, empty,
     NUM_TABLES: tl.constexpr, MAX_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr, TOUCH: tl.constexpr, LFU: tl.constexpr,
-    UNIFORM_DIM: tl.constexpr, ROW_EVICT: tl.constexpr,
+    UNIFORM_DIM: tl.constexpr, ROW_EVICT: tl.constexpr, MARK_CHECK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     m = offs < n
@@ -71,7 +71,7 @@ def _fused_query_kernel(
     hit = jj >= 0
     slot = s * SLOTS + tl.maximum(jj, 0).to(tl.int64)
     if TOUCH:
-        touch(marks_ptr, scores_ptr, slot, hit, LFU)
+        touch(marks_ptr, scores_ptr, slot, hit, LFU, MARK_CHECK)
     if UNIFORM_DIM:
         # All tables share MAX_DIM: the pool is one [slots, MAX_DIM] array and the output one
         # [keys, MAX_DIM] array, so rows are addressed as in the single-table kernel (constant
@@ -128,6 +128,8 @@ def fused_cache_query(
         out_base_dev = small_int64_to_device(out_bases[:-1], dev)
         max_dim = max(pooled.dims_host)
         cfg = _launch_config(max_dim)
+        if max_dim > 32:
+            cfg["block_k"] = 32  # measured best for the 26 Criteo tables (exp_hot_keys.py)
         cfg.update({k: v for k, v in tuning.items() if v is not None})
         uniform = len(set(pooled.dims_host)) == 1
         _fused_query_kernel[(triton.cdiv(n, cfg["block_k"]),)](
@@ -136,7 +138,8 @@ def fused_cache_query(
             pooled.keys, pooled.scores, pooled.marks, pooled.vectors, out, hit, pooled.empty,
             NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
             BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
-            UNIFORM_DIM=uniform, ROW_EVICT=cfg["row_evict"], num_warps=cfg["num_warps"],
+            UNIFORM_DIM=uniform, ROW_EVICT=cfg["row_evict"], MARK_CHECK=cfg["mark_check"],
+            num_warps=cfg["num_warps"],
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

@@ -84,14 +84,18 @@ def probe(k, s, m, keys_ptr, empty, SLOTS: tl.constexpr):
 
 
 @triton.jit
-def touch(marks_ptr, scores_ptr, slot, hit, LFU: tl.constexpr):
-    """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit."""
+def touch(marks_ptr, scores_ptr, slot, hit, LFU: tl.constexpr, MARK_CHECK: tl.constexpr):
+    """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit
+    (with ``MARK_CHECK``, only where a read of the word shows it clear, so hot keys that are
+    marked already cost a read instead of an atomic)."""
     if LFU:
         tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
     else:
-        one = tl.full(slot.shape, 1, tl.int32)
-        tl.atomic_or(marks_ptr + (slot >> 5), one << (slot & 31).to(tl.int32), mask=hit,
-                     sem="relaxed")
+        word = marks_ptr + (slot >> 5)
+        bit = tl.full(slot.shape, 1, tl.int32) << (slot & 31).to(tl.int32)
+        if MARK_CHECK:
+            hit = hit & ((tl.load(word, mask=hit, other=0) & bit) == 0)
+        tl.atomic_or(word, bit, mask=hit, sem="relaxed")
 
 
 @triton.jit
