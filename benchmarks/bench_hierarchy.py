@@ -342,9 +342,10 @@ def section_hierarchy(dev, args) -> None:
     batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
     emb = np.memmap(os.path.join(path, "emb_vector"), np.float32, "r", shape=(rows, dim))
-    for mode in args.modes:
+    runs = [(m, a) for m in args.modes for a in args.admissions.split(",")]
+    for mode, admission in runs:
         if time.time() > args.deadline:
-            log(section="hierarchy", mode=mode, skipped="deadline")
+            log(section="hierarchy", mode=mode, admission=admission, skipped="deadline")
             continue
         cfg = {
             "volatile_db": {"type": "hash_map" if mode == "dynamic" else "disabled",
@@ -355,6 +356,7 @@ def section_hierarchy(dev, args) -> None:
                 "maxnum_catfeature_query_per_table_per_sample": [1],
                 "max_batch_size": batch, "gpucache": True, "gpucacheper": args.cache_frac,
                 "hit_rate_threshold": args.threshold, "embedding_cache_type": mode,
+                "gpu_cache_admission": admission,
                 "deployed_device_list": [dev.index or 0] if dev.type == "cuda" else [0],
             }],
         }
@@ -409,7 +411,8 @@ def section_hierarchy(dev, args) -> None:
                     counts[v][1] += mi
             for v in variants:
                 dh, dm = counts[v]
-                log(section="hierarchy", mode=mode, host_read=v[0], zero_copy_share=v[1],
+                log(section="hierarchy", mode=mode, admission=admission, host_read=v[0],
+                    zero_copy_share=v[1],
                     rows=rows, dim=dim, batch=batch, alpha=args.alpha,
                     cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=args.threshold, init_s=init_s, exact_sample=exact,
@@ -468,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
+    ap.add_argument("--admissions", default="none",
+                    help="GPU cache admission policies to run (comma list: none,tinylfu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="skip later hierarchy modes once this many seconds have passed")
     ap.add_argument("--small", action="store_true")

@@ -14,6 +14,10 @@ Policies (victim: an empty slot, else the lowest score in the set):
   current batch and clears their bits, then picks the lowest score (a bitmap touch).
 - ``fifo``: no recency update; the score is the insert stamp (a read-only query).
 - ``lfu``: a hit adds one; a new key starts at one.
+- ``tinylfu``: ``lru`` eviction, plus admission by frequency (TinyLFU): every key's lookups
+  are counted (halved every ``--age`` lookups of the cache's size, as a sketch would age), and a
+  missed key enters a full set only if it was looked up more often than the slot it would
+  evict.
 
 Usage: ``python benchmarks/sim_cache_policy.py`` (about a minute).
 """
@@ -35,23 +39,31 @@ def zipf_cdf(n: int, alpha: float) -> np.ndarray:
 
 
 def simulate(policy: str, ways: int, keys: int, slots: int, batches: list[np.ndarray],
-             warmup: int, set_of: np.ndarray) -> float:
+             warmup: int, set_of: np.ndarray, age: float = 10.0) -> float:
     """Unique-key hit rate after ``warmup`` batches."""
     num_sets = slots // ways
     table = np.full((num_sets, ways), EMPTY, dtype=np.int64)
     score = np.zeros((num_sets, ways), dtype=np.int64)
     mark = np.zeros((num_sets, ways), dtype=bool)
     where = np.full(keys, -1, dtype=np.int64)  # key -> flat slot, -1 if absent
+    freq = np.zeros(keys, dtype=np.int32) if policy == "tinylfu" else None
+    counted = 0
     hits = total = 0
     for t, batch in enumerate(batches, start=1):
         u = np.unique(batch)
+        if freq is not None:
+            freq[u] += 1
+            counted += u.size
+            if counted > age * slots:
+                freq >>= 1
+                counted = 0
         pos = where[u]
         hit = pos >= 0
         if t > warmup:
             hits += int(hit.sum())
             total += u.size
         hp = pos[hit]
-        if policy == "lru":
+        if policy in ("lru", "tinylfu"):
             score.reshape(-1)[hp] = t
         elif policy == "nru":
             mark.reshape(-1)[hp] = True
@@ -80,6 +92,9 @@ def simulate(policy: str, ways: int, keys: int, slots: int, batches: list[np.nda
         row, miss, s, rank = row[ok], miss[ok], s[ok], rank[ok]
         way = victims[row, rank]
         old = table[s, way]
+        if freq is not None:  # admit only keys more frequent than their victim
+            admit = (old == EMPTY) | (freq[miss] > freq[np.where(old == EMPTY, 0, old)])
+            miss, s, way, old = miss[admit], s[admit], way[admit], old[admit]
         where[old[old != EMPTY]] = -1
         table[s, way] = miss
         where[miss] = s * ways + way
@@ -95,7 +110,8 @@ def main() -> int:
     p.add_argument("--alpha", type=float, default=1.05)
     p.add_argument("--batches", type=int, default=400)
     p.add_argument("--warmup", type=int, default=250)
-    p.add_argument("--policies", default="lru,nru,fifo,lfu")
+    p.add_argument("--policies", default="lru,nru,fifo,lfu,tinylfu")
+    p.add_argument("--age", type=float, default=10.0)
     p.add_argument("--ways", default="8,32")
     args = p.parse_args()
     rng = np.random.default_rng(0)
@@ -118,7 +134,7 @@ def main() -> int:
         set_of = rng.integers(0, slots // ways, args.keys)
         for policy in args.policies.split(","):
             t0 = time.time()
-            hr = simulate(policy, ways, args.keys, slots, batches, args.warmup, set_of)
+            hr = simulate(policy, ways, args.keys, slots, batches, args.warmup, set_of, args.age)
             print(f"| {policy} | {ways} | {100 * hr:.1f}% |  ({time.time() - t0:.0f} s)",
                   flush=True)
     return 0

@@ -168,6 +168,7 @@ class ModelConfig:
     gpucacheper: float = 0.2
     hit_rate_threshold: float = 0.9
     embedding_cache_type: str = "dynamic"
+    gpu_cache_admission: str = "none"  # keras-hps: "tinylfu" admits by lookup frequency
     use_static_table: bool = False
     num_of_worker_buffer_in_pool: int = 1
     num_of_refresher_buffer_in_pool: int = 1
@@ -441,6 +442,7 @@ def _load_update_source(ctx: _Ctx, raw: Any) -> UpdateSourceConfig:
     return UpdateSourceConfig(**kw)
 
 
+_ADMISSIONS = ("none", "tinylfu")
 _MODEL_INT = {"max_batch_size": 1, "num_of_worker_buffer_in_pool": 1,
               "num_of_refresher_buffer_in_pool": 0, "thread_pool_size": 1,
               "maxnum_des_feature_per_sample": 0, "label_dim": 0, "slot_num": 0}
@@ -548,6 +550,11 @@ def _load_model(ctx: _Ctx, i: int, raw: Any) -> ModelConfig:
             kw[k] = t
         elif k in ("dense_file", "network_file"):
             kw[k] = _get_str(ctx, key, v)
+        elif k == "gpu_cache_admission":
+            a = _get_str(ctx, key, v)
+            if a not in _ADMISSIONS:
+                raise ctx.error(key, f"unknown admission {a!r}; one of {list(_ADMISSIONS)}")
+            kw[k] = a
 
     rows = []
     for t, path in enumerate(files):

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 import torch
 
 from keras_hps.errors import InvalidInputError
+from keras_hps.triton_kernels.cache_admission import new_sketch, sketch_add, sketch_width_log2
 from keras_hps.triton_kernels.cache_fused_query import PooledTables, fused_cache_query
 from keras_hps.triton_kernels.cache_insert import cache_insert
 from keras_hps.triton_kernels.cache_layout import (
@@ -37,7 +38,8 @@ from keras_hps.triton_kernels.cache_layout import (
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
 
-_HITS, _MISSES, _INSERTIONS, _EVICTIONS = range(4)
+_HITS, _MISSES, _INSERTIONS, _EVICTIONS, _REJECTED = range(5)
+ADMISSIONS = ("none", "tinylfu")
 
 
 class _Shared:
@@ -90,7 +92,9 @@ class GpuEmbeddingCache:
     slots (four 8-slot sets). ``policy`` picks the victim when a set is full: ``"lru"`` (least
     recently queried or inserted, to the resolution of the inserts into the set: hits are
     marked in a bitmap and stamped by the set's next insert) or ``"lfu"`` (fewest queries
-    since insertion).
+    since insertion). ``admission="tinylfu"`` counts every queried key in a frequency sketch
+    and lets a new key evict a resident one only if it was queried more often (TinyLFU);
+    ``"none"`` inserts every key.
     """
 
     def __init__(
@@ -101,17 +105,25 @@ class GpuEmbeddingCache:
         device: torch.device | str,
         policy: str = "lru",
         key_dtype: torch.dtype = torch.int64,
+        admission: str = "none",
         _arrays: CacheArrays | None = None,
         _shared: _Shared | None = None,
         _counters: torch.Tensor | None = None,
     ) -> None:
         device = _check_common(dim, device, policy, key_dtype)
+        if admission not in ADMISSIONS:
+            raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         self._policy = policy
         self._arrays = _arrays if _arrays is not None else allocate(
             num_sets_for(capacity), int(dim), key_dtype, device)
         self._shared = _shared if _shared is not None else _Shared(device)
         self._counters = (_counters if _counters is not None
-                          else torch.zeros(4, dtype=torch.int64, device=device))
+                          else torch.zeros(5, dtype=torch.int64, device=device))
+        self._sketch: tuple[torch.Tensor, int] | None = None
+        self._sketch_count = 0
+        if admission == "tinylfu":
+            width_log2 = sketch_width_log2(self.capacity)
+            self._sketch = (new_sketch(width_log2, device), width_log2)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -134,6 +146,10 @@ class GpuEmbeddingCache:
     @property
     def policy(self) -> str:
         return self._policy
+
+    @property
+    def admission(self) -> str:
+        return "tinylfu" if self._sketch is not None else "none"
 
     @property
     def num_sets(self) -> int:
@@ -174,13 +190,19 @@ class GpuEmbeddingCache:
         """Resident keys replaced by :meth:`insert`."""
         return self._counter(_EVICTIONS)
 
+    @property
+    def rejected(self) -> int:
+        """New keys that TinyLFU admission kept out of the cache."""
+        return self._counter(_REJECTED)
+
     def stats(self) -> dict[str, int]:
         """Counters and occupancy in one read."""
         with self.ordered():
             c = self._counters.tolist()
             size = int(self._arrays.occupied.sum())
         return {"hits": c[_HITS], "misses": c[_MISSES], "insertions": c[_INSERTIONS],
-                "evictions": c[_EVICTIONS], "size": size, "capacity": self.capacity}
+                "evictions": c[_EVICTIONS], "rejected": c[_REJECTED], "size": size,
+                "capacity": self.capacity}
 
     def reset_counters(self) -> None:
         with self.ordered():
@@ -227,21 +249,33 @@ class GpuEmbeddingCache:
             stamp = self._shared.tick()
             out, hit = cache_query(self._arrays, keys, policy=self._policy, stamp=stamp,
                                    touch=touch, counters=self._counters, validate=False)
+            if self._sketch is not None and touch:
+                self._count_lookups(keys)
             self._on_stream(keys, out, hit)
         return out, hit
+
+    def _count_lookups(self, keys: torch.Tensor) -> None:
+        """Add ``keys`` to the TinyLFU sketch; halve it every 10 capacities of lookups."""
+        sketch, width_log2 = self._sketch
+        sketch_add(sketch, keys, width_log2)
+        self._sketch_count += keys.numel()
+        if self._sketch_count > 10 * self.capacity:
+            sketch.bitwise_right_shift_(1)
+            self._sketch_count = 0
 
     def insert(self, keys: torch.Tensor, values: torch.Tensor, *, validate: bool = True) -> None:
         """Insert rows ``values [n, dim]`` for ``keys``; present keys are updated in place.
 
         A key repeated in the batch is stored once, with its last row. When a set is full the
-        policy's victim is evicted. ``validate`` as in :meth:`query`.
+        policy's victim is evicted (with TinyLFU admission, only by a key queried more often
+        than it; else the new key is not stored). ``validate`` as in :meth:`query`.
         """
         keys = _checked_keys(keys, self, validate=validate)
         values = _checked_values(values, keys.numel(), self)
         with self.ordered():
             stamp = self._shared.tick()
             cache_insert(self._arrays, keys, values, policy=self._policy, stamp=stamp,
-                         counters=self._counters, validate=False)
+                         counters=self._counters, validate=False, sketch=self._sketch)
             self._on_stream(keys, values)
 
     def update(self, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -296,7 +330,7 @@ class GpuCacheGroup:
         vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
         self._shared = _Shared(device)
-        self._counters = torch.zeros(len(tables), 4, dtype=torch.int64, device=device)
+        self._counters = torch.zeros(len(tables), 5, dtype=torch.int64, device=device)
         self._caches: list[GpuEmbeddingCache] = []
         set_base, vec_base, s0, v0 = [], [], 0, 0
         for s, d, vs in zip(sets, dims, vec_sizes, strict=True):

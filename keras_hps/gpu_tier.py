@@ -161,6 +161,7 @@ class GpuTableTier:
         fetch: Fetch,
         table_path: str | None = None,
         default_vector: np.ndarray | None = None,
+        admission: str = "none",
     ) -> None:
         import torch
 
@@ -198,7 +199,8 @@ class GpuTableTier:
         for dev in devices:
             cache = table = None
             if mode != "static":
-                cache = GpuEmbeddingCache(self.slots, self.dim, device=dev, policy="lru")
+                cache = GpuEmbeddingCache(self.slots, self.dim, device=dev, policy="lru",
+                                          admission=admission)
             if host_keys is not None:
                 table = _static_table(host_keys, host_vectors, dev, on_device=mode == "static")
             default = None
@@ -548,6 +550,7 @@ def wrap_with_gpu_tier(
             fetch=hierarchy.fetch,
             table_path=spec.path,
             default_vector=np.full(spec.dim, spec.default_value, np.float32),
+            admission=model.gpu_cache_admission,
         )
     except BaseException:
         hierarchy.close()

@@ -218,3 +218,31 @@ def test_group_queries_all_tables_in_one_launch(rng):
         group.query(keys_per_table[:2])
     with pytest.raises(InvalidInputError, match="table 1"):
         group.query([keys_per_table[0], t([2**63 - 1]), keys_per_table[2], keys_per_table[3]])
+
+
+def test_tinylfu_admission_keeps_hot_keys_against_a_scan(rng):
+    # A hot set of keys, queried again and again, then a scan of one-off keys into the same
+    # full cache: without admission the scan evicts hot keys; with TinyLFU it is kept out.
+    hot = unique_keys(rng, 24)
+    scan = unique_keys(rng, 400, lo=2**50, hi=2**51)
+    resident = {}
+    for admission in ("none", "tinylfu"):
+        cache = GpuEmbeddingCache(32, 4, device=DEVICE, admission=admission)
+        assert cache.admission == admission
+        for _ in range(5):
+            _v, hit = cache.query(t(hot))
+            cache.insert(t(hot)[~hit], rows_of(t(hot)[~hit], 4))
+        for lo in range(0, scan.size, 40):
+            ks = t(scan[lo:lo + 40])
+            _v, hit = cache.query(ks)
+            cache.insert(ks[~hit], rows_of(ks[~hit], 4))
+        out, hit = cache.query(t(hot), touch=False)
+        assert torch.equal(out[hit], rows_of(t(hot)[hit], 4))
+        resident[admission] = int(hit.sum())
+        if admission == "tinylfu":
+            assert cache.rejected > 0 and cache.stats()["rejected"] == cache.rejected
+        else:
+            assert cache.rejected == 0
+    assert resident["tinylfu"] > resident["none"]
+    with pytest.raises(ValueError, match="admission"):
+        GpuEmbeddingCache(32, 4, device=DEVICE, admission="lfu")

@@ -94,6 +94,21 @@ def test_dynamic_whole_hierarchy_exact_with_evictions(interpret, table):
         np.testing.assert_array_equal(tout.numpy(), _reference(keys, vectors, q))
 
 
+def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    with ParameterServer(_config(path, gpu_cache_admission="tinylfu")) as ps:
+        tier = ps._table("m", 0).gpu_tier
+        assert all(r.cache.admission == "tinylfu" for r in tier._replicas)
+        hot = keys[:20]
+        for i in range(6):
+            q = _batch(rng, keys, 60, 5, hot=hot if i % 3 else None)
+            np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        assert sum(r.cache.rejected for r in tier._replicas) > 0
+    with pytest.raises(ConfigError, match="gpu_cache_admission"):
+        ParameterServer(_config(path, gpu_cache_admission="sometimes"))
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.0])
 def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
     """Below the threshold misses are inserted before returning; at or above it in the

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .cache_admission import np_sketch_estimate, sketch_estimate
 from .cache_layout import (
     POLICIES,
     SLOTS_PER_SET,
@@ -50,8 +51,10 @@ def _set_index_kernel(keys_ptr, n, num_sets, out_ptr, BLOCK: tl.constexpr):
 def _cache_insert_kernel(
     keys_ptr, vals_ptr, order_ptr, ssets_ptr, n,
     cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, num_sets, empty, counters_ptr, stamp,
+    sketch_ptr,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     LFU: tl.constexpr, ONLY_PRESENT: tl.constexpr, COUNT: tl.constexpr,
+    ADMIT: tl.constexpr, WIDTH_LOG2: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pos = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -75,6 +78,7 @@ def _cache_insert_kernel(
     written = tl.zeros([BLOCK_K, SLOTS], dtype=tl.int1)
     n_ins = tl.zeros([BLOCK_K], dtype=tl.int64)
     n_evict = tl.zeros([BLOCK_K], dtype=tl.int64)
+    n_reject = tl.zeros([BLOCK_K], dtype=tl.int64)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         src = tl.load(order_ptr + pos, mask=active, other=0)
         k = tl.load(keys_ptr + src, mask=active, other=0)
@@ -93,6 +97,14 @@ def _cache_insert_kernel(
             victim = tl.where(present, j_hit, victim)
             do = active
             vempty = tl.sum(tl.where(sl[None, :] == victim[:, None], empty_slot, 0), axis=1)
+            if ADMIT:
+                # TinyLFU: a new key evicts a resident only if it was looked up more often.
+                vkey = tl.sum(tl.where(sl[None, :] == victim[:, None], kb, 0), axis=1)
+                contest = active & (~present) & (vempty == 0)
+                wins = (sketch_estimate(sketch_ptr, k, contest, WIDTH_LOG2)
+                        > sketch_estimate(sketch_ptr, vkey, contest, WIDTH_LOG2))
+                n_reject += (contest & (~wins)).to(tl.int64)
+                do = do & ((~contest) | wins)
             new = do & (~present)
             n_ins += new.to(tl.int64)
             n_evict += (new & (vempty == 0)).to(tl.int64)
@@ -119,6 +131,8 @@ def _cache_insert_kernel(
     if COUNT:
         tl.atomic_add(counters_ptr + 2, tl.sum(n_ins, axis=0), sem="relaxed")
         tl.atomic_add(counters_ptr + 3, tl.sum(n_evict, axis=0), sem="relaxed")
+        if ADMIT:
+            tl.atomic_add(counters_ptr + 4, tl.sum(n_reject, axis=0), sem="relaxed")
 
 
 def sort_by_set(keys: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,13 +165,17 @@ def cache_insert(
     counters: torch.Tensor | None = None,
     only_present: bool = False,
     validate: bool = True,
+    sketch: tuple[torch.Tensor, int] | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
 ) -> None:
     """Insert ``keys`` with rows ``values`` ([n, dim]); present keys are updated in place.
 
     With ``only_present=True`` absent keys are skipped and scores are left alone (an update).
-    ``counters`` (int64 [>=4]) receives +insertions (new keys) at [2] and +evictions at [3].
+    With ``sketch`` (a TinyLFU sketch and its width_log2, cache_admission.py) a new key that
+    would evict a resident one is admitted only if the sketch counts it more lookups.
+    ``counters`` (int64 [>=4]) receives +insertions (new keys) at [2] and +evictions at [3]
+    (and, with ``sketch``, [>=5], +keys not admitted at [4]).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -174,17 +192,20 @@ def cache_insert(
         keys, values, order, sorted_sets, n,
         arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
         empty_key(arrays.key_dtype), counters if counters is not None else order, stamp,
+        sketch[0] if sketch is not None else order,
         DIM=arrays.dim, BLOCK_D=block_d(arrays.dim), BLOCK_K=bk, SLOTS=SLOTS_PER_SET,
         LFU=policy == "lfu", ONLY_PRESENT=only_present, COUNT=counters is not None,
-        num_warps=nw,
+        ADMIT=sketch is not None and not only_present,
+        WIDTH_LOG2=sketch[1] if sketch is not None else 0, num_warps=nw,
     )
 
 
 def np_cache_insert(
     state: NpCacheState, keys: np.ndarray, values: np.ndarray, *, policy: str = "lru",
-    stamp: int = 0, only_present: bool = False,
-) -> tuple[int, int]:
-    """NumPy reference of :func:`cache_insert`, mutating ``state``: (insertions, evictions)."""
+    stamp: int = 0, only_present: bool = False, sketch: tuple[np.ndarray, int] | None = None,
+) -> tuple[int, int] | tuple[int, int, int]:
+    """NumPy reference of :func:`cache_insert`, mutating ``state``: (insertions, evictions),
+    and keys not admitted when ``sketch`` is given."""
     keys = np.asarray(keys).reshape(-1).astype(np.int64)
     values = np.asarray(values, dtype=np.float32).reshape(keys.size, -1)
     sets = np_set_index(keys, state.num_sets)
@@ -192,7 +213,7 @@ def np_cache_insert(
     if not only_present and policy == "lru":
         for base in np.unique(sets) * SLOTS_PER_SET:
             state.refresh(int(base), stamp)
-    inserted = evicted = 0
+    inserted = evicted = rejected = 0
     for i, key in enumerate(keys):
         base = int(sets[i]) * SLOTS_PER_SET
         slots = range(base, base + SLOTS_PER_SET)
@@ -208,10 +229,18 @@ def np_cache_insert(
             adj = [-1 if state.keys[s] == state.empty
                    else (_INT64_MAX if s in done else state.scores[s]) for s in slots]
             slot = base + int(np.argmin(adj))  # argmin returns the lowest index among ties
+            if sketch is not None and state.keys[slot] != state.empty:
+                est = np_sketch_estimate(sketch[0], np.array([key, state.keys[slot]]),
+                                         sketch[1])
+                if est[0] <= est[1]:
+                    rejected += 1
+                    continue
             evicted += int(state.keys[slot] != state.empty)
             inserted += 1
             state.keys[slot] = key
             state.scores[slot] = 1 if policy == "lfu" else stamp
         state.vectors[slot] = values[i]
         written.setdefault(base, set()).add(slot)
+    if sketch is not None and not only_present:
+        return inserted, evicted, rejected
     return inserted, evicted
