@@ -28,13 +28,17 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _cpus(text: str) -> tuple[int, ...]:
+def _cpus(text: str) -> tuple[int, ...] | str | None:
+    if text.strip().lower() in ("auto", "all"):
+        return "auto" if text.strip().lower() == "auto" else None
     try:
         cpus = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
     except ValueError:
         cpus = ()
     if not cpus or min(cpus) < 0:
-        raise argparse.ArgumentTypeError(f"expected CPU numbers like 0 or 0,1, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected auto, all, or CPU numbers like 0 or 0,1, got {text!r}"
+        )
     return cpus
 
 
@@ -111,9 +115,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frontend_cpus",
         type=_cpus,
-        default=None,
-        help="comma-separated CPUs for the gRPC/REST request threads, e.g. 0 "
-        "(TensorFlow's compute keeps every CPU; default: no restriction)",
+        default="auto",
+        help="CPUs for the gRPC/REST request threads: auto (default: one CPU when the "
+        "process has two or more), all (no restriction), or a list like 0,1; the model's "
+        "compute keeps every CPU",
+    )
+    parser.add_argument(
+        "--spin_wait_ms",
+        type=float,
+        default=2.0,
+        help="keep the request threads' CPUs busy (SCHED_IDLE spin) while requests run and "
+        "this long after the last one ends, so that the next request finds them awake "
+        "(default 2; 0 turns it off)",
     )
     parser.add_argument("--verbose", action="store_true", help="log loads and unloads")
 
@@ -164,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
             tensorflow_intra_op_parallelism=args.tensorflow_intra_op_parallelism,
             tensorflow_inter_op_parallelism=args.tensorflow_inter_op_parallelism,
             frontend_cpus=args.frontend_cpus,
+            spin_wait_ms=args.spin_wait_ms,
         )
         server = ModelServer(entries, options, parameter_server=ps)
         stop = threading.Event()

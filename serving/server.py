@@ -24,6 +24,7 @@ from .batching import Batcher, BatchingOptions
 from .manager import Handle, ModelManager
 from .metrics import Metrics
 from .model_config import ModelEntry
+from .spin_wait import SpinWait
 from .status import ServingError, from_exception
 
 log = logging.getLogger("keras_hps.serving")
@@ -46,7 +47,22 @@ class ServerOptions:
     num_request_iterations_for_warmup: int = 1
     tensorflow_intra_op_parallelism: int = 0  # 0: TensorFlow's choice
     tensorflow_inter_op_parallelism: int = 0
-    frontend_cpus: tuple[int, ...] | None = None  # None: request threads run on any CPU
+    # "auto": one CPU when the process may use two or more; None: request threads run anywhere
+    frontend_cpus: tuple[int, ...] | str | None = "auto"
+    spin_wait_ms: float = 2.0  # spin on the frontend CPUs this long after a request; 0: off
+
+
+def resolve_frontend_cpus(value: tuple[int, ...] | str | None) -> tuple[int, ...] | None:
+    """The CPUs for the request threads: `value`, or for "auto" the lowest CPU this process
+    may use when it may use two or more (None: no restriction)."""
+    if value is None or not isinstance(value, str):
+        return tuple(value) if value else None
+    if value != "auto":
+        raise ConfigError(f"--frontend_cpus={value}: give auto, all, or CPU numbers like 0,1")
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    return (allowed[0],) if len(allowed) >= 2 else None
 
 
 def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
@@ -155,6 +171,8 @@ class ModelServer:
         self.grpc_port: int | None = None
         self.rest_port: int | None = None
         self._compute_cpus: set[int] | None = None  # all CPUs, when frontend_cpus is set
+        self.frontend_cpus: tuple[int, ...] | None = None  # resolved by start()
+        self._spin: SpinWait | None = None
         self._inflight = 0
         self._draining = False
         self._cond = threading.Condition()
@@ -184,6 +202,10 @@ class ModelServer:
     def start(self, wait_for_models: bool = True) -> ModelServer:
         """Loads the models (unless `wait_for_models` is False: then in the background) and
         starts the gRPC and REST listeners. Returns self."""
+        self.frontend_cpus = resolve_frontend_cpus(self.options.frontend_cpus)
+        # the spinner keeps the request threads' CPUs awake; with no frontend set nothing
+        # spins (spinning on every CPU slowed the model call in measurements)
+        self._spin = SpinWait(self.frontend_cpus or (), self.options.spin_wait_ms / 1e3)
         configure_tensorflow_threads(
             self.options.tensorflow_intra_op_parallelism,
             self.options.tensorflow_inter_op_parallelism,
@@ -193,9 +215,9 @@ class ModelServer:
 
         # The listeners' threads (gRPC's I/O, poll and handler threads; the REST threads) are
         # created inside this block and keep its CPU affinity; TensorFlow's pools do not.
-        if self.options.frontend_cpus:
+        if self.frontend_cpus:
             self._compute_cpus = os.sched_getaffinity(0)
-        with frontend_affinity(self.options.frontend_cpus):
+        with frontend_affinity(self.frontend_cpus):
             self._grpc, self.grpc_port = start_grpc_server(
                 self, self.options.host, self.options.port
             )
@@ -209,6 +231,7 @@ class ModelServer:
                 log.info(
                     "Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port
                 )
+        self._spin.start()
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -231,6 +254,8 @@ class ModelServer:
             self._rest.close()
         if self.batcher is not None:
             self.batcher.close()
+        if self._spin is not None:
+            self._spin.close()
         self.manager.close()
         self._stopped.set()
 
@@ -266,6 +291,9 @@ class ModelServer:
             if self._draining:
                 raise ServingError("UNAVAILABLE", "The server is shutting down")
             self._inflight += 1
+        spin = self._spin
+        if spin is not None:
+            spin.begin()
         info = {"code": "OK"}
         start = time.perf_counter()
         try:
@@ -274,6 +302,8 @@ class ModelServer:
             info["code"] = from_exception(exc).code
             raise
         finally:
+            if spin is not None:
+                spin.end()
             self.metrics.observe(
                 model or "", api, entrypoint, info["code"], time.perf_counter() - start
             )

@@ -96,6 +96,28 @@ def shape_proto(shape: tuple) -> tensor_shape_pb2.TensorShapeProto:
     )
 
 
+# Serialized TensorShapeProto -> shape. Requests repeat a few shapes, and reading the dims
+# field by field costs about three times as much as serialising the small message.
+_SHAPES: dict[bytes, tuple[int, ...]] = {}
+_SHAPES_MAX = 4096
+
+
+def _shape_of(tensor_shape: tensor_shape_pb2.TensorShapeProto, name: str) -> tuple[int, ...]:
+    key = tensor_shape.SerializeToString()
+    shape = _SHAPES.get(key)
+    if shape is not None:
+        return shape
+    if tensor_shape.unknown_rank:
+        raise invalid_argument(f"tensor parsing error: {name}: unknown rank")
+    shape = tuple([d.size for d in tensor_shape.dim])
+    if shape and min(shape) < 0:
+        raise invalid_argument(f"tensor parsing error: {name}: negative dimension in {list(shape)}")
+    if len(_SHAPES) >= _SHAPES_MAX:
+        _SHAPES.clear()
+    _SHAPES[key] = shape
+    return shape
+
+
 def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
     """The NumPy array a TensorProto holds; INVALID_ARGUMENT if it is malformed."""
     dtype = _WIRE_BY_ENUM.get(proto.dtype)
@@ -103,12 +125,7 @@ def from_proto(proto: tensor_pb2.TensorProto, name: str = "") -> np.ndarray:
         if proto.dtype not in _BY_ENUM:
             raise invalid_argument(f"tensor dtype {dtype_name(proto.dtype)} is not supported")
         dtype = _BY_ENUM[proto.dtype][0]  # DT_STRING
-    tensor_shape = proto.tensor_shape
-    if tensor_shape.unknown_rank:
-        raise invalid_argument(f"tensor parsing error: {name}: unknown rank")
-    shape = tuple([d.size for d in tensor_shape.dim])
-    if shape and min(shape) < 0:
-        raise invalid_argument(f"tensor parsing error: {name}: negative dimension in {list(shape)}")
+    shape = _shape_of(proto.tensor_shape, name)
     count = math.prod(shape)
     content = proto.tensor_content  # read once: each read copies the bytes
     if content and dtype.kind != "O":

@@ -18,7 +18,11 @@ from keras_hps.servable import load_servable  # noqa: E402
 from keras_hps.serving import cli  # noqa: E402
 from keras_hps.serving.client import GrpcClient  # noqa: E402
 from keras_hps.serving.model_config import ModelEntry  # noqa: E402
-from keras_hps.serving.server import ModelServer, ServerOptions  # noqa: E402
+from keras_hps.serving.server import (  # noqa: E402
+    ModelServer,
+    ServerOptions,
+    resolve_frontend_cpus,
+)
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
 needs_two_cpus = pytest.mark.skipif(len(CPUS) < 2, reason="needs Linux and 2 CPUs")
@@ -92,7 +96,22 @@ def test_serve_flags_parse():
     assert args.enable_model_warmup is False and args.num_request_iterations_for_warmup == 3
     assert (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) == (2, 1)
     defaults = parser.parse_args([])
-    assert defaults.frontend_cpus is None and defaults.enable_model_warmup is True
-    for bad in ("x", "-1", ""):
+    assert defaults.frontend_cpus == "auto" and defaults.enable_model_warmup is True
+    assert defaults.spin_wait_ms == 2.0
+    assert parser.parse_args(["--frontend_cpus=all"]).frontend_cpus is None
+    assert parser.parse_args(["--frontend_cpus", "AUTO", "--spin_wait_ms=0"]).spin_wait_ms == 0
+    for bad in ("x", "-1", "", "any"):
         with pytest.raises(SystemExit):
             parser.parse_args([f"--frontend_cpus={bad}"])
+
+
+def test_auto_frontend_is_one_cpu_of_the_allowed_set():
+    cpus = resolve_frontend_cpus("auto")
+    if len(CPUS) >= 2:
+        assert cpus == (CPUS[0],)
+    else:
+        assert cpus is None
+    assert resolve_frontend_cpus(None) is None
+    assert resolve_frontend_cpus((3, 1)) == (3, 1)
+    with pytest.raises(ConfigError, match="--frontend_cpus=sometimes"):
+        resolve_frontend_cpus("sometimes")

@@ -204,3 +204,29 @@ def test_tensor_proto_fill_and_bad_content():
     proto.tensor_content = proto.tensor_content[:-2]
     with pytest.raises(ServingError, match="tensor_content holds 14 bytes"):
         from_proto(proto, "x")
+
+
+def test_tensor_proto_shapes_repeat_and_bad_shapes_stay_errors():
+    from keras_hps.serving import tensors
+
+    rng = np.random.default_rng(7)
+    for _ in range(3):  # the second and third pass read shapes the first one remembered
+        for shape in [(5,), (5, 1), (1, 5), (2, 3, 4), (0, 2), ()]:
+            array = rng.normal(size=shape).astype(np.float32)
+            for content in (False, True):
+                back = from_proto(to_proto(array, tensor_content=content))
+                assert back.shape == array.shape
+                np.testing.assert_array_equal(back, array)
+    for _ in range(2):  # a rejected shape is rejected every time
+        proto = to_proto(np.zeros((2, 2), np.float32))
+        proto.tensor_shape.dim[1].size = -1
+        with pytest.raises(ServingError, match=r"x: negative dimension in \[2, -1\]"):
+            from_proto(proto, "x")
+        proto = to_proto(np.zeros(2, np.float32))
+        proto.tensor_shape.unknown_rank = True
+        with pytest.raises(ServingError, match="y: unknown rank"):
+            from_proto(proto, "y")
+    tensors._SHAPES.clear()
+    for n in range(tensors._SHAPES_MAX + 10):  # the memo stays bounded
+        assert from_proto(to_proto(np.zeros((n, 1), np.int64), tensor_content=True)).shape == (n, 1)
+    assert len(tensors._SHAPES) <= tensors._SHAPES_MAX
