@@ -202,3 +202,31 @@ def test_embedded_export_uses_the_writer_and_tf_checks_its_crc(tmp_path):
         f.write(raw)
     with pytest.raises(Exception, match="Checksum does not match"):
         tf.saved_model.load(result.version_dir)
+
+
+def test_saved_model_falls_back_when_tensorflow_checks_the_shards(tmp_path, monkeypatch):
+    """A TensorFlow that enforces "tensors must not be removed" (its own validate_shards,
+    not called by 2.21) makes the save fall back to SaveV2, with a warning."""
+    from tensorflow.python.checkpoint.sharding import sharding_util
+
+    import keras_hps.export.saved_model_writer as writer
+
+    real = writer._callback_class
+
+    def validating() -> type:
+        class Validated(real()):
+            def __call__(self, shardable_tensors):
+                shards = super().__call__(shardable_tensors)
+                sharding_util.validate_shards(shards, shardable_tensors, self.description)
+                return shards
+
+        return Validated
+
+    monkeypatch.setattr(writer, "_callback_class", validating)
+    rng = np.random.default_rng(6)
+    module, signatures = _module(rng)
+    path = str(tmp_path / "checked")
+    with pytest.warns(RuntimeWarning, match="refused"):
+        assert save_saved_model(module, path, signatures) == SAVEV2
+    loaded = tf.saved_model.load(path)
+    np.testing.assert_array_equal(loaded.table.numpy(), module.table.numpy())
