@@ -272,7 +272,9 @@ class GpuTableTier:
 
         n = ukeys.numel()
         if rep.cache is not None:
-            vals, hit = rep.cache.query(ukeys)
+            # No key-value check (it would cost a device sync): a key equal to the cache's
+            # empty-slot sentinel never matches a slot, so it is fetched from below every time.
+            vals, hit = rep.cache.query(ukeys, validate=False)
         else:
             vals, hit = rep.table.query(ukeys)
         miss = ~hit
@@ -321,13 +323,13 @@ class GpuTableTier:
     ) -> None:
         """Put fetched rows into the cache: now when the hit rate is low, else in background."""
         if hit_rate < self.hit_rate_threshold:
-            rep.cache.insert(keys, vals)
+            rep.cache.insert(keys, vals, validate=False)
             return
 
         def run() -> None:
             # A table update after this lookup fetched the rows makes them stale: drop them.
             if generation == self._generation and not self._closed:
-                rep.cache.insert(keys, vals)
+                rep.cache.insert(keys, vals, validate=False)
 
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()]

@@ -5,7 +5,8 @@ structures keras-hps allocates:
 
 - GPU, dynamic cache: `max(ceil(gpucacheper x rows), 64)` slots rounded up to whole groups of 32
   slots, each slot holding an 8-byte key, an 8-byte LRU/LFU score, one bit of the LRU marks
-  bitmap and the vector;
+  bitmap and the vector (with `gpu_cache_admission: "tinylfu"`, plus a sketch of 4 x 4 bytes
+  per slot rounded up to a power of two);
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
   power of two >= 2 x rows slots;
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
@@ -121,6 +122,8 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows)
                     gpu = gpu_slots * (GPU_SLOT_BYTES + vec) + gpu_slots // 8
+                    if m.gpu_cache_admission == "tinylfu":  # 4 rows of int32 counters
+                        gpu += 4 * 4 << max(10, (gpu_slots - 1).bit_length())
                     if ctype == "uvm":
                         pinned = rows * vec
             workspace = m.max_keys_per_lookup(t) * (8 + vec) if m.gpucache else 0

@@ -103,6 +103,13 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
     assert a.keys.numel() == wide.gpu_slots
     assert wide.gpu_bytes == sum(x.numel() * x.element_size()
                                  for x in (a.keys, a.scores, a.marks, a.vectors))
+    from keras_hps.gpu_cache import GpuEmbeddingCache
+
+    cfg["models"][0]["gpu_cache_admission"] = "tinylfu"
+    (tmp_path / "hps2.json").write_text(json.dumps(cfg))
+    wide2 = plan_config(str(tmp_path / "hps2.json"))[0]
+    c = GpuEmbeddingCache(wide.gpu_slots, 16, device="cpu", admission="tinylfu")
+    assert wide2.gpu_bytes - wide.gpu_bytes == c._sketch[0].numel() * 4
     assert wide.gpu_workspace_bytes == 128 * 2 * (8 + 16 * 4)
     assert static.gpu_slots == 4096 and static.gpu_bytes == 4096 * 16 + 2000 * 8 * 4
     assert wide.devices == 2 and static.devices == 1

@@ -105,6 +105,10 @@ def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
             q = _batch(rng, keys, 60, 5, hot=hot if i % 3 else None)
             np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
         assert sum(r.cache.rejected for r in tier._replicas) > 0
+        # The cache's empty-slot key is a valid lookup key: never cached, still exact.
+        q = np.array([2**63 - 1, keys[0], 2**63 - 1], dtype=np.int64)
+        for _ in range(2):
+            np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
     with pytest.raises(ConfigError, match="gpu_cache_admission"):
         ParameterServer(_config(path, gpu_cache_admission="sometimes"))
 

@@ -437,9 +437,9 @@ class StaticTable:
         self.host_values: torch.Tensor | None = None
         self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
         # fetch(): share of the keys read by the kernel over the bus while the host gathers
-        # the rest (the two paths use different resources; 0.2 was best of 0 to 0.4 for
-        # 131,072 misses on an H200, docs/benchmarks/gpu_hierarchy.md).
-        self.zero_copy_share = 0.2
+        # the rest (the two paths use different resources; in four whole-hierarchy runs on
+        # H200s 0.3 beat 0.2 every time, docs/benchmarks/gpu_hierarchy.md).
+        self.zero_copy_share = 0.3
         # fetch(): a ring of pinned chunk buffers (small enough to stay in the CPU's cache
         # between the gather that writes one and the copy that reads it) and, per buffer, the
         # event of the copy that last read it.
