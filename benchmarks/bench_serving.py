@@ -6,9 +6,11 @@ halves of the ensemble shape: `dlrm_lookup` (keys -> embeddings, external tables
 `keras-hps serve` as a subprocess and measures with `keras_hps.serving.bench`:
 
 1. server overhead: gRPC p50 at batch 32 vs the in-process `Servable.run` p50, against a
-   server with default flags and one started with `--frontend_cpus` (request threads on one
-   CPU, TensorFlow's pools on all);
-2. throughput: gRPC with 4 clients at batch 4096 vs in-process (1 and 4 callers), both servers;
+   server with default flags (request threads on one CPU with a spin-wait there), one with
+   `--spin_wait_ms=0` and one with `--frontend_cpus=all --spin_wait_ms=0` (the defaults
+   before 2026-11-22 03:30), each served measurement right after an in-process one;
+2. throughput: gRPC with 4 clients at batch 4096 vs in-process (1 and 4 callers), with the
+   default server and the unrestricted one;
 3. ensemble (lookup service -> dense service, both over gRPC) vs the in-process HPS path,
    batch 32 to 16384.
 
@@ -102,6 +104,18 @@ def build_repository(repo: str, rows: int) -> None:
         f.write(to_text(entries))
 
 
+# servers measured beside the one with default flags: without the spin-wait, and the
+# defaults before 2026-11-22 (request threads on every CPU, no spin-wait)
+OTHER_SERVERS = {
+    "nospin": ("--spin_wait_ms=0",),
+    "unpinned": ("--frontend_cpus=all", "--spin_wait_ms=0"),
+}
+SERVER_LABELS = {
+    "default": "default flags",
+    "nospin": "`--spin_wait_ms=0`",
+    "unpinned": "`--frontend_cpus=all --spin_wait_ms=0`",
+}
+
 BATCHING = """max_batch_size { value: 16384 }
 batch_timeout_micros { value: 0 }
 num_batch_threads { value: 1 }
@@ -143,6 +157,13 @@ def start_server(
     return proc
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     import socket
 
@@ -176,8 +197,6 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per pair")
     parser.add_argument("--out", help="write the markdown results here")
     parser.add_argument("--workdir", help="keep the repository here (default: a temp dir)")
-    parser.add_argument("--frontend-cpus", default="0",
-                        help="--frontend_cpus of the second server (request threads' CPUs)")
     args = parser.parse_args()
 
     from keras_hps.serving.bench import ensemble_calls, grpc_calls, inprocess_calls
@@ -192,8 +211,6 @@ def main() -> int:
     hps = os.path.join(repo, "hps.json")
     port, rest_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
-    fe_port = free_port()
-    fe_target = f"127.0.0.1:{fe_port}"
     load_before = os.getloadavg()
     results = []
 
@@ -210,7 +227,11 @@ def main() -> int:
     # two are measured in alternating rounds so that both see the same background load on
     # this shared machine, and each number is the median over the rounds.
     proc = start_server(repo, port, rest_port)
-    fe_proc = start_server(repo, fe_port, 0, extra=(f"--frontend_cpus={args.frontend_cpus}",))
+    others = {}  # server name -> (process, target)
+    for name, flags in OTHER_SERVERS.items():
+        other_port = free_port()
+        others[name] = (start_server(repo, other_port, 0, extra=flags),
+                        f"127.0.0.1:{other_port}")
     import keras_hps
 
     ps = keras_hps.init(hps)
@@ -226,19 +247,24 @@ def main() -> int:
     try:
         max_diff = check_ensemble_matches(target, repo, args.rows)
         print(f"ensemble vs full model: max |diff| = {max_diff:.2e}", flush=True)
-        plan = [(32, 1), (4096, 1), (4096, 4)]
-        for batch, conc in plan:
+        # batch 32: every served measurement right after its own in-process one
+        targets = {"default": target, **{n: t for n, (_, t) in others.items()}}
+        for _ in range(args.rounds):
+            for name, server_target in targets.items():
+                inproc.setdefault(("pair", name), []).append(
+                    measure(inproc_make(32), "inprocess", "dlrm", 32, 1, args.duration))
+                served.setdefault((name, 32, 1), []).append(measure(
+                    grpc_calls(server_target, "dlrm", "serving_default", 32, args.rows),
+                    f"grpc[{name}]", "dlrm", 32, 1, args.duration))
+        inproc[(32, 1)] = [r for name in targets for r in inproc[("pair", name)]]
+        for batch, conc, names in ((4096, 1, ["default"]), (4096, 4, ["default", "unpinned"])):
             for _ in range(args.rounds):
                 inproc.setdefault((batch, conc), []).append(
                     measure(inproc_make(batch), "inprocess", "dlrm", batch, conc, args.duration))
-                served.setdefault((batch, conc), []).append(measure(
-                    grpc_calls(target, "dlrm", "serving_default", batch, args.rows),
-                    "grpc", "dlrm", batch, conc, args.duration))
-                if conc == 1 and batch != 32:
-                    continue
-                served.setdefault(("frontend", batch, conc), []).append(measure(
-                    grpc_calls(fe_target, "dlrm", "serving_default", batch, args.rows),
-                    "grpc+fe", "dlrm", batch, conc, args.duration))
+                for name in names:
+                    served.setdefault((name, batch, conc), []).append(measure(
+                        grpc_calls(targets[name], "dlrm", "serving_default", batch, args.rows),
+                        f"grpc[{name}]", "dlrm", batch, conc, args.duration))
         for batch in [int(b) for b in args.ensemble_batches.split(",")]:
             warm = 3 if batch <= 4096 else 1
             for _ in range(args.rounds if batch <= 4096 else 1):
@@ -248,8 +274,15 @@ def main() -> int:
                     ensemble_calls(target, "dlrm_lookup", "dlrm_dense", "serving_default",
                                    batch, args.rows),
                     "ensemble", "dlrm_lookup+dense", batch, 1, args.duration, warm))
+        # idle servers: CPU time each process uses in 5 s with no request (after 1 s of rest)
+        procs = {"default": proc, **{n: p for n, (p, _) in others.items()}}
+        time.sleep(1.0)
+        start_cpu = {n: process_cpu_s(p.pid) for n, p in procs.items()}
+        time.sleep(5.0)
+        idle_cpu = {n: process_cpu_s(p.pid) - start_cpu[n] for n, p in procs.items()}
+        print("--- idle CPU s per 5 s:", idle_cpu, flush=True)
     finally:
-        for p in (proc, fe_proc):
+        for p in (proc, *(p for p, _ in others.values())):
             p.send_signal(signal.SIGTERM)
             p.wait(60)
     # the same 4-client load against a server with server-side batching
@@ -276,8 +309,9 @@ def main() -> int:
     # the batch-32 gap per round (served p50 - in-process p50 measured just before it): pairs
     # see the same background load, so their differences drift less than either side
     gaps = {
-        name: [g.p50_ms - i.p50_ms for g, i in zip(served[key], inproc[(32, 1)], strict=True)]
-        for name, key in (("default", (32, 1)), ("frontend", ("frontend", 32, 1)))
+        name: [g.p50_ms - i.p50_ms
+               for g, i in zip(served[(name, 32, 1)], inproc[("pair", name)], strict=True)]
+        for name in ("default", *OTHER_SERVERS)
     }
     print("--- batch-32 gaps per round:", {k: [round(x, 3) for x in v] for k, v in gaps.items()})
     print("--- medians over rounds ---")
@@ -287,7 +321,7 @@ def main() -> int:
     load = (load_before, os.getloadavg())
     print(f"load average before {load[0]}, after {load[1]}")
     if args.out:
-        write_markdown(args, inproc, served, ensemble, max_diff, load, gaps)
+        write_markdown(args, inproc, served, ensemble, max_diff, load, gaps, idle_cpu)
     return 0
 
 
@@ -297,7 +331,7 @@ def _measure_logged(record, *args, **kwargs):
     return record(measure(*args, **kwargs))
 
 
-def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None:
+def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps, idle_cpu) -> None:
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -305,12 +339,13 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None
     except (OSError, StopIteration):
         pass
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    g32, i32, f32 = served[(32, 1)], inproc[(32, 1)], served[("frontend", 32, 1)]
-    g4k, i4k1, i4k4 = served[(4096, 4)], inproc[(4096, 1)], inproc[(4096, 4)]
-    f4k = served[("frontend", 4096, 4)]
-    fe = f"--frontend_cpus={args.frontend_cpus}"
+    i32 = inproc[(32, 1)]
+    g4k, i4k1, i4k4 = served[("default", 4096, 4)], inproc[(4096, 1)], inproc[(4096, 4)]
+    u4k = served[("unpinned", 4096, 4)]
+    g4k1 = served[("default", 4096, 1)]
     gb = served["batching"]
     best_inproc = max(i4k1.rows_per_s, i4k4.rows_per_s)
+    names = list(gaps)
     lines = [
         "# Serving benchmark: keras-hps serve vs the in-process call",
         "",
@@ -321,19 +356,23 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None
         f"before the run, {'/'.join(f'{x:.2f}' for x in load[1])} after.",
         "- Command: `flock /tmp/keras-hps-bench.lock .venv/bin/python "
         f"benchmarks/bench_serving.py --rows {args.rows} --duration {args.duration} "
-        f"--rounds {args.rounds} --frontend-cpus {args.frontend_cpus} "
-        f"--ensemble-batches {args.ensemble_batches} --out docs/benchmarks/serving.md`",
+        f"--rounds {args.rounds} --ensemble-batches {args.ensemble_batches} "
+        "--out docs/benchmarks/serving.md` (the sections below the generated ones are written "
+        "by hand)",
         f"- Model: DLRM-style, {TABLES} tables x {args.rows:,} rows x dim {DIM} (fp32, external "
         "placement: host RAM tier fully resident, HDF5 cold tier), 13 dense features, bottom "
         "MLP 256-128, dot interaction, top MLP 256-1. Keys uniform over each table.",
-        "- Servers: `keras-hps serve --enable_serialization_as_tensor_content` in a subprocess, "
-        f"twice: with default flags and with `{fe}`; "
-        "client: `keras_hps.serving.bench` (official gRPC stubs, requests built once), "
+        "- Servers: `keras-hps serve --enable_serialization_as_tensor_content` in subprocesses: "
+        "with default flags (`--frontend_cpus=auto --spin_wait_ms=2`: request threads on one "
+        "CPU, spin-wait there), with `--spin_wait_ms=0`, and with "
+        "`--frontend_cpus=all --spin_wait_ms=0` (the defaults before this change). "
+        "Client: `keras_hps.serving.bench` (official gRPC stubs, requests built once), "
         f"{args.duration:g} s per measurement after 3 warm-up calls per client.",
         "- Baseline, same run: `Servable.run` of the same exported version in the bench "
         "process (`keras-hps bench --protocol inprocess`). Baseline and served measurements "
-        f"alternate ({args.rounds} rounds each; tables show the round with the median p50) so "
-        "that both see the same background load.",
+        f"alternate ({args.rounds} rounds; at batch 32 every served measurement follows its "
+        "own in-process one; tables show the round with the median p50) so that both see the "
+        "same background load.",
         "",
         "## 1. Server overhead at batch 32",
         "",
@@ -341,23 +380,28 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None
         "|---|---|---|---|---|",
         f"| in-process `Servable.run` | {i32.p50_ms:.3f} | {i32.p90_ms:.3f} | {i32.p99_ms:.3f} | "
         f"{i32.requests_per_s:.0f} |",
-        f"| gRPC, 1 client | {g32.p50_ms:.3f} | {g32.p90_ms:.3f} | {g32.p99_ms:.3f} | "
-        f"{g32.requests_per_s:.0f} |",
-        f"| gRPC, 1 client, server with `{fe}` | {f32.p50_ms:.3f} | {f32.p90_ms:.3f} | "
-        f"{f32.p99_ms:.3f} | {f32.requests_per_s:.0f} |",
+        *(
+            f"| gRPC, 1 client, {SERVER_LABELS[n]} | {served[(n, 32, 1)].p50_ms:.3f} | "
+            f"{served[(n, 32, 1)].p90_ms:.3f} | {served[(n, 32, 1)].p99_ms:.3f} | "
+            f"{served[(n, 32, 1)].requests_per_s:.0f} |"
+            for n in names
+        ),
         "",
-        "gRPC p50 - in-process p50, per round (each served measurement right after its "
+        "gRPC p50 - in-process p50, per round (each served measurement right after its own "
         "in-process one), and the median over rounds:",
         "",
         "| server | " + " | ".join(f"round {k + 1}" for k in range(len(gaps["default"])))
         + " | median | target (<= 1 ms) |",
         "|---|" + "---|" * (len(gaps["default"]) + 2),
         *(
-            f"| {label} | " + " | ".join(f"{x:+.3f}" for x in gaps[name])
-            + f" | **{float(np.median(gaps[name])):+.3f}** | "
-            + ("met" if np.median(gaps[name]) <= 1.0 else "NOT met") + " |"
-            for name, label in (("default", "default flags"), ("frontend", f"`{fe}`"))
+            f"| {SERVER_LABELS[n]} | " + " | ".join(f"{x:+.3f}" for x in gaps[n])
+            + f" | **{float(np.median(gaps[n])):+.3f}** | "
+            + ("met" if np.median(gaps[n]) <= 1.0 else "NOT met") + " |"
+            for n in names
         ),
+        "",
+        "CPU time of each idle server process over 5 s (after 1 s without requests): "
+        + ", ".join(f"{SERVER_LABELS[n]} {idle_cpu[n]:.2f} s" for n in names) + ".",
         "",
         "## 2. Throughput at batch 4,096",
         "",
@@ -366,12 +410,14 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None
         f"| in-process | 1 | {i4k1.rows_per_s:,.0f} | {i4k1.p50_ms:.1f} | {i4k1.p99_ms:.1f} |",
         f"| in-process | 4 threads | {i4k4.rows_per_s:,.0f} | {i4k4.p50_ms:.1f} | "
         f"{i4k4.p99_ms:.1f} |",
-        f"| gRPC | 1 | {served[(4096, 1)].rows_per_s:,.0f} | {served[(4096, 1)].p50_ms:.1f} | "
-        f"{served[(4096, 1)].p99_ms:.1f} |",
-        f"| gRPC | 4 | {g4k.rows_per_s:,.0f} | {g4k.p50_ms:.1f} | {g4k.p99_ms:.1f} |",
-        f"| gRPC, `{fe}` | 4 | {f4k.rows_per_s:,.0f} | {f4k.p50_ms:.1f} | {f4k.p99_ms:.1f} |",
-        f"| gRPC, server-side batching | 4 | {gb.rows_per_s:,.0f} | {gb.p50_ms:.1f} | "
-        f"{gb.p99_ms:.1f} |",
+        f"| gRPC, default flags | 1 | {g4k1.rows_per_s:,.0f} | {g4k1.p50_ms:.1f} | "
+        f"{g4k1.p99_ms:.1f} |",
+        f"| gRPC, default flags | 4 | {g4k.rows_per_s:,.0f} | {g4k.p50_ms:.1f} | "
+        f"{g4k.p99_ms:.1f} |",
+        f"| gRPC, {SERVER_LABELS['unpinned']} | 4 | {u4k.rows_per_s:,.0f} | {u4k.p50_ms:.1f} | "
+        f"{u4k.p99_ms:.1f} |",
+        f"| gRPC, default flags + server-side batching | 4 | {gb.rows_per_s:,.0f} | "
+        f"{gb.p50_ms:.1f} | {gb.p99_ms:.1f} |",
         "",
         "Server-side batching: `--enable_batching` with `max_batch_size 16384`, "
         "`batch_timeout_micros 0`, `num_batch_threads 1` (concurrent requests that arrive "
@@ -379,10 +425,10 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps) -> None
         "call at a time instead of four competing ones).",
         "",
         f"gRPC with 4 clients reaches **{g4k.rows_per_s / best_inproc:.0%}** of the best "
-        f"in-process throughput with default flags, **{f4k.rows_per_s / best_inproc:.0%}** "
-        f"with `{fe}` and **{gb.rows_per_s / best_inproc:.0%}** with server-side batching "
-        "(target: at least 70%) -> "
-        f"{'met' if min(g4k.rows_per_s, f4k.rows_per_s) >= 0.7 * best_inproc else 'NOT met'}.",
+        f"in-process throughput with default flags, **{u4k.rows_per_s / best_inproc:.0%}** "
+        f"with {SERVER_LABELS['unpinned']} and **{gb.rows_per_s / best_inproc:.0%}** with "
+        "server-side batching (target: at least 70%) -> "
+        f"{'met' if g4k.rows_per_s >= 0.7 * best_inproc else 'NOT met'}.",
         "",
         "## 3. Ensemble shape vs the in-process HPS path",
         "",
