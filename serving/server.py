@@ -55,14 +55,24 @@ class ServerOptions:
 def resolve_frontend_cpus(value: tuple[int, ...] | str | None) -> tuple[int, ...] | None:
     """The CPUs for the request threads: `value`, or for "auto" the lowest CPU this process
     may use when it may use two or more (None: no restriction)."""
-    if value is None or not isinstance(value, str):
-        return tuple(value) if value else None
-    if value != "auto":
+    if isinstance(value, str) and value != "auto":
         raise ConfigError(f"--frontend_cpus={value}: give auto, all, or CPU numbers like 0,1")
-    if not hasattr(os, "sched_getaffinity"):
+    if not value:
         return None
-    allowed = sorted(os.sched_getaffinity(0))
-    return (allowed[0],) if len(allowed) >= 2 else None
+    if not hasattr(os, "sched_getaffinity"):
+        if value == "auto":
+            return None
+        raise ConfigError("--frontend_cpus needs Linux (os.sched_setaffinity)")
+    allowed = os.sched_getaffinity(0)
+    if value == "auto":
+        return (min(allowed),) if len(allowed) >= 2 else None
+    wanted = tuple(sorted(set(value)))
+    if not set(wanted) <= allowed:
+        raise ConfigError(
+            f"--frontend_cpus={','.join(map(str, wanted))}: this process may run only "
+            f"on CPUs {','.join(map(str, sorted(allowed)))}"
+        )
+    return wanted
 
 
 def configure_tensorflow_threads(intra_op: int, inter_op: int) -> None:
@@ -107,15 +117,8 @@ def frontend_affinity(cpus: tuple[int, ...] | None) -> Iterator[None]:
     if not cpus:
         yield
         return
-    if not hasattr(os, "sched_setaffinity"):
-        raise ConfigError("--frontend_cpus needs Linux (os.sched_setaffinity)")
     allowed = os.sched_getaffinity(0)
-    wanted = set(cpus)
-    if not wanted <= allowed:
-        raise ConfigError(
-            f"--frontend_cpus={','.join(map(str, sorted(wanted)))}: this process may run only "
-            f"on CPUs {','.join(map(str, sorted(allowed)))}"
-        )
+    wanted = set(resolve_frontend_cpus(cpus) or ())
     import tensorflow as tf
 
     tf.config.list_logical_devices()  # starts TensorFlow's pools with the full CPU set
@@ -204,8 +207,9 @@ class ModelServer:
         starts the gRPC and REST listeners. Returns self."""
         self.frontend_cpus = resolve_frontend_cpus(self.options.frontend_cpus)
         # the spinner keeps the request threads' CPUs awake; with no frontend set nothing
-        # spins (spinning on every CPU slowed the model call in measurements)
-        self._spin = SpinWait(self.frontend_cpus or (), self.options.spin_wait_ms / 1e3)
+        # spins (spinning on every CPU slowed the model call in measurements). It starts
+        # blocked, before the listeners, so that it sees every request.
+        self._spin = SpinWait(self.frontend_cpus or (), self.options.spin_wait_ms / 1e3).start()
         configure_tensorflow_threads(
             self.options.tensorflow_intra_op_parallelism,
             self.options.tensorflow_inter_op_parallelism,
@@ -231,7 +235,6 @@ class ModelServer:
                 log.info(
                     "Exporting HTTP/REST API at:%s:%d ...", self.options.host, self.rest_port
                 )
-        self._spin.start()
         return self
 
     def stop(self, grace: float | None = None) -> None:
