@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -218,12 +219,12 @@ def _string_record(values: np.ndarray) -> tuple[bytes, int]:
     return lengths + masked + body, state
 
 
-def _as_array(value: Any) -> np.ndarray:
+def _as_array(key: str, value: Any) -> np.ndarray:
     if isinstance(value, bytes):
         return np.array(value, dtype=object)
     array = np.asarray(value)
     if not supports(array.dtype):
-        raise ConfigError(f"cannot write a tensor of dtype {array.dtype} to a checkpoint")
+        raise ConfigError(f"checkpoint tensor {key!r}: dtype {array.dtype} cannot be written")
     return array
 
 
@@ -238,11 +239,14 @@ def write_tensor_bundle(prefix: str, tensors: Sequence[tuple[str, Any]], *,
     """
     crc = _crc32c()
     keys = [k for k, _ in tensors]
-    if len(set(keys)) != len(keys) or "" in keys:
-        raise ConfigError(f"checkpoint keys must be distinct and non-empty: {keys}")
+    if "" in keys:
+        raise ConfigError('checkpoint keys must be non-empty ("" holds the bundle header)')
+    if len(set(keys)) < len(keys):
+        repeated = sorted(k for k, n in Counter(keys).items() if n > 1)
+        raise ConfigError(f"checkpoint keys must be distinct; repeated: {repeated}")
     from tensorflow.core.protobuf import tensor_bundle_pb2
 
-    arrays = [_as_array(v) for _, v in tensors]
+    arrays = [_as_array(k, v) for k, v in tensors]
     total = sum(a.nbytes for a in arrays if a.dtype.kind not in "OS")
     bar = None
     if progress:
