@@ -11,7 +11,7 @@ byte for byte what `SaveV2` would have written, and `fingerprint.pb` is recomput
 new index. The result is a plain SavedModel.
 
 This is the one module that leans on TensorFlow internals: that the callback sees every
-tensor as an eager tensor and may leave tensors out (TensorFlow 2.16-2.21 do not check), and
+tensor as an eager tensor and may leave tensors out (TensorFlow 2.21 does not check; its `validate_shards` would), and
 `fingerprinting_utils.write_fingerprint`. Anything unexpected (a sliced or non-eager tensor,
 a dtype the writer lacks, TensorFlow refusing the shards, google-crc32c without its compiled
 code) falls back to `SaveV2` for the whole checkpoint: the same files, the old speed.
@@ -24,6 +24,8 @@ import os
 import shutil
 import warnings
 from typing import Any
+
+import numpy as np
 
 from keras_hps.export import tensor_bundle
 
@@ -110,8 +112,6 @@ def save_saved_model(module: Any, path: str, signatures: Any, *, progress: bool 
         # The callback was not consulted (TensorFlow moved) or kept every tensor: SaveV2
         # wrote the whole checkpoint.
         return SAVEV2
-    import numpy as np
-
     # np.asarray shares the tensor's memory; .numpy() would copy every table first.
     tensors = [(key, tensor.numpy() if tensor.dtype == tf.string else np.asarray(tensor))
                for key, tensor in capture.tensors]
