@@ -12,9 +12,10 @@ new index. The result is a plain SavedModel.
 
 This is the one module that leans on TensorFlow internals: that the callback sees every
 tensor as an eager tensor and may leave tensors out (TensorFlow 2.21 does not check; its
-`validate_shards` would), and `fingerprinting_utils.write_fingerprint`. Anything unexpected (a sliced or non-eager tensor,
-a dtype the writer lacks, TensorFlow refusing the shards, google-crc32c without its compiled
-code) falls back to `SaveV2` for the whole checkpoint: the same files, the old speed.
+`validate_shards` would), and `fingerprinting_utils.write_fingerprint`. Anything unexpected
+(a sliced or non-eager tensor, a dtype the writer lacks, TensorFlow refusing the shards,
+google-crc32c without its compiled code) falls back to `SaveV2` for the whole checkpoint: the
+same files, the old speed.
 tests/test_export_bundle.py checks that a standard model takes the fast path.
 """
 
