@@ -110,7 +110,8 @@ def frontend_affinity(cpus: tuple[int, ...] | None) -> Iterator[None]:
 
     TensorFlow's thread pools are started first, outside the restriction, so the model's
     compute keeps every CPU while the request path's thread hand-offs stay on `cpus`
-    (`ModelServer.run` also lifts the restriction for the length of the model call). On small
+    (`ModelServer.run` lifts the restriction for a model call made while other requests are
+    in flight). On small
     VMs, waking a thread on another, idle vCPU costs tens to hundreds of microseconds; keeping
     gRPC's I/O, poll and handler threads together avoids most of those wake-ups.
     """
@@ -325,9 +326,12 @@ class ModelServer:
     ) -> dict[str, np.ndarray]:
         """Runs a signature of a held version, through the batcher when batching is on.
 
-        With `frontend_cpus`, the model call itself runs with every CPU of the process (the
-        calling request thread is restricted again afterwards)."""
-        if self._compute_cpus is None:
+        With `frontend_cpus`, a request thread that calls the model while other requests are
+        in flight gets every CPU of the process for the call (and is restricted again
+        afterwards), so concurrent calls spread over the cores. A lone request keeps its
+        thread where it is: the model's pools use every CPU either way, and moving the thread
+        off and back cost more than it gained (benchmarks/serving.md)."""
+        if self._compute_cpus is None or self._inflight <= 1:
             return self._run(handle, signature_name, inputs, output_keys)
         mine = os.sched_getaffinity(0)
         if mine == self._compute_cpus:

@@ -1,5 +1,6 @@
-"""`--frontend_cpus`: the server's request threads keep to the given CPUs, except while
-they run the model; the rest of the process does not; bad values are clear errors."""
+"""`--frontend_cpus`: the server's request threads keep to the given CPUs, except while they
+run the model beside other requests in flight; the rest of the process does not; bad values
+are clear errors."""
 
 from __future__ import annotations
 
@@ -38,15 +39,19 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
     frontend = (CPUS[-1],)
     options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
                             file_system_poll_wait_seconds=0, frontend_cpus=frontend)
-    during_run: list[set[int]] = []
+    during_run: list[tuple[int, set[int]]] = []  # (batch, the calling thread's CPUs)
+    gate, entered = threading.Event(), threading.Event()
 
     def loader(path: str):
         servable = load_servable(path)
         run = servable.run
 
-        def recording_run(*args, **kwargs):
-            during_run.append(os.sched_getaffinity(0))
-            return run(*args, **kwargs)
+        def recording_run(inputs, *args, **kwargs):
+            during_run.append((len(inputs["ids"]), os.sched_getaffinity(0)))
+            if len(inputs["ids"]) == 7:  # held in flight while another request runs
+                entered.set()
+                assert gate.wait(30)
+            return run(inputs, *args, **kwargs)
 
         servable.run = recording_run
         return servable
@@ -62,8 +67,21 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
             x = rng.normal(size=(n, 3)).astype(np.float32)
             out = client.predict("m", {"ids": ids, "x": x})
             np.testing.assert_allclose(out["score"], reference(3, ids, x)["score"], rtol=1e-5)
+        # one request at a time: the model call stays on the frontend CPUs
+        assert during_run == [(n, set(frontend)) for n in (1, 4, 9)]
+        held = threading.Thread(target=client.predict, args=("m", {
+            "ids": np.zeros((7, 2), np.int64), "x": np.zeros((7, 3), np.float32)}))
+        held.start()
+        assert entered.wait(30)
+        ids = rng.integers(0, 50, size=(5, 2)).astype(np.int64)
+        x = rng.normal(size=(5, 3)).astype(np.float32)
+        out = client.predict("m", {"ids": ids, "x": x})
+        np.testing.assert_allclose(out["score"], reference(3, ids, x)["score"], rtol=1e-5)
+        gate.set()
+        held.join(30)
         client.close()
-        assert len(during_run) == 3 and all(cpus == set(CPUS) for cpus in during_run)
+        # beside another request in flight, the call gets every CPU
+        assert during_run[3:] == [(7, set(frontend)), (5, set(CPUS))]
         handlers = [t for t in threading.enumerate()
                     if t.name.startswith("keras-hps-grpc") and t.ident not in older]
         assert handlers, "no gRPC handler thread was started"
@@ -74,6 +92,7 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
         for t in others:
             assert affinity(t.native_id) == set(CPUS), t.name
     finally:
+        gate.set()
         server.stop(grace=5)
 
 
