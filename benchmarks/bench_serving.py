@@ -6,9 +6,9 @@ halves of the ensemble shape: `dlrm_lookup` (keys -> embeddings, external tables
 `keras-hps serve` as a subprocess and measures with `keras_hps.serving.bench`:
 
 1. server overhead: gRPC p50 at batch 32 vs the in-process `Servable.run` p50, against a
-   server with default flags (request threads on one CPU with a spin-wait there), one with
-   `--spin_wait_ms=0` and one with `--frontend_cpus=all --spin_wait_ms=0` (the defaults
-   before 2026-11-22 03:30), each served measurement right after an in-process one;
+   server with default flags (request threads on one CPU), one with `--spin_wait_ms=2` and
+   one with `--frontend_cpus=all` (the default before 2026-11-22 03:30), each served
+   measurement right after an in-process one;
 2. throughput: gRPC with 4 clients at batch 4096 vs in-process (1 and 4 callers), with the
    default server and the unrestricted one;
 3. ensemble (lookup service -> dense service, both over gRPC) vs the in-process HPS path,
@@ -104,16 +104,16 @@ def build_repository(repo: str, rows: int) -> None:
         f.write(to_text(entries))
 
 
-# servers measured beside the one with default flags: without the spin-wait, and the
-# defaults before 2026-11-22 (request threads on every CPU, no spin-wait)
+# servers measured beside the one with default flags: with the spin-wait, and with the
+# default before 2026-11-22 (request threads on every CPU)
 OTHER_SERVERS = {
-    "nospin": ("--spin_wait_ms=0",),
-    "unpinned": ("--frontend_cpus=all", "--spin_wait_ms=0"),
+    "spin": ("--spin_wait_ms=2",),
+    "unpinned": ("--frontend_cpus=all",),
 }
 SERVER_LABELS = {
     "default": "default flags",
-    "nospin": "`--spin_wait_ms=0`",
-    "unpinned": "`--frontend_cpus=all --spin_wait_ms=0`",
+    "spin": "`--spin_wait_ms=2`",
+    "unpinned": "`--frontend_cpus=all`",
 }
 
 BATCHING = """max_batch_size { value: 16384 }
@@ -363,9 +363,9 @@ def write_markdown(args, inproc, served, ensemble, max_diff, load, gaps, idle_cp
         "placement: host RAM tier fully resident, HDF5 cold tier), 13 dense features, bottom "
         "MLP 256-128, dot interaction, top MLP 256-1. Keys uniform over each table.",
         "- Servers: `keras-hps serve --enable_serialization_as_tensor_content` in subprocesses: "
-        "with default flags (`--frontend_cpus=auto --spin_wait_ms=2`: request threads on one "
-        "CPU, spin-wait there), with `--spin_wait_ms=0`, and with "
-        "`--frontend_cpus=all --spin_wait_ms=0` (the defaults before this change). "
+        "with default flags (`--frontend_cpus=auto`: request threads on one CPU, a lone "
+        "request's model call there too), with `--spin_wait_ms=2`, and with "
+        "`--frontend_cpus=all` (the default before this change). "
         "Client: `keras_hps.serving.bench` (official gRPC stubs, requests built once), "
         f"{args.duration:g} s per measurement after 3 warm-up calls per client.",
         "- Baseline, same run: `Servable.run` of the same exported version in the bench "

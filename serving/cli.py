@@ -123,10 +123,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--spin_wait_ms",
         type=float,
-        default=2.0,
+        default=0.0,
         help="keep the request threads' CPUs busy (SCHED_IDLE spin) while requests run and "
         "this long after the last one ends, so that the next request finds them awake "
-        "(default 2; 0 turns it off)",
+        "(default 0: off)",
     )
     parser.add_argument("--verbose", action="store_true", help="log loads and unloads")
 

@@ -49,7 +49,7 @@ class ServerOptions:
     tensorflow_inter_op_parallelism: int = 0
     # "auto": one CPU when the process may use two or more; None: request threads run anywhere
     frontend_cpus: tuple[int, ...] | str | None = "auto"
-    spin_wait_ms: float = 2.0  # spin on the frontend CPUs this long after a request; 0: off
+    spin_wait_ms: float = 0.0  # spin on the frontend CPUs this long after a request; 0: off
 
 
 def resolve_frontend_cpus(value: tuple[int, ...] | str | None) -> tuple[int, ...] | None:

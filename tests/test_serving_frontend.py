@@ -118,7 +118,7 @@ def test_serve_flags_parse():
     assert (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism) == (2, 1)
     defaults = parser.parse_args([])
     assert defaults.frontend_cpus == "auto" and defaults.enable_model_warmup is True
-    assert defaults.spin_wait_ms == 2.0
+    assert defaults.spin_wait_ms == 0.0
     assert parser.parse_args(["--frontend_cpus=all"]).frontend_cpus is None
     assert parser.parse_args(["--frontend_cpus", "AUTO", "--spin_wait_ms=0"]).spin_wait_ms == 0
     for bad in ("x", "-1", "", "any"):

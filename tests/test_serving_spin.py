@@ -58,7 +58,7 @@ def repo(tmp_path_factory):
 
 
 @linux_two_cpus
-def test_default_server_spins_while_busy_and_stops_when_idle(repo):
+def test_server_spins_while_busy_and_stops_when_idle(repo):
     gate = threading.Event()
     entered = threading.Event()
 
@@ -76,7 +76,7 @@ def test_default_server_spins_while_busy_and_stops_when_idle(repo):
         return servable
 
     options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
-                            file_system_poll_wait_seconds=0)  # defaults: auto CPUs, 2 ms spin
+                            file_system_poll_wait_seconds=0, spin_wait_ms=2)  # auto CPUs
     server = ModelServer([ModelEntry("m", str(repo / "m"))], options, loader=loader).start()
     client = GrpcClient(f"127.0.0.1:{server.grpc_port}")
     try:
@@ -120,7 +120,8 @@ def test_default_server_spins_while_busy_and_stops_when_idle(repo):
     assert not spin.running
 
 
-def test_spin_off_with_zero_window_or_without_frontend_cpus(repo):
+def test_spin_off_by_default_with_zero_window_or_without_frontend_cpus(repo):
+    assert ServerOptions().spin_wait_ms == 0
     for frontend, ms in ((None, 2.0), ("auto", 0.0)):
         options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
                                 file_system_poll_wait_seconds=0, frontend_cpus=frontend,
