@@ -265,11 +265,9 @@ def insert_section(dim: int, cap: int, n: int, bw: float, gen: torch.Generator,
         "known slots, no hashing")
 
 
-def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: torch.device,
-                  qcfg: dict) -> None:
-    nt = len(CRITEO_FL15)
-    log(f"\n== fused 26-table query (Criteo FL15 cardinalities, whole tables cached), dim {dim}, "
-        f"batch {batch:,} samples ==")
+def criteo_group(dim: int, gen: torch.Generator, dev: torch.device) -> GpuCacheGroup:
+    """The 26 Criteo FL15 tables' caches, each as large as its table and filled with rows
+    0..rows-1 (keys = row ids)."""
     group = GpuCacheGroup([(c, dim) for c in CRITEO_FL15], device=dev)
     for i, c in enumerate(CRITEO_FL15):
         for lo in range(0, c, 1 << 22):
@@ -277,6 +275,15 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
             cache_insert(group[i].arrays, k, torch.randn(k.numel(), dim, device=dev,
                                                          generator=gen), stamp=1, validate=False)
     torch.cuda.synchronize()
+    return group
+
+
+def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: torch.device,
+                  qcfg: dict) -> None:
+    nt = len(CRITEO_FL15)
+    log(f"\n== fused 26-table query (Criteo FL15 cardinalities, whole tables cached), dim {dim}, "
+        f"batch {batch:,} samples ==")
+    group = criteo_group(dim, gen, dev)
     R = 4
     rot = [[torch.randint(0, c, (batch,), device=dev, generator=gen) for c in CRITEO_FL15]
            for _ in range(R)]

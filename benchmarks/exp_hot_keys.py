@@ -20,14 +20,14 @@ sys.path.insert(0, "benchmarks")
 from bench_gpu_cache import (  # noqa: E402
     CRITEO_FL15,
     bench,
+    criteo_group,
     fill,
     log,
     resident_batches,
 )
 
-from keras_hps.gpu_cache import GpuCacheGroup, GpuEmbeddingCache  # noqa: E402
+from keras_hps.gpu_cache import GpuEmbeddingCache  # noqa: E402
 from keras_hps.triton_kernels.cache_fused_query import fused_cache_query  # noqa: E402
-from keras_hps.triton_kernels.cache_insert import cache_insert  # noqa: E402
 from keras_hps.triton_kernels.cache_query import cache_query  # noqa: E402
 from keras_hps.triton_kernels.gather import gather_rows  # noqa: E402
 
@@ -66,12 +66,7 @@ def single(dim: int, cap: int, n: int, dev: torch.device, gen: torch.Generator) 
 def fused(dim: int, batch: int, dev: torch.device, gen: torch.Generator) -> None:
     nt = len(CRITEO_FL15)
     log(f"\n== fused 26 tables, dim {dim}, batch {batch:,} ==")
-    group = GpuCacheGroup([(c, dim) for c in CRITEO_FL15], device=dev)
-    for i, c in enumerate(CRITEO_FL15):
-        for lo in range(0, c, 1 << 22):
-            k = torch.arange(lo, min(c, lo + (1 << 22)), device=dev)
-            cache_insert(group[i].arrays, k, torch.randn(k.numel(), dim, device=dev,
-                                                         generator=gen), stamp=1, validate=False)
+    group = criteo_group(dim, gen, dev)
     R = 4
     rot = [[torch.randint(0, c, (batch,), device=dev, generator=gen) for c in CRITEO_FL15]
            for _ in range(R)]
