@@ -15,7 +15,6 @@ keys all hit afterwards, fused equals per-table). Prints a table; --json writes 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import statistics
 import sys
@@ -31,7 +30,6 @@ from keras_hps.triton_kernels.cache_insert import cache_insert, sort_by_set
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.gather import gather_rows
 
-STAMPS = itertools.count(100)  # a fresh LRU stamp per call, as GpuEmbeddingCache gives
 CRITEO_FL15 = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828,
                11, 2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
 ROWS: list[dict] = []
@@ -111,13 +109,13 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     table = cache.arrays.vectors
     # Correctness at full size: all hit, rows equal the gathered rows exactly.
     for keys, slots in batches[:2]:
-        out, hit = cache_query(cache.arrays, keys, stamp=2, validate=True)
+        out, hit = cache_query(cache.arrays, keys, validate=True)
         ref = gather_rows(table, slots)
         assert bool(hit.all()), "resident keys missed"
         assert torch.equal(out, ref), "query rows differ from the gathered rows"
         assert torch.equal(ref, table.index_select(0, slots))
     miss_keys = torch.randint(0, 2**62, (n,), device=dev, generator=gen) | 1
-    out, hit = cache_query(cache.arrays, miss_keys, stamp=2)
+    out, hit = cache_query(cache.arrays, miss_keys)
     log(f"  check ok: hits exact; random absent keys hit rate {hit.float().mean().item():.2e}")
 
     def best(make, configs):
@@ -143,12 +141,12 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     g += best(lambda c: lambda i: gather_rows(table, batches[i][1], **c),
               [dict(g[0][1], row_evict="evict_first")])
     g.sort(key=lambda r: r[0])
-    q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
+    q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0],
                                              validate=False, **c), base)
     if sweep:
         top = q[0][1]
         variants = [dict(top, row_evict="evict_first")]
-        q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0], stamp=next(STAMPS),
+        q += best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0],
                                                   validate=False, **c), variants)
         q.sort(key=lambda r: r[0])
         show("gather", g)
@@ -163,7 +161,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         nm = int(0.4 * n)
         k[:nm] = torch.randint(0, 2**62, (nm,), device=dev, generator=gen)
         mixed.append(k[torch.randperm(n, device=dev, generator=gen)])
-    qm = bench(lambda i: cache_query(cache.arrays, mixed[i], stamp=next(STAMPS), validate=False,
+    qm = bench(lambda i: cache_query(cache.arrays, mixed[i], validate=False,
                                      **qcfg), R)
     # Zipf(1.05) over the resident keys: repeats within a call, hot rows reused from L2.
     occ_slots = torch.nonzero(cache.arrays.occupied).squeeze(1)
@@ -174,7 +172,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
         r = rs.zipf(1.05, size=3 * n)
         r = r[r <= perm.numel()][:n] - 1
         zipf.append(cache.arrays.keys[perm[torch.from_numpy(r).to(dev)]].contiguous())
-    qz = bench(lambda i: cache_query(cache.arrays, zipf[i], stamp=next(STAMPS), validate=False,
+    qz = bench(lambda i: cache_query(cache.arrays, zipf[i], validate=False,
                                      **qcfg), R)
     qlfu = bench(lambda i: cache_query(cache.arrays, batches[i][0], policy="lfu",
                                        validate=False, **qcfg), R)
@@ -303,9 +301,9 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     offs = [0]
     for _ in range(nt):
         offs.append(offs[-1] + batch)
-    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, stamp=next(STAMPS),
+    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs,
                                               **qcfg), R)
-    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t], stamp=next(STAMPS),
+    per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t],
                                        validate=False, **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
     dg = bench(lambda i: gather_rows(dense, dense_idx[i]), R)

@@ -43,7 +43,7 @@ ADMISSIONS = ("none", "tinylfu")
 
 
 class _Shared:
-    """Lock, LRU clock and stream shared by the caches of one group."""
+    """Lock, LRU clock (ticked by inserts) and stream shared by the caches of one group."""
 
     def __init__(self, device: torch.device) -> None:
         self.lock = threading.RLock()
@@ -246,9 +246,8 @@ class GpuEmbeddingCache:
         """
         keys = _checked_keys(keys, self, validate=validate)
         with self.ordered():
-            stamp = self._shared.tick()
-            out, hit = cache_query(self._arrays, keys, policy=self._policy, stamp=stamp,
-                                   touch=touch, counters=self._counters, validate=False)
+            out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
+                                   counters=self._counters, validate=False)
             if self._sketch is not None and touch:
                 self._count_lookups(keys)
             self._on_stream(keys, out, hit)
@@ -390,9 +389,8 @@ class GpuCacheGroup:
                 _checked_keys(k, first, what=f"keys of table {i}")
             raise
         with first.ordered():
-            stamp = self._shared.tick()
             values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
-                                            stamp=stamp, touch=touch)
+                                            touch=touch)
             # Per-table hit counts from one cumulative sum, whatever the number of tables.
             csum = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.cumsum(0)])
             bounds = small_int64_to_device(offsets, keys.device)

@@ -51,7 +51,7 @@ def test_cache_follows_reference_and_counts(rng, policy):
     ref = cache.arrays.to_numpy()
     pool = rng.integers(-(2**40), 2**40, size=300)
     exp = {"hits": 0, "misses": 0, "insertions": 0, "evictions": 0}
-    for stamp in range(1, 7, 2):
+    for stamp in (1, 2, 3):  # the cache's clock ticks on every insert
         keys = rng.choice(pool, size=64 * GPU_SCALE)
         vals = rng.standard_normal((keys.size, 16)).astype(np.float32)
         cache.insert(t(keys), torch.tensor(vals, device=DEVICE))
@@ -60,7 +60,7 @@ def test_cache_follows_reference_and_counts(rng, policy):
         exp["evictions"] += ev
         q = rng.choice(pool, size=(4, 16))  # any shape
         out, hit = cache.query(t(q))
-        ref_out, ref_hit = np_cache_query(ref, q, policy=policy, stamp=stamp + 1)
+        ref_out, ref_hit = np_cache_query(ref, q, policy=policy)
         np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
         np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
         exp["hits"] += int(ref_hit.sum())

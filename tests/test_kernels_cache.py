@@ -104,9 +104,9 @@ def test_insert_and_query_follow_reference(rng, dim, policy, key_dtype):
         assert counters[2:].tolist() == [ins, ev]
 
         q = draw_keys(rng, n, pool)
-        out, hit = cache_query(arrays, t(q, key_dtype), policy=policy, stamp=2 * rnd + 2,
+        out, hit = cache_query(arrays, t(q, key_dtype), policy=policy,
                                counters=counters)
-        ref_out, ref_hit = np_cache_query(ref, q, policy=policy, stamp=2 * rnd + 2)
+        ref_out, ref_hit = np_cache_query(ref, q, policy=policy)
         np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
         np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
         assert_same_state(arrays, ref)  # hits recorded the same way (marks / counts)
@@ -136,8 +136,8 @@ def test_full_set_eviction_picks_lru_and_lfu_victims(rng):
                 cache_insert(arrays, t(ks), f32(vals), policy=policy, stamp=stamp)
                 np_cache_insert(ref, ks, vals, policy=policy, stamp=stamp)
             else:
-                cache_query(arrays, t(ks), policy=policy, stamp=stamp)
-                np_cache_query(ref, ks, policy=policy, stamp=stamp)
+                cache_query(arrays, t(ks), policy=policy)
+                np_cache_query(ref, ks, policy=policy)
             assert_same_state(arrays, ref)
         stored = set(arrays.keys.cpu().tolist())
         assert newcomer[0] in stored
@@ -152,7 +152,7 @@ def test_lru_marks_become_the_next_inserts_stamp(rng):
     arrays = allocate(4, 2, torch.int64, DEVICE)
     keys = _same_set_keys(rng, 4, 8, which=3)
     cache_insert(arrays, t(keys[:6]), f32(np.zeros((6, 2))), stamp=1)
-    cache_query(arrays, t(keys[[1, 4, 1]]), stamp=2)
+    cache_query(arrays, t(keys[[1, 4, 1]]))
     st = arrays.to_numpy()
     slots = [st.find(k) for k in keys[:6]]
     assert st.marks[slots].tolist() == [False, True, False, False, True, False]
@@ -334,8 +334,8 @@ def test_fused_multi_table_query_equals_per_table(rng, policy, tables):
         keys_per_table.append(rng.integers(-60, 60 + cap, size=n) + 1000 * i)
     flat = t(np.concatenate(keys_per_table))
     offsets = np.concatenate([[0], np.cumsum([k.size for k in keys_per_table])]).tolist()
-    values, hit = fused_cache_query(pooled, flat, offsets, policy=policy, stamp=7)
-    ref_vals, ref_hits = np_fused_cache_query(refs, keys_per_table, policy=policy, stamp=7)
+    values, hit = fused_cache_query(pooled, flat, offsets, policy=policy)
+    ref_vals, ref_hits = np_fused_cache_query(refs, keys_per_table, policy=policy)
     np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
     for i, arrays in enumerate(per):
         assert values[i].shape == (keys_per_table[i].size, tables[i][1])
@@ -361,8 +361,8 @@ def test_fused_query_over_one_full_set(rng):
         refs.append(arrays.to_numpy())
     q = [rng.integers(0, 250, size=50), rng.permutation(np.concatenate([keys1, keys1[:8]]))]
     offsets = [0, q[0].size, q[0].size + q[1].size]
-    values, hit = fused_cache_query(pooled, t(np.concatenate(q)), offsets, stamp=2)
-    ref_vals, ref_hits = np_fused_cache_query(refs, q, stamp=2)
+    values, hit = fused_cache_query(pooled, t(np.concatenate(q)), offsets)
+    ref_vals, ref_hits = np_fused_cache_query(refs, q)
     np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
     for i in range(2):
         np.testing.assert_array_equal(values[i].cpu().numpy(), ref_vals[i])
@@ -398,8 +398,8 @@ def test_probe_of_a_full_set_finds_exactly_the_residents(rng, mark_check):
     cache_insert(arrays, t(keys[:8]), f32(vals), stamp=1)
     np_cache_insert(ref, keys[:8], vals, stamp=1)
     q = rng.permutation(np.concatenate([keys, keys[:8]]))
-    out, hit = cache_query(arrays, t(q), stamp=2, row_evict="evict_first", mark_check=mark_check)
-    ref_out, ref_hit = np_cache_query(ref, q, stamp=2)
+    out, hit = cache_query(arrays, t(q), row_evict="evict_first", mark_check=mark_check)
+    ref_out, ref_hit = np_cache_query(ref, q)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
     assert ref_hit.sum() == 16 and (~ref_hit).sum() == 32
@@ -435,8 +435,8 @@ def test_tinylfu_admission_follows_reference(rng, policy):
     total = np.zeros(3, dtype=np.int64)
     for rnd in range(4):
         q = np.concatenate([draw_keys(rng, 60, hot), draw_keys(rng, 40, pool)])
-        cache_query(arrays, t(q), policy=policy, stamp=2 * rnd + 1)
-        np_cache_query(ref, q, policy=policy, stamp=2 * rnd + 1)
+        cache_query(arrays, t(q), policy=policy)
+        np_cache_query(ref, q, policy=policy)
         sketch_add(sketch, t(q), width_log2)
         np_sketch_add(ref_sketch, q, width_log2)
         ins = draw_keys(rng, 50, pool)

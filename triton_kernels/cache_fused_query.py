@@ -97,7 +97,6 @@ def fused_cache_query(
     key_offsets: list[int],
     *,
     policy: str = "lru",
-    stamp: int = 0,
     touch: bool = True,
     **tuning,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -148,12 +147,12 @@ def fused_cache_query(
 
 def np_fused_cache_query(
     states: list[NpCacheState], keys_per_table: list[np.ndarray], *, policy: str = "lru",
-    stamp: int = 0, touch: bool = True,
+    touch: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """NumPy reference of :func:`fused_cache_query`: one per-table query each."""
     vals, hits = [], []
     for state, keys in zip(states, keys_per_table, strict=True):
-        v, h = np_cache_query(state, keys, policy=policy, stamp=stamp, touch=touch)
+        v, h = np_cache_query(state, keys, policy=policy, touch=touch)
         vals.append(v)
         hits.append(h)
     return vals, hits

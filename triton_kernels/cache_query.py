@@ -75,7 +75,6 @@ def cache_query(
     keys: torch.Tensor,
     *,
     policy: str = "lru",
-    stamp: int = 0,
     touch: bool = True,
     counters: torch.Tensor | None = None,
     return_miss_positions: bool = False,
@@ -88,7 +87,7 @@ def cache_query(
     ``(miss_positions int64 [n], miss_count int64 [1])``: the first ``miss_count`` entries are
     the input positions that missed, in no particular order. Unless ``touch=False``, a hit sets
     its slot's mark (``policy="lru"``; the next insert into the set turns marks into that
-    insert's stamp, so ``stamp`` is unused here) or adds one to its count (``"lfu"``).
+    insert's stamp) or adds one to its count (``"lfu"``).
     ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
     the launch settings (block_k, num_warps, row_evict, mark_check) for benchmarks.
     """
@@ -121,8 +120,7 @@ def cache_query(
 
 
 def np_cache_query(
-    state: NpCacheState, keys: np.ndarray, *, policy: str = "lru", stamp: int = 0,
-    touch: bool = True,
+    state: NpCacheState, keys: np.ndarray, *, policy: str = "lru", touch: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of :func:`cache_query`; records hits in ``state`` (LRU marks, LFU
     scores) in place."""
