@@ -177,7 +177,8 @@ class ModelServer:
         self._compute_cpus: set[int] | None = None  # all CPUs, when frontend_cpus is set
         self.frontend_cpus: tuple[int, ...] | None = None  # resolved by start()
         self._spin: SpinWait | None = None
-        self._inflight = 0
+        self._inflight = 0  # requests being handled (what run() counts as concurrency)
+        self._writing = 0  # REST answers being written (stop() waits for them too)
         self._draining = False
         self._cond = threading.Condition()
         self._stopped = threading.Event()
@@ -250,7 +251,7 @@ class ModelServer:
             self._rest.stop_accepting()
         deadline = time.monotonic() + grace
         with self._cond:
-            while self._inflight > 0 and time.monotonic() < deadline:
+            while self._inflight + self._writing > 0 and time.monotonic() < deadline:
                 self._cond.wait(max(0.0, deadline - time.monotonic()))
         if grpc_done is not None:
             grpc_done.wait(max(0.0, deadline - time.monotonic()))
@@ -274,15 +275,18 @@ class ModelServer:
 
     @contextmanager
     def in_flight(self) -> Iterator[None]:
-        """Holds off stop() until the block ends (a REST handler wraps its response write)."""
+        """Holds off stop() until the block ends (a REST handler wraps its response write).
+
+        Counted apart from requests, so that a REST request is not taken for two concurrent
+        ones by `run`."""
         with self._cond:
-            self._inflight += 1
+            self._writing += 1
         try:
             yield
         finally:
             with self._cond:
-                self._inflight -= 1
-                if self._inflight == 0:
+                self._writing -= 1
+                if self._inflight + self._writing == 0:
                     self._cond.notify_all()
 
     @contextmanager
@@ -313,7 +317,7 @@ class ModelServer:
             )
             with self._cond:
                 self._inflight -= 1
-                if self._inflight == 0:
+                if self._inflight + self._writing == 0:
                     self._cond.notify_all()
 
     # ------------------------------------------------------------------ predict core

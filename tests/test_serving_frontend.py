@@ -10,14 +10,14 @@ import threading
 
 import numpy as np
 import pytest
-from serving_models import reference, save_version
+from serving_models import free_port, reference, save_version
 
 tf = pytest.importorskip("tensorflow")
 
 from keras_hps.errors import ConfigError  # noqa: E402
 from keras_hps.servable import load_servable  # noqa: E402
 from keras_hps.serving import cli  # noqa: E402
-from keras_hps.serving.client import GrpcClient  # noqa: E402
+from keras_hps.serving.client import GrpcClient, RestClient  # noqa: E402
 from keras_hps.serving.model_config import ModelEntry  # noqa: E402
 from keras_hps.serving.server import (  # noqa: E402
     ModelServer,
@@ -37,7 +37,7 @@ def affinity(native_id: int) -> set[int]:
 def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
     save_version(str(tmp_path / "m" / "1"), seed=3)
     frontend = (CPUS[-1],)
-    options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
+    options = ServerOptions(port=0, rest_api_port=free_port(), host="127.0.0.1",
                             file_system_poll_wait_seconds=0, frontend_cpus=frontend)
     during_run: list[tuple[int, set[int]]] = []  # (batch, the calling thread's CPUs)
     gate, entered = threading.Event(), threading.Event()
@@ -82,6 +82,13 @@ def test_request_threads_keep_to_the_frontend_cpus(tmp_path):
         client.close()
         # beside another request in flight, the call gets every CPU
         assert during_run[3:] == [(7, set(frontend)), (5, set(CPUS))]
+        # a lone REST request is one request too (its answer write is not counted as another)
+        rest = RestClient(f"http://127.0.0.1:{server.rest_port}")
+        ids = rng.integers(0, 50, size=(3, 2)).astype(np.int64)
+        x = rng.normal(size=(3, 3)).astype(np.float32)
+        out = rest.predict("m", {"ids": ids, "x": x})
+        np.testing.assert_allclose(out["score"], reference(3, ids, x)["score"], rtol=1e-5)
+        assert during_run[5:] == [(3, set(frontend))]
         handlers = [t for t in threading.enumerate()
                     if t.name.startswith("keras-hps-grpc") and t.ident not in older]
         assert handlers, "no gRPC handler thread was started"
