@@ -252,6 +252,8 @@ class GpuTableTier:
             n_unique = flat.numel()
             out = vals.reshape(*shape, self.dim)
         else:
+            # Unique first (measured against probing every key in place, which saves the sort
+            # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
             ukeys, inverse = torch.unique(flat, return_inverse=True)
             n_unique = ukeys.numel()
             uvals = self._lookup_unique(rep, ukeys)
@@ -271,52 +273,64 @@ class GpuTableTier:
         import torch
 
         n = ukeys.numel()
+        generation = self._generation  # an update during the fetch makes its rows stale
         if rep.cache is not None:
             # No key-value check (it would cost a device sync): a key equal to the cache's
             # empty-slot sentinel never matches a slot, so it is fetched from below every time.
             vals, hit = rep.cache.query(ukeys, validate=False)
         else:
             vals, hit = rep.table.query(ukeys)
-        miss = ~hit
-        miss_idx = torch.nonzero(miss).reshape(-1)  # one device sync: the miss count
+        miss_idx = torch.nonzero(~hit).reshape(-1)  # one device sync: the miss count
         n_miss = miss_idx.numel()
-        uvm_hits = 0
+        uvm_hits = fetched = 0
         if n_miss:
             mkeys = ukeys[miss_idx]
-            mvals = None
-            if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
-                # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
-                if self.host_read == "copy":
-                    mvals, thit = rep.table.fetch(mkeys)
-                else:
-                    mvals, thit = rep.table.query(mkeys)
-                still = torch.nonzero(~thit).reshape(-1)
-                uvm_hits = n_miss - still.numel()
-            else:
-                still = torch.arange(n_miss, device=ukeys.device)
-            generation = self._generation
-            if still.numel():
-                fk = mkeys[still].cpu().numpy()
-                with self._lock:
-                    fetched = np.asarray(self._fetch(fk), dtype=np.float32)
-                if fetched.shape != (fk.size, self.dim):
-                    raise RuntimeError(
-                        f"{self.name}: lower tiers returned {fetched.shape} for {fk.size} keys"
-                    )
-                fv = torch.from_numpy(fetched).to(rep.device, non_blocking=True)
-                if mvals is None:
-                    mvals = fv
-                else:
-                    mvals[still] = fv
+            mvals, uvm_hits, fetched = self._resolve(rep, mkeys)
             vals[miss_idx] = mvals
             if rep.cache is not None:
                 self._insert(rep, mkeys, mvals, 1.0 - n_miss / n, generation)
-        with self._lock:
-            self._counts["hits"] += n - n_miss
-            self._counts["misses"] += n_miss
-            self._counts["uvm_hits"] += uvm_hits
-            self._counts["fetched"] += n_miss - uvm_hits
+        self._count(n - n_miss, n_miss, uvm_hits, fetched)
         return vals
+
+    def _count(self, hits: int, misses: int, uvm_hits: int, fetched: int) -> None:
+        with self._lock:
+            self._counts["hits"] += hits
+            self._counts["misses"] += misses
+            self._counts["uvm_hits"] += uvm_hits
+            self._counts["fetched"] += fetched
+
+    def _resolve(self, rep: _Replica, mkeys: Any) -> tuple[Any, int, int]:
+        """Rows of the distinct missed keys ``mkeys`` on ``rep.device``: from the pinned table
+        (uvm), else from the tiers below. Returns ``(rows, keys served by the pinned table,
+        keys fetched from below)``."""
+        import torch
+
+        n_miss = mkeys.numel()
+        mvals = None
+        if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
+            # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
+            if self.host_read == "copy":
+                mvals, thit = rep.table.fetch(mkeys)
+            else:
+                mvals, thit = rep.table.query(mkeys)
+            still = torch.nonzero(~thit).reshape(-1)
+        else:
+            still = torch.arange(n_miss, device=mkeys.device)
+        n_below = still.numel()
+        if n_below:
+            fk = mkeys[still].cpu().numpy()
+            with self._lock:
+                fetched = np.asarray(self._fetch(fk), dtype=np.float32)
+            if fetched.shape != (fk.size, self.dim):
+                raise RuntimeError(
+                    f"{self.name}: lower tiers returned {fetched.shape} for {fk.size} keys"
+                )
+            fv = torch.from_numpy(fetched).to(rep.device, non_blocking=True)
+            if mvals is None:
+                mvals = fv
+            else:
+                mvals[still] = fv
+        return mvals, n_miss - n_below, n_below
 
     def _insert(
         self, rep: _Replica, keys: Any, vals: Any, hit_rate: float, generation: int

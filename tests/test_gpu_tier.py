@@ -113,6 +113,37 @@ def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
         ParameterServer(_config(path, gpu_cache_admission="sometimes"))
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "uvm"])
+def test_repeated_keys_fetched_once_counted_once(interpret, table, mode):
+    """A key repeated in a batch is looked up once: fetched from below once, counted once in
+    the GPU tier's hits and misses and in the table's unique keys, and cached once."""
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
+        tier = ps._table("m", 0).gpu_tier
+        known = rng.choice(keys, 5, replace=False)
+        unknown = np.setdiff1d(rng.integers(-(2**40), 2**40, 3), keys)
+        q = np.repeat(np.r_[known, unknown], rng.integers(1, 5, known.size + unknown.size))
+        rng.shuffle(q)
+        q = q.reshape(1, -1)
+        distinct = known.size + unknown.size
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = tier.stats()
+        assert (s["hits"], s["misses"]) == (0, distinct)
+        if mode == "dynamic":
+            assert (s["fetched"], s["uvm_hits"]) == (distinct, 0)
+        else:  # the pinned table serves the known keys; only unknown ones go below
+            assert (s["fetched"], s["uvm_hits"]) == (unknown.size, known.size)
+        st = ps.stats("m", 0)
+        assert (st["lookups"], st["keys"], st["unique_keys"]) == (1, q.size, distinct)
+        below = (st["host"]["hits"] if st["host"] else 0) + st["cold"]["hits"]
+        assert below + st["default"]["hits"] == s["fetched"]
+        assert s["resident"] == distinct
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = tier.stats()
+        assert (s["hits"], s["misses"]) == (distinct, distinct)
+
+
 @pytest.mark.parametrize("threshold", [1.0, 0.0])
 def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
     """Below the threshold misses are inserted before returning; at or above it in the
