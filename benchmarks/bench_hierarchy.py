@@ -273,6 +273,8 @@ def breakdown(tier, keys, dev) -> None:
     """Device time of each step of one uvm lookup (each step synchronised: an upper bound)."""
     import torch
 
+    from keras_hps.triton_kernels.gather import gather_rows
+
     rep = tier._replicas[0]
     steps = {}
 
@@ -285,7 +287,7 @@ def breakdown(tier, keys, dev) -> None:
         return r
 
     ukeys, inv = step("unique", lambda: torch.unique(keys, return_inverse=True))
-    vals, hit = step("cache_query", lambda: rep.cache.query(ukeys))
+    vals, hit = step("cache_query", lambda: rep.cache.query(ukeys, validate=False))
     midx = step("miss_index", lambda: torch.nonzero(~hit).reshape(-1))
     mkeys = ukeys[midx]
     step("uvm_query_zero_copy", lambda: rep.table.query(mkeys))
@@ -296,25 +298,50 @@ def breakdown(tier, keys, dev) -> None:
     mv, _ = step("uvm_fetch_split", lambda: rep.table.fetch(mkeys))
     rep.table.zero_copy_share = share
     step("scatter_misses", lambda: vals.index_copy_(0, midx, mv))
-    step("cache_insert", lambda: rep.cache.insert(mkeys, mv))
-    from keras_hps.triton_kernels.gather import gather_rows
-
+    step("cache_insert", lambda: rep.cache.insert(mkeys, mv, validate=False))
     step("gather_to_input_order", lambda: gather_rows(vals, inv))
     log(section="hierarchy_breakdown", keys=keys.numel(), unique=ukeys.numel(),
         misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
 
 
-def timed_lookup(ps, tier, keys, dev) -> tuple[float, int, int]:
-    """(seconds, GPU-tier hits, misses) of one synchronised `ps.lookup`; background inserts
-    finish before the counts are read, outside the timing."""
+def flat_lookup(tier, keys):
+    """An alternative lookup path, timed beside ``ps.lookup`` (``--flat``): every key probed
+    where it stands (no unique step, no gather back to input order); only the misses made
+    unique, resolved, scattered to their places and inserted. Counts only the misses."""
+    import torch
+
+    from keras_hps.triton_kernels.gather import gather_rows
+
+    rep = tier._replica_for(keys.device)
+    flat = keys.reshape(-1)
+    generation = tier._generation
+    vals, hit = rep.cache.query(flat, validate=False)
+    mpos = torch.nonzero(~hit).reshape(-1)
+    if mpos.numel():
+        mkeys, inv = torch.unique(flat[mpos], return_inverse=True)
+        mvals, uvm_hits, fetched = tier._resolve(rep, mkeys)
+        vals[mpos] = gather_rows(mvals, inv) if keys.is_cuda else mvals[inv]
+        tier._insert(rep, mkeys, mvals, 1.0 - mpos.numel() / flat.numel(), generation)
+        tier._count(0, mkeys.numel(), uvm_hits, fetched)
+    return vals
+
+
+def timed_lookup(ps, tier, keys, dev, path: str = "ps.lookup") -> tuple[float, int, int, int]:
+    """(seconds, GPU-tier hits, misses, distinct missed keys) of one synchronised lookup;
+    background inserts finish before the counts are read, outside the timing. ``path``:
+    ``ps.lookup``, or ``flat`` (`flat_lookup`, which counts misses only)."""
     s0 = tier.stats()
     t0 = time.perf_counter()
-    ps.lookup("bench", 0, keys)
+    if path == "ps.lookup":
+        ps.lookup("bench", 0, keys)
+    else:
+        flat_lookup(tier, keys)
     sync(dev)
     sec = time.perf_counter() - t0
     tier.wait()
     s1 = tier.stats()
-    return sec, s1["hits"] - s0["hits"], s1["misses"] - s0["misses"]
+    distinct = (s1["fetched"] + s1["uvm_hits"]) - (s0["fetched"] + s0["uvm_hits"])
+    return sec, s1["hits"] - s0["hits"], s1["misses"] - s0["misses"], distinct
 
 
 def section_hierarchy(dev, args) -> None:
@@ -338,7 +365,8 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    count = args.warm + 4 * (args.reps + 2) + 1 + (args.warm + args.reps if args.lfu else 0)
+    count = (args.warm + (4 + args.flat) * (args.reps + 2) + 1
+             + (args.warm + args.reps if args.lfu else 0))
     batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
     emb = np.memmap(os.path.join(path, "emb_vector"), np.float32, "r", shape=(rows, dim))
@@ -382,10 +410,16 @@ def section_hierarchy(dev, args) -> None:
             pos = n_warm
             # Variants of how uvm misses read the pinned table: (host_read, zero-copy share).
             # They take turns batch by batch, so that the machine's drift hits all alike.
-            variants = ([("copy", 0.0), ("copy", 0.2), ("copy", 0.3), ("kernel", 0.0)]
-                        if mode == "uvm" else [("-", 0.0)])
+            # The last entry is the lookup path: ps.lookup (unique first), or with --flat
+            # also every key probed in place (`flat_lookup`), with the default miss reads.
+            variants = ([("copy", 0.0, "ps.lookup"), ("copy", 0.2, "ps.lookup"),
+                         ("copy", 0.3, "ps.lookup"), ("kernel", 0.0, "ps.lookup")]
+                        if mode == "uvm" else [("-", 0.0, "ps.lookup")])
+            if args.flat:
+                default = variants[2] if mode == "uvm" else variants[0]
+                variants.append((default[0], default[1], "flat"))
 
-            def use(host_read, share, tier=tier):
+            def use(host_read, share, _path, tier=tier):
                 tier.host_read = host_read  # uvm misses: copy engine or zero-copy kernel reads
                 for rep in tier._replicas:
                     if rep.table is not None:
@@ -400,24 +434,27 @@ def section_hierarchy(dev, args) -> None:
             tier.wait()
             sync(dev)
             times = {v: [] for v in variants}
-            counts = {v: [0, 0] for v in variants}
+            counts = {v: [0, 0, 0] for v in variants}
             for _ in range(n_reps):
                 for v in variants:
                     use(*v)
-                    sec, h, mi = timed_lookup(ps, tier, batches[pos], dev)
+                    sec, h, mi, dist = timed_lookup(ps, tier, batches[pos], dev, v[2])
                     pos += 1
                     times[v].append(sec)
                     counts[v][0] += h
                     counts[v][1] += mi
+                    counts[v][2] += dist
             for v in variants:
-                dh, dm = counts[v]
+                dh, dm, dd = counts[v]
                 log(section="hierarchy", mode=mode, admission=admission, host_read=v[0],
-                    zero_copy_share=v[1],
+                    zero_copy_share=v[1], path=v[2],
                     rows=rows, dim=dim, batch=batch, alpha=args.alpha,
                     cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=args.threshold, init_s=init_s, exact_sample=exact,
                     warm_batches=n_warm, mean_unique_per_batch=uniq,
-                    gpu_hit_rate_unique=dh / max(1, dh + dm), uvm_launch=dict(UVM_LAUNCH),
+                    gpu_hit_rate_unique=dh / max(1, dh + dm) if v[2] == "ps.lookup" else None,
+                    distinct_misses_per_batch=dd / max(1, len(times[v])),
+                    uvm_launch=dict(UVM_LAUNCH),
                     Gkeys_per_s=batch * len(times[v]) / sum(times[v]) / 1e9,
                     batch_ms_median=statistics.median(times[v]) * 1e3,
                     batch_ms_p90=float(np.percentile(times[v], 90)) * 1e3,
@@ -440,7 +477,7 @@ def section_hierarchy(dev, args) -> None:
                 pos += n_warm
                 tier.wait()
                 sync(dev)
-                runs = [timed_lookup(ps, tier, b, dev) for b in batches[pos:pos + n_reps]]
+                runs = [timed_lookup(ps, tier, b, dev)[:3] for b in batches[pos:pos + n_reps]]
                 times = [r[0] for r in runs]
                 dh, dm = sum(r[1] for r in runs), sum(r[2] for r in runs)
                 log(section="hierarchy", mode=mode, policy="lfu", host_read="copy",
@@ -471,6 +508,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
+    ap.add_argument("--flat", action="store_true",
+                    help="also time flat_lookup (every key probed in place) beside ps.lookup")
     ap.add_argument("--admissions", default="none",
                     help="GPU cache admission policies to run (comma list: none,tinylfu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
