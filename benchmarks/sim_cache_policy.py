@@ -17,7 +17,11 @@ Policies (victim: an empty slot, else the lowest score in the set):
 - ``tinylfu``: ``lru`` eviction, plus admission by frequency (TinyLFU): every key's lookups
   are counted (halved every ``--age`` lookups of the cache's size, as a sketch would age), and a
   missed key enters a full set only if it was looked up more often than the slot it would
-  evict.
+  evict. It counts each key once per batch (the parameter server made a batch's keys unique
+  before the cache saw them).
+- ``tinylfu_all``: as ``tinylfu``, but every draw is counted, a key repeated in a batch
+  each time (the parameter server now probes every key where it stands, and the sketch
+  counts each probe).
 
 Usage: ``python benchmarks/sim_cache_policy.py`` (about a minute).
 """
@@ -46,14 +50,18 @@ def simulate(policy: str, ways: int, keys: int, slots: int, batches: list[np.nda
     score = np.zeros((num_sets, ways), dtype=np.int64)
     mark = np.zeros((num_sets, ways), dtype=bool)
     where = np.full(keys, -1, dtype=np.int64)  # key -> flat slot, -1 if absent
-    freq = np.zeros(keys, dtype=np.int32) if policy == "tinylfu" else None
+    freq = np.zeros(keys, dtype=np.int32) if policy.startswith("tinylfu") else None
     counted = 0
     hits = total = 0
     for t, batch in enumerate(batches, start=1):
         u = np.unique(batch)
         if freq is not None:
-            freq[u] += 1
-            counted += u.size
+            if policy == "tinylfu_all":
+                freq += np.bincount(batch, minlength=keys).astype(np.int32)
+                counted += batch.size
+            else:
+                freq[u] += 1
+                counted += u.size
             if counted > age * slots:
                 freq >>= 1
                 counted = 0
@@ -63,7 +71,7 @@ def simulate(policy: str, ways: int, keys: int, slots: int, batches: list[np.nda
             hits += int(hit.sum())
             total += u.size
         hp = pos[hit]
-        if policy in ("lru", "tinylfu"):
+        if policy in ("lru", "tinylfu", "tinylfu_all"):
             score.reshape(-1)[hp] = t
         elif policy == "nru":
             mark.reshape(-1)[hp] = True
