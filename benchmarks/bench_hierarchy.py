@@ -332,7 +332,7 @@ def timed_lookup(ps, tier, keys, dev, path: str = "ps.lookup") -> tuple[float, i
     ``ps.lookup``, or ``flat`` (`flat_lookup`, which counts misses only)."""
     s0 = tier.stats()
     t0 = time.perf_counter()
-    if path in ("ps.lookup", "joined"):
+    if path == "ps.lookup":
         ps.lookup("bench", 0, keys)
     else:
         flat_lookup(tier, keys)
@@ -410,30 +410,20 @@ def section_hierarchy(dev, args) -> None:
             pos = n_warm
             # Variants of how uvm misses read the pinned table: (host_read, zero-copy share).
             # They take turns batch by batch, so that the machine's drift hits all alike.
-            # The last entry is the lookup path: ps.lookup; "joined", ps.lookup with the
-            # lookup waiting for its cache insert (as before the insert overlapped the
-            # lookup's last steps); with --flat, every key probed in place (`flat_lookup`).
-            default = ("copy", 0.3) if mode == "uvm" else ("-", 0.0)
-            variants = ([("copy", 0.0, "ps.lookup"), ("kernel", 0.0, "ps.lookup")]
-                        if mode == "uvm" else [])
-            variants += [(*default, "ps.lookup"), (*default, "joined")]
+            # The last entry is the lookup path: ps.lookup (unique first), or with --flat
+            # also every key probed in place (`flat_lookup`), with the default miss reads.
+            variants = ([("copy", 0.0, "ps.lookup"), ("copy", 0.2, "ps.lookup"),
+                         ("copy", 0.3, "ps.lookup"), ("kernel", 0.0, "ps.lookup")]
+                        if mode == "uvm" else [("-", 0.0, "ps.lookup")])
             if args.flat:
-                variants.append((*default, "flat"))
+                default = variants[2] if mode == "uvm" else variants[0]
+                variants.append((default[0], default[1], "flat"))
 
-            def use(host_read, share, path, tier=tier):
+            def use(host_read, share, _path, tier=tier):
                 tier.host_read = host_read  # uvm misses: copy engine or zero-copy kernel reads
                 for rep in tier._replicas:
                     if rep.table is not None:
                         rep.table.zero_copy_share = share
-                    cache = rep.cache
-                    if path == "joined":
-                        def joined(keys, values, _c=cache, **kw):
-                            kw["caller_waits"] = True
-                            return type(_c).insert(_c, keys, values, **kw)
-
-                        cache.insert = joined
-                    elif "insert" in vars(cache):
-                        del cache.insert
 
             tier.hit_rate_threshold = args.threshold
             for v in variants:  # each variant's kernels compiled, buffers sized
@@ -462,7 +452,7 @@ def section_hierarchy(dev, args) -> None:
                     cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=args.threshold, init_s=init_s, exact_sample=exact,
                     warm_batches=n_warm, mean_unique_per_batch=uniq,
-                    gpu_hit_rate_unique=dh / max(1, dh + dm) if v[2] != "flat" else None,
+                    gpu_hit_rate_unique=dh / max(1, dh + dm) if v[2] == "ps.lookup" else None,
                     distinct_misses_per_batch=dd / max(1, len(times[v])),
                     uvm_launch=dict(UVM_LAUNCH),
                     Gkeys_per_s=batch * len(times[v]) / sum(times[v]) / 1e9,
