@@ -210,10 +210,8 @@ class GpuEmbeddingCache:
 
     # ----------------------------------------------------------------- ordering
     @contextmanager
-    def ordered(self, caller_waits: bool = True) -> Iterator[None]:
-        """Hold the cache's lock and run the block's device work on the cache's stream (after
-        the caller's stream's work so far); then, unless ``caller_waits=False``, make the
-        caller's stream wait for it."""
+    def ordered(self) -> Iterator[None]:
+        """Hold the cache's lock and run the block's device work on the cache's stream."""
         sh = self._shared
         with sh.lock:
             if sh.stream is None:
@@ -223,8 +221,7 @@ class GpuEmbeddingCache:
             sh.stream.wait_stream(caller)
             with torch.cuda.stream(sh.stream):
                 yield
-            if caller_waits:
-                caller.wait_stream(sh.stream)
+            caller.wait_stream(sh.stream)
 
     def _on_stream(self, *tensors: torch.Tensor) -> None:
         """Tell the allocator that tensors crossing between streams are in use on both."""
@@ -265,20 +262,16 @@ class GpuEmbeddingCache:
             sketch.bitwise_right_shift_(1)
             self._sketch_count = 0
 
-    def insert(self, keys: torch.Tensor, values: torch.Tensor, *, validate: bool = True,
-               caller_waits: bool = True) -> None:
+    def insert(self, keys: torch.Tensor, values: torch.Tensor, *, validate: bool = True) -> None:
         """Insert rows ``values [n, dim]`` for ``keys``; present keys are updated in place.
 
         A key repeated in the batch is stored once, with its last row. When a set is full the
         policy's victim is evicted (with TinyLFU admission, only by a key queried more often
         than it; else the new key is not stored). ``validate`` as in :meth:`query`.
-        With ``caller_waits=False`` (CUDA) the caller's stream goes on while the insert runs
-        on the cache's stream; every later operation on the cache still runs after it. The
-        caller must then not write to ``keys`` or ``values`` until it synchronises.
         """
         keys = _checked_keys(keys, self, validate=validate)
         values = _checked_values(values, keys.numel(), self)
-        with self.ordered(caller_waits):
+        with self.ordered():
             stamp = self._shared.tick()
             cache_insert(self._arrays, keys, values, policy=self._policy, stamp=stamp,
                          counters=self._counters, validate=False, sketch=self._sketch)

@@ -286,11 +286,9 @@ class GpuTableTier:
         if n_miss:
             mkeys = ukeys[miss_idx]
             mvals, uvm_hits, fetched = self._resolve(rep, mkeys)
-            if rep.cache is not None:
-                # Launched first: the insert runs on the cache's stream while this stream
-                # scatters the rows and puts them back in input order.
-                self._insert(rep, mkeys, mvals, 1.0 - n_miss / n, generation)
             vals[miss_idx] = mvals
+            if rep.cache is not None:
+                self._insert(rep, mkeys, mvals, 1.0 - n_miss / n, generation)
         self._count(n - n_miss, n_miss, uvm_hits, fetched)
         return vals
 
@@ -339,9 +337,7 @@ class GpuTableTier:
     ) -> None:
         """Put fetched rows into the cache: now when the hit rate is low, else in background."""
         if hit_rate < self.hit_rate_threshold:
-            # Before any later lookup (the cache's stream orders them), without making this
-            # lookup's own remaining work wait for it.
-            rep.cache.insert(keys, vals, validate=False, caller_waits=False)
+            rep.cache.insert(keys, vals, validate=False)
             return
 
         def run() -> None:

@@ -194,31 +194,6 @@ def test_concurrent_query_and_insert_from_two_threads(rng):
     assert cache.insertions - cache.evictions == cache.size
 
 
-def test_insert_the_caller_does_not_wait_for_is_seen_by_the_next_operation(rng):
-    """``caller_waits=False``: the caller's stream goes on (here: it queries at once, and
-    from another stream too); every later operation on the cache sees the insert whole."""
-    dim, n = 16, 48 * GPU_SCALE * GPU_SCALE
-    cache = GpuEmbeddingCache(2 * n, dim, device=DEVICE)
-    ref = cache.arrays.to_numpy()
-    for stamp in (1, 2, 3):  # the cache's clock ticks on every insert
-        keys = t(unique_keys(rng, n))
-        vals = rows_of(keys, dim)
-        cache.insert(keys, vals, validate=False, caller_waits=False)
-        out, hit = cache.query(keys)
-        np_cache_insert(ref, keys.cpu().numpy(), vals.cpu().numpy(), stamp=stamp)
-        ref_out, ref_hit = np_cache_query(ref, keys.cpu().numpy())
-        np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
-        np.testing.assert_array_equal(out.cpu().numpy(), ref_out)
-        if DEVICE == "cuda":
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                out2, hit2 = cache.query(keys)
-            torch.cuda.synchronize()
-            assert torch.equal(hit2, hit) and torch.equal(out2, out)
-    assert ref_hit.any() and cache.evictions > 0
-
-
 def test_group_queries_all_tables_in_one_launch(rng):
     tables = [(64, 16), (40, 1), (100, 100), (32, 128)]
     group = GpuCacheGroup(tables, device=DEVICE, policy="lfu")
