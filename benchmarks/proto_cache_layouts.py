@@ -24,6 +24,8 @@ the key. All use the shipped bitmap touch (with the read before the atomic) or n
   cache loses hit rate to conflicts (``sim_cache_policy.py --ways 1``).
 - ``inline72 direct``: the same with 72-byte records (no padding; half of them straddle two
   lines).
+- ``inline2way`` / ``inline4way``: 2-slot sets of 144 bytes (the 2 keys, then the 2 rows),
+  or 4-slot sets of 288, each read whole in one go: associativity for adjacent lines.
 - ``keys8 home``: the 8-slot key block read together with the row of the key's home slot
   (a second hash picks one of the set's 8); a second row read when the key sits elsewhere.
 - ``inline128 home``: 8-slot sets of 128-byte records; the home record is read first (key
@@ -200,6 +202,35 @@ def _home_query(keys_ptr, n, kb_ptr, vec_ptr, marks_ptr, out_ptr, hit_ptr, num_s
 EMPTY_KEY = tl.constexpr(EMPTY)
 
 
+@triton.jit(do_not_specialize=["num_sets"])
+def _inline_set_query(keys_ptr, n, set_ptr, marks_ptr, out_ptr, hit_ptr, num_sets,
+                      WAYS: tl.constexpr, DIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                      TOUCH: tl.constexpr):
+    """WAYS-slot sets of 2*WAYS + WAYS*DIM int32 words: the keys, then the rows; all read at
+    once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = offs < n
+    k = tl.load(keys_ptr + offs, mask=m, other=0)
+    s = set_index(k, num_sets)
+    base = s * (2 * WAYS + WAYS * DIM)
+    w = tl.arange(0, WAYS)
+    kk = tl.load(set_ptr.to(tl.pointer_type(tl.int64)) + (base >> 1)[:, None] + w[None, :],
+                 mask=m[:, None], other=EMPTY_KEY)
+    e = tl.arange(0, WAYS * DIM)
+    rows = tl.load(set_ptr.to(tl.pointer_type(tl.float32)) + base[:, None] + 2 * WAYS
+                   + e[None, :], mask=m[:, None], other=0.0)
+    j = tl.max(tl.where(kk == k[:, None], w[None, :], -1), axis=1)
+    hit = m & (j >= 0)
+    if TOUCH:
+        cache_touch(marks_ptr, marks_ptr, s * WAYS + tl.maximum(j, 0), hit, False, True)
+    rows3 = tl.reshape(rows, (BLOCK_K, WAYS, DIM))
+    pick = (w[None, :] == j[:, None])[:, :, None]
+    row = tl.sum(tl.where(pick, rows3, 0.0), axis=1)
+    d = tl.arange(0, DIM)
+    tl.store(out_ptr + offs[:, None] * DIM + d[None, :], row, mask=m[:, None])
+    tl.store(hit_ptr + offs, hit, mask=m)
+
+
 @triton.jit(do_not_specialize=["n", "num_sets", "iters", "programs"])
 def _pipelined_query(keys_ptr, n, ckeys_ptr, marks_ptr, vec_ptr, num_sets, out_ptr, hit_ptr,
                      iters, programs, DIM: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -374,6 +405,28 @@ def single_access(dim: int, slots: int, n: int, dev: torch.device,
         rec = None
         torch.cuda.empty_cache()
     kb1 = occ = picks = qk = None
+
+    # 2- and 4-slot sets read whole.
+    for ways in (2, 4):
+        ns = slots // ways
+        kbw = place(cand, ns, ways)
+        flatw = kbw.reshape(-1)
+        occ = torch.nonzero(flatw != EMPTY).squeeze(1)
+        picks = [occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]]
+                 for _ in range(R)]
+        qk = [flatw[p].contiguous() for p in picks]
+        sets = torch.empty(ns, 2 * ways + ways * dim, dtype=torch.int32, device=dev)
+        sets[:, :2 * ways] = kbw.view(torch.int32).view(ns, 2 * ways)
+        sets[:, 2 * ways:] = table.view(torch.int32).view(ns, ways * dim)
+
+        def launch_set(i, bk, nw, touch_, ways=ways, ns=ns, sets=sets, qk=qk):
+            _inline_set_query[(triton.cdiv(n, bk),)](
+                qk[i], n, sets, marks, out, hit, ns, WAYS=ways, DIM=dim, BLOCK_K=bk,
+                TOUCH=touch_, num_warps=nw)
+
+        best_of(f"inline{ways}way", launch_set, picks, f"occupancy {occ.numel() / slots:.3f}")
+        kbw = flatw = occ = picks = qk = sets = None
+        torch.cuda.empty_cache()
 
     # 8-slot sets with a home way.
     num_sets = slots // 8
