@@ -9,7 +9,11 @@ Timed beside each other, round-robin, each call synchronised:
 - ``fetch``: the shipped path for each (copy chunk MiB, zero-copy share) of the grid;
 - ``host gather``: ``torch.index_select`` of the same rows into one pinned buffer, at
   once and in copy-chunk pieces (the host threads' share of the work alone);
-- ``copy engine``: one pinned buffer of those rows to the device (the bus alone).
+- ``copy engine``: one pinned buffer of those rows to the device (the bus alone);
+- ``zero-copy``: all rows read over the bus by the kernel, through the hash query that
+  ``fetch`` uses for its zero-copy share, or by a plain row gather of the known row
+  positions (``_gather_kernel`` on the pinned table), per launch setting;
+- ``split, row gather``: ``fetch`` with its zero-copy share read by that row gather.
 
 Usage (GPU machine, repository root): ``source benchmarks/device_env.sh;
 python3 benchmarks/exp_uvm_fetch.py``.
@@ -23,8 +27,11 @@ import statistics
 import time
 
 import torch
+import triton
 
-from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+from keras_hps.triton_kernels.cache_layout import block_d
+from keras_hps.triton_kernels.gather import _gather_kernel
+from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty, static_find
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -46,6 +53,8 @@ def main() -> int:
     p.add_argument("--chunks-mib", default="4,8,16,32")
     p.add_argument("--shares", default="0.2,0.3,0.4,0.5")
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--gather-launch", default="8x4,16x4,32x4,16x8,32x8,64x8",
+                   help="row-gather launch settings: rows per program x warps")
     p.add_argument("--json", default="")
     args = p.parse_args()
     dev = torch.device("cuda")
@@ -84,9 +93,39 @@ def main() -> int:
     variants = {f"fetch chunk={c}MiB share={s}": fetch_with(c, s)
                 for c in (int(x) for x in args.chunks_mib.split(","))
                 for s in (float(x) for x in args.shares.split(","))}
+    rows_d = [((b - 1) // 3) for b in batches]
+
+    def gather_with(bk: int, nw: int, share: float = 1.0, split: bool = False):
+        def run() -> None:
+            i = batch()
+            if split:  # as fetch: find the rows, read them back, split the work
+                rows = static_find(table.index, batches[i])
+                rh = rows.cpu()
+            else:
+                rows, rh = rows_d[i], rows_h[i]
+            k = int(rows.numel() * share)
+            if k:
+                _gather_kernel[(triton.cdiv(k, bk),)](rows, k, hv, dst, DIM=args.dim,
+                                                      BLOCK_D=block_d(args.dim), BLOCK_K=bk,
+                                                      ROW_EVICT="", num_warps=nw)
+            if split and k < rows.numel():
+                table._copy_host_rows(rh[k:], dst[k:])
+        return run
+
+    for spec in args.gather_launch.split(","):
+        bk, nw = (int(x) for x in spec.split("x"))
+        variants[f"zero-copy row gather {bk}x{nw}"] = gather_with(bk, nw)
+    variants["zero-copy hash query (fetch's share)"] = lambda: table.query(batches[batch()])
+    for s in (float(x) for x in args.shares.split(",")):
+        variants[f"split, row gather 16x4, share={s}"] = gather_with(16, 4, s, split=True)
     variants["host gather, all rows at once"] = (
         lambda: torch.index_select(hv, 0, rows_h[batch()], out=big))
     variants["copy engine, one pinned buffer"] = lambda: dst.copy_(big, non_blocking=True)
+    n = args.misses  # the row gather reads the pinned table right
+    _gather_kernel[(triton.cdiv(n, 16),)](rows_d[0], n, hv, dst, DIM=args.dim,
+                                          BLOCK_D=block_d(args.dim), BLOCK_K=16, ROW_EVICT="",
+                                          num_warps=4)
+    assert torch.equal(dst.view(torch.int32)[:, 0], rows_d[0].to(torch.int32))
     times = {k: [] for k in variants}
     for fn in variants.values():  # warm-up: kernels compiled, staging rings made
         fn()
