@@ -154,7 +154,7 @@ def test_fetch_through_copy_engine_matches_reference(dim, share, n_device_frac):
                         n_device=int(n_device_frac * keys.size))
     assert table.host_values is not None
     table.copy_chunk_bytes = 64 * dim * 4  # many chunks of 64 rows (8 MiB by default)
-    table.zero_copy_share = share  # on CUDA: this share of the keys read by the kernel
+    table.zero_copy_share = share  # this share of the keys read by the kernel, by row
     for n_hit, n_miss in ((50, 0), (400, 90), (0, 7), (0, 0), (2000, 10)):
         q = _queries(rng, keys, n_hit, n_miss)
         out, hit = table.fetch(torch.from_numpy(q).to(DEVICE))

@@ -112,6 +112,32 @@ def _static_query_kernel(
     k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
     row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
     hit = row >= 0
+    _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
+                     DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
+    tl.store(hit_ptr + offs, hit, mask=kmask)
+    if COUNT:
+        tl.atomic_add(counters_ptr, tl.sum(kmask.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+
+
+@triton.jit
+def _rows_kernel(rows_ptr, n, dev_ptr, host_ptr, n_device, out_ptr, DIM: tl.constexpr,
+                 HAS_HOST: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``out[i]`` = row ``rows[i]`` of the table (device rows, then host rows), zeros where
+    ``rows[i] < 0``: the rows of keys already found, read without a second probe."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    row = tl.load(rows_ptr + offs, mask=kmask, other=-1)
+    _copy_table_rows(row, row >= 0, offs, kmask, dev_ptr, host_ptr, n_device, out_ptr, out_ptr,
+                     DIM, HAS_HOST, False, BLOCK_D)
+
+
+@triton.jit
+def _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
+                     DIM: tl.constexpr, HAS_HOST: tl.constexpr, HAS_DEFAULT: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """``out[offs]`` = table row ``row`` where ``hit`` (device rows below ``n_device``, host
+    rows from there), the default row or zeros elsewhere (lanes ``kmask``)."""
     on_dev = hit & (row < n_device)
     for d0 in tl.static_range(0, DIM, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
@@ -134,10 +160,6 @@ def _static_query_kernel(
         tl.store(
             out_ptr + offs[:, None] * DIM + cols[None, :], v, mask=kmask[:, None] & cm[None, :]
         )
-    tl.store(hit_ptr + offs, hit, mask=kmask)
-    if COUNT:
-        tl.atomic_add(counters_ptr, tl.sum(kmask.to(tl.int64), axis=0), sem="relaxed")
-        tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
 
 
 @triton.jit
@@ -476,7 +498,9 @@ class StaticTable:
         the copy engine moves the chunks already gathered (on its own stream; the current
         stream waits for it). Zero-copy kernel reads of scattered rows run far below the
         copy engine's rate (16 GB/s against 55 GB/s measured on an H200), so this is the
-        path for many misses. Misses get zeros.
+        path for many misses; the rows of the first ``zero_copy_share`` of the keys are still
+        read by the kernel, by their known positions, while the host gathers the rest.
+        Misses get zeros.
         """
         keys = _as_int64_keys(keys, "StaticTable.fetch").to(self.index.device)
         if self.host_values is None:
@@ -490,11 +514,11 @@ class StaticTable:
             return out, hit
         rows_h = rows.cpu()
         n_dev = self.device_values.shape[0]
-        # The first `k` keys are read by the kernel over the bus while the host gathers the
-        # rest: both paths run at once.
-        k = int(n * self.zero_copy_share) if dev.type == "cuda" else 0
+        # The rows of the first `k` keys are read by the kernel over the bus while the host
+        # gathers the rest: both paths run at once.
+        k = int(n * self.zero_copy_share)
         if k:
-            out[:k] = self.query(keys[:k])[0]
+            self._read_rows(rows[:k], out[:k])
         rest, rows_t, rows_ht = out[k:], rows[k:], rows_h[k:]
         if n_dev:
             pos_dev = torch.nonzero((rows_t >= 0) & (rows_t < n_dev)).reshape(-1)
@@ -509,6 +533,17 @@ class StaticTable:
                 self._copy_host_rows(rows_ht[pos] - n_dev, buf)
                 rest[pos.to(dev, non_blocking=True)] = buf
         return out, hit
+
+    def _read_rows(self, rows: torch.Tensor, dst: torch.Tensor) -> None:
+        """``dst[i]`` = table row ``rows[i]`` (zeros where -1), read by the kernel (host rows
+        over the bus, zero-copy)."""
+        dim = self.dim
+        block_d = min(triton.next_power_of_2(dim), 128)
+        block_k = max(16, min(128, 4096 // block_d))
+        dev_arg = self.device_values if self.device_values.numel() else dst
+        _rows_kernel[(triton.cdiv(rows.numel(), block_k),)](
+            rows, rows.numel(), dev_arg, self.host_values, self.device_values.shape[0], dst,
+            DIM=dim, HAS_HOST=True, BLOCK_K=block_k, BLOCK_D=block_d)
 
     def _copy_host_rows(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
         """``dst[i] = host_values[idx[i]]`` (idx on the host, dst on the device), chunked:
