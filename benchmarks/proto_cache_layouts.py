@@ -274,17 +274,10 @@ def pipelined(dim: int, slots: int, n: int, dev: torch.device, gen: torch.Genera
     ``cache_query``."""
     log(f"\n== pipelined query: dim {dim}, {slots:,} slots, {n:,} keys per call ==")
     R = 4
-    cache = GpuEmbeddingCache(slots, dim, device=dev)
     cand = torch.randint(0, 2**62, (int(slots * 1.25),), device=dev, generator=gen)
-    for lo in range(0, cand.numel(), 1 << 22):
-        k = cand[lo:lo + (1 << 22)]
-        cache_insert(cache.arrays, k, torch.randn(k.numel(), dim, device=dev, generator=gen),
-                     stamp=1, validate=False)
+    cache, picks, qa = filled_cache(slots, dim, cand, n, R, dev, gen)
     cand = None
     a = cache.arrays
-    occ = torch.nonzero(a.occupied).squeeze(1)
-    picks = [occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]] for _ in range(R)]
-    qa = [a.keys[p].contiguous() for p in picks]
     g = bench(lambda i: gather_rows(a.vectors, picks[i]), R)
     record("gather (baseline)", dim, n, g, g)
     record("cache_query (LRU marks)", dim, n,
@@ -371,18 +364,11 @@ def single_access(dim: int, slots: int, n: int, dev: torch.device,
                    f"block_k={best[1]} warps={best[2]} {note}")
 
     # Shipped cache, same fill as the study above.
-    cache = GpuEmbeddingCache(slots, dim, device=dev)
-    for lo in range(0, cand.numel(), 1 << 22):
-        k = cand[lo:lo + (1 << 22)]
-        cache_insert(cache.arrays, k, torch.randn(k.numel(), dim, device=dev, generator=gen),
-                     stamp=1, validate=False)
+    cache, _picks, qa = filled_cache(slots, dim, cand, n, R, dev, gen)
     a = cache.arrays
-    occ = torch.nonzero(a.occupied).squeeze(1)
-    qa = [a.keys[occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]]].contiguous()
-          for _ in range(R)]
     record("cache_query (LRU marks)", dim, n,
            bench(lambda i: cache_query(a, qa[i], validate=False), R), g)
-    cache = a = qa = occ = None
+    cache = a = qa = None
     torch.cuda.empty_cache()
 
     # Direct-mapped inline records.
@@ -475,6 +461,21 @@ def place(keys: torch.Tensor, num_sets: int, w: int) -> torch.Tensor:
     return kb.view(num_sets, w)
 
 
+def filled_cache(slots: int, dim: int, cand: torch.Tensor, n: int, batches: int,
+                 dev: torch.device, gen: torch.Generator):
+    """The shipped cache filled with the candidate keys (random rows), and ``batches`` picks of
+    ``n`` occupied slots with their keys: ``(cache, slot picks, key batches)``."""
+    cache = GpuEmbeddingCache(slots, dim, device=dev)
+    for lo in range(0, cand.numel(), 1 << 22):
+        k = cand[lo:lo + (1 << 22)]
+        cache_insert(cache.arrays, k, torch.randn(k.numel(), dim, device=dev, generator=gen),
+                     stamp=1, validate=False)
+    occ = torch.nonzero(cache.arrays.occupied).squeeze(1)
+    picks = [occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]]
+             for _ in range(batches)]
+    return cache, picks, [cache.arrays.keys[p].contiguous() for p in picks]
+
+
 def bench(fn, rotate: int) -> float:
     st = {"i": 0}
 
@@ -508,20 +509,13 @@ def study(dim: int, slots: int, n: int, dev: torch.device, gen: torch.Generator)
     cand = torch.randint(0, 2**62, (int(slots * 1.25),), device=dev, generator=gen)
 
     # The shipped cache (keys8 + bitmap), through cache_query.
-    cache = GpuEmbeddingCache(slots, dim, device=dev)
-    for lo in range(0, cand.numel(), 1 << 22):
-        k = cand[lo:lo + (1 << 22)]
-        cache_insert(cache.arrays, k, torch.randn(k.numel(), dim, device=dev, generator=gen),
-                     stamp=1, validate=False)
+    cache, _picks, qa = filled_cache(slots, dim, cand, n, R, dev, gen)
     a = cache.arrays
-    occ = torch.nonzero(a.occupied).squeeze(1)
-    qa = [a.keys[occ[torch.randperm(occ.numel(), device=dev, generator=gen)[:n]]].contiguous()
-          for _ in range(R)]
     ms = bench(lambda i: cache_query(a, qa[i], validate=False), R)
     record("cache_query (LRU marks)", dim, n, ms, g)
     ms = bench(lambda i: cache_query(a, qa[i], touch=False, validate=False), R)
     record("cache_query, no touch", dim, n, ms, g)
-    cache = a = qa = occ = None
+    cache = a = qa = None
     torch.cuda.empty_cache()
 
     # Tag-less key blocks, rows apart (rows: `table`) or in one region per set.
