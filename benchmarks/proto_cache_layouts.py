@@ -339,10 +339,7 @@ def single_access(dim: int, slots: int, n: int, dev: torch.device,
     """The one-access designs of the module docstring, beside the gather and cache_query."""
     log(f"\n== single-access designs: dim {dim}, {slots:,} slots, {n:,} keys per call ==")
     R = 4
-    table = torch.randn(slots, dim, device=dev, generator=gen)
-    idx = [torch.randperm(slots, device=dev, generator=gen)[:n] for _ in range(R)]
-    g = bench(lambda i: gather_rows(table, idx[i]), R)
-    record("gather (baseline)", dim, n, g, g)
+    table, g = gather_baseline(dim, slots, n, R, dev, gen)
     marks = torch.zeros(slots // 32, dtype=torch.int32, device=dev)
     out = torch.empty(n, dim, device=dev)
     hit = torch.empty(n, dtype=torch.bool, device=dev)
@@ -461,6 +458,17 @@ def place(keys: torch.Tensor, num_sets: int, w: int) -> torch.Tensor:
     return kb.view(num_sets, w)
 
 
+def gather_baseline(dim: int, slots: int, n: int, batches: int, dev: torch.device,
+                    gen: torch.Generator) -> tuple[torch.Tensor, float]:
+    """A random ``[slots, dim]`` table and the plain gather's time for ``n`` random rows of it
+    (recorded as the baseline): ``(table, ms)``."""
+    table = torch.randn(slots, dim, device=dev, generator=gen)
+    idx = [torch.randperm(slots, device=dev, generator=gen)[:n] for _ in range(batches)]
+    g = bench(lambda i: gather_rows(table, idx[i]), batches)
+    record("gather (baseline)", dim, n, g, g)
+    return table, g
+
+
 def filled_cache(slots: int, dim: int, cand: torch.Tensor, n: int, batches: int,
                  dev: torch.device, gen: torch.Generator):
     """The shipped cache filled with the candidate keys (random rows), and ``batches`` picks of
@@ -497,10 +505,7 @@ def record(name: str, dim: int, n: int, ms: float, base: float, note: str = "") 
 def study(dim: int, slots: int, n: int, dev: torch.device, gen: torch.Generator) -> None:
     log(f"\n== dim {dim}, {slots:,} slots, {n:,} keys per call ==")
     R = 4
-    table = torch.randn(slots, dim, device=dev, generator=gen)
-    idx = [torch.randperm(slots, device=dev, generator=gen)[:n] for _ in range(R)]
-    g = bench(lambda i: gather_rows(table, idx[i]), R)
-    record("gather (baseline)", dim, n, g, g)
+    table, g = gather_baseline(dim, slots, n, R, dev, gen)
     bits = torch.zeros(slots // 32, dtype=torch.int32, device=dev)
     scores = torch.zeros(slots, dtype=torch.int32, device=dev)
     out = torch.empty(n, dim, device=dev)
