@@ -70,6 +70,9 @@ def _enable_interpreter() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ["TRITON_INTERPRET"] not in ("1", "true", "True"):
         raise ConfigError(f"{ENV_VAR}=interpret needs TRITON_INTERPRET=1 (it is set to 0)")
+    from keras_hps.triton_kernels import serialize_interpreted_launches
+
+    serialize_interpreted_launches()
     mod = sys.modules.get("keras_hps.triton_kernels.static_table")
     if mod is not None:
         from triton.runtime.interpreter import InterpretedFunction
