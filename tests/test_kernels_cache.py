@@ -26,6 +26,7 @@ from keras_hps.triton_kernels.cache_fused_query import (  # noqa: E402
 )
 from keras_hps.triton_kernels.cache_insert import cache_insert, np_cache_insert  # noqa: E402
 from keras_hps.triton_kernels.cache_layout import (  # noqa: E402
+    LFU_CAP,
     SLOTS_PER_SET,
     CacheArrays,
     allocate,
@@ -162,6 +163,24 @@ def test_lru_marks_become_the_next_inserts_stamp(rng):
     assert not st.marks.any()
     assert st.scores[slots].tolist() == [1, 9, 1, 1, 9, 1]
     assert st.scores[st.find(keys[6])] == 9
+
+
+def test_lfu_counts_stop_at_the_cap(rng):
+    # Query hits add to an LFU count only below LFU_CAP (hot keys then cost a read, not a
+    # contended atomic); the reference stops at the same place.
+    arrays = allocate(4, 2, torch.int64, DEVICE)
+    keys = _same_set_keys(rng, 4, 3, which=1)
+    cache_insert(arrays, t(keys), f32(np.zeros((3, 2))), policy="lfu", stamp=1)
+    ref = arrays.to_numpy()
+    hot = ref.find(keys[0])
+    cap = LFU_CAP.value
+    arrays.scores[hot] = cap - 2
+    ref.scores[hot] = cap - 2
+    for _ in range(4):  # one hit per call: cap - 1, cap, cap, cap
+        cache_query(arrays, t(keys[:2]), policy="lfu")
+        np_cache_query(ref, keys[:2], policy="lfu")
+        np.testing.assert_array_equal(arrays.to_numpy().scores, ref.scores)
+    assert ref.scores[hot] == cap and ref.scores[ref.find(keys[1])] == 5
 
 
 def test_more_keys_than_slots_into_one_set(rng):

@@ -6,7 +6,9 @@ A cache of ``num_sets`` sets, each of ``SLOTS_PER_SET`` (8) slots, is four flat 
   ``empty_key(key_dtype)`` when empty). One set's 8 keys are one 64-byte block, so a probe is
   one read of that block and a compare of all 8 keys, with no fingerprint step (measured faster
   than 15-bit tags plus a key read: docs/benchmarks/gpu_cache.md, "Layout study").
-- ``scores``  int64  ``[num_sets * 8]``: per slot its LRU clock stamp or LFU access count.
+- ``scores``  int64  ``[num_sets * 8]``: per slot its LRU clock stamp or LFU access count
+  (query hits stop counting at ``LFU_CAP``: a key that hot is never a victim anyway, and its
+  hits then cost a read instead of contended atomics).
 - ``marks``   int32  ``[num_sets * 8 / 32]``: one bit per slot, set by an LRU query hit. At
   1/64 of the keys' size the bitmap stays in L2, so a hit costs an L2 atomic instead of a DRAM
   write. An insert into a set first stamps the set's marked slots with its own clock stamp
@@ -33,6 +35,7 @@ SLOTS_PER_SET = 8
 SETS_PER_WORD = 4  # 32 slots: one int32 word of the marks bitmap
 KEY_DTYPES = (torch.int64, torch.int32)
 POLICIES = ("lru", "lfu")
+LFU_CAP = tl.constexpr(1 << 16)  # query hits add to an LFU count only below this
 
 _MIX1 = 0xFF51AFD7ED558CCD
 _MIX2 = 0xC4CEB9FE1A85EC53
@@ -85,10 +88,13 @@ def probe(k, s, m, keys_ptr, empty, SLOTS: tl.constexpr):
 
 @triton.jit
 def touch(marks_ptr, scores_ptr, slot, hit, LFU: tl.constexpr, MARK_CHECK: tl.constexpr):
-    """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit
-    (with ``MARK_CHECK``, only where a read of the word shows it clear, so hot keys that are
-    marked already cost a read instead of an atomic)."""
+    """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit.
+    With ``MARK_CHECK`` a read comes first and the atomic is skipped where it would change
+    nothing (the mark is set) or where the count has reached ``LFU_CAP``, so hot keys cost a
+    read instead of contended atomics."""
     if LFU:
+        if MARK_CHECK:
+            hit = hit & (tl.load(scores_ptr + slot, mask=hit, other=LFU_CAP) < LFU_CAP)
         tl.atomic_add(scores_ptr + slot, 1, mask=hit, sem="relaxed")
     else:
         word = marks_ptr + (slot >> 5)

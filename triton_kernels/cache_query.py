@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .cache_layout import (
+    LFU_CAP,
     POLICIES,
     SLOTS_PER_SET,
     CacheArrays,
@@ -136,7 +137,8 @@ def np_cache_query(
                 hit[i] = True
                 if touch:
                     if policy == "lfu":
-                        state.scores[base + j] += 1
+                        if state.scores[base + j] < LFU_CAP.value:
+                            state.scores[base + j] += 1
                     else:
                         state.marks[base + j] = True
                 break
