@@ -3,8 +3,9 @@
 After the move to 8-slot key blocks and an LRU marks bitmap, the all-hit uniform query got
 faster but the Zipf(1.05) query and the fused 26-table query got slower (benchmarks/
 bench_gpu_cache.py, docs/benchmarks/gpu_cache.md). This script separates the suspects: the
-atomic on the marks word of hot slots (``mark_check`` reads the word first and skips the
-atomic where the bit is set), touch at all (``touch=False``), and the launch settings.
+atomic on the marks word of hot slots (``mark_check``, now the default, reads the word first
+and skips the atomic where the bit is set; for LFU it skips counts at ``LFU_CAP``), touch at
+all (``touch=False``), and the launch settings.
 
 Usage (GPU machine, repository root): ``python3 benchmarks/exp_hot_keys.py``.
 """
@@ -53,13 +54,15 @@ def single(dim: int, cap: int, n: int, dev: torch.device, gen: torch.Generator) 
     gz = bench(lambda i: gather_rows(a.vectors, zslots[i]), R)
     log(f"  gather uniform {g:.4f} ms, gather Zipf {gz:.4f} ms")
     for bk, nw in ((64, 4), (128, 4), (32, 8), (16, 4)):
-        for name, kw in (("no touch", {"touch": False}), ("LRU", {}),
-                         ("LRU mark_check", {"mark_check": True}), ("LFU", {"policy": "lfu"})):
+        for name, kw in (("no touch", {"touch": False}),
+                         ("LRU atomic per hit", {"mark_check": False}), ("LRU", {}),
+                         ("LFU atomic per hit", {"policy": "lfu", "mark_check": False}),
+                         ("LFU", {"policy": "lfu"})):
             u = bench(lambda i, kw=kw, bk=bk, nw=nw: cache_query(
                 a, batches[i][0], validate=False, block_k=bk, num_warps=nw, **kw), R)
             z = bench(lambda i, kw=kw, bk=bk, nw=nw: cache_query(
                 a, zipf[i], validate=False, block_k=bk, num_warps=nw, **kw), R)
-            log(f"  ({bk},{nw}) {name:<15} uniform {u:.4f} ms ({100 * g / u:5.1f}% of gather)"
+            log(f"  ({bk},{nw}) {name:<18} uniform {u:.4f} ms ({100 * g / u:5.1f}% of gather)"
                 f"  Zipf {z:.4f} ms ({100 * gz / z:5.1f}% of Zipf gather)")
 
 
