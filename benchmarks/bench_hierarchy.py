@@ -326,6 +326,24 @@ def flat_lookup(tier, keys):
     return vals
 
 
+def profile(ps, batches, dev) -> None:
+    """torch.profiler over a few `ps.lookup` calls: device time per kernel and the host's
+    own time, printed (the table) and logged (the top rows)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    sync(dev)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for b in batches:
+            ps.lookup("bench", 0, b)
+        sync(dev)
+    avg = prof.key_averages()
+    print(avg.table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    rows = sorted(avg, key=lambda e: e.device_time_total, reverse=True)[:15]
+    log(section="hierarchy_profile", batches=len(batches),
+        top_device_us={e.key[:60]: round(e.device_time_total / len(batches), 1) for e in rows})
+
+
 def timed_lookup(ps, tier, keys, dev, path: str = "ps.lookup") -> tuple[float, int, int, int]:
     """(seconds, GPU-tier hits, misses, distinct missed keys) of one synchronised lookup;
     background inserts finish before the counts are read, outside the timing. ``path``:
@@ -365,7 +383,7 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    count = (args.warm + (4 + args.flat) * (args.reps + 2) + 1
+    count = (args.warm + (4 + args.flat) * (args.reps + 2) + 1 + 3 * args.profile
              + (args.warm + args.reps if args.lfu else 0))
     batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
@@ -462,6 +480,10 @@ def section_hierarchy(dev, args) -> None:
             if mode == "uvm" and pos < len(batches):
                 breakdown(tier, batches[pos], dev)
                 pos += 1
+            if args.profile and dev.type == "cuda":
+                use(*variants[2 if mode == "uvm" else 0])  # the default miss reads
+                profile(ps, batches[pos:pos + 3], dev)
+                pos += 3
             if mode == "uvm" and args.lfu:
                 # The same tier with LFU caches (frequency keeps the Zipf head resident).
                 from keras_hps.gpu_cache import GpuEmbeddingCache
@@ -508,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="auto")
     ap.add_argument("--cleanup", action="store_true")
     ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
+    ap.add_argument("--profile", action="store_true",
+                    help="torch.profiler table of a few default lookups at the end")
     ap.add_argument("--flat", action="store_true",
                     help="also time flat_lookup (every key probed in place) beside ps.lookup")
     ap.add_argument("--admissions", default="none",
