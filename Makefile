@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --find-links /opt/wheels "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[serving,gpu,test]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q -e ".[serving,gpu,redis,test]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 demo: $(STAMP)
