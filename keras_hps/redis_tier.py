@@ -48,6 +48,7 @@ from keras_hps.errors import ConfigError, HPSError, TableFormatError
 
 __all__ = [
     "FillResult",
+    "connect_cluster",
     "RedisClusterSettings",
     "RedisClusterTier",
     "UnavailableError",
@@ -319,10 +320,68 @@ return 0
 """
 
 
-def _redis_errors() -> tuple[type[BaseException], ...]:
+def redis_errors() -> tuple[type[BaseException], ...]:
+    """The exception types redis-py raises for a failed command (imported lazily)."""
     from redis.exceptions import RedisClusterException, RedisError
 
     return (RedisError, RedisClusterException)
+
+
+def connect_cluster(settings: RedisClusterSettings, what: str = "Redis Cluster") -> Any:
+    """A redis-py `RedisCluster` client for `settings` (bytes replies, HPS's
+    `num_node_connections` connections per node at most). ConfigError naming
+    `volatile_db.password` when Redis rejects the credentials; UnavailableError when no
+    address answers."""
+    from redis.backoff import ExponentialBackoff
+    from redis.cluster import ClusterNode, RedisCluster
+    from redis.connection import BlockingConnectionPool
+    from redis.retry import Retry
+
+    s = settings
+    auth = {"username": s.user_name or None, "password": s.password} if s.password else {}
+    _check_credentials(s, auth, what)
+    try:
+        return RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in s.nodes],
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
+            connection_pool_class=BlockingConnectionPool,
+            max_connections=s.num_node_connections,
+            socket_timeout=s.socket_timeout, socket_connect_timeout=min(2.0, s.socket_timeout),
+            **auth)
+    except redis_errors() as e:
+        raise UnavailableError(f"{what}: cannot connect to {','.join(s.address)}: "
+                               f"{type(e).__name__}: {e}") from None
+
+
+def _check_credentials(s: RedisClusterSettings, auth: dict[str, Any], what: str) -> None:
+    """Log in to the first reachable address: ConfigError naming `volatile_db.password` when
+    Redis rejects the user or password (or wants one), UnavailableError when no address
+    answers."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.exceptions import AuthenticationError, ResponseError
+    from redis.retry import Retry
+
+    errors = []
+    for host, port in s.nodes:
+        node = redis.Redis(host=host, port=port, socket_timeout=s.socket_timeout,
+                           socket_connect_timeout=min(2.0, s.socket_timeout),
+                           retry=Retry(NoBackoff(), 0), **auth)
+        try:
+            node.ping()
+            return
+        except (AuthenticationError, ResponseError) as e:
+            msg = str(e)
+            if isinstance(e, AuthenticationError) or "NOAUTH" in msg or "AUTH" in msg:
+                who = f"user {s.user_name!r}" if s.password else "a connection without password"
+                raise ConfigError(f"volatile_db.password: the Redis Cluster at {host}:{port} "
+                                  f"rejected {who}: {msg}") from None
+            errors.append(f"{host}:{port}: {msg}")
+        except redis_errors() as e:
+            errors.append(f"{host}:{port}: {type(e).__name__}: {e}")
+        finally:
+            node.close()
+    raise UnavailableError(f"{what}: cannot connect to any address: " + "; ".join(errors))
 
 
 # --------------------------------------------------------------------------------------------
@@ -354,7 +413,7 @@ class RedisClusterTier:
         self._fill_key = f"{base}:fill"
         self._updates_key = f"{base}:updates"
         self._owns_client = client is None
-        self._client = client if client is not None else self._connect()
+        self._client = client if client is not None else connect_cluster(settings, self.what)
         self._lock = threading.Lock()
         self.hits = self.misses = self.inserts = self.updates = self.deletes = 0
         self.evictions = self.unavailable = self.touch_dropped = 0
@@ -377,66 +436,13 @@ class RedisClusterTier:
 
     # -- connection ---------------------------------------------------------------------------
 
-    def _connect(self) -> Any:
-        from redis.backoff import ExponentialBackoff
-        from redis.cluster import ClusterNode, RedisCluster
-        from redis.connection import BlockingConnectionPool
-        from redis.retry import Retry
-
-        s = self.settings
-        auth = {"username": s.user_name or None, "password": s.password} if s.password else {}
-        self._check_credentials(auth)
-        try:
-            return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in s.nodes],
-                retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), retries=2),
-                connection_pool_class=BlockingConnectionPool,
-                max_connections=s.num_node_connections,
-                socket_timeout=s.socket_timeout, socket_connect_timeout=min(2.0, s.socket_timeout),
-                **auth)
-        except _redis_errors() as e:
-            raise UnavailableError(f"{self.what}: cannot connect to {','.join(s.address)}: "
-                                   f"{type(e).__name__}: {e}") from None
-
-    def _check_credentials(self, auth: dict[str, Any]) -> None:
-        """Log in to the first reachable address: ConfigError naming `volatile_db.password`
-        when Redis rejects the user or password (or wants one), UnavailableError when no
-        address answers."""
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.exceptions import AuthenticationError, ResponseError
-        from redis.retry import Retry
-
-        s = self.settings
-        errors = []
-        for host, port in s.nodes:
-            node = redis.Redis(host=host, port=port, socket_timeout=s.socket_timeout,
-                               socket_connect_timeout=min(2.0, s.socket_timeout),
-                               retry=Retry(NoBackoff(), 0), **auth)
-            try:
-                node.ping()
-                return
-            except (AuthenticationError, ResponseError) as e:
-                msg = str(e)
-                if isinstance(e, AuthenticationError) or "NOAUTH" in msg or "AUTH" in msg:
-                    who = f"user {s.user_name!r}" if s.password else "a connection without password"
-                    raise ConfigError(f"volatile_db.password: the Redis Cluster at {host}:{port} "
-                                      f"rejected {who}: {msg}") from None
-                errors.append(f"{host}:{port}: {msg}")
-            except _redis_errors() as e:
-                errors.append(f"{host}:{port}: {type(e).__name__}: {e}")
-            finally:
-                node.close()
-        raise UnavailableError(f"{self.what}: cannot connect to any address: "
-                               + "; ".join(errors))
-
     def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
         """fn(*args), Redis errors turned into UnavailableError."""
         if self._closed:
             raise RuntimeError(f"{self.what} is closed")
         try:
             return fn(*args, **kw)
-        except _redis_errors() as e:
+        except redis_errors() as e:
             with self._lock:
                 self.unavailable += 1
             raise UnavailableError(f"{self.what}: {type(e).__name__}: {e}") from None
