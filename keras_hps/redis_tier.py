@@ -44,7 +44,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from keras_hps.config import NO_OVERFLOW_LIMIT
 from keras_hps.errors import ConfigError, HPSError, TableFormatError
+from keras_hps.host_tier import OVERFLOW_POLICIES
 
 __all__ = [
     "FillResult",
@@ -58,9 +60,6 @@ __all__ = [
     "table_namespace",
 ]
 
-#: HPS's `overflow_margin` default (2**64 - 1): no limit.
-NO_OVERFLOW_LIMIT = 2**64 - 1
-OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 _PREFIX = "khps"
 #: 9 bytes: never equal to an 8-byte key field.
 _SENTINEL = b"khps:fill"
