@@ -134,7 +134,9 @@ class UpdateSubscriber:
     `tables` maps namespaces to table ids: messages of other namespaces (another version of
     the model) are skipped; None passes every message's own table id. Redis errors are retried
     with backoff until the node is back (`connected` tells the state); `stop()` ends the
-    thread within about `block_ms`."""
+    thread within about `block_ms`. A malformed message or an `on_update` that raises goes to
+    `on_error` and reading goes on: the server should then drop the model's cached rows, as
+    after a gap."""
 
     def __init__(self, client: Any, model: str,
                  on_update: Callable[[int, np.ndarray, np.ndarray | None], None], *,
@@ -207,11 +209,8 @@ class UpdateSubscriber:
                 reply = self._client.xread({self.key: self._last_id}, count=self.count,
                                            block=self.block_ms)
             except redis_errors() as e:
-                self.errors += 1
                 self.connected = False
-                self.last_error = e
-                if self.on_error is not None:
-                    self.on_error(e)
+                self._failed(e)
                 self._stop.wait(backoff)
                 backoff = min(1.0, backoff * 2)
                 continue
@@ -221,11 +220,25 @@ class UpdateSubscriber:
                 continue
             streams = reply.items() if isinstance(reply, dict) else reply
             for _, entries in streams:
-                for entry in entries:
-                    if isinstance(entry, (list, tuple)) and len(entry) == 2:
-                        self._handle(entry[0], entry[1])
+                for mid, fields in entries:
+                    try:
+                        self._handle(fields)
+                    except Exception as e:  # a malformed message, or a callback that failed
+                        self._failed(e)
+                    with self._cond:
+                        self._last_id = _s(mid)
+                        if b"s" in fields and fields[b"s"].isdigit():
+                            self._last_seq = int(fields[b"s"])
+                        self._cond.notify_all()
 
-    def _handle(self, mid: Any, fields: Mapping[bytes, bytes]) -> None:
+    def _failed(self, e: BaseException) -> None:
+        self.errors += 1
+        self.last_error = e
+        if self.on_error is not None:
+            self.on_error(e)
+
+    def _handle(self, fields: Mapping[bytes, bytes]) -> None:
+        """Check the sequence number, then apply one message (the caller records it read)."""
         seq = int(fields[b"s"])
         last = self._last_seq
         if last is not None and seq != last + 1:
@@ -246,15 +259,5 @@ class UpdateSubscriber:
             if b"v" in fields:
                 dim = int(fields[b"d"])
                 rows = np.frombuffer(fields[b"v"], "<f4").reshape(len(keys), dim).copy()
-            try:
-                self.on_update(table_id, keys, rows)
-                self.applied += 1
-            except Exception as e:  # the server decides; reading goes on
-                self.errors += 1
-                self.last_error = e
-                if self.on_error is not None:
-                    self.on_error(e)
-        with self._cond:
-            self._last_id = _s(mid)
-            self._last_seq = seq
-            self._cond.notify_all()
+            self.on_update(table_id, keys, rows)
+            self.applied += 1

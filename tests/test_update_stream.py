@@ -269,9 +269,12 @@ def test_stop_is_prompt_and_callback_errors_do_not_stop_reading(clients):
 
     sub = UpdateSubscriber(c_sub, model, on_update, on_error=failures.append).start()
     pub.publish(0, "ns", [13])
+    c_pub.xadd(stream_keys(model)[0], {b"junk": b"1"})  # not a keras-hps message
     p = pub.publish(0, "ns", [14])
     assert sub.wait_for(p.seq)
-    assert seen == [[14]] and sub.errors == 1 and "bad row" in str(failures[0])
+    assert seen == [[14]] and sub.errors == 2 and sub.gaps == 0
+    assert "bad row" in str(failures[0]) and isinstance(failures[1], KeyError)
+    assert sub.position == p
     t0 = time.monotonic()
     sub.stop()
     assert time.monotonic() - t0 < 1.0 and not sub._thread.is_alive()
