@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -325,6 +329,47 @@ def test_fill_once_with_concurrent_fillers(tier_factory, redis_cluster):
         tiers[0].drop()
         for t in tiers:
             t.close()
+
+
+_FILLER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from keras_hps.redis_tier import RedisClusterTier, redis_cluster_settings
+
+    class Cold:
+        num_rows = 30000
+        def read_block(self, start, stop):
+            keys = np.arange(start, stop, dtype=np.int64) * 7919
+            return keys, np.repeat(keys[:, None], 8, axis=1).astype(np.float32)
+
+    s = redis_cluster_settings({"address": sys.argv[1], "num_partitions": 8,
+                                "max_batch_size": 2000})
+    tier = RedisClusterTier(s, model="m", table="procs", version="1", dim=8)
+    sys.stdin.readline()  # start together
+    r = tier.fill_from(Cold(), 1.0, poll_s=0.005)
+    print(json.dumps({"filled": r.filled, "rows": r.rows}), flush=True)
+""")
+
+
+def test_fill_once_across_processes(redis_cluster):
+    procs = [subprocess.Popen([sys.executable, "-c", _FILLER, redis_cluster.address],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted((r["filled"], r["rows"]) for r in results) == [(False, 0), (True, 30000)]
+    tier = RedisClusterTier(_settings(redis_cluster, max_batch_size=2000), model="m",
+                            table="procs", version="1", dim=8)
+    keys = np.arange(30000, dtype=np.int64) * 7919
+    found, got = tier.lookup(keys)
+    assert found.all() and tier.size() == 30000
+    np.testing.assert_array_equal(got, np.repeat(keys[:, None], 8, axis=1).astype(np.float32))
+    tier.drop()
+    tier.close()
 
 
 def test_dead_filler_is_taken_over(tier_factory):
