@@ -129,6 +129,7 @@ def test_killed_writer_loses_no_acknowledged_update(tmp_path):
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
     copy = tmp_path / "copy.updates"
     shutil.copy(path, copy)
     assert _check_prefix(copy, at_least=acked + 1) >= acked + 1
