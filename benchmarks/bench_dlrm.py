@@ -386,9 +386,9 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
         layers = [keras_hps.LookupLayer(MODEL, i, dim) for i in range(n)]
         hps_model = full_model(per_table(layers), dense, n)
         zipf = ZipfKeys(rows, args.alpha, dev)
+        holder: dict[str, Any] = {}  # the current Zipf batch, replaced by feed()
         for batch in batches:
             dense_x = torch.randn(batch, NUM_DENSE, device=dev, generator=gen)
-            holder: dict[str, Any] = {}
 
             def feed(batch: int = batch) -> None:
                 holder["cat"] = zipf.batch(batch)
@@ -408,8 +408,10 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
                 r.prepare(dense_x, None)
             times = time_interleaved(runners, reps_for(batch, args.reps), feed)
             after = [ps.stats(MODEL, t).get("gpu", {}) for t in range(n)]
-            hits = sum(a.get("hits", 0) - b.get("hits", 0) for a, b in zip(after, before))
-            misses = sum(a.get("misses", 0) - b.get("misses", 0) for a, b in zip(after, before))
+            hits = sum(a.get("hits", 0) - b.get("hits", 0)
+                       for a, b in zip(after, before, strict=True))
+            misses = sum(a.get("misses", 0) - b.get("misses", 0)
+                         for a, b in zip(after, before, strict=True))
             for key, ts in times.items():
                 name, mode = key.split("/")
                 ms = 1e3 * statistics.median(ts)
