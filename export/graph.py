@@ -138,6 +138,52 @@ def _held_tables(layer: Any, is_lookup: Callable[[Any], bool]) -> dict[str, Any]
     return direct
 
 
+class _StandIn(keras.layers.Layer):
+    """Zeros shaped like a table layer's output: lets Keras build and trace a layer that
+    holds a table whose own call cannot run here (a keras_hps lookup needs a parameter
+    server)."""
+
+    def __init__(self, table: Any) -> None:
+        super().__init__(name=f"{table.name}_stand_in", trainable=False)
+        self._spec = table.compute_output_spec
+
+    def call(self, ids: Any, *args: Any, **kwargs: Any) -> Any:
+        spec = self._spec(keras.KerasTensor(ids.shape, ids.dtype), *args, **kwargs)
+        dynamic = keras.ops.shape(ids)
+        shape = [dynamic[i] if d is None else d for i, d in enumerate(spec.shape)]
+        return keras.ops.zeros(shape, dtype=spec.dtype)
+
+
+def _swap(layer: Any, values: dict[str, Any]) -> None:
+    """Set `layer.<attr>` to each value, untracking the layers they replace (so their
+    weights leave `layer.weights`)."""
+    tracker = getattr(layer, "_tracker", None)
+    locked = tracker is not None and tracker.locked  # a built layer refuses new sub-layers
+    if tracker is not None:
+        tracker.unlock()
+    try:
+        for attr, value in values.items():
+            old = getattr(layer, attr, None)
+            if tracker is not None and old is not None:
+                tracker.untrack(old)
+            setattr(layer, attr, value)
+    finally:
+        if locked:
+            tracker.lock()
+
+
+def _spec_with(layer: Any, stand_ins: dict[str, Any]) -> Callable[..., Any]:
+    """A `compute_output_spec` for `layer` that traces its call with the stand-ins."""
+    def spec(*args: Any, **kwargs: Any) -> Any:
+        current = {attr: getattr(layer, attr) for attr in stand_ins}
+        _swap(layer, stand_ins)
+        try:
+            return type(layer).compute_output_spec(layer, *args, **kwargs)
+        finally:
+            _swap(layer, current)
+    return spec
+
+
 def _recreate(layer: Any) -> Any:
     try:
         return layer.__class__.from_config(layer.get_config())
@@ -180,22 +226,33 @@ def rewire(
     def copy_of(layer: Any) -> Any:
         if id(layer) in copies:
             return copies[id(layer)][1]
-        held = _held_tables(layer, is_lookup)
-        if held:
-            new = _recreate(layer)
-            swapped = {attr: replace_lookup(sub, None) for attr, sub in held.items()}
-            for attr, sub in swapped.items():
-                # Swapped before the copy is built, so the copy never builds its own table.
-                setattr(new, attr, sub)
-            skipped = ({id(v) for sub in held.values() for v in sub.weights},
-                       {id(v) for sub in swapped.values() for v in sub.weights})
-            result.holders[layer.name] = [sub.name for sub in held.values()]
+        if _held_tables(layer, is_lookup):
+            new, skipped = _recreate(layer), (set(), set())
         elif copy_layers and getattr(layer, "weights", None):  # ops have no weights
             new, skipped = _recreate(layer), (set(), set())
         else:
             return layer
         copies[id(layer)] = (layer, new, skipped)
         return new
+
+    def call_holder(layer: Any, args: tuple, kwargs: dict) -> Any:
+        """A layer whose call() reads a table: its copy is built and traced with stand-ins
+        that give the table's output shape, then the tables are swapped for replacements."""
+        if id(layer) in copies:
+            return copies[id(layer)][1](*args, **kwargs)
+        new = copy_of(layer)
+        held = _held_tables(layer, is_lookup)
+        stand_ins = {attr: _StandIn(sub) for attr, sub in held.items()}
+        swapped = {attr: replace_lookup(sub, None) for attr, sub in held.items()}
+        _swap(new, stand_ins)
+        out = new(*args, **kwargs)  # builds the copy's own layers around the stand-ins
+        _swap(new, swapped)
+        new.compute_output_spec = _spec_with(new, stand_ins)
+        skipped = copies[id(layer)][2]
+        skipped[0].update(id(v) for sub in held.values() for v in sub.weights)
+        skipped[1].update(id(v) for sub in swapped.values() for v in sub.weights)
+        result.holders[layer.name] = [sub.name for sub in held.values()]
+        return out
 
     def call(layer: Any, args: tuple, kwargs: dict) -> Any:
         if is_lookup(layer):
@@ -205,6 +262,8 @@ def rewire(
         if is_distributed_embedding(layer):
             return expand(layer, args, kwargs)
         if isinstance(layer, keras.layers.Layer):
+            if _held_tables(layer, is_lookup):
+                return call_holder(layer, args, kwargs)
             layer = copy_of(layer)
         return layer(*args, **kwargs)
 
