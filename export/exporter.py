@@ -66,8 +66,23 @@ def _load_model(model: Any) -> Any:
         try:
             return keras.saving.load_model(path)
         except Exception as e:
-            raise ConfigError(f"{path}: cannot load the Keras model: {e}") from e
+            raise ConfigError(f"{path}: cannot load the Keras model: {_load_failure(e)}") from e
     return model
+
+
+def _load_failure(error: Exception) -> str:
+    """One line for why `keras.saving.load_model` failed: the class it could not locate,
+    else the first line of the innermost message (Keras nests config dumps in them)."""
+    import re
+
+    text = str(error)
+    missing = re.search(r"Could not locate (class|function) '([^']+)'", text)
+    if missing:
+        return (f"{missing.group(1)} {missing.group(2)!r} is not registered: import the module "
+                "that defines it first (keras-hps export --custom-module MODULE_OR_FILE.py); "
+                "it must be decorated with @keras.saving.register_keras_serializable()")
+    inner = text.rsplit("Exception encountered:", 1)[-1].strip()
+    return inner.splitlines()[0] if inner else type(error).__name__
 
 
 def _per_table(value: Any, tables: Sequence[EmbeddingTable], what: str, default: Any) -> list:
