@@ -28,6 +28,10 @@ class EmbeddingTable:
     combiner: str | None = None
     variable: Any = None  # the model variable `vectors` was read from (row order)
 
+    def __repr__(self) -> str:
+        return (f"EmbeddingTable(table_id={self.table_id}, layer_name={self.layer_name!r}, "
+                f"rows={self.rows}, dim={self.dim}, combiner={self.combiner!r})")
+
     @property
     def dim(self) -> int:
         """Vector size."""
