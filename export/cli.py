@@ -28,7 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-value", type=float, default=0.0,
                         help="vector value for unknown keys (default 0.0)")
     parser.add_argument("--max-batch-size", type=int, default=1024,
-                        help="hps.json max_batch_size of the model (external)")
+                        help="hps.json max_batch_size of the model (external): rows per "
+                        "lookup through the hierarchy, not a request limit (larger requests "
+                        "are looked up in pieces); default 1024")
     parser.add_argument("--max-keys-per-sample", action="append", default=[],
                         metavar="LAYER=N", help="keys per sample of a table whose input has a "
                         "variable length (external); repeatable")

@@ -227,7 +227,9 @@ def export_for_serving(
         inference_model: for models whose graph cannot be rewritten (subclassed): the
             same computation with keras_hps lookup layers bound to `model_name`.
         default_value: the vector value of unknown keys: one number, or per table.
-        max_batch_size: hps.json's max_batch_size for the model (external).
+        max_batch_size: hps.json's max_batch_size for the model (external): with the keys
+            per sample, the size of one lookup through the hierarchy, not a request limit
+            (larger requests are looked up in pieces).
         max_keys_per_sample: keys per sample per table, where the input shape does not say.
         warmup_records: number of PredictionLog records in the warmup file.
         serving_repo_path: where the model server will see `repo_dir` (e.g. "/models" inside

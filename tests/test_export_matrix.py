@@ -240,3 +240,27 @@ def test_keys_computed_once_for_the_dense_part(matrix):
     loaded = tf.saved_model.load(vdir)
     dense_inputs = set(loaded.signatures["serving_default"].structured_input_signature[1])
     assert dense_inputs == {"hps_keys_0", "hps_lookup_0"}
+
+
+def test_warmup_and_inspect_of_a_keys_step_version(matrix, capsys):
+    """The warmup requests (empty strings for string inputs) run through the keys step, and
+    `keras-hps inspect` shows the public signature: the trained model's string input."""
+    from keras_hps.cli import main
+    from keras_hps.export.warmup import read_warmup
+
+    _, repo, entries = matrix
+    vdir = entries["string_lookup"]["results"]["external"].version_dir
+    ps = ParameterServer(os.path.join(repo, "hps.json"))
+    try:
+        runner = load_external(vdir, ps)
+        for request in read_warmup(vdir):
+            assert request["words"].dtype == object
+            assert runner.run(request)["score"].shape == (len(request["words"]), 1)
+    finally:
+        ps.close()
+    assert main(["inspect", str(repo)]) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("model string_lookup_external"):]
+    assert "placement external" in block.splitlines()[1]
+    assert ("signature serving_default: (dense: float32[?,1], words: object[?,2]) -> "
+            "(score: float32[?,1])") in block
