@@ -43,7 +43,9 @@ def _lookup_factory(tables: Sequence[EmbeddingTable], model_name: str) -> Any:
         if (layer.name, pooled) not in made:
             kind = SparseLookupLayer if pooled else LookupLayer
             extra = {"combiner": table.combiner or "mean"} if pooled else {}
-            name = layer.name if (layer.name, not pooled) not in made else f"{layer.name}_pooled"
+            # A layer called both per id and on bags gets two lookup layers.
+            name = layer.name if (layer.name, not pooled) not in made else (
+                f"{layer.name}_{'bags' if pooled else 'ids'}")
             new = kind(model_name, table.table_id, table.dim, name=name,
                        emb_vec_dtype=_float_dtype(getattr(layer, "compute_dtype", "float32")),
                        **extra)

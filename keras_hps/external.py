@@ -46,6 +46,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -125,8 +126,7 @@ def read_dataflow(version_dir: str) -> Dataflow | None:
     if not os.path.exists(path):
         return None
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        manifest = json.loads(Path(path).read_bytes())
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path}: cannot read the keras-hps manifest: {e}") from e
     return parse_manifest(manifest, path)

@@ -407,3 +407,18 @@ CASES: dict[str, Case] = {
         "user": _ints(r, 20, (n, 1)), "clicks": _ints(r, 30, (n, 3)),
         "item": _ints(r, 30, (n, 1))}),
 }
+
+
+def saved_model_ops(version_dir: str) -> set[str]:
+    """Every op type in a SavedModel's graphs and their function library."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved = saved_model_pb2.SavedModel()
+    with open(f"{version_dir}/saved_model.pb", "rb") as f:
+        saved.ParseFromString(f.read())
+    ops: set[str] = set()
+    for graph in saved.meta_graphs:
+        ops |= {node.op for node in graph.graph_def.node}
+        for function in graph.graph_def.library.function:
+            ops |= {node.op for node in function.node_def}
+    return ops

@@ -91,22 +91,21 @@ def _rest_value(v: np.ndarray) -> list:
     return v.tolist()
 
 
-def _ask(served, name, placement, inputs):
-    """The trained model's answer and the server's over REST rows, REST columns and gRPC."""
+def _ask(served, name, placement, rows=7, seed=3):
+    """The trained model's answer and the server's over REST rows, REST columns and gRPC,
+    for `rows` fresh rows of model shape `name`."""
+    inputs = CASES[name].inputs(np.random.default_rng(seed), rows)
     models, url, stub, _ = served
     want = _predict(models[name], inputs)
     served_name = f"{name}_{placement}"
     columns = {k: _rest_value(v) for k, v in inputs.items()}
-    rows = [{k: c[i] for k, c in columns.items()} for i in range(len(want))]
+    instances = [{k: c[i] for k, c in columns.items()} for i in range(len(want))]
     answers = {}
-    r = requests.post(f"{url}/v1/models/{served_name}:predict", json={"instances": rows},
-                      timeout=60)
-    assert r.status_code == 200, r.text
-    answers["rest rows"] = np.array(r.json()["predictions"], np.float32)
-    r = requests.post(f"{url}/v1/models/{served_name}:predict",
-                      json={"inputs": columns}, timeout=60)
-    assert r.status_code == 200, r.text
-    answers["rest columns"] = np.array(r.json()["outputs"], np.float32)
+    for how, body, key in (("rest rows", {"instances": instances}, "predictions"),
+                           ("rest columns", {"inputs": columns}, "outputs")):
+        r = requests.post(f"{url}/v1/models/{served_name}:predict", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        answers[how] = np.array(r.json()[key], np.float32)
     request = predict_pb2.PredictRequest()
     request.model_spec.name = served_name
     for k, v in inputs.items():
@@ -121,29 +120,26 @@ def _ask(served, name, placement, inputs):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_embedded_served(served, name):
-    _ask(served, name, "embedded", CASES[name].inputs(np.random.default_rng(3), 7))
+    _ask(served, name, "embedded")
 
 
 def test_external_with_direct_keys_served(served):
-    _ask(served, "dict_two_tables", "external",
-         CASES["dict_two_tables"].inputs(np.random.default_rng(3), 7))
+    _ask(served, "dict_two_tables", "external")
 
 
 @NEEDS_RUNNER
 @pytest.mark.parametrize("name", ["dlrm_slices", "string_lookup", "two_tower"])
 def test_external_with_a_keys_step_served(served, name):
-    _ask(served, name, "external", CASES[name].inputs(np.random.default_rng(3), 7))
+    _ask(served, name, "external")
 
 
 def test_embedded_takes_2000_rows(served):
-    _ask(served, "dict_two_tables", "embedded",
-         CASES["dict_two_tables"].inputs(np.random.default_rng(4), 2000))
+    _ask(served, "dict_two_tables", "embedded", rows=2000, seed=4)
 
 
 @NEEDS_RUNNER
 def test_external_takes_the_2000_rows_the_embedded_takes(served):
-    _ask(served, "dict_two_tables", "external",
-         CASES["dict_two_tables"].inputs(np.random.default_rng(4), 2000))
+    _ask(served, "dict_two_tables", "external", rows=2000, seed=4)
 
 
 @pytest.mark.parametrize("placement", [
