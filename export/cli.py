@@ -28,13 +28,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-value", type=float, default=0.0,
                         help="vector value for unknown keys (default 0.0)")
     parser.add_argument("--max-batch-size", type=int, default=1024,
-                        help="hps.json max_batch_size of the model (external)")
+                        help="hps.json max_batch_size of the model (external): rows per "
+                        "lookup through the hierarchy, not a request limit (larger requests "
+                        "are looked up in pieces); default 1024")
     parser.add_argument("--max-keys-per-sample", action="append", default=[],
                         metavar="LAYER=N", help="keys per sample of a table whose input has a "
                         "variable length (external); repeatable")
     parser.add_argument("--serving-repo-path", default=None,
                         help="where the model server sees the repository (e.g. /models in a "
                         "container); models.config base paths start with it")
+    parser.add_argument("--custom-module", action="append", default=[], metavar="MODULE",
+                        help="import this module (a dotted name, or a .py file) before loading "
+                        "the model, so that its @keras.saving.register_keras_serializable "
+                        "classes are known; repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -63,11 +69,42 @@ def _counts_arg(items: list[str]) -> dict | None:
     return counts or None
 
 
+def import_custom_modules(names: list[str]) -> None:
+    """Import each module (a dotted name, found from the working directory too, or the path
+    of a .py file), as the Keras way of registering serializable classes expects;
+    ConfigError names one that fails."""
+    import importlib
+    import importlib.util
+    import os
+
+    for name in names:
+        try:
+            if name.endswith(".py") or os.sep in name:
+                if not os.path.isfile(name):
+                    raise ConfigError(f"--custom-module {name}: no such file")
+                module_name = os.path.splitext(os.path.basename(name))[0]
+                spec = importlib.util.spec_from_file_location(module_name, name)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            else:
+                if os.getcwd() not in sys.path:  # as `python -m` does
+                    sys.path.insert(0, os.getcwd())
+                importlib.import_module(name)
+        except ConfigError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any import failure becomes one line
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise ConfigError(f"--custom-module {name}: cannot import it: "
+                              f"{type(e).__name__}: {first}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     """Export; prints what was written. Returns 0, or 1 with the error on stderr."""
     from keras_hps.export.exporter import export_for_serving
 
     try:
+        import_custom_modules(args.custom_module)
         layers = None if args.embedding_layers is None else [
             n.strip() for n in args.embedding_layers.split(",") if n.strip()
         ]

@@ -28,6 +28,10 @@ class EmbeddingTable:
     combiner: str | None = None
     variable: Any = None  # the model variable `vectors` was read from (row order)
 
+    def __repr__(self) -> str:
+        return (f"EmbeddingTable(table_id={self.table_id}, layer_name={self.layer_name!r}, "
+                f"rows={self.rows}, dim={self.dim}, combiner={self.combiner!r})")
+
     @property
     def dim(self) -> int:
         """Vector size."""
@@ -71,19 +75,31 @@ def _table_variable(layer: Any) -> Any:
 
 
 def _all_layers(model: Any) -> list[Any]:
-    """Every layer of `model`, nested models included, parents before children."""
-    out = []
+    """Every layer of `model` that may hold a table, parents before children: the layers of
+    nested models, a DistributedEmbedding's table layers, and the sub-layers of other layers."""
+    from keras_hps.export.graph import distributed_tables, is_distributed_embedding
+
+    out: dict[int, Any] = {}
     for layer in model.layers:
-        out.append(layer)
+        out.setdefault(id(layer), layer)
         if hasattr(layer, "layers") and layer is not model:
-            out.extend(_all_layers(layer))
-    return out
+            for sub in _all_layers(layer):
+                out.setdefault(id(sub), sub)
+        elif is_distributed_embedding(layer):
+            for sub in distributed_tables(layer).values():
+                out.setdefault(id(sub), sub)
+        elif hasattr(layer, "_flatten_layers"):
+            for sub in layer._flatten_layers(include_self=False, recursive=True):
+                out.setdefault(id(sub), sub)
+    return list(out.values())
 
 
 def find_table_layers(model: Any, embedding_layers: Sequence[str] | None = None) -> list[Any]:
-    """The layers holding embedding tables: every `keras.layers.Embedding`, or the named ones.
+    """The layers holding embedding tables: every `keras.layers.Embedding` (subclasses
+    included) wherever it sits, or the named ones.
 
-    Raises ConfigError for an unknown layer name or a model without any table.
+    Raises ConfigError for an unknown layer name, two tables of one name, or a model without
+    any table.
     """
     layers = _all_layers(model)
     if embedding_layers is None:
@@ -102,13 +118,12 @@ def find_table_layers(model: Any, embedding_layers: Sequence[str] | None = None)
             f"model {model.name!r} has no embedding table: no keras.layers.Embedding found. "
             "Name the layers that hold tables with embedding_layers=[...]"
         )
-    top_level = {id(layer) for layer in model.layers}
-    nested = [layer.name for layer in found if id(layer) not in top_level]
-    if nested:
+    names = [layer.name for layer in found]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
         raise ConfigError(
-            f"embedding layer(s) {nested} sit inside a nested model of {model.name!r}; the "
-            "exporter rewrites only the top-level graph. Build the model with the embeddings "
-            "at top level, or pass inference_model="
+            f"model {model.name!r} has several table layers named {repeated} (in different "
+            "sub-models); tables are named after their layer: give each a distinct name"
         )
     return found
 

@@ -23,13 +23,14 @@ def sorted_table(keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.
 
 
 class EmbeddedLookup(keras.layers.Layer):
-    """Looks ids up in a table stored as two variables (sorted int64 keys, float32 rows).
+    """Looks ids up in a table stored as two variables (sorted int64 keys, rows).
 
     Ids absent from the table get `default_value` in every component. With `combiner`,
-    ids are `[batch, n]` bags padded with -1 and each bag is pooled into one vector
-    (sum | mean | sqrtn; an empty bag gives zeros), like `SparseLookupLayer`. `variable`,
-    when given, is the model variable holding `vectors`; it is saved as is (no copy) when
-    the keys are already sorted.
+    ids of rank 2 or more are bags (`[..., n]`, padded with -1) and each bag is pooled into
+    one vector (sum | mean | sqrtn; an empty bag gives zeros), like `SparseLookupLayer`.
+    `variable`, when given, is the model variable holding `vectors`; it is saved as is (no
+    copy) when the keys are already sorted. Rows are stored in `variable`'s dtype (float32
+    without one: float16 and bfloat16 tables stay half size) and returned in `output_dtype`.
     TensorFlow backend only: it exists to be written into a SavedModel.
     """
 
@@ -40,6 +41,7 @@ class EmbeddedLookup(keras.layers.Layer):
         default_value: float = 0.0,
         combiner: str | None = None,
         variable: Any = None,
+        output_dtype: str = "float32",
         **kwargs: Any,
     ) -> None:
         super().__init__(trainable=False, **kwargs)
@@ -50,6 +52,8 @@ class EmbeddedLookup(keras.layers.Layer):
         self.rows, self.dim = int(vectors.shape[0]), int(vectors.shape[1])
         self.default_value = float(default_value)
         self.combiner = combiner
+        self.output_dtype = str(output_dtype)
+        storage = "float32" if variable is None else str(variable.dtype)
         # Variables, never constants: the table must stay out of the 2 GB graph proto.
         self.table_keys = self.add_weight(
             shape=keys.shape, dtype="int64", trainable=False, name="keys",
@@ -60,8 +64,8 @@ class EmbeddedLookup(keras.layers.Layer):
             self.table_vectors = variable
         else:
             self.table_vectors = self.add_weight(
-                shape=vectors.shape, dtype="float32", trainable=False, name="vectors",
-                initializer=lambda shape, dtype=None: vectors,
+                shape=vectors.shape, dtype=storage, trainable=False, name="vectors",
+                initializer=lambda shape, dtype=None: keras.ops.cast(vectors, storage),
             )
 
     def _lookup(self, flat: Any) -> Any:
@@ -71,8 +75,8 @@ class EmbeddedLookup(keras.layers.Layer):
         pos = tf.searchsorted(keys, flat, side="left")
         pos = tf.minimum(pos, self.rows - 1)
         hit = tf.equal(tf.gather(keys, pos), flat)
-        rows = tf.gather(self.table_vectors.value, pos)
-        default = tf.fill(tf.shape(rows), tf.constant(self.default_value, tf.float32))
+        rows = tf.cast(tf.gather(self.table_vectors.value, pos), self.output_dtype)
+        default = tf.fill(tf.shape(rows), tf.constant(self.default_value, self.output_dtype))
         return tf.where(hit[:, None], rows, default)
 
     def call(self, ids: Any) -> Any:
@@ -83,9 +87,9 @@ class EmbeddedLookup(keras.layers.Layer):
         found = self._lookup(flat)
         out_shape = tf.concat([tf.shape(ids), [self.dim]], axis=0)
         vectors = tf.reshape(found, out_shape)
-        if self.combiner is None:
+        if not self._pools(ids.shape):
             return vectors
-        mask = tf.cast(ids >= 0, tf.float32)
+        mask = tf.cast(ids >= 0, self.output_dtype)
         total = tf.reduce_sum(vectors * mask[..., None], axis=-2)
         if self.combiner == "sum":
             return total
@@ -93,7 +97,14 @@ class EmbeddedLookup(keras.layers.Layer):
         scale = count if self.combiner == "mean" else tf.sqrt(count)
         return tf.math.divide_no_nan(total, scale)
 
+    def _pools(self, shape: Any) -> bool:
+        return self.combiner is not None and len(shape) >= 2
+
     def compute_output_shape(self, input_shape: tuple[Any, ...]) -> tuple[Any, ...]:
-        if self.combiner is None:
+        if not self._pools(input_shape):
             return (*input_shape, self.dim)
         return (*input_shape[:-1], self.dim)
+
+    def compute_output_spec(self, ids: Any) -> keras.KerasTensor:
+        return keras.KerasTensor(self.compute_output_shape(tuple(ids.shape)),
+                                 dtype=self.output_dtype)

@@ -16,19 +16,27 @@ import numpy as np
 from keras_hps.errors import ConfigError, NotFoundError
 from keras_hps.export import repository as repo
 from keras_hps.export.dissection import EmbeddingTable, dissect
-from keras_hps.export.graph import call_with_named_inputs, flat_outputs, input_names, output_names
+from keras_hps.export.graph import (
+    as_functional,
+    call_with_named_inputs,
+    flat_outputs,
+    input_names,
+    output_names,
+)
 from keras_hps.export.inference import (
-    build_inference_model,
     check_against_tables,
-    dense_part,
     embedded_model,
     lookup_calls,
+    rewire_inference,
 )
 from keras_hps.export.saved_model_writer import save_saved_model
+from keras_hps.export.split import Split, split_for_external
 from keras_hps.export.warmup import write_warmup
-from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
+from keras_hps.external import MANIFEST_FORMAT, MANIFEST_NAME
+from keras_hps.servable import TensorSpec
 
 PLACEMENTS = ("external", "embedded")
+KEYS_SIGNATURE = "keras_hps_keys"  # the external version's keys step (not a public signature)
 EXPORT_INFO = os.path.join("assets.extra", "keras_hps_export.json")
 
 
@@ -58,8 +66,23 @@ def _load_model(model: Any) -> Any:
         try:
             return keras.saving.load_model(path)
         except Exception as e:
-            raise ConfigError(f"{path}: cannot load the Keras model: {e}") from e
+            raise ConfigError(f"{path}: cannot load the Keras model: {_load_failure(e)}") from e
     return model
+
+
+def _load_failure(error: Exception) -> str:
+    """One line for why `keras.saving.load_model` failed: the class it could not locate,
+    else the first line of the innermost message (Keras nests config dumps in them)."""
+    import re
+
+    text = str(error)
+    missing = re.search(r"Could not locate (class|function) '([^']+)'", text)
+    if missing:
+        return (f"{missing.group(1)} {missing.group(2)!r} is not registered: import the module "
+                "that defines it first (keras-hps export --custom-module MODULE_OR_FILE.py); "
+                "it must be decorated with @keras.saving.register_keras_serializable()")
+    inner = text.rsplit("Exception encountered:", 1)[-1].strip()
+    return inner.splitlines()[0] if inner else type(error).__name__
 
 
 def _per_table(value: Any, tables: Sequence[EmbeddingTable], what: str, default: Any) -> list:
@@ -79,7 +102,9 @@ def _per_table(value: Any, tables: Sequence[EmbeddingTable], what: str, default:
 
 
 def _spec_of(tensor: Any) -> TensorSpec:
-    return TensorSpec(np.dtype(tensor.dtype), tuple(tensor.shape))
+    import tensorflow as tf
+
+    return TensorSpec(np.dtype(tf.as_dtype(tensor.dtype).as_numpy_dtype), tuple(tensor.shape))
 
 
 def _tf_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
@@ -90,10 +115,35 @@ def _tf_specs(specs: Mapping[str, TensorSpec]) -> dict[str, Any]:
     }
 
 
-def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names: list[str],
-                       specs: dict[str, TensorSpec], progress: bool = False) -> str:
-    """Write `keras_model` as a SavedModel whose `serving_default` takes `specs` by name and
-    returns `out_names`; returns which writer wrote its variables (see `save_saved_model`).
+@dataclass
+class _Signature:
+    """One signature to write: a Keras model called on named inputs, with named outputs."""
+
+    model: Any
+    input_names: list[str]  # the model's inputs by name, in model.inputs order
+    output_names: list[str]  # names of the model's flat outputs
+    specs: dict[str, TensorSpec]  # what the signature takes (may include unused inputs)
+
+
+def _resources(models: Sequence[Any]) -> list[Any]:
+    """The TF resources (vocabulary hash tables of StringLookup / IntegerLookup, ...) the
+    models' layers hold, which the SavedModel must track besides the variables."""
+    import tensorflow as tf
+
+    found: dict[int, Any] = {}
+    for model in models:
+        for layer in model._flatten_layers(include_self=False, recursive=True):
+            for value in vars(layer).values():
+                if isinstance(value, tf.saved_model.experimental.TrackableResource):
+                    found.setdefault(id(value), value)
+    return list(found.values())
+
+
+def _write_saved_model(path: str, signatures: Mapping[str, _Signature],
+                       progress: bool = False) -> str:
+    """Write a SavedModel with one function per signature (each takes its specs by name and
+    returns its outputs by name); returns which writer wrote its variables (see
+    `save_saved_model`).
 
     Not through keras.export.ExportArchive: it tracks each variable twice (the Keras variable
     and its tf.Variable), which writes every table twice. Here each tf.Variable is tracked once.
@@ -101,16 +151,29 @@ def _write_saved_model(path: str, keras_model: Any, names: list[str], out_names:
     import tensorflow as tf
 
     module = tf.Module()
-    # Tracked once each: the signature below is the only function saved.
-    module.weights = [v.value for v in keras_model.variables]
+    models = [sig.model for sig in signatures.values()]
+    variables: dict[int, Any] = {}
+    for model in models:
+        for v in model.variables:
+            variables.setdefault(id(v.value), v.value)
+    # Tracked once each: the signatures below are the only functions saved.
+    module.weights = list(variables.values())
+    module.resources = _resources(models)
+    functions = {}
+    for name, sig in signatures.items():
+        functions[name] = _serving_function(sig).get_concrete_function()
+    return save_saved_model(module, path, functions, progress=progress)
 
-    @tf.function(input_signature=[_tf_specs(specs)], autograph=False)
+
+def _serving_function(sig: _Signature) -> Any:
+    import tensorflow as tf
+
+    @tf.function(input_signature=[_tf_specs(sig.specs)], autograph=False)
     def serve(inputs: dict[str, Any]) -> dict[str, Any]:
-        result = call_with_named_inputs(keras_model, names, inputs)
-        return dict(zip(out_names, flat_outputs(result), strict=True))
+        result = call_with_named_inputs(sig.model, sig.input_names, inputs)
+        return dict(zip(sig.output_names, flat_outputs(result), strict=True))
 
-    return save_saved_model(module, path, {"serving_default": serve.get_concrete_function()},
-                            progress=progress)
+    return serve
 
 
 def _keys_per_sample(calls: Sequence[Any], tables: Sequence[EmbeddingTable],
@@ -164,7 +227,9 @@ def export_for_serving(
         inference_model: for models whose graph cannot be rewritten (subclassed): the
             same computation with keras_hps lookup layers bound to `model_name`.
         default_value: the vector value of unknown keys: one number, or per table.
-        max_batch_size: hps.json's max_batch_size for the model (external).
+        max_batch_size: hps.json's max_batch_size for the model (external): with the keys
+            per sample, the size of one lookup through the hierarchy, not a request limit
+            (larger requests are looked up in pieces).
         max_keys_per_sample: keys per sample per table, where the input shape does not say.
         warmup_records: number of PredictionLog records in the warmup file.
         serving_repo_path: where the model server will see `repo_dir` (e.g. "/models" inside
@@ -196,11 +261,15 @@ def export_for_serving(
 
     table_list = dissect(keras_model, embedding_layers, keys)
     if inference_model is None:
-        inference = build_inference_model(keras_model, model_name, table_list)
+        inference = rewire_inference(keras_model, model_name, table_list).model
+        out_names = output_names(as_functional(keras_model))
     else:
         inference = inference_model
-    calls = lookup_calls(inference, model_name)
-    for t, n in zip(inference.inputs, input_names(inference), strict=True):
+        out_names = output_names(inference)
+    rewired = lookup_calls(inference, model_name)
+    calls = rewired.calls
+    names = input_names(inference)
+    for t, n in zip(inference.inputs, names, strict=True):
         if getattr(t, "sparse", False) or getattr(t, "ragged", False):
             raise ConfigError(
                 f"input {n!r} is {'sparse' if t.sparse else 'ragged'}: a TF Serving signature "
@@ -209,15 +278,17 @@ def export_for_serving(
             )
     check_against_tables(calls, table_list)
     defaults = [float(v) for v in _per_table(default_value, table_list, "default_value", 0.0)]
-    names = input_names(inference)
     in_specs = {n: _spec_of(t) for n, t in zip(names, inference.inputs, strict=True)}
-    out_names = output_names(inference)
     key_samples = {c.input_name: table_list[c.layer.table_id].keys for c in calls
                    if c.input_name is not None}
     if tables == "external":
-        part = dense_part(inference, calls)
+        split = split_for_external(rewired)
+        signatures = _external_signatures(split, in_specs, out_names)
         keys_per_sample = _keys_per_sample(calls, table_list, _per_table(
             max_keys_per_sample, table_list, "max_keys_per_sample", None))
+    else:
+        signatures = {"serving_default": _Signature(
+            embedded_model(inference, table_list, defaults), names, out_names, in_specs)}
 
     txn = repo.Transaction()
     result = ExportResult(model_name, version, tables, os.path.join(model_dir, str(version)),
@@ -229,9 +300,7 @@ def export_for_serving(
             os.mkdir(txn.created(model_dir))
         tmp = txn.created(os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}"))
         if tables == "embedded":
-            graph = embedded_model(inference, table_list, defaults)
-            result.checkpoint_writer = _write_saved_model(tmp, graph, names, out_names,
-                                                          in_specs, progress)
+            result.checkpoint_writer = _write_saved_model(tmp, signatures, progress)
         else:
             result.hps_json = hps_path
             table_dir = os.path.join(repo_dir, repo.TABLES_DIR, model_name, str(version))
@@ -240,16 +309,12 @@ def export_for_serving(
             # this thread builds and saves the dense part; leaving the block waits for them.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
                 pending = _write_tables(pool, table_dir, table_list, progress)
-                dense_specs = {n: in_specs[n] for n in part.passthrough}
-                for call, feed in part.feeds:
-                    dense_specs[feed] = _spec_of(call.output)
-                result.checkpoint_writer = _write_saved_model(
-                    tmp, part.model, part.input_names, out_names, dense_specs)
+                result.checkpoint_writer = _write_saved_model(tmp, signatures)
                 result.table_files = [h5 for h5, _ in pending]
                 for _, futures in pending:
                     for future in futures:
                         future.result()
-            _write_manifest(tmp, model_name, hps_path, part, in_specs)
+            _write_manifest(tmp, model_name, hps_path, split, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
                                max_batch_size, keys_per_sample)
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
@@ -337,28 +402,50 @@ def _write_tables(pool: ThreadPoolExecutor, table_dir: str,
     return pending
 
 
-def _write_manifest(version_dir: str, model_name: str, hps_path: str, part: Any,
+def _external_signatures(split: Split, in_specs: Mapping[str, TensorSpec],
+                         out_names: list[str]) -> dict[str, _Signature]:
+    """The external version's SavedModel signatures: the dense part as `serving_default`
+    and, when the graph computes keys, the keys step (taking every public input)."""
+    specs = dict(in_specs)
+    if split.keys_step is not None:
+        specs.update(zip(split.keys_outputs, map(_spec_of, split.keys_step.outputs),
+                         strict=True))
+    for call, _, vectors in split.lookups:
+        specs[vectors] = _spec_of(call.output)
+    dense = _Signature(split.dense, split.dense_inputs, out_names,
+                       {n: specs[n] for n in split.dense_inputs})
+    signatures = {"serving_default": dense}
+    if split.keys_step is not None:
+        signatures[KEYS_SIGNATURE] = _Signature(split.keys_step, split.keys_inputs,
+                                                split.keys_outputs, dict(in_specs))
+    return signatures
+
+
+def _write_manifest(version_dir: str, model_name: str, hps_path: str, split: Split,
                     in_specs: Mapping[str, TensorSpec]) -> None:
+    """`keras_hps_manifest.json` (format in `keras_hps.external`): format 1 where every
+    lookup reads a model input, else format 2 with the keys step."""
     lookups = []
-    for call, feed in part.feeds:
-        spec = in_specs[call.input_name]
-        lookups.append({
-            "input": call.input_name,
-            "feeds": feed,
-            "model": model_name,
-            "table_id": int(call.layer.table_id),
-            "dtype": spec.dtype.name,
-            "shape": None if spec.shape is None else list(spec.shape),
-            "combiner": getattr(call.layer, "combiner", None),
-        })
+    for call, keys, vectors in split.lookups:
+        entry: dict[str, Any] = {"input" if split.keys_step is None else "keys": keys,
+                                 "feeds": vectors, "model": model_name,
+                                 "table_id": int(call.layer.table_id),
+                                 "combiner": getattr(call.layer, "combiner", None)}
+        if split.keys_step is None:
+            spec = in_specs[keys]
+            entry.update(dtype=spec.dtype.name,
+                         shape=None if spec.shape is None else list(spec.shape))
+        lookups.append(entry)
+    manifest: dict[str, Any] = {"format": MANIFEST_FORMAT,
+                                "format_version": 1 if split.keys_step is None else 2,
+                                "model_name": model_name}
     # The version directory sits at DIR/NAME/<version>: hps.json is two levels up.
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "model_name": model_name,
-        "hps_config": os.path.relpath(hps_path, os.path.join(os.path.dirname(version_dir), "v")),
-        "lookups": lookups,
-    }
+    manifest["hps_config"] = os.path.relpath(hps_path,
+                                             os.path.join(os.path.dirname(version_dir), "v"))
+    if split.keys_step is not None:
+        manifest["keys_step"] = {"signature": KEYS_SIGNATURE}
+        manifest["dense"] = {"signature": "serving_default"}
+    manifest["lookups"] = lookups
     with open(os.path.join(version_dir, MANIFEST_NAME), "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=2)
         f.write("\n")

@@ -1,10 +1,10 @@
-"""Build the inference model (LookupLayer in place of each embedding), and from it the two
-graphs that get exported: the embedded model and the external placement's dense part."""
+"""Build the inference model (LookupLayer in place of each embedding), and from it the
+embedded placement's graph (native TF lookups). The external placement's split is in
+`keras_hps.export.split`."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -12,7 +12,8 @@ import keras
 from keras_hps.errors import ConfigError
 from keras_hps.export.dissection import EmbeddingTable, dissect, find_table_layers
 from keras_hps.export.embedded import EmbeddedLookup
-from keras_hps.export.graph import LookupCall, input_names, is_graph_model, rewire
+from keras_hps.export.graph import LookupCall, Rewired, is_graph_model, rewire
+from keras_hps.layers.base_layer import input_kind
 
 
 def _lookup_layer_types() -> tuple[type, ...]:
@@ -21,31 +22,45 @@ def _lookup_layer_types() -> tuple[type, ...]:
     return (TableLookupLayer,)
 
 
-def _is_sparse_call(layer: Any) -> bool:
-    """Whether the embedding layer was fed sparse or ragged ids in the trained model."""
-    from keras_hps.layers.base_layer import input_kind
-
-    for node in getattr(layer, "_inbound_nodes", []):
-        for t in node.input_tensors:
-            if input_kind(t) != "dense":
-                return True
-    return False
+def _pools(table: EmbeddingTable, ids: Any) -> bool:
+    """Whether a call of `table`'s layer on `ids` pools bags (a combiner and ids of rank 2+,
+    as keras-rs `EmbedReduce` does), or the ids arrive sparse or ragged."""
+    if ids is not None and input_kind(ids) != "dense":
+        return True
+    return table.combiner is not None and (ids is None or len(ids.shape) >= 2)
 
 
-def _make_lookup_layer(layer: Any, table: EmbeddingTable, model_name: str) -> Any:
+def _lookup_factory(tables: Sequence[EmbeddingTable], model_name: str) -> Any:
+    """`replace_lookup` for `rewire`: one keras_hps lookup layer per (table layer, pooling)."""
     from keras_hps.layers import LookupLayer, SparseLookupLayer
 
-    if table.combiner is not None or _is_sparse_call(layer):
-        new = SparseLookupLayer(
-            model_name, table.table_id, table.dim, combiner=table.combiner or "mean",
-            name=layer.name,
-        )
-    else:
-        new = LookupLayer(model_name, table.table_id, table.dim, name=layer.name)
-    # Nothing to build: skip the check against a parameter server, which need not hold this
-    # model while exporting (it is bound when the layer first runs).
-    new.built = True
-    return new
+    by_layer = {t.layer_name: t for t in tables}
+    made: dict[tuple[str, bool], Any] = {}
+
+    def make(layer: Any, ids: Any) -> Any:
+        table = by_layer[layer.name]
+        pooled = _pools(table, ids)
+        if (layer.name, pooled) not in made:
+            kind = SparseLookupLayer if pooled else LookupLayer
+            extra = {"combiner": table.combiner or "mean"} if pooled else {}
+            # A layer called both per id and on bags gets two lookup layers.
+            name = layer.name if (layer.name, not pooled) not in made else (
+                f"{layer.name}_{'bags' if pooled else 'ids'}")
+            new = kind(model_name, table.table_id, table.dim, name=name,
+                       emb_vec_dtype=_float_dtype(getattr(layer, "compute_dtype", "float32")),
+                       **extra)
+            # Nothing to build: skip the check against a parameter server, which need not
+            # hold this model while exporting (it is bound when the layer first runs).
+            new.built = True
+            made[(layer.name, pooled)] = new
+        return made[(layer.name, pooled)]
+
+    return make
+
+
+def _float_dtype(dtype: Any) -> str:
+    dtype = str(dtype)
+    return dtype if "float" in dtype else "float32"
 
 
 def build_inference_model(
@@ -58,8 +73,22 @@ def build_inference_model(
     """The trained model's graph with `LookupLayer` / `SparseLookupLayer` in place of each
     embedding, bound to `model_name` and table ids (graph order); dense weights copied.
 
-    Subclassed models cannot be rewritten: ConfigError says what to pass instead.
+    Tables are found in nested sub-models (inlined into one graph), inside layers that hold
+    one as an attribute (the layer is copied with the table swapped) and in keras-rs
+    `DistributedEmbedding` layers (one lookup per feature). Subclassed models cannot be
+    rewritten: ConfigError says what to pass instead.
     """
+    return rewire_inference(model, model_name, tables, embedding_layers, keys).model
+
+
+def rewire_inference(
+    model: keras.Model,
+    model_name: str,
+    tables: Sequence[EmbeddingTable] | None = None,
+    embedding_layers: Sequence[str] | None = None,
+    keys: Mapping[str, Any] | None = None,
+) -> Rewired:
+    """`build_inference_model`, with its lookup calls and the layers holding tables."""
     if not is_graph_model(model):
         raise ConfigError(
             f"model {model.name!r} is a subclassed keras.Model: its call() cannot be rewritten. "
@@ -70,35 +99,29 @@ def build_inference_model(
         )
     if tables is None:
         tables = dissect(model, embedding_layers, keys)
-    by_layer = {t.layer_name: t for t in tables}
-    layers = {id(layer): layer for layer in find_table_layers(model, list(by_layer))}
-    inference, _ = rewire(
-        model,
-        is_lookup=lambda layer: id(layer) in layers,
-        replace_lookup=lambda layer: _make_lookup_layer(layer, by_layer[layer.name], model_name),
-        copy_layers=True,
-    )
-    return inference
+    layers = {id(layer) for layer in find_table_layers(model, [t.layer_name for t in tables])}
+    return rewire(model, is_lookup=lambda layer: id(layer) in layers,
+                  replace_lookup=_lookup_factory(tables, model_name), copy_layers=True)
 
 
-def lookup_calls(inference: keras.Model, model_name: str) -> list[LookupCall]:
+def lookup_calls(inference: keras.Model, model_name: str) -> Rewired:
     """Every table lookup of an inference model (checked to be bound to `model_name`)."""
     types = _lookup_layer_types()
-    _, calls = rewire(
+    rewired = rewire(
         inference,
         is_lookup=lambda layer: isinstance(layer, types),
-        replace_lookup=lambda layer: layer,
+        replace_lookup=lambda layer, ids: layer,
         copy_layers=False,
     )
-    for call in calls:
-        if call.layer.model_name != model_name:
+    for layer in [c.layer for c in rewired.calls]:
+        if layer.model_name != model_name:
             raise ConfigError(
-                f"inference model layer {call.layer.name!r} is bound to model "
-                f"{call.layer.model_name!r}, but the export is named {model_name!r}"
+                f"inference model layer {layer.name!r} is bound to model "
+                f"{layer.model_name!r}, but the export is named {model_name!r}"
             )
-    if not calls:
+    if not rewired.calls and not rewired.holders:
         raise ConfigError(f"inference model {inference.name!r} has no keras_hps lookup layer")
-    return calls
+    return rewired
 
 
 def check_against_tables(calls: Sequence[LookupCall], tables: Sequence[EmbeddingTable]) -> None:
@@ -126,7 +149,7 @@ def embedded_model(
     types = _lookup_layer_types()
     made: dict[int, EmbeddedLookup] = {}
 
-    def replace(layer: Any) -> EmbeddedLookup:
+    def replace(layer: Any, ids: Any) -> EmbeddedLookup:
         # One table read by several layers is stored once.
         tid = layer.table_id
         if tid not in made:
@@ -134,54 +157,9 @@ def embedded_model(
             made[tid] = EmbeddedLookup(
                 table.keys, table.vectors, default_values[tid],
                 combiner=getattr(layer, "combiner", None), variable=table.variable,
-                name=f"hps_table_{tid}",
+                output_dtype=layer.emb_vec_dtype, name=f"hps_table_{tid}",
             )
         return made[tid]
 
-    model, _ = rewire(
-        inference,
-        is_lookup=lambda layer: isinstance(layer, types),
-        replace_lookup=replace,
-        copy_layers=False,
-    )
-    return model
-
-
-@dataclass
-class DensePart:
-    """The external placement's dense part and how its inputs relate to the public ones."""
-
-    model: keras.Model
-    input_names: list[str]  # dense-part inputs, in model.inputs order
-    feeds: list[tuple[LookupCall, str]]  # each lookup call and the dense-part input it feeds
-    passthrough: list[str]  # public inputs fed to the dense part unchanged
-
-
-def dense_part(inference: keras.Model, calls: Sequence[LookupCall]) -> DensePart:
-    """Cut the inference graph at its lookups: their outputs become inputs."""
-    rewired, calls = rewire(
-        inference,
-        is_lookup=lambda layer: isinstance(layer, _lookup_layer_types()),
-        replace_lookup=lambda layer: layer,
-        copy_layers=False,
-    )
-    for call in calls:
-        if call.input_name is None:
-            raise ConfigError(
-                f"lookup layer {call.layer.name!r} is fed by a computed tensor, not a model "
-                "input; the external placement resolves keys that arrive as model inputs. "
-                "Export with tables='embedded', or make the keys a model input"
-            )
-    names = input_names(rewired)
-    key_inputs = {c.input_name for c in calls}
-    feeds = [(c, f"hps_lookup_{i}") for i, c in enumerate(calls)]
-    feed_tensors = [c.output for c in calls]
-    others = [(n, t) for n, t in zip(names, rewired.inputs, strict=True) if n not in key_inputs]
-    try:
-        model = keras.Model([t for _, t in others] + feed_tensors, rewired.outputs)
-        passthrough = [n for n, _ in others]
-    except ValueError:
-        # Some key input is also used by a dense layer: feed it to the dense part as well.
-        model = keras.Model(list(rewired.inputs) + feed_tensors, rewired.outputs)
-        passthrough = list(names)
-    return DensePart(model, passthrough + [f for _, f in feeds], feeds, passthrough)
+    return rewire(inference, is_lookup=lambda layer: isinstance(layer, types),
+                  replace_lookup=replace, copy_layers=False).model

@@ -131,10 +131,16 @@ def hps_json_with(path: str, entry: dict[str, Any]) -> str:
 
 
 def write_text_atomically(path: str, text: str) -> None:
-    """Replace `path` with `text` in one rename (readers see the old or the new file)."""
+    """Replace `path` with `text` in one rename (readers see the old or the new file).
+
+    The file keeps the mode of the file it replaces; a new one gets the mode any new file
+    gets (0666 less the umask, 0644 usually), not mkstemp's 0600: a model server running as
+    another user (in a container, say) must read it.
+    """
     folder = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=folder)
     try:
+        os.fchmod(fd, os.stat(path).st_mode & 0o7777 if os.path.exists(path) else _new_file_mode())
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -144,6 +150,13 @@ def write_text_atomically(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    """0666 less the process's umask: the mode `open(path, "w")` gives a new file."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class Transaction:

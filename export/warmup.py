@@ -18,7 +18,8 @@ def warmup_inputs(
     batch: int,
     rng: np.random.Generator,
 ) -> dict[str, np.ndarray]:
-    """One valid request: keys drawn from `key_samples[input]`, other inputs random or zero."""
+    """One valid request: keys drawn from `key_samples[input]`, other inputs random, zero or
+    empty strings."""
     out = {}
     for name, spec in specs.items():
         if spec.shape is None:
@@ -30,6 +31,8 @@ def warmup_inputs(
             out[name] = rng.choice(key_samples[name], size=shape).astype(spec.dtype)
         elif spec.dtype.kind == "f":
             out[name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif spec.dtype.kind == "O":  # DT_STRING
+            out[name] = np.full(shape, b"", dtype=object)
         else:
             out[name] = np.zeros(shape, spec.dtype)
     return out

@@ -12,52 +12,13 @@ keras = pytest.importorskip("keras")
 pytest.importorskip("tensorflow")
 ops = keras.ops
 
+from export_models import BagEmbedding, TakeTable  # noqa: E402
+
 from keras_hps.errors import ConfigError  # noqa: E402
 from keras_hps.export import build_inference_model, dissect, export_for_serving  # noqa: E402
 from keras_hps.layers import LookupLayer, SparseLookupLayer  # noqa: E402
 from keras_hps.parameter_server import ParameterServer  # noqa: E402
 from keras_hps.servable import load_servable  # noqa: E402
-
-
-class TakeTable(keras.layers.Layer):
-    """A table that is not an Embedding: one [rows, dim] weight read by row."""
-
-    def __init__(self, rows, dim, **kwargs):
-        super().__init__(**kwargs)
-        self.rows, self.dim = rows, dim
-
-    def build(self, input_shape):
-        self.table = self.add_weight(shape=(self.rows, self.dim), initializer="normal")
-
-    def call(self, ids):
-        return ops.take(self.table, ops.cast(ids, "int32"), axis=0)
-
-    def get_config(self):
-        return {**super().get_config(), "rows": self.rows, "dim": self.dim}
-
-
-class BagEmbedding(keras.layers.Embedding):
-    """An Embedding that pools bags padded with -1 (sum | mean | sqrtn)."""
-
-    def __init__(self, *args, combiner="mean", **kwargs):
-        super().__init__(*args, **kwargs)
-        self.combiner = combiner
-
-    def call(self, ids):
-        mask = ops.cast(ids >= 0, "float32")
-        vecs = ops.take(self.embeddings, ops.maximum(ids, 0), axis=0) * mask[..., None]
-        total = ops.sum(vecs, axis=-2)
-        if self.combiner == "sum":
-            return total
-        count = ops.sum(mask, axis=-1, keepdims=True)
-        scale = count if self.combiner == "mean" else ops.sqrt(count)
-        return ops.divide_no_nan(total, scale)
-
-    def compute_output_shape(self, input_shape):
-        return (*input_shape[:-1], self.output_dim)
-
-    def get_config(self):
-        return {**super().get_config(), "combiner": self.combiner}
 
 
 def _served(result, repo):

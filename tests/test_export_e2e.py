@@ -258,3 +258,26 @@ def test_next_version_cli_and_inspect(exported, tmp_path, capsys):
     assert "versions [1, 2]" in out and "placement external" in out
     assert "placement embedded" in out and "0 emb_user: 40 rows x 8" in out
     assert "items: int64[?,3]" in out
+
+
+def test_config_files_are_readable_by_others(exported):
+    """models.config and hps.json get the mode every other exported file gets (0644 under
+    the usual umask), not mkstemp's 0600: a server running as another user reads them."""
+    _, _, repo, emb, _ = exported
+    umask = os.umask(0o022)
+    os.umask(umask)
+    want = 0o666 & ~umask
+    for name in ("models.config", "hps.json"):
+        assert os.stat(repo / name).st_mode & 0o777 == want, name
+    warmup = os.path.join(emb.version_dir, "assets.extra", "tf_serving_warmup_requests")
+    assert os.stat(warmup).st_mode & 0o777 == want
+
+
+def test_dissect_prints_a_summary(exported):
+    from keras_hps.export import dissect
+
+    model = exported[0]
+    text = repr(dissect(model, keys={"emb_item": exported[1]}))
+    assert text == ("[EmbeddingTable(table_id=0, layer_name='emb_user', rows=40, dim=8, "
+                    "combiner=None), EmbeddingTable(table_id=1, layer_name='emb_item', rows=60, "
+                    "dim=4, combiner=None)]")

@@ -64,6 +64,46 @@ def _variable_length_model():
     return keras.Model(ids, keras.layers.Dense(1)(pooled))
 
 
+def _keys_from_vectors_model():
+    ids = keras.Input(shape=(1,), dtype="int64", name="ids")
+    first = keras.layers.Flatten()(keras.layers.Embedding(9, 4, name="first")(ids))
+    second_ids = keras.ops.argmax(first, axis=-1)
+    second = keras.layers.Embedding(4, 2, name="second")(second_ids)
+    return keras.Model(ids, keras.layers.Dense(1)(second))
+
+
+class TablesInAList(keras.layers.Layer):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.tables = [keras.layers.Embedding(5, 2, name="listed")]
+
+    def call(self, ids):
+        return keras.ops.sum(self.tables[0](ids), axis=1)
+
+
+def _tables_in_a_list_model():
+    ids = keras.Input(shape=(2,), dtype="int64", name="ids")
+    return keras.Model(ids, TablesInAList(name="holder")(ids))
+
+
+def _same_table_names_model():
+    def tower(name):
+        ids = keras.Input(shape=(1,), dtype="int64")
+        x = keras.layers.Flatten()(keras.layers.Embedding(5, 2, name="emb")(ids))
+        return keras.Model(ids, x, name=name)
+
+    a = keras.Input(shape=(1,), dtype="int64", name="a")
+    b = keras.Input(shape=(1,), dtype="int64", name="b")
+    return keras.Model([a, b], keras.layers.Concatenate()([tower("ta")(a), tower("tb")(b)]))
+
+
+def _input_named_like_a_vector_model():
+    ids = keras.Input(shape=(2,), dtype="int64", name="ids")
+    clash = keras.Input(shape=(2,), name="hps_lookup_0")
+    x = keras.layers.Flatten()(keras.layers.Embedding(5, 3, name="t")(ids[:, :1] + 1))
+    return keras.Model([ids, clash], keras.layers.Concatenate()([x, clash]))
+
+
 def _subclassed():
     m = SubclassedCTR()
     m(np.zeros((1, 2), np.int64))
@@ -109,6 +149,19 @@ CASES = {
         _variable_length_model(), r, "fresh"), ConfigError, "max_keys_per_sample"),
     "version zero": (lambda r, m: export_for_serving(m, r, "fresh", version=0), ConfigError,
                      "positive"),
+    "keys computed from another table's vectors (external)": (
+        lambda r, m: export_for_serving(_keys_from_vectors_model(), r, "fresh"), ConfigError,
+        r"the keys of lookup 'second' are computed from the vectors of 'first'"),
+    "a table in a list attribute": (
+        lambda r, m: export_for_serving(_tables_in_a_list_model(), r, "fresh",
+                                        tables="embedded"), ConfigError,
+        r"layer 'holder' \(TablesInAList\) holds table\(s\) \['listed'\] inside a list"),
+    "two tables of one name": (
+        lambda r, m: export_for_serving(_same_table_names_model(), r, "fresh"), ConfigError,
+        r"several table layers named \['emb'\]"),
+    "an input named like the placement's own tensors": (
+        lambda r, m: export_for_serving(_input_named_like_a_vector_model(), r, "fresh"),
+        ConfigError, r"model input\(s\) \['hps_lookup_0'\]"),
 }
 
 
@@ -224,3 +277,15 @@ def test_subclassed_model_with_an_inference_model(tmp_path):
     with pytest.raises(ConfigError, match="bound to model 'sub'"):
         export_for_serving(trained, tmp_path / "repo", "other", tables="embedded",
                            inference_model=inference)
+
+
+def test_keys_from_vectors_export_embedded(tmp_path):
+    """What the external placement refuses (keys computed from another table's vectors) the
+    embedded placement holds: the whole graph runs as native TF ops."""
+    from keras_hps.servable import load_servable
+
+    model = _keys_from_vectors_model()
+    result = export_for_serving(model, tmp_path / "repo", "chain", tables="embedded")
+    ids = np.arange(9, dtype=np.int64).reshape(9, 1)
+    got = next(iter(load_servable(result.version_dir).run({"ids": ids}).values()))
+    np.testing.assert_allclose(got, model.predict(ids, verbose=0), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,242 @@
+"""Run an external-placement version: keys step -> lookups through the parameter server ->
+dense part, the way the keras-hps model server runs it.
+
+An external version directory holds a SavedModel and `keras_hps_manifest.json`. The manifest
+describes a dataflow over named tensors; every name lives in one namespace made of the
+public inputs (the trained model's inputs), the keys step's outputs and the lookups' vectors.
+
+Format 2 (written when the graph computes keys from the inputs)::
+
+    {
+      "format": "keras-hps-external", "format_version": 2,
+      "model_name": "dlrm",
+      "hps_config": "../../hps.json",
+      "keys_step": {"signature": "keras_hps_keys"},
+      "lookups": [
+        {"keys": "hps_keys_0", "feeds": "hps_lookup_0", "model": "dlrm", "table_id": 0,
+         "combiner": null}
+      ],
+      "dense": {"signature": "serving_default"}
+    }
+
+- The SavedModel signature `keys_step.signature` takes exactly the public inputs (its
+  SignatureDef's inputs *are* the public signature's inputs, raw strings included) and
+  returns named int tensors: the keys of the lookups and any tensor that the dense part
+  reads too (computed once, passed through).
+- Each lookup reads its keys from the tensor named `keys` (a keys-step output or a public
+  input), looks them up in table `table_id` of `model`, and names the vectors `feeds`. With
+  a `combiner` (`sum`, `mean`, `sqrtn`) and keys of rank 2 or more, the last axis is a bag
+  padded with -1, pooled into one vector.
+- The SavedModel signature `dense.signature` takes any of those names and returns the
+  public outputs. The public signature (name `dense.signature`) has the keys step's inputs
+  and the dense part's outputs; the keys-step signature is not public.
+
+Format 1 (no keys step: every lookup reads a public input) has per lookup `"input"` (the
+public key input, which is its `keys`), `"dtype"` and `"shape"` of that input, and the dense
+part is `serving_default`; its public signature is the dense part's with each `feeds` input
+replaced by its key input.
+
+Requests of any batch size are accepted: a lookup with more keys than the table's
+`max_batch_size x maxnum_catfeature_query_per_table_per_sample` goes to the parameter server
+in pieces of at most that many keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_hps.errors import ConfigError, InvalidInputError
+
+MANIFEST_NAME = "keras_hps_manifest.json"
+MANIFEST_FORMAT = "keras-hps-external"
+FORMAT_VERSIONS = (1, 2)
+COMBINERS = ("sum", "mean", "sqrtn")
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """One lookup of the dataflow: tensor `keys` -> (model, table id) -> tensor `feeds`."""
+
+    keys: str
+    feeds: str
+    model: str
+    table_id: int
+    combiner: str | None = None
+
+
+@dataclass(frozen=True)
+class Dataflow:
+    """A parsed manifest: the keys-step and dense signature names and the lookups."""
+
+    format_version: int
+    keys_signature: str | None
+    dense_signature: str
+    lookups: tuple[Lookup, ...]
+    key_inputs: dict[str, tuple[str, list[int | None] | None]]  # format 1: input -> dtype, shape
+    hps_config: str | None
+
+
+def parse_manifest(manifest: Any, path: str) -> Dataflow:
+    """Check a manifest (as read from JSON) and return its dataflow; ConfigError names the
+    file and the field."""
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ConfigError(f"{path}: 'format' must be {MANIFEST_FORMAT!r}")
+    version = manifest.get("format_version")
+    if version not in FORMAT_VERSIONS:
+        raise ConfigError(f"{path}: unsupported format_version {version!r} (this keras-hps "
+                          f"reads {', '.join(map(str, FORMAT_VERSIONS))})")
+    entries = manifest.get("lookups")
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError(f"{path}: 'lookups' must be a non-empty list")
+    lookups, key_inputs = [], {}
+    for i, entry in enumerate(entries):
+        try:
+            keys = str(entry["input"] if version == 1 else entry["keys"])
+            lookup = Lookup(keys, str(entry["feeds"]), str(entry["model"]),
+                            int(entry["table_id"]), entry.get("combiner"))
+            if version == 1:
+                key_inputs[keys] = (str(entry.get("dtype", "int64")), entry.get("shape"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: lookups[{i}] is malformed: {e!r}") from e
+        if lookup.combiner not in (None, *COMBINERS):
+            raise ConfigError(f"{path}: lookups[{i}].combiner {lookup.combiner!r} is not one of "
+                              f"{COMBINERS}")
+        lookups.append(lookup)
+    keys_signature, dense_signature = None, "serving_default"
+    if version == 2:
+        try:
+            keys_signature = str(manifest["keys_step"]["signature"])
+            dense_signature = str(manifest["dense"]["signature"])
+        except (KeyError, TypeError) as e:
+            raise ConfigError(f"{path}: format 2 needs 'keys_step' and 'dense', each with a "
+                              f"'signature': {e!r}") from e
+    return Dataflow(version, keys_signature, dense_signature, tuple(lookups), key_inputs,
+                    manifest.get("hps_config"))
+
+
+def read_dataflow(version_dir: str) -> Dataflow | None:
+    """The version's dataflow, or None for a plain SavedModel (no manifest)."""
+    path = os.path.join(version_dir, MANIFEST_NAME)
+    if not os.path.exists(path):
+        return None
+    try:
+        manifest = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path}: cannot read the keras-hps manifest: {e}") from e
+    return parse_manifest(manifest, path)
+
+
+def public_signature_def(flow: Dataflow, defs: dict[str, Any]) -> Any:
+    """The public SignatureDef (format 2): the keys step's inputs, the dense part's outputs.
+
+    `defs` are the SavedModel's SignatureDef protos by name."""
+    public = type(defs[flow.dense_signature])()
+    public.CopyFrom(defs[flow.dense_signature])
+    public.ClearField("inputs")
+    for name, info in defs[flow.keys_signature].inputs.items():
+        public.inputs[name].CopyFrom(info)
+    return public
+
+
+def lookup_in_pieces(ps: Any, model: str, table_id: int, keys: np.ndarray) -> np.ndarray:
+    """`ps.lookup` of any number of keys: pieces of at most the table's keys per lookup."""
+    spec = ps.table_spec(model, table_id)
+    keys = np.asarray(keys).astype(np.int64, copy=False)
+    limit = max(1, int(spec.max_keys_per_lookup))
+    if keys.size <= limit:
+        return np.asarray(ps.lookup(model, table_id, keys), np.float32)
+    flat = keys.reshape(-1)
+    parts = [np.asarray(ps.lookup(model, table_id, flat[i:i + limit]), np.float32)
+             for i in range(0, flat.size, limit)]
+    return np.concatenate(parts).reshape(*keys.shape, spec.dim)
+
+
+def pooled(ps: Any, lookup: Lookup, keys: np.ndarray) -> np.ndarray:
+    """The vectors of one lookup: per key, or pooled per bag (last axis, -1 padding skipped;
+    an empty bag gives zeros) when the lookup has a combiner and the keys rank 2 or more."""
+    if lookup.combiner is None or keys.ndim < 2:
+        return lookup_in_pieces(ps, lookup.model, lookup.table_id, keys)
+    valid = keys >= 0
+    dim = ps.table_spec(lookup.model, lookup.table_id).dim
+    per_key = np.zeros(keys.shape + (dim,), np.float32)
+    per_key[valid] = lookup_in_pieces(ps, lookup.model, lookup.table_id, keys[valid])
+    weight = valid.astype(np.float32)
+    total = np.einsum("...n,...nd->...d", weight, per_key)
+    if lookup.combiner == "sum":
+        return total
+    count = weight.sum(axis=-1, keepdims=True)
+    scale = count if lookup.combiner == "mean" else np.sqrt(count)
+    return np.divide(total, scale, out=np.zeros_like(total), where=scale > 0)
+
+
+class ExternalRunner:
+    """Runs one external version's dataflow on validated inputs.
+
+    `functions` are the SavedModel's signature functions by name (`loaded.signatures`);
+    `parameter_server` resolves the lookups.
+    """
+
+    def __init__(self, flow: Dataflow, functions: dict[str, Any], parameter_server: Any,
+                 where: str = "") -> None:
+        self.flow = flow
+        self._ps = parameter_server
+        missing = [s for s in (flow.keys_signature, flow.dense_signature)
+                   if s is not None and s not in functions]
+        if missing:
+            raise ConfigError(f"{where}: the manifest names signature(s) {missing}, which the "
+                              f"SavedModel lacks (it has {sorted(functions)})")
+        self._keys = None if flow.keys_signature is None else functions[flow.keys_signature]
+        self._dense = functions[flow.dense_signature]
+        self._dense_specs = self._dense.structured_input_signature[1]
+        produced = set(self._keys.structured_outputs) if self._keys is not None else set()
+        public = (set(self._keys.structured_input_signature[1]) if self._keys is not None
+                  else set(flow.key_inputs) | set(self._dense_specs))
+        available = public | produced | {lk.feeds for lk in flow.lookups}
+        unfed = sorted(set(self._dense_specs) - available)
+        unknown = sorted({lk.keys for lk in flow.lookups} - public - produced)
+        if unfed or unknown:
+            raise ConfigError(f"{where}: the manifest leaves dense input(s) {unfed} unfed and "
+                              f"reads keys {unknown} that nothing produces")
+        for lookup in flow.lookups:
+            parameter_server.table_spec(lookup.model, lookup.table_id)  # NotFoundError
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The dense part's outputs (TF tensors) for public `inputs` (already validated)."""
+        import tensorflow as tf
+
+        env: dict[str, Any] = dict(inputs)
+        if self._keys is not None:
+            specs = self._keys.structured_input_signature[1]
+            out = self._keys(**{n: tf.convert_to_tensor(env[n], s.dtype)
+                                for n, s in specs.items()})
+            env.update({n: t.numpy() for n, t in out.items()})
+        for lookup in self.flow.lookups:
+            keys = np.asarray(env[lookup.keys])
+            if keys.dtype.kind not in "iu":
+                raise InvalidInputError(f"input '{lookup.keys}': keys must be integers, got "
+                                        f"{keys.dtype}")
+            env[lookup.feeds] = pooled(self._ps, lookup, keys)
+        feeds = {n: tf.cast(tf.convert_to_tensor(env[n]), s.dtype) if s.dtype.is_floating
+                 else tf.convert_to_tensor(env[n], s.dtype)
+                 for n, s in self._dense_specs.items()}
+        return self._dense(**feeds)
+
+
+def load_external(version_dir: str | os.PathLike, parameter_server: Any) -> ExternalRunner:
+    """Load an external version's SavedModel and manifest into a runner."""
+    import tensorflow as tf
+
+    version_dir = os.fspath(version_dir)
+    flow = read_dataflow(version_dir)
+    if flow is None:
+        raise ConfigError(f"{version_dir}: no {MANIFEST_NAME}: not an external-placement version")
+    loaded = tf.saved_model.load(version_dir, tags=["serve"])
+    runner = ExternalRunner(flow, dict(loaded.signatures), parameter_server, where=version_dir)
+    runner.loaded = loaded  # the signature functions read its variables
+    return runner
