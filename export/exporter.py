@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -26,7 +27,13 @@ from keras_hps.export.inference import (
 )
 from keras_hps.export.saved_model_writer import save_saved_model
 from keras_hps.export.warmup import write_warmup
-from keras_hps.servable import MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_VERSION, TensorSpec
+from keras_hps.servable import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    VERSION_HPS_CONFIG,
+    TensorSpec,
+)
 
 PLACEMENTS = ("external", "embedded")
 EXPORT_INFO = os.path.join("assets.extra", "keras_hps_export.json")
@@ -192,7 +199,7 @@ def export_for_serving(
     repo.read_models_config(config_path)
     hps_path = os.path.join(repo_dir, repo.HPS_JSON)
     if tables == "external":
-        repo.read_hps_json(hps_path)
+        hps_settings = repo.read_hps_json(hps_path)
 
     table_list = dissect(keras_model, embedding_layers, keys)
     if inference_model is None:
@@ -240,6 +247,7 @@ def export_for_serving(
             # this thread builds and saves the dense part; leaving the block waits for them.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
                 pending = _write_tables(pool, table_dir, table_list, progress)
+                digests = [pool.submit(_table_digest, t) for t in table_list]
                 dense_specs = {n: in_specs[n] for n in part.passthrough}
                 for call, feed in part.feeds:
                     dense_specs[feed] = _spec_of(call.output)
@@ -249,9 +257,12 @@ def export_for_serving(
                 for _, futures in pending:
                     for future in futures:
                         future.result()
-            _write_manifest(tmp, model_name, hps_path, part, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
                                max_batch_size, keys_per_sample)
+            _pin_tables(tmp, result.version_dir, hps_settings, entry, result.table_files)
+            _write_manifest(tmp, model_name, part, in_specs,
+                            {t.table_id: d.result() for t, d in zip(table_list, digests,
+                                                                    strict=True)})
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
         _write_export_info(tmp, model_name, tables, table_list, defaults)
         base_path = model_dir if serving_repo_path is None else (
@@ -337,8 +348,28 @@ def _write_tables(pool: ThreadPoolExecutor, table_dir: str,
     return pending
 
 
-def _write_manifest(version_dir: str, model_name: str, hps_path: str, part: Any,
-                    in_specs: Mapping[str, TensorSpec]) -> None:
+def _table_digest(t: EmbeddingTable) -> str:
+    """SHA-256 of a table's content (dim, keys, vectors): equal digests serve equal lookups."""
+    h = hashlib.sha256(np.int64(t.dim).tobytes())
+    h.update(np.ascontiguousarray(t.keys, "<i8").data)
+    h.update(np.ascontiguousarray(t.vectors, "<f4").data)
+    return h.hexdigest()
+
+
+def _pin_tables(tmp: str, version_dir: str, settings: dict[str, Any], entry: dict[str, Any],
+                files: list[str]) -> None:
+    """`<version>/hps.json`: the repository's parameter-server settings with this version's
+    model entry alone, naming this version's table files (relative to the version folder, so
+    the repository can move). The server loads each version from its own copy."""
+    own = {**entry, "sparse_files": [os.path.relpath(f, version_dir) for f in files]}
+    config = {**{k: v for k, v in settings.items() if k != "models"}, "models": [own]}
+    with open(os.path.join(tmp, VERSION_HPS_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def _write_manifest(version_dir: str, model_name: str, part: Any,
+                    in_specs: Mapping[str, TensorSpec], digests: dict[int, str]) -> None:
     lookups = []
     for call, feed in part.feeds:
         spec = in_specs[call.input_name]
@@ -351,12 +382,13 @@ def _write_manifest(version_dir: str, model_name: str, hps_path: str, part: Any,
             "shape": None if spec.shape is None else list(spec.shape),
             "combiner": getattr(call.layer, "combiner", None),
         })
-    # The version directory sits at DIR/NAME/<version>: hps.json is two levels up.
     manifest = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "model_name": model_name,
-        "hps_config": os.path.relpath(hps_path, os.path.join(os.path.dirname(version_dir), "v")),
+        "hps_config": VERSION_HPS_CONFIG,  # this version's own copy (see _pin_tables)
+        "tables": [{"model": model_name, "table_id": t, "sha256": d}
+                   for t, d in sorted(digests.items())],
         "lookups": lookups,
     }
     with open(os.path.join(version_dir, MANIFEST_NAME), "w", encoding="utf-8") as f:
