@@ -30,7 +30,7 @@ from .metrics import Metrics
 from .model_config import ModelEntry
 from .spin_wait import SpinWait
 from .status import ServingError, from_exception, invalid_argument
-from .tables import ParameterServers
+from .tables import ParameterServers, free_memory
 
 log = logging.getLogger("keras_hps.serving")
 
@@ -237,9 +237,9 @@ class ServingCore:
         kwargs = {"tags": self._tags, "session_config": self._session_config}
         tables = version_tables(path)
         if tables is None:
-            return load_servable(path, **kwargs)
+            return load_servable(path, on_close=free_memory, **kwargs)
         if self.parameter_server is not None:
-            return load_servable(path, self.parameter_server, **kwargs)
+            return load_servable(path, self.parameter_server, on_close=free_memory, **kwargs)
         if self._fixed_tables is not None:
             tables = self._fixed_tables
         elif tables.shared and tables.path not in self._warned_shared:
@@ -249,10 +249,15 @@ class ServingCore:
                 "that %s names now; export it again to pin them", path, tables.path
             )
         lease = self.parameter_servers.acquire(tables)
-        try:
-            return load_servable(path, lease.parameter_server, on_close=lease.release, **kwargs)
-        except BaseException:
+
+        def release() -> None:  # the version's session, then (if last) its tables
             lease.release()
+            free_memory()
+
+        try:
+            return load_servable(path, lease.parameter_server, on_close=release, **kwargs)
+        except BaseException:
+            release()
             raise
 
     def _warmed(self, loader: Callable[[str], Any]) -> Callable[[str], Any]:

@@ -10,6 +10,7 @@ any number of repositories and `hps.json` files live side by side in it.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import sys
@@ -93,7 +94,6 @@ class ParameterServers:
             del self._entries[key]
         if entry.built.exception() is None:
             entry.built.result().close()
-            free_memory()
 
     def __len__(self) -> int:
         with self._lock:
@@ -120,9 +120,15 @@ class ParameterServers:
 
 
 def free_memory() -> None:
-    """Returns what unloaded tables held: Python's garbage, and torch's cached GPU blocks
-    (only if torch is already in use; it is never imported for this)."""
+    """Returns what an unloaded version held to the system: Python's garbage, the C heap's
+    free pages (glibc's malloc_trim), and torch's cached GPU blocks (only if torch is
+    already in use; it is never imported for this)."""
     gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
