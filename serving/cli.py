@@ -56,9 +56,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag("grpc_socket_path", "string", "", "also serve gRPC on this Unix domain socket"),
     Flag("rest_api_port", "int32", 0, "port for the REST API and metrics (0: no REST); must "
          "differ from --port"),
-    Flag("rest_api_num_threads", "int32", 4 * _CPUS, "threads handling REST requests"),
-    Flag("rest_api_timeout_in_ms", "int32", 30000, "timeout of a REST call"),
-    Flag("rest_api_enable_cors_support", "bool", False, "answer with CORS headers"),
+    Flag("rest_api_num_threads", "int32", 4 * _CPUS, "REST requests handled at once"),
+    Flag("rest_api_timeout_in_ms", "int32", 30000, "time limit of one REST request"),
+    Flag("rest_api_enable_cors_support", "bool", False, "answer REST requests with CORS "
+         "headers"),
     Flag("enable_batching", "bool", False, "merge concurrent Predict requests into batches"),
     Flag("allow_version_labels_for_unavailable_models", "bool", False,
          "a config change may point a new label at a version that is not AVAILABLE yet"),
@@ -105,8 +106,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("num_request_iterations_for_warmup", "int32", 0, "times each warmup record runs "
          "(used if > 0; else once)"),
     Flag("version", "bool", False, "print the version and exit"),
-    Flag("monitoring_config_file", "string", "", "MonitoringConfig text proto: Prometheus "
-         "metrics path and on/off"),
+    Flag("monitoring_config_file", "string", "", "MonitoringConfig text proto: turns the "
+         "Prometheus endpoint on (prometheus_config { enable: true }) and sets its path on "
+         "the REST port"),
     Flag("remove_unused_fields_from_bundle_metagraph", "bool", True, "TF Serving's MetaGraph "
          "trimming", ignored=True),
     Flag("prefer_tflite_model", "bool", False, "TFLite models (not served)", ignored=True),
@@ -133,6 +135,45 @@ OWN_FLAGS: tuple[Flag, ...] = (
     Flag("hps_config", "string", "", "one parameter-server config (hps.json) for every "
          "external-placement version, instead of the one each version pins"),
 )
+
+
+# keras-hps's flags of other forms than FLAGS' (help texts; defaults in add_arguments)
+_HELP = {
+    "frontend_cpus": "CPUs for the gRPC/REST request threads: auto (one CPU when the process "
+    "has two or more), all (no restriction), or a list like 0,1; the model's compute keeps "
+    "every CPU",
+    "spin_wait_ms": "keep the request threads' CPUs busy (SCHED_IDLE spin) while requests run "
+    "and this long after the last one ends, so that the next request finds them awake",
+    "verbose": "log loads and unloads",
+}
+_OTHER_DEFAULTS = {"frontend_cpus": "auto", "spin_wait_ms": "0 (off)", "verbose": "off"}
+
+
+def _shown_default(flag: Flag) -> str:
+    """A flag's default as docs show it (CPU-dependent ones by their rule)."""
+    if flag.name in ("rest_api_num_threads", "grpc_max_threads"):
+        return "4 x CPUs"
+    if flag.name == "num_tflite_pools":
+        return "CPUs"
+    if flag.default == "":
+        return ""
+    if isinstance(flag.default, bool):
+        return str(flag.default).lower()
+    if isinstance(flag.default, int) and flag.default >= 100_000:
+        return f"{flag.default:,}"
+    return str(flag.default)
+
+
+def flags_markdown() -> str:
+    """The flag table of docs/deployment.md: every flag, its default, what it does here."""
+    lines = ["| flag | default | here |", "|---|---|---|"]
+    for flag in FLAGS + OWN_FLAGS:
+        what = ("accepted, warns, no effect: " + flag.help) if flag.ignored else flag.help
+        mark = " (keras-hps)" if flag in OWN_FLAGS else ""
+        lines.append(f"| `--{flag.name}`{mark} | {_shown_default(flag)} | {what} |")
+    for name, text in _HELP.items():
+        lines.append(f"| `--{name}` (keras-hps) | {_OTHER_DEFAULTS[name]} | {text} |")
+    return "\n".join(lines)
 
 
 def _bool(text: str) -> bool:
@@ -182,25 +223,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hyphens and underscores both work)."""
     for flag in FLAGS + OWN_FLAGS:
         _add(parser, flag)
-    parser.add_argument(
-        "--frontend_cpus", "--frontend-cpus",
-        dest="frontend_cpus",
-        type=_cpus,
-        default="auto",
-        help="CPUs for the gRPC/REST request threads: auto (default: one CPU when the "
-        "process has two or more), all (no restriction), or a list like 0,1; the model's "
-        "compute keeps every CPU",
-    )
-    parser.add_argument(
-        "--spin_wait_ms", "--spin-wait-ms",
-        dest="spin_wait_ms",
-        type=float,
-        default=0.0,
-        help="keep the request threads' CPUs busy (SCHED_IDLE spin) while requests run and "
-        "this long after the last one ends, so that the next request finds them awake "
-        "(default 0: off)",
-    )
-    parser.add_argument("--verbose", action="store_true", help="log loads and unloads")
+    parser.add_argument("--frontend_cpus", "--frontend-cpus", dest="frontend_cpus", type=_cpus,
+                        default="auto", help=_HELP["frontend_cpus"] + " (default auto)")
+    parser.add_argument("--spin_wait_ms", "--spin-wait-ms", dest="spin_wait_ms", type=float,
+                        default=0.0, help=_HELP["spin_wait_ms"] + " (default 0: off)")
+    parser.add_argument("--verbose", action="store_true", help=_HELP["verbose"])
 
 
 def version_text() -> str:

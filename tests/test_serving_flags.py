@@ -384,3 +384,10 @@ def test_labels_on_a_config_change(tmp_path):
                                           "which is not currently available for inference")
             assert manager.entries()[0].labels == {"stable": 1}  # the change was refused
         manager.close()
+
+
+def test_deployment_doc_lists_every_flag():
+    """docs/deployment.md's flag table is the one the flag definitions give."""
+    doc = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/docs/deployment.md")
+    with open(doc, encoding="utf-8") as f:
+        assert cli.flags_markdown() in f.read()
