@@ -79,22 +79,23 @@ def _signature(servable: Any, spec: Any, method: str, check_method: bool) -> Any
     if name not in servable.signatures:
         raise invalid_argument(f"No signature was found with the name: {name}")
     signature = servable.signature_def(name)
+    _check_method(signature, method, check_method)
+    return signature
+
+
+def _check_method(signature: Any, method: str, check_method: bool) -> None:
+    """With --enable_signature_method_name_check, the signature must be of `method`."""
     if check_method and signature.method_name != method:
         kind = "classification" if method == CLASSIFY_METHOD else "regression"
         raise invalid_argument(
             f"Expected {kind} signature method_name to be {method}. "
             f"Was: {signature.method_name}"
         )
-    return signature
 
 
 def _classification_tensors(signature: Any, check_method: bool) -> tuple[str, list[str]]:
     """(input tensor, output tensors) of a classification signature (PreProcessClassification)."""
-    if check_method and signature.method_name != CLASSIFY_METHOD:
-        raise invalid_argument(
-            f"Expected classification signature method_name to be {CLASSIFY_METHOD}. "
-            f"Was: {signature.method_name}"
-        )
+    _check_method(signature, CLASSIFY_METHOD, check_method)
     if len(signature.inputs) != 1:
         raise invalid_argument("Expected one input Tensor.")
     if len(signature.outputs) not in (1, 2):
@@ -117,11 +118,7 @@ def _classification_tensors(signature: Any, check_method: bool) -> tuple[str, li
 
 def _regression_tensors(signature: Any, check_method: bool) -> tuple[str, list[str]]:
     """(input tensor, output tensors) of a regression signature (PreProcessRegression)."""
-    if check_method and signature.method_name != REGRESS_METHOD:
-        raise invalid_argument(
-            f"Expected regression signature method_name to be {REGRESS_METHOD}. "
-            f"Was: {signature.method_name}"
-        )
+    _check_method(signature, REGRESS_METHOD, check_method)
     if len(signature.inputs) != 1:
         raise invalid_argument("Expected one input Tensor.")
     if len(signature.outputs) != 1:
@@ -197,19 +194,26 @@ def _run(servable: Any, input_name: str, output_names: list[str], input_proto: A
     return len(examples), dict(zip(names, values, strict=True))
 
 
+def _answer(servable: Any, request: Any, version: int | None, check_method: bool,
+            method: str, response: Any) -> Any:
+    """Classify or Regress: signature, one run over the examples, checked result."""
+    tensors, post, _ = _TASKS[method]
+    signature = _signature(servable, request.model_spec, method, check_method)
+    input_name, outputs = tensors(signature, check_method)
+    response.model_spec.CopyFrom(
+        model_spec(request.model_spec.name, request.model_spec.signature_name, version))
+    examples, fetched = _run(servable, input_name, outputs, request.input)
+    post(signature, examples, fetched, response.result)
+    return response
+
+
 def classify(servable: Any, request: Any, version: int | None, check_method: bool = False
              ) -> Any:
     """ClassificationResponse of `request` on a loaded version."""
     from tensorflow_serving.apis import classification_pb2
 
-    signature = _signature(servable, request.model_spec, CLASSIFY_METHOD, check_method)
-    input_name, outputs = _classification_tensors(signature, check_method)
-    response = classification_pb2.ClassificationResponse()
-    response.model_spec.CopyFrom(
-        model_spec(request.model_spec.name, request.model_spec.signature_name, version))
-    examples, fetched = _run(servable, input_name, outputs, request.input)
-    _classification_result(signature, examples, fetched, response.result)
-    return response
+    return _answer(servable, request, version, check_method, CLASSIFY_METHOD,
+                   classification_pb2.ClassificationResponse())
 
 
 def regress(servable: Any, request: Any, version: int | None, check_method: bool = False
@@ -217,14 +221,8 @@ def regress(servable: Any, request: Any, version: int | None, check_method: bool
     """RegressionResponse of `request` on a loaded version."""
     from tensorflow_serving.apis import regression_pb2
 
-    signature = _signature(servable, request.model_spec, REGRESS_METHOD, check_method)
-    input_name, outputs = _regression_tensors(signature, check_method)
-    response = regression_pb2.RegressionResponse()
-    response.model_spec.CopyFrom(
-        model_spec(request.model_spec.name, request.model_spec.signature_name, version))
-    examples, fetched = _run(servable, input_name, outputs, request.input)
-    _regression_result(signature, examples, fetched, response.result)
-    return response
+    return _answer(servable, request, version, check_method, REGRESS_METHOD,
+                   regression_pb2.RegressionResponse())
 
 
 _TASKS = {

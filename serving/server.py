@@ -13,12 +13,11 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from .core import ServerOptions, ServingCore, resolve_frontend_cpus
-from .model_config import ModelEntry
 
 __all__ = ["ModelServer", "ServerOptions", "frontend_affinity", "resolve_frontend_cpus"]
 
@@ -54,14 +53,9 @@ def frontend_affinity(cpus: tuple[int, ...] | None) -> Iterator[None]:
 class ModelServer(ServingCore):
     """A serving core answered over gRPC and REST from one process."""
 
-    def __init__(
-        self,
-        entries: list[ModelEntry],
-        options: ServerOptions | None = None,
-        parameter_server: Any = None,
-        loader: Callable[[str], Any] | None = None,
-    ) -> None:
-        super().__init__(entries, options, parameter_server, loader)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """Takes `ServingCore`'s arguments (entries, options, parameter_server, loader)."""
+        super().__init__(*args, **kwargs)
         self._grpc: Any = None
         self._rest: Any = None
         self.grpc_port: int | None = None

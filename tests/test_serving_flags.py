@@ -17,7 +17,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serving_models import save_version
+from serving_models import save_version, wait_for
 
 tf = pytest.importorskip("tensorflow")
 
@@ -259,15 +259,6 @@ def test_unix_socket_channel_arguments_and_health_over_the_command_line(tmp_path
         assert proc.wait(60) == 0, "".join(lines)
 
 
-def _wait(predicate, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_model_config_file_is_polled(tmp_path, caplog):
     """--model_config_file_poll_wait_seconds: an added model is served, a removed one
     unloaded; a file that does not parse is logged and the config in use kept."""
@@ -290,13 +281,13 @@ def test_model_config_file_is_polled(tmp_path, caplog):
     try:
         assert [e.name for e in server.manager.entries()] == ["a"]
         write(["a", "b"])
-        assert _wait(lambda: server.manager.wait_until_available("b", timeout=0.01))
+        assert wait_for(lambda: server.manager.wait_until_available("b", timeout=0.01), 30)
         write(["b"])
-        assert _wait(lambda: [e.name for e in server.manager.entries()] == ["b"])
+        assert wait_for(lambda: [e.name for e in server.manager.entries()] == ["b"], 30)
         with caplog.at_level(logging.ERROR, logger="keras_hps.serving"):
             config.write_text("not a config {")
-            assert _wait(lambda: any("Failed to read ModelServerConfig file" in r.message
-                                     for r in caplog.records))
+            assert wait_for(lambda: any("Failed to read ModelServerConfig file" in r.message
+                                        for r in caplog.records), 30)
         assert server.manager.wait_until_available("b", timeout=1)
     finally:
         server.stop(grace=5)

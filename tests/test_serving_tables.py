@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 tf = pytest.importorskip("tensorflow")
-keras = pytest.importorskip("keras")
 
 from tensorflow_serving.apis import (  # noqa: E402
     get_model_status_pb2,
@@ -32,6 +31,8 @@ from keras_hps.servable import MANIFEST_NAME, load_servable, version_tables  # n
 from keras_hps.serving.model_config import ModelEntry  # noqa: E402
 from keras_hps.serving.server import ModelServer, ServerOptions  # noqa: E402
 from keras_hps.serving.tables import ParameterServers  # noqa: E402
+
+keras = pytest.importorskip("keras")
 
 USERS, DIM = 30, 4
 AVAILABLE = get_model_status_pb2.ModelVersionStatus.AVAILABLE
