@@ -382,3 +382,44 @@ def test_deployment_doc_lists_every_flag():
     doc = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + "/docs/deployment.md")
     with open(doc, encoding="utf-8") as f:
         assert cli.flags_markdown() in f.read()
+
+
+def test_ssl_config_file_serves_grpc_over_tls(tmp_path):
+    """--ssl_config_file: TF Serving's SSLConfig text proto; a TLS client with the server's
+    certificate is answered, a plaintext one is not."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    key, cert = tmp_path / "server.key", tmp_path / "server.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    from google.protobuf import text_format
+
+    from keras_hps.serving.protos import ssl_config_class
+
+    config = ssl_config_class()(server_key=key.read_text(), server_cert=cert.read_text())
+    ssl_file = tmp_path / "ssl.config"
+    ssl_file.write_text(text_format.MessageToString(config))
+    save_version(str(tmp_path / "m" / "1"), 6)
+    options = ServerOptions(port=0, host="127.0.0.1", file_system_poll_wait_seconds=0,
+                            ssl_config_file=str(ssl_file))
+    server = ModelServer([ModelEntry("m", str(tmp_path / "m"))], options).start()
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "m"
+    request.inputs["ids"].CopyFrom(tf.make_tensor_proto(np.array([[1, 2]], np.int64)))
+    request.inputs["x"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 3), np.float32)))
+    target = f"localhost:{server.grpc_port}"
+    try:
+        credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(target, credentials) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            assert stub.Predict(request, timeout=30).model_spec.version.value == 1
+        with grpc.insecure_channel(target) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(grace=5)
