@@ -232,9 +232,9 @@ def main() -> int:
         other_port = free_port()
         others[name] = (start_server(repo, other_port, 0, extra=flags),
                         f"127.0.0.1:{other_port}")
-    import keras_hps
+    from keras_hps.parameter_server import ParameterServer
 
-    ps = keras_hps.init(hps)
+    ps = ParameterServer(hps)
     inprocess = {}
 
     def inproc_make(batch):
@@ -299,6 +299,7 @@ def main() -> int:
         proc.wait(60)
         for _, servable in inprocess.values():
             servable.close()
+        ps.close()
 
     def median(runs):
         runs = sorted(runs, key=lambda r: r.p50_ms)

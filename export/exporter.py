@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -32,7 +33,7 @@ from keras_hps.export.inference import (
 from keras_hps.export.saved_model_writer import save_saved_model
 from keras_hps.export.split import Split, split_for_external
 from keras_hps.export.warmup import write_warmup
-from keras_hps.external import MANIFEST_FORMAT, MANIFEST_NAME
+from keras_hps.external import MANIFEST_FORMAT, MANIFEST_NAME, VERSION_HPS_CONFIG
 from keras_hps.servable import TensorSpec
 
 PLACEMENTS = ("external", "embedded")
@@ -257,7 +258,7 @@ def export_for_serving(
     repo.read_models_config(config_path)
     hps_path = os.path.join(repo_dir, repo.HPS_JSON)
     if tables == "external":
-        repo.read_hps_json(hps_path)
+        hps_settings = repo.read_hps_json(hps_path)
 
     table_list = dissect(keras_model, embedding_layers, keys)
     if inference_model is None:
@@ -309,14 +310,18 @@ def export_for_serving(
             # this thread builds and saves the dense part; leaving the block waits for them.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
                 pending = _write_tables(pool, table_dir, table_list, progress)
+                digests = [pool.submit(_table_digest, t) for t in table_list]
                 result.checkpoint_writer = _write_saved_model(tmp, signatures)
                 result.table_files = [h5 for h5, _ in pending]
                 for _, futures in pending:
                     for future in futures:
                         future.result()
-            _write_manifest(tmp, model_name, hps_path, split, in_specs)
             entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
                                max_batch_size, keys_per_sample)
+            _pin_tables(tmp, result.version_dir, hps_settings, entry, result.table_files)
+            _write_manifest(tmp, model_name, split, in_specs,
+                            {t.table_id: d.result() for t, d in zip(table_list, digests,
+                                                                    strict=True)})
         write_warmup(tmp, model_name, in_specs, key_samples, warmup_records)
         _write_export_info(tmp, model_name, tables, table_list, defaults)
         base_path = model_dir if serving_repo_path is None else (
@@ -421,10 +426,31 @@ def _external_signatures(split: Split, in_specs: Mapping[str, TensorSpec],
     return signatures
 
 
-def _write_manifest(version_dir: str, model_name: str, hps_path: str, split: Split,
-                    in_specs: Mapping[str, TensorSpec]) -> None:
+def _table_digest(t: EmbeddingTable) -> str:
+    """SHA-256 of a table's content (dim, keys, vectors): equal digests serve equal lookups."""
+    h = hashlib.sha256(np.int64(t.dim).tobytes())
+    h.update(np.ascontiguousarray(t.keys, "<i8").data)
+    h.update(np.ascontiguousarray(t.vectors, "<f4").data)
+    return h.hexdigest()
+
+
+def _pin_tables(tmp: str, version_dir: str, settings: dict[str, Any], entry: dict[str, Any],
+                files: list[str]) -> None:
+    """`<version>/hps.json`: the repository's parameter-server settings with this version's
+    model entry alone, naming this version's table files (relative to the version folder, so
+    the repository can move). The server loads each version from its own copy."""
+    own = {**entry, "sparse_files": [os.path.relpath(f, version_dir) for f in files]}
+    config = {**{k: v for k, v in settings.items() if k != "models"}, "models": [own]}
+    with open(os.path.join(tmp, VERSION_HPS_CONFIG), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+        f.write("\n")
+
+
+def _write_manifest(version_dir: str, model_name: str, split: Split,
+                    in_specs: Mapping[str, TensorSpec], digests: dict[int, str]) -> None:
     """`keras_hps_manifest.json` (format in `keras_hps.external`): format 1 where every
-    lookup reads a model input, else format 2 with the keys step."""
+    lookup reads a model input, else format 2 with the keys step. It names this version's
+    own parameter-server config (`_pin_tables`) and each table's content digest."""
     lookups = []
     for call, keys, vectors in split.lookups:
         entry: dict[str, Any] = {"input" if split.keys_step is None else "keys": keys,
@@ -438,10 +464,10 @@ def _write_manifest(version_dir: str, model_name: str, hps_path: str, split: Spl
         lookups.append(entry)
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT,
                                 "format_version": 1 if split.keys_step is None else 2,
-                                "model_name": model_name}
-    # The version directory sits at DIR/NAME/<version>: hps.json is two levels up.
-    manifest["hps_config"] = os.path.relpath(hps_path,
-                                             os.path.join(os.path.dirname(version_dir), "v"))
+                                "model_name": model_name,
+                                "hps_config": VERSION_HPS_CONFIG,
+                                "tables": [{"model": model_name, "table_id": t, "sha256": d}
+                                           for t, d in sorted(digests.items())]}
     if split.keys_step is not None:
         manifest["keys_step"] = {"signature": KEYS_SIGNATURE}
         manifest["dense"] = {"signature": "serving_default"}

@@ -57,6 +57,7 @@ MANIFEST_NAME = "keras_hps_manifest.json"
 MANIFEST_FORMAT = "keras-hps-external"
 FORMAT_VERSIONS = (1, 2)
 COMBINERS = ("sum", "mean", "sqrtn")
+VERSION_HPS_CONFIG = "hps.json"  # an external version's own parameter-server config
 
 
 @dataclass(frozen=True)

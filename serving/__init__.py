@@ -1,17 +1,19 @@
 """A model server that answers TensorFlow Serving's REST and gRPC APIs.
 
-Installed as `keras_hps.serving`. Modules (each imported only when used):
+Installed as `keras_hps.serving`. The core knows no frontend; the frontends take a core;
+`server` puts them together. Modules (each imported only when used):
 
-- `model_config`: `models.config` (ModelServerConfig text), version policies, labels
-- `manager`: loading, polling, availability-preserving switchover, version status
-- `warmup`: replay of a version's `tf_serving_warmup_requests` before it serves
-- `server`: `ModelServer`, one process serving gRPC and REST over one manager
-- `spin_wait`: the SCHED_IDLE spin-wait on the request threads' CPU (`--spin_wait_ms`)
-- `rest`, `rest_json`: the REST routes and TF Serving's JSON (row, columnar, b64, errors)
-- `grpc_service`, `tensors`: PredictionService / ModelService and TensorProto conversion
-- `batching`: server-side batching with TF Serving's BatchingParameters file format
-- `metrics`: Prometheus text (request counts, latency histogram, per-tier table counters)
-- `status`: status codes and TF Serving's code -> HTTP mapping
-- `client`: `GrpcClient`, `RestClient` (predict from NumPy inputs)
-- `cli`, `bench`, `demo`: `keras-hps serve`, `keras-hps bench`, `keras-hps demo`
+- core: `model_config` (`models.config`, version policies, labels), `manager` (loading,
+  polling, retries, availability-preserving switchover, version status), `tables` (the
+  reference-counted parameter servers of the loaded versions), `warmup` (replay of a
+  version's `tf_serving_warmup_requests`), `batching` (TF Serving's BatchingParameters),
+  `inference` (Classify, Regress, MultiInference), `api` (status and metadata answers,
+  signature checks), `status` (codes, HTTP mapping), `tensors` (TensorProto conversion),
+  `protos` (message classes no installed package ships), `spin_wait`, `metrics`, and
+  `core` itself (`ServingCore`, `ServerOptions`)
+- frontends: `grpc_service` (PredictionService, ModelService, health), `rest` + `rest_json`
+  (REST routes, TF Serving's JSON)
+- composition: `server` (`ModelServer`: a core with both frontends), `cli` (`keras-hps
+  serve`, tensorflow_model_server's flags)
+- tools: `client` (`GrpcClient`, `RestClient`), `bench` (`keras-hps bench`), `demo`
 """

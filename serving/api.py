@@ -1,6 +1,6 @@
 """Protocol-independent answers: model status and metadata protos, signature checks.
 
-Both front ends (gRPC and REST) build their responses from these, so the two protocols
+Both frontends (gRPC and REST) build their responses from these, so the two protocols
 always agree on what a model's status and signatures are.
 """
 
@@ -12,6 +12,11 @@ from .manager import Handle, ModelManager, VersionStatus
 from .status import ServingError, invalid_argument
 
 DEFAULT_SIGNATURE = "serving_default"
+PREDICTABLE_METHODS = (
+    "tensorflow/serving/predict",
+    "tensorflow/serving/classify",
+    "tensorflow/serving/regress",
+)
 
 
 def version_status_proto(statuses: list[VersionStatus]) -> Any:
@@ -60,8 +65,21 @@ def model_spec(name: str, version: int | None, signature_name: str | None = None
     return spec
 
 
+def model_target(spec: Any) -> tuple[str, int | None, str | None]:
+    """(name, version, label) a ModelSpec asks for (None where it leaves them open)."""
+    if not spec.name:
+        raise invalid_argument("ModelSpec has no name specified.")
+    choice = spec.WhichOneof("version_choice")
+    if choice == "version":
+        return spec.name, spec.version.value, None
+    if choice == "version_label":
+        return spec.name, None, spec.version_label
+    return spec.name, None, None
+
+
 def check_signature(handle: Handle, signature_name: str, rest: bool) -> Any:
-    """The signature spec; unknown names fail as TF Serving's REST or gRPC path does."""
+    """The spec of a signature Predict may run; unknown names fail as TF Serving's REST or
+    gRPC path does, and so do signatures of another method (predict_util.cc)."""
     spec = handle.servable.signatures.get(signature_name)
     if spec is None:
         if rest:
@@ -70,5 +88,11 @@ def check_signature(handle: Handle, signature_name: str, rest: bool) -> Any:
             )
         raise ServingError(
             "FAILED_PRECONDITION", f'Serving signature key "{signature_name}" not found.'
+        )
+    if spec.method_name not in PREDICTABLE_METHODS:
+        raise ServingError(
+            "INTERNAL",
+            "Expected prediction signature method_name to be one of {"
+            + ", ".join(PREDICTABLE_METHODS) + f"}}. Was: {spec.method_name}",
         )
     return spec

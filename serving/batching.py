@@ -35,43 +35,14 @@ _FIELDS = (  # (name, number, wrapper type or scalar, repeated)
     ("enable_large_batch_splitting", 8, "BoolValue", False),
     ("max_execution_batch_size", 9, "Int64Value", False),
 )
-_MESSAGE_CLASS: Any = None
 
 
 def batching_parameters_class() -> Any:
     """The `tensorflow.serving.BatchingParameters` message class (built from its fields,
     since the tensorflow-serving-api package does not ship session_bundle_config_pb2)."""
-    global _MESSAGE_CLASS
-    if _MESSAGE_CLASS is not None:
-        return _MESSAGE_CLASS
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+    from .protos import message_class
 
-    pool = descriptor_pool.DescriptorPool()
-    wrappers = descriptor_pb2.FileDescriptorProto()
-    wrappers_pb2.DESCRIPTOR.CopyToProto(wrappers)
-    pool.Add(wrappers)
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="keras_hps/batching_parameters.proto",
-        package="tensorflow.serving",
-        syntax="proto3",
-        dependency=["google/protobuf/wrappers.proto"],
-    )
-    msg = fdp.message_type.add(name="BatchingParameters")
-    F = descriptor_pb2.FieldDescriptorProto
-    for name, number, kind, repeated in _FIELDS:
-        field = msg.field.add(name=name, number=number)
-        field.label = F.LABEL_REPEATED if repeated else F.LABEL_OPTIONAL
-        if kind == "int64":
-            field.type = F.TYPE_INT64
-        elif kind == "bool":
-            field.type = F.TYPE_BOOL
-        else:
-            field.type = F.TYPE_MESSAGE
-            field.type_name = f".google.protobuf.{kind}"
-    pool.Add(fdp)
-    desc = pool.FindMessageTypeByName("tensorflow.serving.BatchingParameters")
-    _MESSAGE_CLASS = message_factory.GetMessageClass(desc)
-    return _MESSAGE_CLASS
+    return message_class("tensorflow.serving.BatchingParameters", _FIELDS)
 
 
 @dataclass(frozen=True)

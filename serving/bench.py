@@ -370,9 +370,9 @@ def run(args: argparse.Namespace) -> int:
     servable = None
     ps = None
     if args.protocol == "inprocess" and args.hps_config:
-        import keras_hps
+        from keras_hps.parameter_server import ParameterServer
 
-        ps = keras_hps.init(args.hps_config)
+        ps = ParameterServer(args.hps_config)
     try:
         for batch in args.batch_sizes:
             if args.protocol == "inprocess":
@@ -408,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if servable is not None:
             servable.close()
+        if ps is not None:
+            ps.close()
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump([asdict(r) | {"rows_per_s": r.rows_per_s} for r in results], f, indent=2)

@@ -214,6 +214,18 @@ def run(args: argparse.Namespace) -> int:
     # through the command line, as a user would (serving never imports the exporter)
     repo = os.path.join(workdir, "model_repository")
     shutil.rmtree(repo, ignore_errors=True)
+    import json
+
+    # the repository's hps.json settings go into every version exported after them
+    os.makedirs(repo)
+    hps_json = os.path.join(repo, "hps.json")
+    with open(hps_json, "w", encoding="utf-8") as f:
+        json.dump({"supportlonglong": True, "models": [],
+                   "volatile_db": {"initial_cache_rate": args.host_cache_rate}}, f, indent=2)
+    print(
+        f"    volatile_db.initial_cache_rate = {args.host_cache_rate} in {hps_json}: the host "
+        "RAM tier starts with that share of each table, the rest is read from HDF5 on use"
+    )
     export_cmd = [
         sys.executable,
         "-m",
@@ -245,7 +257,6 @@ def run(args: argparse.Namespace) -> int:
     if len(table_lines) > 2:
         print(f"    | ... and {len(table_lines) - 2} more tables")
     models_config = os.path.join(repo, "models.config")
-    hps_json = os.path.join(repo, "hps.json")
     tables = sorted(
         os.path.join(root, f)
         for root, _, files in os.walk(repo)
@@ -257,17 +268,7 @@ def run(args: argparse.Namespace) -> int:
         f"{len(tables)} HDF5 table files under {os.path.join(repo, 'tables')}"
     )
 
-    import json
-
-    with open(hps_json, encoding="utf-8") as f:
-        hps_config = json.load(f)
-    hps_config.setdefault("volatile_db", {})["initial_cache_rate"] = args.host_cache_rate
-    with open(hps_json, "w", encoding="utf-8") as f:
-        json.dump(hps_config, f, indent=2)
-    print(
-        f"    set volatile_db.initial_cache_rate = {args.host_cache_rate} in hps.json: the host "
-        "RAM tier starts with that share of each table, the rest is read from HDF5 on use"
-    )
+    print(f"    each version pins its tables and that config: {repo}/dlrm/1/hps.json")
 
     _step(3, "start the server: keras-hps serve --model_config_file ... (a subprocess)")
     grpc_port, rest_port = _free_port(), _free_port()

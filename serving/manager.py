@@ -94,9 +94,25 @@ class ModelManager:
         entries: list[ModelEntry],
         loader: Loader,
         poll_wait_seconds: float = 1.0,
+        *,
+        load_threads: int = 0,
+        unload_threads: int = 0,
+        load_retries: int = 0,
+        retry_interval_s: float = 60.0,
+        labels_for_unavailable: bool = False,
     ) -> None:
+        """`load_threads` / `unload_threads`: versions loading / unloading at once (0: one
+        at a time, TF Serving's default); a failed load is tried `load_retries` more times,
+        `retry_interval_s` apart, while its version is still wanted;
+        `labels_for_unavailable`: a config change may point a new label at a version that
+        is not AVAILABLE (TF Serving's --allow_version_labels_for_unavailable_models)."""
         self._loader = loader
         self._poll_wait = poll_wait_seconds
+        self._load_slots = threading.Semaphore(max(1, load_threads))
+        self._unload_slots = threading.Semaphore(max(1, unload_threads))
+        self._load_retries = max(0, load_retries)
+        self._retry_interval = retry_interval_s
+        self._labels_for_unavailable = labels_for_unavailable
         self._cond = threading.Condition(threading.RLock())
         self._config_lock = threading.Lock()  # one config reload at a time
         self._models: dict[str, _Model] = {e.name: _Model(e) for e in entries}
@@ -200,36 +216,51 @@ class ModelManager:
                     continue
                 record = _Version(version, on_disk[version])
                 model.versions[version] = record
-            error = self._load(name, record)
+            error = self._load(model, record)
             if error is not None:
                 failures.append((name, version, error))
         self._unload_unaspired(model, aspired)
         return failures
 
-    def _load(self, name: str, record: _Version) -> ServingError | None:
+    def _load(self, model: _Model, record: _Version) -> ServingError | None:
+        name = model.entry.name
         with self._cond:
             record.state = State.LOADING
-        log.info(
-            "Loading servable version {name: %s version: %d} from %s",
-            name,
-            record.version,
-            record.path,
-        )
-        try:
-            servable = self._loader(record.path)
-        except Exception as exc:  # the error is the version's status
-            error = from_exception(exc)
-            if error.code == "INTERNAL":
-                error = ServingError("UNKNOWN", error.message)
-            log.error(
-                "Loading servable version {name: %s version: %d} failed: %s",
+        attempt = 0
+        while True:
+            log.info(
+                "Loading servable version {name: %s version: %d} from %s",
                 name,
                 record.version,
-                error.message,
+                record.path,
             )
-            with self._cond:
-                record.state, record.error = State.END, error
-            return error
+            try:
+                with self._load_slots:
+                    servable = self._loader(record.path)
+                break
+            except Exception as exc:  # the error is the version's status
+                error = from_exception(exc)
+                if error.code == "INTERNAL":
+                    error = ServingError("UNKNOWN", error.message)
+                log.error(
+                    "Loading servable version {name: %s version: %d} failed: %s",
+                    name,
+                    record.version,
+                    error.message,
+                )
+            attempt += 1
+            if attempt > self._load_retries or not self._still_wanted(model, record):
+                with self._cond:
+                    record.state, record.error = State.END, error
+                return error
+            log.info(
+                "Retrying load of servable version {name: %s version: %d} (retry %d of %d)",
+                name, record.version, attempt, self._load_retries,
+            )
+            if self._stop.wait(max(0.0, self._retry_interval)):
+                with self._cond:
+                    record.state, record.error = State.END, error
+                return error
         with self._cond:
             record.servable, record.state = servable, State.AVAILABLE
             self._cond.notify_all()
@@ -237,6 +268,15 @@ class ModelManager:
             "Successfully loaded servable version {name: %s version: %d}", name, record.version
         )
         return None
+
+    def _still_wanted(self, model: _Model, record: _Version) -> bool:
+        """Whether the model is still served and its policy still wants the version (a
+        retry of a version that a newer one replaced is cancelled, as in TF Serving)."""
+        with self._cond:
+            if self._models.get(model.entry.name) is not model:
+                return False
+        on_disk = versions_on_disk(model.entry.base_path)
+        return record.version in model.entry.policy.select(set(on_disk))
 
     def _unload_unaspired(self, model: _Model, aspired: set[int]) -> None:
         with self._cond:
@@ -259,7 +299,8 @@ class ModelManager:
         try:
             close = getattr(servable, "close", None)
             if close is not None:
-                close()
+                with self._unload_slots:
+                    close()
         finally:
             with self._cond:
                 record.state = State.END
@@ -271,6 +312,7 @@ class ModelManager:
         loads what the new config aspires to. Returns the versions that failed to load."""
         with self._config_lock:
             with self._cond:
+                self._check_labels(entries)
                 new_names = {e.name for e in entries}
                 removed = [m for n, m in self._models.items() if n not in new_names]
                 touched = set()  # new or changed models: this call waits for their loads
@@ -304,6 +346,24 @@ class ModelManager:
                         self._unload(record)
             # unchanged models keep their state (a load in progress is not waited for)
             return self.poll_once(touched)
+
+    def _check_labels(self, entries: list[ModelEntry]) -> None:
+        """A config change may point a label only at an AVAILABLE version (or, with
+        labels_for_unavailable, a label that is new or keeps its version), as TF Serving's
+        UpdateModelVersionLabelMap requires; otherwise the whole change is refused."""
+        for entry in entries:
+            model = self._models.get(entry.name)
+            for label, version in entry.labels.items():
+                old = model.entry.labels.get(label) if model is not None else None
+                if self._labels_for_unavailable and old in (None, version):
+                    continue
+                record = model.versions.get(version) if model is not None else None
+                if record is None or record.state != State.AVAILABLE:
+                    raise ServingError(
+                        "FAILED_PRECONDITION",
+                        f"Request to assign label to version {version} of model {entry.name}, "
+                        "which is not currently available for inference",
+                    )
 
     def entries(self) -> list[ModelEntry]:
         """The model entries served now."""

@@ -17,6 +17,16 @@ _LABEL_RE = re.compile(r"^[A-Za-z0-9_]+$")
 _NAME_RE = re.compile(r"^[^/:\s]+$")
 
 
+class ModelConfigError(ConfigError):
+    """A `models.config` that cannot be served. `str()` says what is wrong and where;
+    `status` is the `CODE: message` TF Serving reports for it (e.g. `INVALID_ARGUMENT:
+    Invalid protobuf file: '...'`)."""
+
+    def __init__(self, message: str, status: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status or f"INVALID_ARGUMENT: {message}"
+
+
 @dataclass(frozen=True)
 class VersionPolicy:
     """Which of the versions on disk to serve: ("latest", n), ("all",) or ("specific", v...)."""
@@ -83,7 +93,7 @@ def _policy_from_proto(proto, where: str) -> VersionPolicy:
         return VersionPolicy("all")
     versions = tuple(int(v) for v in proto.specific.versions)
     if not versions:
-        raise ConfigError(f"{where}: model_version_policy 'specific' lists no versions")
+        raise ModelConfigError(f"{where}: model_version_policy 'specific' lists no versions")
     return VersionPolicy("specific", versions=versions)
 
 
@@ -95,30 +105,37 @@ def entries_from_proto(
     Relative base paths resolve against `root` (the config file's folder) when given.
     """
     if config.WhichOneof("config") == "custom_model_config":
-        raise ConfigError(f"{source}: custom_model_config is not supported; use model_config_list")
+        raise ModelConfigError(
+            f"{source}: custom_model_config is not supported; use model_config_list",
+            "UNIMPLEMENTED: ModelServer does not yet support custom model config.",
+        )
     entries: list[ModelEntry] = []
     seen: set[str] = set()
     for cfg in config.model_config_list.config:
         where = f"{source}: model {cfg.name!r}"
         if not cfg.name:
-            raise ConfigError(f"{source}: a model config has no name")
+            raise ModelConfigError(f"{source}: a model config has no name")
         if not _NAME_RE.match(cfg.name):
-            raise ConfigError(f"{where}: a model name cannot contain '/', ':' or spaces")
+            raise ModelConfigError(f"{where}: a model name cannot contain '/', ':' or spaces")
         if cfg.name in seen:
-            raise ConfigError(f"{source}: model name {cfg.name!r} is used twice")
+            raise ModelConfigError(
+                f"{source}: model name {cfg.name!r} is used twice",
+                f"INVALID_ARGUMENT: Illegal to list model {cfg.name} multiple times in config "
+                "list",
+            )
         seen.add(cfg.name)
         if not cfg.base_path:
-            raise ConfigError(f"{where} has no base_path")
+            raise ModelConfigError(f"{where} has no base_path")
         platform = cfg.model_platform or "tensorflow"
         if platform != "tensorflow":
-            raise ConfigError(f"{where}: model_platform {platform!r} is not supported")
+            raise ModelConfigError(f"{where}: model_platform {platform!r} is not supported")
         base = cfg.base_path
         if root is not None and not os.path.isabs(base):
             base = os.path.normpath(os.path.join(root, base))
         labels = {}
         for label, version in cfg.version_labels.items():
             if not _LABEL_RE.match(label):
-                raise ConfigError(f"{where}: version label {label!r} must match [a-zA-Z0-9_]+")
+                raise ModelConfigError(f"{where}: version label {label!r} must match [a-zA-Z0-9_]+")
             labels[label] = int(version)
         policy = _policy_from_proto(cfg.model_version_policy, where)
         entries.append(ModelEntry(cfg.name, base, platform, policy, labels))
@@ -136,7 +153,10 @@ def parse_model_config_text(
     try:
         text_format.Parse(text, config)
     except text_format.ParseError as exc:
-        raise ConfigError(f"{source}: not a valid ModelServerConfig text proto: {exc}") from exc
+        raise ModelConfigError(
+            f"{source}: not a valid ModelServerConfig text proto: {exc}",
+            f"INVALID_ARGUMENT: Invalid protobuf file: '{source}'",
+        ) from exc
     return entries_from_proto(config, source, root)
 
 
@@ -147,7 +167,10 @@ def load_model_config_file(path: str) -> list[ModelEntry]:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as exc:
-        raise ConfigError(f"cannot read model config file {path}: {exc}") from exc
+        raise ModelConfigError(
+            f"cannot read model config file {path}: {exc}",
+            f"NOT_FOUND: {path}; {exc.strerror or exc}",
+        ) from exc
     return parse_model_config_text(text, path, os.path.dirname(os.path.abspath(path)))
 
 

@@ -81,6 +81,20 @@ def from_exception(exc: BaseException) -> ServingError:
     if isinstance(exc, MemoryError):
         return ServingError("RESOURCE_EXHAUSTED", f"out of memory: {message}")
     name = type(exc).__name__
-    if name == "InvalidArgumentError":  # tf.errors.InvalidArgumentError from running a graph
-        return ServingError("INVALID_ARGUMENT", getattr(exc, "message", message))
+    code = _graph_error_code(exc)
+    if code is not None:  # tf.errors.OpError from running a graph: its own status code
+        return ServingError(code, getattr(exc, "message", message))
     return ServingError("INTERNAL", f"{name}: {message}")
+
+
+def _graph_error_code(exc: BaseException) -> str | None:
+    """The canonical code name of TensorFlow's OpError (None for other exceptions)."""
+    if not any(c.__name__ == "OpError" for c in type(exc).__mro__):
+        return None
+    from tensorflow.core.protobuf import error_codes_pb2
+
+    try:
+        code = error_codes_pb2.Code.Name(int(exc.error_code))
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return code if code in HTTP_STATUS else None

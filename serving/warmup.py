@@ -22,6 +22,8 @@ log = logging.getLogger("keras_hps.serving")
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000  # TF Serving's WarmupConsts::kMaxNumRecords
 DEFAULT_SIGNATURE = "serving_default"
+# The PredictionLog kinds TF Serving replays (session_run_log is refused there too).
+WARMUP_KINDS = ("predict_log", "classify_log", "regress_log", "multi_inference_log")
 
 
 def warmup_path(version_dir: str) -> str:
@@ -59,9 +61,27 @@ def _run_predict(servable: Any, request: Any) -> None:
     servable.run(inputs, signature, list(request.output_filter) or None)
 
 
-def replay_warmup(servable: Any, version_dir: str, num_request_iterations: int = 1) -> int:
-    """Runs the version's warmup records against `servable`; returns how many records ran
-    (0 when the version has no warmup file). Raises `ServingError` on the first failure."""
+def _replay(servable: Any, record: Any, kind: str, check_method: bool) -> None:
+    """One warmup record: a PredictionLog's predict, classify, regress or multi_inference
+    request, against the version being loaded (the version number is not known yet)."""
+    from . import inference
+
+    if kind == "predict_log":
+        _run_predict(servable, record.predict_log.request)
+        return
+    answer = {
+        "classify_log": inference.classify,
+        "regress_log": inference.regress,
+        "multi_inference_log": inference.multi_inference,
+    }[kind]
+    answer(servable, getattr(record, kind).request, None, check_method)
+
+
+def replay_warmup(servable: Any, version_dir: str, num_request_iterations: int = 1,
+                  check_method: bool = False) -> int:
+    """Runs the version's warmup records against `servable`, each `num_request_iterations`
+    times (at least once); returns how many records ran (0 when the version has no warmup
+    file). Raises `ServingError` on the first failure."""
     from tensorflow_serving.apis import prediction_log_pb2
 
     path = warmup_path(version_dir)
@@ -85,15 +105,14 @@ def replay_warmup(servable: Any, version_dir: str, num_request_iterations: int =
         kind = record.WhichOneof("log_type")
         if kind is None:
             continue  # an empty record does nothing, as in TF Serving
-        if kind != "predict_log":
+        if kind not in WARMUP_KINDS:
             raise ServingError(
                 "UNIMPLEMENTED",
-                f"Unsupported log_type for warmup: {kind} (record {count} of {path}); "
-                "keras-hps serve replays predict_log records",
+                f"Unsupported log_type for warmup: {kind} (record {count} of {path})",
             )
         for _ in range(max(1, num_request_iterations)):
             try:
-                _run_predict(servable, record.predict_log.request)
+                _replay(servable, record, kind, check_method)
             except Exception as exc:
                 err = from_exception(exc)
                 raise ServingError(

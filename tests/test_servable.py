@@ -165,6 +165,18 @@ def test_plain_validation_errors(plain):
         servable.run(good, output_keys=["x"])
 
 
+def test_shapes_are_the_graphs_business(plain):
+    """As in TF Serving, a shape the signature does not declare is computed when the graph
+    can compute it ([2, 2] strings for a [?] signature), and fails, naming the input, when
+    it cannot."""
+    servable = plain[0]
+    text = np.array([[b"a", b"bcd"], [b"", b"xy"]], dtype=object)
+    got = servable.run({"text": text}, signature_name="lengths")
+    np.testing.assert_array_equal(got["length"], [[1, 3], [0, 2]])
+    with pytest.raises(InvalidInputError, match=r"'dense'.*\[2\].*\[\?,3\].*failed on it"):
+        servable.run({"dense": np.zeros(2, np.float32)}, signature_name="dense_only")
+
+
 def test_plain_concurrent_runs(plain):
     servable, table, w = plain
     errors: list[BaseException] = []
@@ -279,36 +291,41 @@ def test_external_run_matches_numpy(external, batch):
         servable.run({"ids__hps_vectors": np.zeros((batch, 2, DIM), np.float32), "dense": dense})
 
 
-def test_external_parameter_server_resolution(external, monkeypatch):
+def test_external_without_a_parameter_server_opens_the_config_it_pins(external, monkeypatch):
+    """No parameter server given: the version opens the config its manifest names (never a
+    process-wide one) and closes it with the servable."""
     import keras_hps.parameter_server as ps_module
 
     servable, table, w, repo, vdir, ps = external
-    # An already-initialised parameter server wins over the manifest's hps_config.
-    monkeypatch.setattr(ps_module, "get_parameter_server", lambda: ps)
-    assert load_servable(vdir)._ps is ps
-    # None initialised: the manifest's relative hps_config path is initialised.
-    opened = []
+    monkeypatch.setattr(ps_module, "get_parameter_server", lambda: ps)  # must not be used
+    opened, closed = [], []
 
-    def no_server():
-        raise RuntimeError("no parameter server")
+    class Recording(ps_module.ParameterServer):
+        def __init__(self, config):
+            opened.append(config)
+            super().__init__(config)
 
-    def init(path):
-        opened.append(path)
-        return ps_module.ParameterServer(path)
+        def close(self):
+            closed.append(self)
+            super().close()
 
-    monkeypatch.setattr(ps_module, "get_parameter_server", no_server)
-    monkeypatch.setattr(ps_module, "init", init)
+    monkeypatch.setattr(ps_module, "ParameterServer", Recording)
     fresh = load_servable(vdir)
-    try:
-        assert opened == [os.path.join(str(repo), "hps.json")]
-        rng = np.random.default_rng(5)
-        raw = KEYS[rng.integers(0, ROWS, (4, 2))]
-        dense = rng.standard_normal((4, 3)).astype(np.float32)
-        np.testing.assert_allclose(fresh.run({"ids": raw, "dense": dense})["logits"],
-                                   _external_reference(table, w, raw, dense)["logits"],
-                                   rtol=1e-5, atol=1e-5)
-    finally:
-        fresh._ps.close()
+    assert opened == [os.path.join(str(repo), "hps.json")]
+    assert isinstance(fresh._ps, Recording) and fresh._ps is not ps
+    own = fresh._ps
+    rng = np.random.default_rng(5)
+    raw = KEYS[rng.integers(0, ROWS, (4, 2))]
+    dense = rng.standard_normal((4, 3)).astype(np.float32)
+    np.testing.assert_allclose(fresh.run({"ids": raw, "dense": dense})["logits"],
+                               _external_reference(table, w, raw, dense)["logits"],
+                               rtol=1e-5, atol=1e-5)
+    fresh.close()
+    assert closed == [own]
+    with pytest.raises(NotFoundError, match="unloaded"):
+        fresh.run({"ids": raw, "dense": dense})
+    fresh.close()  # a second close does nothing
+    assert closed == [own]
 
 
 def test_external_bad_manifests(external, tmp_path):

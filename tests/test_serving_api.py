@@ -84,6 +84,8 @@ def server(repo):
         rest_api_port=free_port(),
         host="127.0.0.1",
         file_system_poll_wait_seconds=0.2,
+        num_load_threads=4,  # 'slow' loads while the others do
+        max_num_load_retries=0,  # a version that fails ends at once
         enable_batching=True,
         batching=BatchingOptions(
             max_batch_size=MAX_BATCH,
@@ -231,8 +233,8 @@ def test_grpc_metadata_and_status(stubs):
          "input size does not match signature"),
         (lambda ids, x: grpc_request("ctr", ids.astype(np.float32), x), "INVALID_ARGUMENT",
          "ids"),  # float keys
-        (lambda ids, x: grpc_request("ctr", np.zeros((4, 3), np.int64), x), "INVALID_ARGUMENT",
-         "ids"),  # wrong shape
+        (lambda ids, x: grpc_request("ctr", np.zeros(4, np.int64), x), "INVALID_ARGUMENT",
+         "ids"),  # a shape the graph cannot compute (a [4, 3] one it can: see below)
         (lambda ids, x: grpc_request("", ids, x), "INVALID_ARGUMENT",
          "ModelSpec has no name specified."),
         (lambda ids, x: grpc_request("ctr", *batch(MAX_BATCH + 1)), "INVALID_ARGUMENT",
@@ -250,7 +252,20 @@ def test_grpc_bad_requests(stubs, url, make, code, message):
     still_serving(predict, url)
 
 
-def test_grpc_status_errors_and_classify_unimplemented(stubs):
+def test_grpc_shape_the_signature_does_not_declare_is_computed(stubs):
+    """TF Serving checks no shapes: ids [4, 3] for a signature of [?, 2] runs, since every
+    op of the graph can take it (gather, then a sum over the last two axes)."""
+    predict, _ = stubs
+    ids = np.random.default_rng(3).integers(0, VOCAB, size=(4, 3), dtype=np.int64)
+    x = np.ones((4, 3), np.float32)
+    resp = predict.Predict(grpc_request("ctr", ids, x, version=1), timeout=60)
+    emb = tf.make_ndarray(resp.outputs["emb"])
+    np.testing.assert_allclose(emb, reference(SEEDS[("ctr", 1)], ids, x)["emb"], rtol=1e-6)
+    np.testing.assert_allclose(tf.make_ndarray(resp.outputs["score"]),
+                               reference(SEEDS[("ctr", 1)], ids, x)["score"], rtol=1e-5)
+
+
+def test_grpc_status_errors_and_classify_on_a_predict_model(stubs):
     predict, models = stubs
     req = get_model_status_pb2.GetModelStatusRequest()
     req.model_spec.name = "nope"
@@ -265,10 +280,20 @@ def test_grpc_status_errors_and_classify_unimplemented(stubs):
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and err.details() == "Missing ModelSpec"
     from tensorflow_serving.apis import classification_pb2
 
+    # As in TF Serving: Classify checks the signature's shape (serving_default has two
+    # inputs), and MultiInference refuses a task of the predict method.
     creq = classification_pb2.ClassificationRequest()
     creq.model_spec.name = "ctr"
     err = grpc_error(predict.Classify, creq)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == "Expected one input Tensor."
+    from tensorflow_serving.apis import inference_pb2
+
+    mreq = inference_pb2.MultiInferenceRequest()
+    mreq.tasks.add(method_name="tensorflow/serving/predict").model_spec.name = "ctr"
+    err = grpc_error(predict.MultiInference, mreq)
     assert err.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.details() == "Unsupported signature method_name: tensorflow/serving/predict"
 
 
 # ---------------------------------------------------------------- REST
@@ -368,7 +393,7 @@ def test_rest_status_and_metadata_routes(url):
          b'{"instances": [{"ids": [1, 2], "x": [0, 0, 0]}, {"ids": [1.0, 2], "x": [0, 0, 0]}]}',
          400, "Failed to process element: 1 key: ids of 'instances' list"),
         ("POST", "/v1/models/ctr:predict",
-         b'{"inputs": {"ids": [[1, 2, 3]], "x": [[0, 0, 0]]}}', 400, "ids"),
+         b'{"inputs": {"ids": [1, 2], "x": [[0, 0, 0], [0, 0, 0]]}}', 400, "ids"),  # graph fails
         ("POST", "/v1/models/ctr:predict",
          json.dumps({"inputs": {"ids": batch(MAX_BATCH + 1)[0].tolist(),
                                 "x": batch(MAX_BATCH + 1)[1].tolist()}}).encode(),

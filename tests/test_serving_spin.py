@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from serving_models import reference, save_version
+from serving_models import reference, save_version, wait_for
 
 tf = pytest.importorskip("tensorflow")
 
@@ -30,15 +30,6 @@ def cpu_ns(native_id: int) -> int:
     """CPU time a thread of this process has run, in ns (/proc schedstat)."""
     with open(f"/proc/self/task/{native_id}/schedstat") as f:
         return int(f.read().split()[0])
-
-
-def wait_for(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
 
 
 def assert_idle(spin: SpinWait, tid: int) -> None:

@@ -103,15 +103,21 @@ def env(tmp_path_factory):
     ]
     os.makedirs(os.path.join(root, "warm"))
     os.rename(staged_version(root, "warm1", 41, records), os.path.join(root, "warm", "1"))
+    # TF Serving replays classify logs too: against a model without a classification
+    # signature, the record fails the load with Classify's own error.
     classify = prediction_log_pb2.PredictionLog(
         classify_log=prediction_log_pb2.ClassifyLog(
             request=classification_pb2.ClassificationRequest()
         )
     ).SerializeToString()
+    session_run = prediction_log_pb2.PredictionLog(
+        session_run_log=prediction_log_pb2.SessionRunLog()
+    ).SerializeToString()
     bad = {
         "corrupt": None,
         "toomany": [prediction_log_pb2.PredictionLog().SerializeToString()] * (MAX_RECORDS + 1),
         "classify": [classify],
+        "sessionrun": [session_run],
         "nosig": [predict_log(warm_inputs[0], "no_such_signature")],
     }
     for name, recs in bad.items():
@@ -138,7 +144,7 @@ def env(tmp_path_factory):
 
     entries = [ModelEntry(n, os.path.join(root, n)) for n in ("warm", *bad)]
     options = ServerOptions(port=0, rest_api_port=0, host="127.0.0.1",
-                            file_system_poll_wait_seconds=0.2,
+                            file_system_poll_wait_seconds=0.2, max_num_load_retries=0,
                             num_request_iterations_for_warmup=ITERATIONS)
     server = ModelServer(entries, options, loader=loader)
     holder.append(server)
@@ -206,7 +212,8 @@ def test_records_replay_before_the_version_is_available(env):
         ("corrupt", "DATA_LOSS", "Please verify your warmup data is in TFRecord format"),
         ("toomany", "INVALID_ARGUMENT",
          f"Number of warmup records exceeds the maximum ({MAX_RECORDS})"),
-        ("classify", "UNIMPLEMENTED", "Unsupported log_type for warmup: classify_log"),
+        ("sessionrun", "UNIMPLEMENTED", "Unsupported log_type for warmup: session_run_log"),
+        ("classify", "INVALID_ARGUMENT", "Expected one input Tensor."),
         ("nosig", "FAILED_PRECONDITION", 'Serving signature key "no_such_signature" not found'),
     ],
 )
