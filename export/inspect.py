@@ -65,22 +65,9 @@ def _export_info(version_dir: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def _describe_version(version_dir: str) -> tuple[str, dict[str, Any]]:
-    """Placement and public signatures of a version; format-2 external manifests (keys
-    step) are read here until `keras_hps.servable.describe_version` reads them."""
-    from keras_hps import servable
-    from keras_hps.external import public_signature_def, read_dataflow
-
-    flow = read_dataflow(version_dir)
-    if flow is None or flow.format_version == 1:
-        return servable.describe_version(version_dir)
-    defs = servable._read_signature_defs(version_dir)
-    public = public_signature_def(flow, defs)
-    return "external", {flow.dense_signature: servable._spec_from_signature_def(public)}
-
-
 def describe(repo_dir: str) -> str:
     """The repository as text (what `keras-hps inspect` prints)."""
+    from keras_hps import servable
     from keras_hps.export import repository as repo
 
     repo_dir = os.path.abspath(repo_dir)
@@ -99,7 +86,7 @@ def describe(repo_dir: str) -> str:
         for version in found:
             vdir = os.path.join(base, str(version))
             try:
-                placement, signatures = _describe_version(vdir)
+                placement, signatures = servable.describe_version(vdir)
             except (HPSError, OSError) as e:
                 lines.append(f"  version {version}: unreadable: {e}")
                 continue

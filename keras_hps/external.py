@@ -1,5 +1,5 @@
-"""Run an external-placement version: keys step -> lookups through the parameter server ->
-dense part, the way the keras-hps model server runs it.
+"""The external placement's manifest and its dataflow: keys step -> lookups through the
+parameter server -> dense part. `keras_hps.servable` runs it; this module reads it.
 
 An external version directory holds a SavedModel and `keras_hps_manifest.json`. The manifest
 describes a dataflow over named tensors; every name lives in one namespace made of the
@@ -10,7 +10,8 @@ Format 2 (written when the graph computes keys from the inputs)::
     {
       "format": "keras-hps-external", "format_version": 2,
       "model_name": "dlrm",
-      "hps_config": "../../hps.json",
+      "hps_config": "hps.json",
+      "tables": [{"model": "dlrm", "table_id": 0, "sha256": "..."}],
       "keys_step": {"signature": "keras_hps_keys"},
       "lookups": [
         {"keys": "hps_keys_0", "feeds": "hps_lookup_0", "model": "dlrm", "table_id": 0,
@@ -31,6 +32,11 @@ Format 2 (written when the graph computes keys from the inputs)::
   public outputs. The public signature (name `dense.signature`) has the keys step's inputs
   and the dense part's outputs; the keys-step signature is not public.
 
+`hps_config` is the parameter-server config the lookups read, relative to the version
+directory: the version's own copy, naming this version's table files (exports from before
+version pinning name the repository's `../../hps.json`). `tables` gives each table's content
+digest, so versions whose tables are equal share one loaded copy in the server.
+
 Format 1 (no keys step: every lookup reads a public input) has per lookup `"input"` (the
 public key input, which is its `keys`), `"dtype"` and `"shape"` of that input, and the dense
 part is `serving_default`; its public signature is the dense part's with each `feeds` input
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +88,7 @@ class Dataflow:
     lookups: tuple[Lookup, ...]
     key_inputs: dict[str, tuple[str, list[int | None] | None]]  # format 1: input -> dtype, shape
     hps_config: str | None
+    digests: dict[tuple[str, int], str]  # (model, table id) -> "sha256:<hex>" of its content
 
 
 def parse_manifest(manifest: Any, path: str) -> Dataflow:
@@ -117,8 +125,15 @@ def parse_manifest(manifest: Any, path: str) -> Dataflow:
         except (KeyError, TypeError) as e:
             raise ConfigError(f"{path}: format 2 needs 'keys_step' and 'dense', each with a "
                               f"'signature': {e!r}") from e
+    digests = {}
+    for i, entry in enumerate(manifest.get("tables") or ()):
+        try:
+            digests[(str(entry["model"]), int(entry["table_id"]))] = "sha256:" + str(
+                entry["sha256"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: tables[{i}] is malformed: {e!r}") from e
     return Dataflow(version, keys_signature, dense_signature, tuple(lookups), key_inputs,
-                    manifest.get("hps_config"))
+                    manifest.get("hps_config"), digests)
 
 
 def read_dataflow(version_dir: str) -> Dataflow | None:
@@ -133,16 +148,44 @@ def read_dataflow(version_dir: str) -> Dataflow | None:
     return parse_manifest(manifest, path)
 
 
-def public_signature_def(flow: Dataflow, defs: dict[str, Any]) -> Any:
-    """The public SignatureDef (format 2): the keys step's inputs, the dense part's outputs.
+def public_signature_defs(flow: Dataflow, defs: dict[str, Any]) -> dict[str, Any]:
+    """The SignatureDefs a client sees, by name, from the SavedModel's (`defs`).
 
-    `defs` are the SavedModel's SignatureDef protos by name."""
-    public = type(defs[flow.dense_signature])()
-    public.CopyFrom(defs[flow.dense_signature])
-    public.ClearField("inputs")
-    for name, info in defs[flow.keys_signature].inputs.items():
-        public.inputs[name].CopyFrom(info)
-    return public
+    Format 2: one signature, `flow.dense_signature`, with the keys step's inputs (the trained
+    model's) and the dense part's outputs; the keys-step signature is not public. Format 1:
+    every signature, each `feeds` vector input replaced by its raw key input."""
+    if flow.keys_signature is not None:
+        public = type(defs[flow.dense_signature])()
+        public.CopyFrom(defs[flow.dense_signature])
+        public.ClearField("inputs")
+        for name, info in defs[flow.keys_signature].inputs.items():
+            public.inputs[name].CopyFrom(info)
+        return {flow.dense_signature: public}
+    out = {}
+    for name, dense in defs.items():
+        public = type(dense)()
+        public.CopyFrom(dense)
+        for lookup in flow.lookups:
+            if lookup.feeds in dense.inputs:
+                del public.inputs[lookup.feeds]
+                dtype, shape = flow.key_inputs[lookup.keys]
+                public.inputs[lookup.keys].CopyFrom(
+                    _tensor_info(f"keras_hps_keys/{lookup.keys}:0", dtype, shape))
+        out[name] = public
+    return out
+
+
+def _tensor_info(name: str, dtype: str, shape: list[int | None] | None) -> Any:
+    import tensorflow as tf
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    info = meta_graph_pb2.TensorInfo(name=name, dtype=tf.dtypes.as_dtype(dtype).as_datatype_enum)
+    if shape is None:
+        info.tensor_shape.unknown_rank = True
+    else:
+        for d in shape:
+            info.tensor_shape.dim.add(size=-1 if d is None else d)
+    return info
 
 
 def lookup_in_pieces(ps: Any, model: str, table_id: int, keys: np.ndarray) -> np.ndarray:
@@ -176,68 +219,67 @@ def pooled(ps: Any, lookup: Lookup, keys: np.ndarray) -> np.ndarray:
     return np.divide(total, scale, out=np.zeros_like(total), where=scale > 0)
 
 
+#: Runs one SavedModel signature: (name, inputs by alias, output aliases) -> outputs by alias.
+SignatureCall = Callable[[str, dict[str, np.ndarray], list[str]], dict[str, np.ndarray]]
+
+
 class ExternalRunner:
-    """Runs one external version's dataflow on validated inputs.
+    """Runs one external version's dataflow on validated public inputs: the keys step, the
+    lookups through `parameter_server` (in pieces), the dense part.
 
-    `functions` are the SavedModel's signature functions by name (`loaded.signatures`);
-    `parameter_server` resolves the lookups.
-    """
+    `signature_defs` are the SavedModel's SignatureDef protos by name; `call` runs one of them
+    (the servable runs them in its session)."""
 
-    def __init__(self, flow: Dataflow, functions: dict[str, Any], parameter_server: Any,
-                 where: str = "") -> None:
+    def __init__(self, flow: Dataflow, signature_defs: dict[str, Any], call: SignatureCall,
+                 parameter_server: Any, where: str = "") -> None:
         self.flow = flow
+        self._call = call
         self._ps = parameter_server
         missing = [s for s in (flow.keys_signature, flow.dense_signature)
-                   if s is not None and s not in functions]
+                   if s is not None and s not in signature_defs]
         if missing:
             raise ConfigError(f"{where}: the manifest names signature(s) {missing}, which the "
-                              f"SavedModel lacks (it has {sorted(functions)})")
-        self._keys = None if flow.keys_signature is None else functions[flow.keys_signature]
-        self._dense = functions[flow.dense_signature]
-        self._dense_specs = self._dense.structured_input_signature[1]
-        produced = set(self._keys.structured_outputs) if self._keys is not None else set()
-        public = (set(self._keys.structured_input_signature[1]) if self._keys is not None
-                  else set(flow.key_inputs) | set(self._dense_specs))
-        available = public | produced | {lk.feeds for lk in flow.lookups}
-        unfed = sorted(set(self._dense_specs) - available)
-        unknown = sorted({lk.keys for lk in flow.lookups} - public - produced)
-        if unfed or unknown:
-            raise ConfigError(f"{where}: the manifest leaves dense input(s) {unfed} unfed and "
-                              f"reads keys {unknown} that nothing produces")
+                              f"SavedModel lacks (it has {sorted(signature_defs)})")
+        self._keys = None if flow.keys_signature is None else signature_defs[flow.keys_signature]
+        self._dense_names = [n for n, d in signature_defs.items()
+                             if flow.keys_signature is None or n == flow.dense_signature]
+        produced = set(self._keys.outputs) if self._keys is not None else set()
+        feeds = {lk.feeds for lk in flow.lookups}
+        for name in self._dense_names:
+            dense = signature_defs[name]
+            public = (set(self._keys.inputs) if self._keys is not None
+                      else set(flow.key_inputs) | (set(dense.inputs) - feeds))
+            unfed = sorted(set(dense.inputs) - public - produced - feeds)
+            unknown = sorted({lk.keys for lk in flow.lookups} - public - produced)
+            if unfed or unknown:
+                raise ConfigError(f"{where}: the manifest leaves input(s) {unfed} of signature "
+                                  f"{name!r} unfed and reads keys {unknown} that nothing "
+                                  "produces")
+        for lk in flow.lookups:
+            if not any(lk.feeds in signature_defs[n].inputs for n in self._dense_names):
+                raise ConfigError(f"{where}: manifest lookup for input {lk.keys!r} feeds "
+                                  f"{lk.feeds!r}, which no signature of the SavedModel takes")
+        self._defs = signature_defs
         for lookup in flow.lookups:
             parameter_server.table_spec(lookup.model, lookup.table_id)  # NotFoundError
 
-    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The dense part's outputs (TF tensors) for public `inputs` (already validated)."""
+    def run(self, inputs: dict[str, np.ndarray], signature_name: str,
+            output_keys: list[str]) -> dict[str, np.ndarray]:
+        """The outputs `output_keys` of public signature `signature_name` for `inputs`."""
         import tensorflow as tf
 
         env: dict[str, Any] = dict(inputs)
         if self._keys is not None:
-            specs = self._keys.structured_input_signature[1]
-            out = self._keys(**{n: tf.convert_to_tensor(env[n], s.dtype)
-                                for n, s in specs.items()})
-            env.update({n: t.numpy() for n, t in out.items()})
+            env.update(self._call(self.flow.keys_signature, inputs, list(self._keys.outputs)))
+        dense = self._defs[signature_name]
         for lookup in self.flow.lookups:
+            if lookup.feeds not in dense.inputs:
+                continue
             keys = np.asarray(env[lookup.keys])
             if keys.dtype.kind not in "iu":
                 raise InvalidInputError(f"input '{lookup.keys}': keys must be integers, got "
                                         f"{keys.dtype}")
-            env[lookup.feeds] = pooled(self._ps, lookup, keys)
-        feeds = {n: tf.cast(tf.convert_to_tensor(env[n]), s.dtype) if s.dtype.is_floating
-                 else tf.convert_to_tensor(env[n], s.dtype)
-                 for n, s in self._dense_specs.items()}
-        return self._dense(**feeds)
-
-
-def load_external(version_dir: str | os.PathLike, parameter_server: Any) -> ExternalRunner:
-    """Load an external version's SavedModel and manifest into a runner."""
-    import tensorflow as tf
-
-    version_dir = os.fspath(version_dir)
-    flow = read_dataflow(version_dir)
-    if flow is None:
-        raise ConfigError(f"{version_dir}: no {MANIFEST_NAME}: not an external-placement version")
-    loaded = tf.saved_model.load(version_dir, tags=["serve"])
-    runner = ExternalRunner(flow, dict(loaded.signatures), parameter_server, where=version_dir)
-    runner.loaded = loaded  # the signature functions read its variables
-    return runner
+            vectors = pooled(self._ps, lookup, keys)
+            want = tf.dtypes.as_dtype(dense.inputs[lookup.feeds].dtype).as_numpy_dtype
+            env[lookup.feeds] = vectors if want == np.float32 else vectors.astype(want)
+        return self._call(signature_name, {n: env[n] for n in dense.inputs}, output_keys)

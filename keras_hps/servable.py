@@ -8,31 +8,13 @@ are served alike, and a request is checked only where TF Serving checks it (an i
 shape `[3]` for a signature that declares `[?,1]` is computed, as there).
 
 A directory without a keras-hps manifest is served as is. A directory with
-`keras_hps_manifest.json` holds the dense part of a model as a SavedModel whose embedding
-inputs are vectors; the servable resolves the raw key inputs through a parameter server and
-feeds the vectors in, so its public signature still takes raw keys.
-
-Manifest (`keras_hps_manifest.json`, written by `keras_hps.export`)::
-
-    {
-      "format": "keras-hps-external", "format_version": 1,
-      "model_name": "dlrm",
-      "hps_config": "hps.json",                # relative to the version directory
-      "tables": [{"model": "dlrm", "table_id": 0, "sha256": "..."}],
-      "lookups": [
-        {"input": "user_id", "feeds": "user_id__hps_vectors", "model": "dlrm",
-         "table_id": 0, "dtype": "int64", "shape": [null, 1], "combiner": null}
-      ]
-    }
-
-`hps_config` is the parameter-server config this version's lookups read: since version
-pinning, a copy inside the version directory naming this version's own table files (older
-exports name the repository's `hps.json`, shared by every version). `tables` gives the
-content digest of each table, so that two versions whose tables are equal share one loaded
-copy (`version_tables`). `input` is the public key input, `feeds` the dense SavedModel's
-vector input it resolves to, `shape` the key input's shape (`null` = any size). With a
-`combiner` (`sum`, `mean`, `sqrtn`) the keys are a `[batch, n]` array padded with -1 and the
-vectors of each row are combined into one `[batch, dim]` vector, as `SparseLookupLayer` does.
+`keras_hps_manifest.json` is an external-placement export: its SavedModel holds the model cut
+at its lookups (a keys step, when the graph computes keys, and the dense part), and the
+servable runs the manifest's dataflow (`keras_hps.external`: keys step -> lookups through a
+parameter server -> dense part), so its public signature takes the trained model's inputs.
+The manifest pins the parameter-server config of the version (`hps_config`) and the content
+digest of each of its tables, so each version answers from its own tables and versions with
+equal tables can share one loaded copy (`version_tables`).
 """
 
 from __future__ import annotations
@@ -47,12 +29,14 @@ from typing import Any
 import numpy as np
 
 from keras_hps.errors import ConfigError, InvalidInputError, NotFoundError
+from keras_hps.external import (
+    MANIFEST_NAME,
+    Dataflow,
+    ExternalRunner,
+    public_signature_defs,
+    read_dataflow,
+)
 
-MANIFEST_NAME = "keras_hps_manifest.json"
-MANIFEST_FORMAT = "keras-hps-external"
-MANIFEST_VERSION = 1
-VERSION_HPS_CONFIG = "hps.json"  # an external version's own parameter-server config
-COMBINERS = ("sum", "mean", "sqrtn")
 INIT_OP_SIGNATURE_KEY = "__saved_model_init_op"
 SERVE_TAGS = ("serve",)
 # Callables kept per servable: one per (signature, output selection) used.
@@ -90,18 +74,6 @@ class SignatureSpec:
     method_name: str
 
 
-@dataclass(frozen=True)
-class TableLookup:
-    """One manifest entry: key input -> (model, table id) -> dense-part vector input."""
-
-    input: str
-    feeds: str
-    model: str
-    table_id: int
-    key_spec: TensorSpec
-    combiner: str | None = None
-
-
 def _spec_from_tensor_info(info: Any) -> TensorSpec:
     import tensorflow as tf
 
@@ -110,20 +82,6 @@ def _spec_from_tensor_info(info: Any) -> TensorSpec:
         return TensorSpec(dtype, None)
     shape = tuple(None if d.size < 0 else int(d.size) for d in info.tensor_shape.dim)
     return TensorSpec(dtype, shape)
-
-
-def _tensor_info(name: str, spec: TensorSpec) -> Any:
-    import tensorflow as tf
-    from tensorflow.core.protobuf import meta_graph_pb2
-
-    dtype = tf.dtypes.as_dtype(spec.dtype).as_datatype_enum
-    info = meta_graph_pb2.TensorInfo(name=name, dtype=dtype)
-    if spec.shape is None:
-        info.tensor_shape.unknown_rank = True
-    else:
-        for d in spec.shape:
-            info.tensor_shape.dim.add(size=-1 if d is None else d)
-    return info
 
 
 def _meta_graph_not_found(tags: tuple[str, ...]) -> NotFoundError:
@@ -161,96 +119,17 @@ def _spec_from_signature_def(sig: Any) -> SignatureSpec:
     )
 
 
-def read_manifest(version_dir: str) -> dict[str, Any] | None:
-    """The version's keras-hps manifest as a dict, or None for a plain SavedModel."""
-    path = os.path.join(version_dir, MANIFEST_NAME)
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{path}: cannot read the keras-hps manifest: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        raise ConfigError(f"{path}: 'format' must be {MANIFEST_FORMAT!r}")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise ConfigError(
-            f"{path}: unsupported format_version {manifest.get('format_version')!r} "
-            f"(this keras-hps reads {MANIFEST_VERSION})"
-        )
-    if not isinstance(manifest.get("lookups"), list) or not manifest["lookups"]:
-        raise ConfigError(f"{path}: 'lookups' must be a non-empty list")
-    return manifest
-
-
-def _parse_lookups(manifest: dict[str, Any], path: str) -> list[TableLookup]:
-    lookups = []
-    for i, entry in enumerate(manifest["lookups"]):
-        try:
-            shape = entry["shape"]
-            lookups.append(
-                TableLookup(
-                    input=str(entry["input"]),
-                    feeds=str(entry["feeds"]),
-                    model=str(entry["model"]),
-                    table_id=int(entry["table_id"]),
-                    key_spec=TensorSpec(
-                        np.dtype(entry.get("dtype", "int64")),
-                        None if shape is None else tuple(shape),
-                    ),
-                    combiner=entry.get("combiner"),
-                )
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{path}: lookups[{i}] is malformed: {e!r}") from e
-        if lookups[-1].combiner not in (None, *COMBINERS):
-            raise ConfigError(
-                f"{path}: lookups[{i}].combiner {lookups[-1].combiner!r} is not one of {COMBINERS}"
-            )
-        if lookups[-1].key_spec.dtype.kind not in "iu":
-            raise ConfigError(f"{path}: lookups[{i}] key dtype must be an integer type")
-    return lookups
-
-
-def _public_signature_def(dense_def: Any, lookups: list[TableLookup]) -> Any:
-    """The signature a client sees: vector inputs replaced by their raw key inputs."""
-    if not lookups:
-        return dense_def
-    public = type(dense_def)()
-    public.CopyFrom(dense_def)
-    for lookup in lookups:
-        if lookup.feeds in public.inputs:
-            del public.inputs[lookup.feeds]
-    for lookup in lookups:
-        if lookup.feeds in dense_def.inputs:
-            info = _tensor_info(f"keras_hps_keys/{lookup.input}:0", lookup.key_spec)
-            public.inputs[lookup.input].CopyFrom(info)
-    return public
-
-
 def describe_version(
     version_dir: str | os.PathLike, tags: tuple[str, ...] = SERVE_TAGS
 ) -> tuple[str, dict[str, SignatureSpec]]:
     """A version's placement ("embedded" | "external") and public signatures, read from its
     files without loading the graph."""
     version_dir = os.fspath(version_dir)
-    manifest = read_manifest(version_dir)
-    lookups = [] if manifest is None else _parse_lookups(manifest, version_dir)
+    flow = read_dataflow(version_dir)
     defs = _read_signature_defs(version_dir, tags)
-    public = {k: _public_signature_def(v, lookups) for k, v in defs.items()}
+    public = defs if flow is None else public_signature_defs(flow, defs)
     specs = {k: _spec_from_signature_def(v) for k, v in public.items()}
-    return ("external" if lookups else "embedded"), specs
-
-
-def _combine(vectors: np.ndarray, mask: np.ndarray, combiner: str) -> np.ndarray:
-    """Combine `[batch, n, dim]` vectors over the valid (`mask`) entries of each row."""
-    vectors = vectors * mask[..., None]
-    total = vectors.sum(axis=1)
-    if combiner == "sum":
-        return total
-    count = mask.sum(axis=1, dtype=np.float32)[:, None]
-    scale = count if combiner == "mean" else np.sqrt(count)
-    return np.divide(total, scale, out=np.zeros_like(total), where=scale > 0)
+    return ("embedded" if flow is None else "external"), specs
 
 
 class Servable:
@@ -261,7 +140,7 @@ class Servable:
         path: str,
         session: Any,
         signature_defs: dict[str, Any],
-        lookups: list[TableLookup] | None = None,
+        flow: Dataflow | None = None,
         parameter_server: Any = None,
         on_close: Callable[[], None] | None = None,
     ) -> None:
@@ -269,15 +148,16 @@ class Servable:
         self.name = os.path.basename(os.path.dirname(path))
         base = os.path.basename(path)
         self.version: int | None = int(base) if base.isdigit() else None
-        self.placement = "external" if lookups else "embedded"
+        self.placement = "embedded" if flow is None else "external"
         self._session = session
-        self._lookups = lookups or []
-        self._ps = parameter_server
         self._on_close = on_close
-        self._dense_defs = signature_defs
-        self._signature_defs = {
-            k: _public_signature_def(v, self._lookups) for k, v in signature_defs.items()
-        }
+        self._graph_defs = signature_defs
+        #: the parameter server answering this version's lookups (None: embedded placement)
+        self.parameter_server = None if flow is None else parameter_server
+        self._external = None if flow is None else ExternalRunner(
+            flow, signature_defs, self._run_signature, parameter_server, where=path)
+        self._signature_defs = (
+            signature_defs if flow is None else public_signature_defs(flow, signature_defs))
         self.signatures: dict[str, SignatureSpec] = {
             k: _spec_from_signature_def(v) for k, v in self._signature_defs.items()
         }
@@ -363,16 +243,23 @@ class Servable:
         if output_keys is not None:
             self._check_output_keys(spec, output_keys)
         arrays = self.validate(inputs, signature_name)
-        dense = self._dense_defs[signature_name]
         keys = list(spec.outputs) if output_keys is None else list(output_keys)
-        feeds = {dense.inputs[k].name: v for k, v in self._dense_feeds(arrays, dense).items()}
         try:
-            values = self.run_tensors(feeds, [dense.outputs[k].name for k in keys])
+            if self._external is not None:
+                return self._external.run(arrays, signature_name, keys)
+            return self._run_signature(signature_name, arrays, keys)
         except Exception as exc:
             if _is_graph_error(exc):
                 _raise_shape_error(spec, arrays, exc)
             raise
-        return dict(zip(keys, values, strict=True))
+
+    def _run_signature(self, signature_name: str, inputs: dict[str, np.ndarray],
+                       output_keys: list[str]) -> dict[str, np.ndarray]:
+        """One SavedModel signature (by its graph's SignatureDef) in this version's session."""
+        sig = self._graph_defs[signature_name]
+        values = self.run_tensors({sig.inputs[k].name: v for k, v in inputs.items()},
+                                  [sig.outputs[k].name for k in output_keys])
+        return dict(zip(output_keys, values, strict=True))
 
     def run_tensors(self, feeds: dict[str, np.ndarray], fetches: list[str]) -> list[np.ndarray]:
         """One session run of the loaded graph: tensors by graph name in and out (what TF
@@ -392,37 +279,6 @@ class Servable:
                 runner = self._session._make_callable_from_options(options)
                 self._callables[key] = runner
         return list(runner(*feeds.values()))
-
-    def _dense_feeds(self, arrays: dict[str, np.ndarray], dense_def: Any) -> dict[str, Any]:
-        """What the SavedModel's signature takes: key inputs resolved to vectors, the rest as is."""
-        feeds: dict[str, Any] = {}
-        for lookup in self._lookups:
-            if lookup.feeds in dense_def.inputs:
-                feeds[lookup.feeds] = self._lookup_vectors(lookup, arrays[lookup.input])
-        for name, array in arrays.items():
-            if name in dense_def.inputs:
-                feeds[name] = array
-        return feeds
-
-    def _lookup_vectors(self, lookup: TableLookup, keys: np.ndarray) -> np.ndarray:
-        """Vectors of one key input from the parameter server (combined per row if asked)."""
-        if lookup.combiner is None:
-            vectors = self._ps.lookup(lookup.model, lookup.table_id, keys.astype(np.int64))
-            return np.asarray(vectors, np.float32)
-        if keys.ndim != 2:
-            raise InvalidInputError(
-                f"input '{lookup.input}': a combined lookup takes [batch, n] keys "
-                f"padded with -1, got shape {list(keys.shape)}"
-            )
-        mask = keys >= 0
-        found = np.asarray(
-            self._ps.lookup(lookup.model, lookup.table_id, keys[mask].astype(np.int64)),
-            np.float32,
-        )
-        dim = self._ps.table_spec(lookup.model, lookup.table_id).dim
-        per_key = np.zeros(keys.shape + (dim,), np.float32)
-        per_key[mask] = found.reshape(-1, dim)
-        return _combine(per_key, mask, lookup.combiner)
 
     def close(self) -> None:
         """Release the session (and the parameter server this version holds); later `run`
@@ -514,11 +370,11 @@ def config_tables(path: str | os.PathLike, digests: dict[tuple[str, int], str] |
 def version_tables(version_dir: str | os.PathLike) -> VersionTables | None:
     """What an external version's lookups read (None for a plain SavedModel)."""
     version_dir = os.path.abspath(os.fspath(version_dir))
-    manifest = read_manifest(version_dir)
-    if manifest is None:
+    flow = read_dataflow(version_dir)
+    if flow is None:
         return None
     where = os.path.join(version_dir, MANIFEST_NAME)
-    rel = manifest.get("hps_config")
+    rel = flow.hps_config
     if not rel:
         raise ConfigError(
             f"{where}: no 'hps_config'; re-export the version, or give the server the "
@@ -527,14 +383,7 @@ def version_tables(version_dir: str | os.PathLike) -> VersionTables | None:
     path = os.path.normpath(os.path.join(version_dir, rel))
     if not os.path.exists(path):
         raise ConfigError(f"{version_dir}: the manifest's hps_config {path} does not exist")
-    digests = {}
-    for i, entry in enumerate(manifest.get("tables") or ()):
-        try:
-            digests[(str(entry["model"]), int(entry["table_id"]))] = "sha256:" + str(
-                entry["sha256"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{where}: tables[{i}] is malformed: {e!r}") from e
-    tables = config_tables(path, digests)
+    tables = config_tables(path, flow.digests)
     shared = os.path.dirname(path) != version_dir
     return VersionTables(tables.path, tables.key, shared)
 
@@ -579,35 +428,13 @@ def load_servable(
     version_dir = os.path.abspath(os.fspath(version_dir))
     if not os.path.isfile(os.path.join(version_dir, "saved_model.pb")):
         raise NotFoundError(f"{version_dir}: not a SavedModel directory (no saved_model.pb)")
-    manifest = read_manifest(version_dir)
-    lookups = (
-        [] if manifest is None else _parse_lookups(manifest, os.path.join(version_dir,
-                                                                          MANIFEST_NAME))
-    )
+    flow = read_dataflow(version_dir)
     owned = None
-    if lookups and parameter_server is None:
+    if flow is not None and parameter_server is None:
         from keras_hps.parameter_server import ParameterServer
 
         tables = version_tables(version_dir)
         parameter_server = owned = ParameterServer(tables.path)
-    session = None
-    try:
-        session, meta_graph = _load_session(version_dir, tuple(tags), session_config)
-        signature_defs = _callable_signatures(meta_graph)
-        for lookup in lookups:
-            if not any(lookup.feeds in sig.inputs for sig in signature_defs.values()):
-                raise ConfigError(
-                    f"{version_dir}: manifest lookup for input {lookup.input!r} feeds "
-                    f"{lookup.feeds!r}, which no signature of the SavedModel takes"
-                )
-            # NotFoundError names an unknown model or table
-            parameter_server.table_spec(lookup.model, lookup.table_id)
-    except BaseException:
-        if session is not None:
-            session.close()
-        if owned is not None:
-            owned.close()
-        raise
     if owned is not None:
         then = on_close
 
@@ -616,4 +443,14 @@ def load_servable(
             if then is not None:
                 then()
 
-    return Servable(version_dir, session, signature_defs, lookups, parameter_server, on_close)
+    session = None
+    try:
+        session, meta_graph = _load_session(version_dir, tuple(tags), session_config)
+        return Servable(version_dir, session, _callable_signatures(meta_graph), flow,
+                        parameter_server, on_close)
+    except BaseException:
+        if session is not None:
+            session.close()
+        if owned is not None:
+            owned.close()
+        raise

@@ -1,10 +1,6 @@
 """Exports served by `keras-hps serve` (a subprocess, TF Serving's flags), queried over REST
-(row and columnar) and gRPC with the official stubs: each answer equals the trained model's.
-
-Versions with a keys step (manifest format 2) and external requests larger than one lookup
-need the server to run versions through `keras_hps.external` (keys step, lookups in pieces);
-those tests are strict xfails until the server does, so they fail, as a reminder, the day it
-does.
+(row and columnar) and gRPC with the official stubs: each answer equals the trained model's,
+keys-step versions (manifest format 2) and external requests larger than one lookup included.
 """
 
 from __future__ import annotations
@@ -29,9 +25,6 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # 
 from keras_hps.export import export_for_serving  # noqa: E402
 
 SHAPES = ("dict_two_tables", "dlrm_slices", "string_lookup", "two_tower")
-NEEDS_RUNNER = pytest.mark.xfail(
-    strict=True, reason="the server runs format-2 manifests (keys step) and splits large "
-    "lookups once keras_hps.servable delegates external versions to keras_hps.external")
 
 
 def _predict(model, inputs):
@@ -127,7 +120,6 @@ def test_external_with_direct_keys_served(served):
     _ask(served, "dict_two_tables", "external")
 
 
-@NEEDS_RUNNER
 @pytest.mark.parametrize("name", ["dlrm_slices", "string_lookup", "two_tower"])
 def test_external_with_a_keys_step_served(served, name):
     _ask(served, name, "external")
@@ -137,13 +129,12 @@ def test_embedded_takes_2000_rows(served):
     _ask(served, "dict_two_tables", "embedded", rows=2000, seed=4)
 
 
-@NEEDS_RUNNER
 def test_external_takes_the_2000_rows_the_embedded_takes(served):
     _ask(served, "dict_two_tables", "external", rows=2000, seed=4)
 
 
 @pytest.mark.parametrize("placement", [
-    "embedded", pytest.param("external", marks=NEEDS_RUNNER)])
+    "embedded", "external"])
 def test_bench_defaults_against_a_default_export(served, placement):
     """`keras-hps bench` with its default batch sizes (32 and 4096) against a default export
     (hps.json's max_batch_size 1024 for the external one), over gRPC."""

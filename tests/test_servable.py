@@ -312,8 +312,8 @@ def test_external_without_a_parameter_server_opens_the_config_it_pins(external, 
     monkeypatch.setattr(ps_module, "ParameterServer", Recording)
     fresh = load_servable(vdir)
     assert opened == [os.path.join(str(repo), "hps.json")]
-    assert isinstance(fresh._ps, Recording) and fresh._ps is not ps
-    own = fresh._ps
+    assert isinstance(fresh.parameter_server, Recording) and fresh.parameter_server is not ps
+    own = fresh.parameter_server
     rng = np.random.default_rng(5)
     raw = KEYS[rng.integers(0, ROWS, (4, 2))]
     dense = rng.standard_normal((4, 3)).astype(np.float32)
