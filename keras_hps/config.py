@@ -29,6 +29,7 @@ __all__ = [
     "PersistentDBConfig",
     "UpdateSourceConfig",
     "VolatileDBConfig",
+    "config_error",
     "load_config",
     "NO_OVERFLOW_LIMIT",
 ]
@@ -187,7 +188,6 @@ class ModelConfig:
     network_file: str = ""
     label_dim: int = 1
     slot_num: int = 0
-    sparse_file_rows: tuple[int, ...] = field(default=(), compare=False)
 
     @property
     def num_tables(self) -> int:
@@ -228,10 +228,6 @@ class ModelConfig:
         """The table's name (`embedding_table_names`, default sparse_embedding<i>)."""
         return self.embedding_table_names[self.check_table_id(table_id)]
 
-    def num_rows(self, table_id: int) -> int:
-        """Rows of the table's file, read from its header when the config was loaded."""
-        return self.sparse_file_rows[self.check_table_id(table_id)]
-
 
 @dataclass(frozen=True)
 class PSConfig:
@@ -254,6 +250,10 @@ class PSConfig:
     def model_names(self) -> tuple[str, ...]:
         """Names of the configured models, in file order."""
         return tuple(m.model for m in self.models)
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """A ConfigError about `key` of this config, naming its file."""
+        return config_error(self.source, key, problem)
 
     def model(self, name: str) -> ModelConfig:
         """The model called `name`, else NotFoundError."""
@@ -278,8 +278,13 @@ class _Ctx:
         self.base_dir = base_dir
 
     def error(self, key: str, problem: str) -> ConfigError:
-        where = self.source if self.source else "<dict config>"
-        return ConfigError(f"{where}: {key}: {problem}")
+        return config_error(self.source, key, problem)
+
+
+def config_error(source: str | None, key: str, problem: str) -> ConfigError:
+    """The ConfigError for `problem` with `key` (a path like `models[0].sparse_files[1]`) of
+    the config file `source` (None: a dict)."""
+    return ConfigError(f"{source if source else '<dict config>'}: {key}: {problem}")
 
 
 def _type_name(value: Any) -> str:
@@ -465,23 +470,11 @@ def _resolve_path(ctx: _Ctx, key: str, value: Any) -> str:
     return str(p)
 
 
-def _table_rows_and_dim(ctx: _Ctx, key: str, path: str) -> tuple[int, int | None]:
-    """Rows of the table at `path` and its dim (None where the file does not say)."""
-    from keras_hps.formats import TableFormatError, table_header
-
-    if not os.path.exists(path):
-        raise ctx.error(key, f"table not found: {path}")
-    try:
-        return table_header(path)
-    except TableFormatError as e:
-        raise ctx.error(key, str(e)) from e
-
-
 def _load_model(ctx: _Ctx, i: int, raw: Any) -> ModelConfig:
     where = f"models[{i}]"
     if not isinstance(raw, Mapping):
         raise ctx.error(where, f"expected an object, got {_type_name(raw)}")
-    _check_keys(ctx, f"{where}.", raw, set(ModelConfig.__dataclass_fields__) - {"sparse_file_rows"})
+    _check_keys(ctx, f"{where}.", raw, set(ModelConfig.__dataclass_fields__))
     for k in _MODEL_REQUIRED:
         if k not in raw:
             raise ctx.error(f"{where}.{k}", "required key is missing")
@@ -556,23 +549,6 @@ def _load_model(ctx: _Ctx, i: int, raw: Any) -> ModelConfig:
                 raise ctx.error(key, f"unknown admission {a!r}; one of {list(_ADMISSIONS)}")
             kw[k] = a
 
-    rows = []
-    for t, path in enumerate(files):
-        nrows, fdim = _table_rows_and_dim(ctx, f"{where}.sparse_files[{t}]", path)
-        want = kw["embedding_vecsize_per_table"][t]
-        if fdim is not None and fdim != want:
-            raise ctx.error(
-                f"{where}.embedding_vecsize_per_table[{t}]",
-                f"is {want} but the table {path} has dim {fdim}",
-            )
-        if fdim is None and nrows is not None:
-            from keras_hps.formats import hps_dim_fits
-
-            problem = hps_dim_fits(path, want)
-            if problem:
-                raise ctx.error(f"{where}.embedding_vecsize_per_table[{t}]", problem)
-        rows.append(nrows)
-    kw["sparse_file_rows"] = tuple(rows)
     return ModelConfig(**kw)
 
 

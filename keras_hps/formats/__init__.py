@@ -8,15 +8,16 @@
 
 Readers memory-map and return a `Table` (`table`); writers stream in large blocks on a writer
 thread (`io`, with `progress` bars) and write to a temporary name that is renamed into place,
-so a crash never leaves half a table. `by_path` opens either kind by its path. Every problem
-is a `TableFormatError` naming the file and what is wrong. docs/table_formats.md has the
-details.
+so a crash never leaves half a table. `by_path` opens either kind by its path;
+`config_tables` checks the tables a parameter-server config names. Every problem is a
+`TableFormatError` naming the file and what is wrong. docs/table_formats.md has the details.
 """
 
 from __future__ import annotations
 
 from keras_hps.errors import TableFormatError
 from keras_hps.formats.by_path import open_table, table_disk_bytes, table_header
+from keras_hps.formats.config_tables import check_config_tables
 from keras_hps.formats.hdf5 import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -41,6 +42,7 @@ __all__ = [
     "VECTOR_FILE",
     "Table",
     "TableFormatError",
+    "check_config_tables",
     "hps_dim_fits",
     "is_hdf5_path",
     "open_table",
