@@ -6,13 +6,24 @@ import copy
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from keras_hps.config import NO_OVERFLOW_LIMIT, load_config
+from keras_hps.config import (
+    NO_OVERFLOW_LIMIT,
+    ModelConfig,
+    PersistentDBConfig,
+    PSConfig,
+    UpdateSourceConfig,
+    VolatileDBConfig,
+    load_config,
+    reference_tables,
+)
 from keras_hps.errors import ConfigError, NotFoundError
 from keras_hps.formats import check_config_tables, write_hdf5_table, write_hps_table
+from keras_hps.schema import replace_generated
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +207,9 @@ ERROR_CASES = [
     ("models.0.sparse_files", ["tables/t0", "s3://bucket/t"],
      M0 + r"sparse_files\[1\]: remote paths are not supported"),
     ("models.0.model", "bad name!", M0 + r"model: must match"),
+    ("models.0.model", "name\n", M0 + r"model: must match"),
+    ("models.0.model", _DELETE, M0 + r"model: required key is missing"),
+    ("models.0.hit_rate_threshold", -1, M0 + r"hit_rate_threshold: must be >= 0.0, got -1.0"),
     ("models.0.sparse_files", _DELETE, M0 + r"sparse_files: required key is missing"),
     ("models.0.embedding_cache_type", "magic",
      M0 + r"embedding_cache_type: unknown cache type 'magic'"),
@@ -274,3 +288,33 @@ def test_table_file_errors_surface_as_config_errors(tables):
                                           r"multiple of 8"):
         check_config_tables(cfg)
     assert os.path.isdir(d)
+
+
+BLOCKS = [("", PSConfig), ("models.0", ModelConfig), ("volatile_db", VolatileDBConfig),
+          ("persistent_db", PersistentDBConfig), ("update_source", UpdateSourceConfig)]
+
+
+@pytest.mark.parametrize(("where", "cls"), BLOCKS, ids=[b[1].__name__ for b in BLOCKS])
+def test_every_schema_key_is_checked(tables, where, cls):
+    """Each key of the schema (the rows the reference doc is made from) is validated: a JSON
+    object where it expects anything else is an error naming that key and the file."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls) if "key" in f.metadata]
+    assert len(names) >= 6
+    base = hps_notebook_config()
+    for name in names:
+        path = write_config(tables, _mutate(base, f"{where}.{name}".lstrip("."), {"x": 1}),
+                            "bad.json")
+        key_path = re.sub(r"\.(\d+)", r"[\1]", f"{where}.{name}".lstrip("."))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(f'{path}: {key_path}')}"):
+            load_config(path)
+
+
+def test_configuration_doc_tables_are_generated_from_the_schema():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    text = doc.read_text()
+    assert replace_generated(text, reference_tables()) == text, (
+        "docs/configuration.md is out of date: run python -m keras_hps.config --write-doc")
+    for table in reference_tables().values():
+        assert table in text
