@@ -33,16 +33,18 @@ from keras_hps.formats.hps_dir import (
     read_hps_table,
     write_hps_table,
 )
-from keras_hps.formats.table import Table, release_pages
+from keras_hps.formats.table import OnDuplicate, Table, gather_rows, release_pages
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "KEY_FILE",
+    "OnDuplicate",
     "VECTOR_FILE",
     "Table",
     "TableFormatError",
     "check_config_tables",
+    "gather_rows",
     "hps_dim_fits",
     "is_hdf5_path",
     "open_table",
