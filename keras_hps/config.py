@@ -373,7 +373,7 @@ class PSConfig:
     """A whole `hps.json`."""
 
     models: tuple[ModelConfig, ...] = key(
-        REQUIRED, List(Block(ModelConfig), empty="must list at least one model"),
+        REQUIRED, List(Block(ModelConfig, null_ok=False), empty="must list at least one model"),
         "The models; names must be unique. Keys of each: [below](#per-model-keys-modelsi).")
     supportlonglong: bool = key(
         True, Bool(),

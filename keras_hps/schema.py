@@ -291,13 +291,17 @@ class PerTable(Kind):
 
 
 class Block(Kind):
-    """A JSON object checked against the dataclass `cls` (absent or null: its defaults)."""
+    """A JSON object checked against the dataclass `cls`; with `null_ok`, JSON null stands
+    for the defaults (as an absent key does)."""
 
-    def __init__(self, cls: type) -> None:
+    def __init__(self, cls: type, *, null_ok: bool = True) -> None:
         self.cls = cls
+        self.null_ok = null_ok
 
     def parse(self, src: Source, key: str, value: Any, built: Mapping[str, Any]) -> Any:
-        return self.cls() if value is None else load_block(src, self.cls, value, key)
+        if value is None and self.null_ok:
+            return self.cls()
+        return load_block(src, self.cls, value, key)
 
     def describe(self) -> str:
         return "object"

@@ -220,6 +220,7 @@ ERROR_CASES = [
     ("persistent_db.type", "leveldb", r"persistent_db\.type: unknown type 'leveldb'"),
     ("update_source.type", "pulsar", r"update_source\.type: unknown type 'pulsar'"),
     ("models", [], r"models: must list at least one model"),
+    ("models", [None], r"models\[0\]: expected an object, got NoneType"),
     ("volatile_db", [1], r"volatile_db: expected an object, got list"),
 ]
 
