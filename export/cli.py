@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from keras_hps.errors import ConfigError, HPSError
+from keras_hps.errors import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,11 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keys", action="append", default=[], metavar="LAYER=FILE.npy",
                         help="key array of one table (row i serves key k_i); repeatable")
     parser.add_argument("--default-value", type=float, default=0.0,
-                        help="vector value for unknown keys (default 0.0)")
+                        help="vector value for unknown keys")
     parser.add_argument("--max-batch-size", type=int, default=1024,
                         help="hps.json max_batch_size of the model (external): rows per "
                         "lookup through the hierarchy, not a request limit (larger requests "
-                        "are looked up in pieces); default 1024")
+                        "are looked up in pieces)")
     parser.add_argument("--max-keys-per-sample", action="append", default=[],
                         metavar="LAYER=N", help="keys per sample of a table whose input has a "
                         "variable length (external); repeatable")
@@ -100,24 +100,20 @@ def import_custom_modules(names: list[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Export; prints what was written. Returns 0, or 1 with the error on stderr."""
+    """Export; prints what was written and returns 0 (errors raise)."""
     from keras_hps.export.exporter import export_for_serving
 
-    try:
-        import_custom_modules(args.custom_module)
-        layers = None if args.embedding_layers is None else [
-            n.strip() for n in args.embedding_layers.split(",") if n.strip()
-        ]
-        result = export_for_serving(
-            args.model, args.repo, args.name, version=args.version, tables=args.tables,
-            embedding_layers=layers, keys=_keys_arg(args.keys),
-            default_value=args.default_value, max_batch_size=args.max_batch_size,
-            max_keys_per_sample=_counts_arg(args.max_keys_per_sample),
-            serving_repo_path=args.serving_repo_path, progress=not args.quiet,
-        )
-    except HPSError as e:
-        print(f"keras-hps export: error: {e}", file=sys.stderr)
-        return 1
+    import_custom_modules(args.custom_module)
+    layers = None if args.embedding_layers is None else [
+        n.strip() for n in args.embedding_layers.split(",") if n.strip()
+    ]
+    result = export_for_serving(
+        args.model, args.repo, args.name, version=args.version, tables=args.tables,
+        embedding_layers=layers, keys=_keys_arg(args.keys),
+        default_value=args.default_value, max_batch_size=args.max_batch_size,
+        max_keys_per_sample=_counts_arg(args.max_keys_per_sample),
+        serving_repo_path=args.serving_repo_path, progress=not args.quiet,
+    )
     print(f"exported {result.model_name} version {result.version} ({result.placement}) "
           f"to {result.version_dir}")
     print(f"models.config: {result.models_config}")

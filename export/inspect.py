@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any
 
 from keras_hps.errors import HPSError
@@ -126,10 +125,6 @@ def _table_line(path: str, entry: dict[str, Any], i: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the repository; 1 with the error on stderr if it cannot be read."""
-    try:
-        print(describe(args.repo))
-    except (HPSError, OSError) as e:
-        print(f"keras-hps inspect: error: {e}", file=sys.stderr)
-        return 1
+    """Print the repository and return 0 (errors raise)."""
+    print(describe(args.repo))
     return 0

@@ -1,26 +1,47 @@
 """The parameter-server config (`hps.json`): HPS's JSON schema as frozen dataclasses.
 
 `load_config(path_or_dict)` validates a config and returns a `PSConfig`. Field names are
-HPS's JSON keys, so a config written for NVIDIA HPS loads unchanged. Every problem is a
-`ConfigError` that names the key (as a path such as `models[0].sparse_files[1]`) and the
-config file. docs/configuration.md describes every key.
+HPS's JSON keys, so a config written for NVIDIA HPS loads unchanged. Each field below is one
+row of the schema (`keras_hps.schema.key`: default, type and range, meaning, HPS note): the
+checks and the reference tables of docs/configuration.md are both made from these rows
+(`python -m keras_hps.config --write-doc docs/configuration.md` regenerates them). Every
+problem is a `ConfigError` that names the key (as a path such as `models[0].sparse_files[1]`)
+and the config file. Loading opens no table file: `keras_hps.formats.check_config_tables`
+checks the tables against the config.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import math
 import os
-import re
-import warnings
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from keras_hps.errors import ConfigError, NotFoundError
+from keras_hps.schema import (
+    REQUIRED,
+    Block,
+    Bool,
+    Choice,
+    Float,
+    Int,
+    List,
+    LocalPath,
+    PerTable,
+    Source,
+    Str,
+    config_error,
+    key,
+    load_block,
+    markdown_table,
+    replace_generated,
+)
 
 __all__ = [
     "ConfigError",
@@ -29,14 +50,14 @@ __all__ = [
     "PersistentDBConfig",
     "UpdateSourceConfig",
     "VolatileDBConfig",
+    "config_error",
     "load_config",
+    "reference_tables",
     "NO_OVERFLOW_LIMIT",
 ]
 
 #: HPS's default `overflow_margin` (2**64 - 1): no limit on host-tier rows.
 NO_OVERFLOW_LIMIT = 2**64 - 1
-
-_MODEL_NAME = re.compile(r"^[a-zA-Z0-9_\-]{1,120}$")
 
 # volatile_db `type` values: HPS's names and aliases -> what keras-hps does.
 _VOLATILE_TYPES = {
@@ -53,8 +74,10 @@ _VOLATILE_TYPES = {
     "disable": "disabled",
     "none": "disabled",
 }
-_NOT_IN_PROCESS = {"multi_process_hash_map", "mp_hash_map", "redis_cluster", "redis",
-                   "redis_cluster_backend"}
+_IN_PROCESS = ("keras-hps serves the host tier from this process's RAM; connection settings "
+               "are ignored")
+_NOT_IN_PROCESS = {t: _IN_PROCESS for t in ("multi_process_hash_map", "mp_hash_map",
+                                            "redis_cluster", "redis", "redis_cluster_backend")}
 
 # persistent_db `type` values -> what keras-hps does ("table_files": the cold tier reads
 # the files named in sparse_files; "disabled": no persistent tier configured).
@@ -70,6 +93,10 @@ _PERSISTENT_TYPES = {
 
 _OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 _CACHE_TYPES = ("dynamic", "static", "uvm")
+_ADMISSIONS = ("none", "tinylfu")
+_FILTERS = List(Str())
+_REDIS = "Redis Cluster setting of HPS's `redis_cluster` volatile DB."
+_SHM = "Shared-memory setting of HPS's `multi_process_hash_map` volatile DB."
 
 
 @dataclass(frozen=True)
@@ -81,30 +108,60 @@ class VolatileDBConfig:
     accepted and ignored.
     """
 
-    type: str = "hash_map"
-    initial_cache_rate: float = 1.0
-    overflow_margin: int = NO_OVERFLOW_LIMIT
-    overflow_policy: str = "evict_random"
-    overflow_resolution_target: float = 0.8
-    cache_missed_embeddings: bool = False
-    max_batch_size: int = 65536
-    num_partitions: int = 16
-    allocation_rate: int = 256 * 1024 * 1024
-    address: str = "127.0.0.1:7000"
-    user_name: str = "default"
-    password: str = ""
-    num_node_connections: int = 5
-    shared_memory_size: int = 16 * 1024**3
-    shared_memory_name: str = "hctr_mp_hash_map_database"
-    shared_memory_auto_remove: bool = True
-    enable_tls: bool = False
-    tls_ca_certificate: str = "cacertbundle.crt"
-    tls_client_certificate: str = "client_cert.pem"
-    tls_client_key: str = "client_key.pem"
-    tls_server_name_identification: str = "redis.localhost"
-    refresh_time_after_fetch: bool = False
-    initialize_after_startup: bool = True
-    update_filters: tuple[str, ...] = ("^hps_.+$",)
+    type: str = key(
+        "hash_map", Choice(_VOLATILE_TYPES, "type", casefold=True, warn=_NOT_IN_PROCESS),
+        "`hash_map`: the host tier. `multi_process_hash_map` and `redis_cluster` load with a "
+        "warning and are served by the same in-process host tier; their connection and "
+        "shared-memory keys are accepted and ignored. `disabled`: no host tier, every lookup "
+        "reads the cold tier.")
+    initial_cache_rate: float = key(
+        1.0, Float(0.0, 1.0),
+        "Fraction of each table's rows loaded at start (the first rows of the file); the rest "
+        "fill on demand.",
+        hps="parsed it but loaded every row.")
+    overflow_margin: int = key(
+        NO_OVERFLOW_LIMIT, Int(minimum=1),
+        "Most rows the host tier holds per table; keras-hps allocates `min(rows, "
+        "overflow_margin)` rows up front.",
+        hps="applied the limit per partition; keras-hps has one partition per table.",
+        default_text="2^64-1 (no limit)")
+    overflow_policy: str = key(
+        "evict_random", Choice(_OVERFLOW_POLICIES, "policy"),
+        "What leaves when an insert would pass `overflow_margin`: `evict_random` (uniformly "
+        "at random), `evict_least_used` (fewest hits since insertion), `evict_oldest` (least "
+        "recently used: oldest last access).")
+    overflow_resolution_target: float = key(
+        0.8, Float(0.0, 1.0),
+        "On overflow, evict down to this fraction of `overflow_margin` (or lower if the insert "
+        "needs more room), so eviction runs once per many inserts.")
+    cache_missed_embeddings: bool = key(
+        False, Bool(),
+        "keras-hps always inserts rows found in the cold tier into the host tier.",
+        hps="did so only when this was `true`, and asynchronously.", ignored=True)
+    max_batch_size: int = key(65536, Int(minimum=0), "HPS's batch size for database queries.",
+                              ignored=True)
+    num_partitions: int = key(16, Int(minimum=0), "HPS's partitions per table.", ignored=True)
+    allocation_rate: int = key(256 * 1024 * 1024, Int(minimum=0),
+                               "HPS's bytes per hash-map allocation.", ignored=True)
+    address: str = key("127.0.0.1:7000", Str(), _REDIS, ignored=True)
+    user_name: str = key("default", Str(), _REDIS, ignored=True)
+    password: str = key("", Str(), _REDIS, ignored=True)
+    num_node_connections: int = key(5, Int(minimum=0), _REDIS, ignored=True)
+    shared_memory_size: int = key(16 * 1024**3, Int(minimum=0), _SHM, ignored=True)
+    shared_memory_name: str = key("hctr_mp_hash_map_database", Str(), _SHM, ignored=True)
+    shared_memory_auto_remove: bool = key(True, Bool(), _SHM, ignored=True)
+    enable_tls: bool = key(False, Bool(), _REDIS, ignored=True)
+    tls_ca_certificate: str = key("cacertbundle.crt", Str(), _REDIS, ignored=True)
+    tls_client_certificate: str = key("client_cert.pem", Str(), _REDIS, ignored=True)
+    tls_client_key: str = key("client_key.pem", Str(), _REDIS, ignored=True)
+    tls_server_name_identification: str = key("redis.localhost", Str(), _REDIS, ignored=True)
+    refresh_time_after_fetch: bool = key(False, Bool(), "HPS's access-time refresh.",
+                                         ignored=True)
+    initialize_after_startup: bool = key(True, Bool(), "HPS's initial table load.",
+                                         ignored=True)
+    update_filters: tuple[str, ...] = key(("^hps_.+$",), _FILTERS,
+                                          "HPS's Kafka topics to apply updates from.",
+                                          ignored=True)
 
     @property
     def enabled(self) -> bool:
@@ -123,12 +180,20 @@ class PersistentDBConfig:
     `sparse_files` directly; `type` is normalised to "table_files" or "disabled" (see
     docs/configuration.md for what each means)."""
 
-    type: str = "disabled"
-    path: str = ""
-    num_threads: int = 16
-    read_only: bool = False
-    max_batch_size: int = 65536
-    update_filters: tuple[str, ...] = ("^hps_.+$",)
+    type: str = key(
+        "disabled", Choice(_PERSISTENT_TYPES, "type", casefold=True),
+        "`table_files` (also HPS's `rocks_db`): the cold tier over the table files. "
+        "`disabled` (HPS's default) reads the same files: nothing else can hold rows the host "
+        "tier does not.")
+    path: str = key("", Str(), "HPS's RocksDB directory (there is no database to put there).",
+                    ignored=True)
+    num_threads: int = key(16, Int(minimum=0), "HPS's RocksDB threads.", ignored=True)
+    read_only: bool = key(False, Bool(), "The cold tier is always read-only.", ignored=True)
+    max_batch_size: int = key(65536, Int(minimum=0), "HPS's batch size for database queries.",
+                              ignored=True)
+    update_filters: tuple[str, ...] = key(("^hps_.+$",), _FILTERS,
+                                          "HPS's Kafka topics to apply updates from.",
+                                          ignored=True)
 
     @property
     def enabled(self) -> bool:
@@ -137,57 +202,131 @@ class PersistentDBConfig:
         return self.type != "disabled"
 
 
+_KAFKA = "HPS's Kafka consumer setting."
+
+
 @dataclass(frozen=True)
 class UpdateSourceConfig:
     """`update_source`: HPS's Kafka block. Accepted so HPS configs load; keras-hps has no
     online-update source and ignores it."""
 
-    type: str = "null"
-    brokers: str = "127.0.0.1:9092"
-    metadata_refresh_interval_ms: int = 30000
-    receive_buffer_size: int = 262144
-    poll_timeout_ms: int = 500
-    max_batch_size: int = 8192
-    failure_backoff_ms: int = 50
-    max_commit_interval: int = 32
+    type: str = key(
+        "null", Choice(("null", "kafka_message_queue"), "type", none="null",
+                       warn={"kafka_message_queue": "keras-hps has no online-update source; "
+                             "ignored (tables are read from sparse_files)"}),
+        "HPS's online-update source; keras-hps warns when it is not `null`.", ignored=True)
+    brokers: str = key("127.0.0.1:9092", Str(), _KAFKA, ignored=True)
+    metadata_refresh_interval_ms: int = key(30000, Int(minimum=0), _KAFKA, ignored=True)
+    receive_buffer_size: int = key(262144, Int(minimum=0), _KAFKA, ignored=True)
+    poll_timeout_ms: int = key(500, Int(minimum=0), _KAFKA, ignored=True)
+    max_batch_size: int = key(8192, Int(minimum=0), _KAFKA, ignored=True)
+    failure_backoff_ms: int = key(50, Int(minimum=0), _KAFKA, ignored=True)
+    max_commit_interval: int = key(32, Int(minimum=0), _KAFKA, ignored=True)
+
+
+_HPS_IMPL = "HPS implementation choice."
+_HUGECTR = "HugeCTR-model / Triton-backend key."
+_REFRESH = ("The GPU cache starts empty and fills on misses; updated rows are invalidated "
+            "rather than refreshed on a timer.")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """One entry of `models[]`, with HPS's per-model keys and defaults."""
 
-    model: str
-    sparse_files: tuple[str, ...]
-    embedding_vecsize_per_table: tuple[int, ...]
-    maxnum_catfeature_query_per_table_per_sample: tuple[int, ...]
-    embedding_table_names: tuple[str, ...] = ()
-    default_value_for_each_table: tuple[float, ...] = ()
-    deployed_device_list: tuple[int, ...] = (0,)
-    max_batch_size: int = 64
-    gpucache: bool = True
-    gpucacheper: float = 0.2
-    hit_rate_threshold: float = 0.9
-    embedding_cache_type: str = "dynamic"
-    gpu_cache_admission: str = "none"  # keras-hps: "tinylfu" admits by lookup frequency
-    use_static_table: bool = False
-    num_of_worker_buffer_in_pool: int = 1
-    num_of_refresher_buffer_in_pool: int = 1
-    cache_refresh_percentage_per_iteration: float = 0.0
-    init_ec: bool = True
-    use_hctr_cache_implementation: bool = True
-    use_context_stream: bool = True
-    thread_pool_size: int = 16
-    enable_pagelock: bool = False
-    fp8_quant: bool = False
-    maxnum_des_feature_per_sample: int = 26
-    refresh_delay: float = 0.0
-    refresh_interval: float = 0.0
-    fuse_embedding_table: bool = False
-    dense_file: str = ""
-    network_file: str = ""
-    label_dim: int = 1
-    slot_num: int = 0
-    sparse_file_rows: tuple[int, ...] = field(default=(), compare=False)
+    model: str = key(
+        REQUIRED, Str(r"[a-zA-Z0-9_\-]{1,120}", "[a-zA-Z0-9_-]{1,120}"),
+        "The model's name: the `model_name` of the layers and of `ps.lookup`.")
+    sparse_files: tuple[str, ...] = key(
+        REQUIRED, List(LocalPath(), empty="must name at least one table"),
+        "One table per entry: an HPS table directory (`key` + `emb_vector`) or a keras-hps "
+        "HDF5 table (`.h5`/`.hdf5`); see [table formats](table_formats.md). Relative paths "
+        "resolve against the config file's folder. Remote URLs (`s3://`, `hdfs://`) are an "
+        "error: copy the table to local disk.")
+    embedding_vecsize_per_table: tuple[int, ...] = key(
+        REQUIRED, PerTable(Int(minimum=1)),
+        "Vector size of each table, checked against the file (HDF5: its `dim` attribute; "
+        "HPS: `emb_vector` bytes = rows x dim x 4) by `check_config_tables`.")
+    maxnum_catfeature_query_per_table_per_sample: tuple[int, ...] = key(
+        REQUIRED, PerTable(Int(minimum=1)),
+        "Most keys one sample looks up in each table. With `max_batch_size` it bounds one "
+        "lookup: more than `max_batch_size x maxnum_catfeature_query_per_table_per_sample` "
+        "keys is an `InvalidInputError`.",
+        hps="overran its buffers.")
+    embedding_table_names: tuple[str, ...] = key(
+        (), PerTable(Str(), default=lambda t: f"sparse_embedding{t}", unique=True),
+        "Table names, shown in stats, `plan` and messages. Must be unique.",
+        default_text="`sparse_embedding0`, `sparse_embedding1`, ...")
+    default_value_for_each_table: tuple[float, ...] = key(
+        (), PerTable(Float(), default=lambda t: 0.0, pad=0.0, broadcast=True),
+        "The value every component of a key's vector takes when the key is in no tier. A short "
+        "list is padded with `0.0` (as in HPS); keras-hps also accepts one number for every "
+        "table, and a list longer than the number of tables is an error.",
+        hps="required this key.", default_text="`0.0` for every table")
+    deployed_device_list: tuple[int, ...] = key(
+        (0,), List(Int(minimum=0)),
+        "GPUs that hold this model's GPU tier (replicated, as in HPS).",
+        hps="required this key.")
+    max_batch_size: int = key(
+        64, Int(minimum=1),
+        "Most samples per lookup (see `maxnum_catfeature_query_per_table_per_sample`). "
+        "`hps.Init(global_batch_size=N)` with `N` above a model's `max_batch_size` is a "
+        "`ConfigError`.",
+        hps="logged it and went on.")
+    gpucache: bool = key(
+        True, Bool(),
+        "Put a GPU tier on top of this model's tables when CUDA is available. The environment "
+        "variable `KERAS_HPS_GPU_TIER=off` turns every GPU tier off, `interpret` runs it "
+        "through Triton's interpreter on the CPU (tests).")
+    gpucacheper: float = key(
+        0.2, Float(0.0, 1.0),
+        "GPU cache size as a fraction of the table's rows: `max(ceil(gpucacheper x rows), "
+        "64)` slots, rounded up to whole groups of 32 slots (four 8-slot sets).")
+    hit_rate_threshold: float = key(
+        0.9, Float(0.0),
+        "Lookups are exact whatever this is. It decides only when rows fetched from below "
+        "enter the GPU cache: before the lookup returns when the batch's hit rate is below the "
+        "threshold, on a background thread otherwise.",
+        hps="answered the missed keys of such a batch with default vectors.")
+    embedding_cache_type: str = key(
+        "dynamic", Choice(_CACHE_TYPES, "cache type"),
+        "`dynamic`: an LRU cache of `gpucacheper` of the rows. `static`: the whole table in "
+        "GPU memory behind a hash index. `uvm`: the whole table in pinned host memory, read by "
+        "the GPU, with a dynamic cache in front. See [the hierarchy](gpu_cache.md).")
+    gpu_cache_admission: str = key(
+        "none", Choice(_ADMISSIONS, "admission"),
+        "keras-hps only. `tinylfu`: the dynamic cache (modes `dynamic`, `uvm`) counts every "
+        "looked-up key in a frequency sketch, and a missed key enters a full set only if it "
+        "was looked up more often than the slot it would evict (TinyLFU). Pays off on skewed "
+        "keys in a long-running server; see [the GPU cache](gpu_cache.md#admission-tinylfu). "
+        "`none`: every missed key is inserted, as in HPS.")
+    use_static_table: bool = key(
+        False, Bool(), "`true` means `embedding_cache_type: \"static\"`.",
+        hps="its legacy flag for static tables.")
+    num_of_worker_buffer_in_pool: int = key(
+        1, Int(minimum=1),
+        "keras-hps allocates per-lookup buffers as needed, so there is no pool to run dry.",
+        hps="ran dry with \"memory pool is empty\".", ignored=True)
+    num_of_refresher_buffer_in_pool: int = key(
+        1, Int(minimum=0), "keras-hps has no refresher buffers.", ignored=True)
+    cache_refresh_percentage_per_iteration: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
+    init_ec: bool = key(True, Bool(), _REFRESH, ignored=True)
+    use_hctr_cache_implementation: bool = key(True, Bool(), _HPS_IMPL, ignored=True)
+    use_context_stream: bool = key(True, Bool(), _HPS_IMPL, ignored=True)
+    thread_pool_size: int = key(16, Int(minimum=1), _HPS_IMPL, ignored=True)
+    enable_pagelock: bool = key(False, Bool(), "Static tables are fp32 in GPU memory.",
+                                ignored=True)
+    fp8_quant: bool = key(False, Bool(), "Static tables are fp32 in GPU memory.", ignored=True)
+    maxnum_des_feature_per_sample: int = key(26, Int(minimum=0), _HUGECTR, ignored=True)
+    refresh_delay: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
+    refresh_interval: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
+    fuse_embedding_table: bool = key(
+        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
+        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    dense_file: str = key("", Str(), _HUGECTR, ignored=True)
+    network_file: str = key("", Str(), _HUGECTR, ignored=True)
+    label_dim: int = key(1, Int(minimum=0), _HUGECTR, ignored=True)
+    slot_num: int = key(0, Int(minimum=0), _HUGECTR, ignored=True)
 
     @property
     def num_tables(self) -> int:
@@ -228,22 +367,33 @@ class ModelConfig:
         """The table's name (`embedding_table_names`, default sparse_embedding<i>)."""
         return self.embedding_table_names[self.check_table_id(table_id)]
 
-    def num_rows(self, table_id: int) -> int:
-        """Rows of the table's file, read from its header when the config was loaded."""
-        return self.sparse_file_rows[self.check_table_id(table_id)]
-
 
 @dataclass(frozen=True)
 class PSConfig:
     """A whole `hps.json`."""
 
-    models: tuple[ModelConfig, ...]
-    supportlonglong: bool = True
-    volatile_db: VolatileDBConfig = field(default_factory=VolatileDBConfig)
-    persistent_db: PersistentDBConfig = field(default_factory=PersistentDBConfig)
-    update_source: UpdateSourceConfig = field(default_factory=UpdateSourceConfig)
-    fuse_embedding_table: bool = False
-    source: str | None = None
+    models: tuple[ModelConfig, ...] = key(
+        REQUIRED, List(Block(ModelConfig, null_ok=False), empty="must list at least one model"),
+        "The models; names must be unique. Keys of each: [below](#per-model-keys-modelsi).")
+    supportlonglong: bool = key(
+        True, Bool(),
+        "`true`: keys are int64. `false`: keys are uint32; a lookup key below 0 or above "
+        "4294967295 is an `InvalidInputError`.",
+        hps="required this key.")
+    volatile_db: VolatileDBConfig = key(
+        VolatileDBConfig(), Block(VolatileDBConfig),
+        "The host RAM tier ([below](#volatile_db-the-host-ram-tier)).")
+    persistent_db: PersistentDBConfig = key(
+        PersistentDBConfig(), Block(PersistentDBConfig),
+        "The cold tier ([below](#persistent_db-the-cold-tier)).")
+    update_source: UpdateSourceConfig = key(
+        UpdateSourceConfig(), Block(UpdateSourceConfig),
+        "HPS's Kafka source ([below](#update_source)): keras-hps has no online-update stream.",
+        ignored=True)
+    fuse_embedding_table: bool = key(
+        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
+        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    source: str | None = None  # the config file, not a key
 
     @property
     def key_dtype(self) -> np.dtype:
@@ -254,6 +404,10 @@ class PSConfig:
     def model_names(self) -> tuple[str, ...]:
         """Names of the configured models, in file order."""
         return tuple(m.model for m in self.models)
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        """A ConfigError about `key` of this config, naming its file."""
+        return config_error(self.source, key, problem)
 
     def model(self, name: str) -> ModelConfig:
         """The model called `name`, else NotFoundError."""
@@ -266,320 +420,6 @@ class PSConfig:
         )
 
 
-# ----------------------------------------------------------------------------------------------
-# loading
-
-
-class _Ctx:
-    """Where we are: the config file (for messages) and its folder (for relative paths)."""
-
-    def __init__(self, source: str | None, base_dir: Path) -> None:
-        self.source = source
-        self.base_dir = base_dir
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        where = self.source if self.source else "<dict config>"
-        return ConfigError(f"{where}: {key}: {problem}")
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _get_bool(ctx: _Ctx, key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ctx.error(key, f"expected true/false, got {_type_name(value)} {value!r}")
-
-
-def _get_int(ctx: _Ctx, key: str, value: Any, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-            value = int(value)
-        else:
-            raise ctx.error(key, f"expected an integer, got {_type_name(value)} {value!r}")
-    if minimum is not None and value < minimum:
-        raise ctx.error(key, f"must be >= {minimum}, got {value}")
-    return value
-
-
-def _get_float(ctx: _Ctx, key: str, value: Any, lo: float | None = None,
-               hi: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ctx.error(key, f"expected a number, got {_type_name(value)} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ctx.error(key, f"must be finite, got {value}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ctx.error(key, f"must be in [{lo}, {hi}], got {value}")
-    return value
-
-
-def _get_str(ctx: _Ctx, key: str, value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise ctx.error(key, f"expected a string, got {_type_name(value)} {value!r}")
-
-
-def _get_list(ctx: _Ctx, key: str, value: Any) -> list:
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    raise ctx.error(key, f"expected a list, got {_type_name(value)} {value!r}")
-
-
-def _get_str_list(ctx: _Ctx, key: str, value: Any) -> tuple[str, ...]:
-    return tuple(_get_str(ctx, f"{key}[{i}]", v) for i, v in enumerate(_get_list(ctx, key, value)))
-
-
-def _check_keys(ctx: _Ctx, where: str, block: Mapping, known: set[str]) -> None:
-    for k in block:
-        if k not in known:
-            near = [c for c in sorted(known) if c.lower() == str(k).lower()]
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ctx.error(f"{where}{k}" if where else str(k), f"unknown key{hint}")
-
-
-_VDB_INT = {"overflow_margin", "max_batch_size", "num_partitions", "allocation_rate",
-            "num_node_connections", "shared_memory_size"}
-_VDB_BOOL = {"cache_missed_embeddings", "shared_memory_auto_remove", "enable_tls",
-             "refresh_time_after_fetch", "initialize_after_startup"}
-_VDB_STR = {"address", "user_name", "password", "shared_memory_name", "tls_ca_certificate",
-            "tls_client_certificate", "tls_client_key", "tls_server_name_identification"}
-
-
-def _load_volatile(ctx: _Ctx, raw: Any) -> VolatileDBConfig:
-    if raw is None:
-        return VolatileDBConfig()
-    if not isinstance(raw, Mapping):
-        raise ctx.error("volatile_db", f"expected an object, got {_type_name(raw)}")
-    known = set(VolatileDBConfig.__dataclass_fields__)
-    _check_keys(ctx, "volatile_db.", raw, known)
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = f"volatile_db.{k}"
-        if k == "type":
-            t = _get_str(ctx, key, v).lower()
-            if t not in _VOLATILE_TYPES:
-                raise ctx.error(key, f"unknown type {v!r}; one of {sorted(_VOLATILE_TYPES)}")
-            if t in _NOT_IN_PROCESS:
-                warnings.warn(
-                    f"{ctx.source or '<dict config>'}: volatile_db.type {v!r}: keras-hps serves "
-                    "the host tier from this process's RAM; connection settings are ignored",
-                    stacklevel=4,
-                )
-            kw["type"] = _VOLATILE_TYPES[t]
-        elif k == "initial_cache_rate":
-            kw[k] = _get_float(ctx, key, v, 0.0, 1.0)
-        elif k == "overflow_resolution_target":
-            kw[k] = _get_float(ctx, key, v, 0.0, 1.0)
-        elif k == "overflow_policy":
-            p = _get_str(ctx, key, v)
-            if p not in _OVERFLOW_POLICIES:
-                raise ctx.error(key, f"unknown policy {p!r}; one of {list(_OVERFLOW_POLICIES)}")
-            kw[k] = p
-        elif k == "update_filters":
-            kw[k] = _get_str_list(ctx, key, v)
-        elif k in _VDB_INT:
-            kw[k] = _get_int(ctx, key, v, minimum=1 if k == "overflow_margin" else 0)
-        elif k in _VDB_BOOL:
-            kw[k] = _get_bool(ctx, key, v)
-        elif k in _VDB_STR:
-            kw[k] = _get_str(ctx, key, v)
-    # HPS: a block without `type` disables the volatile DB. keras-hps keeps the host tier on
-    # (a block with settings means the user wants it); write "type": "disabled" to turn it off.
-    return VolatileDBConfig(**kw)
-
-
-def _load_persistent(ctx: _Ctx, raw: Any) -> PersistentDBConfig:
-    if raw is None:
-        return PersistentDBConfig()
-    if not isinstance(raw, Mapping):
-        raise ctx.error("persistent_db", f"expected an object, got {_type_name(raw)}")
-    _check_keys(ctx, "persistent_db.", raw, set(PersistentDBConfig.__dataclass_fields__))
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = f"persistent_db.{k}"
-        if k == "type":
-            t = _get_str(ctx, key, v).lower()
-            if t not in _PERSISTENT_TYPES:
-                raise ctx.error(key, f"unknown type {v!r}; one of {sorted(_PERSISTENT_TYPES)}")
-            kw[k] = _PERSISTENT_TYPES[t]
-        elif k == "path":
-            kw[k] = _get_str(ctx, key, v)
-        elif k in ("num_threads", "max_batch_size"):
-            kw[k] = _get_int(ctx, key, v, minimum=0)
-        elif k == "read_only":
-            kw[k] = _get_bool(ctx, key, v)
-        elif k == "update_filters":
-            kw[k] = _get_str_list(ctx, key, v)
-    return PersistentDBConfig(**kw)
-
-
-def _load_update_source(ctx: _Ctx, raw: Any) -> UpdateSourceConfig:
-    if raw is None:
-        return UpdateSourceConfig()
-    if not isinstance(raw, Mapping):
-        raise ctx.error("update_source", f"expected an object, got {_type_name(raw)}")
-    _check_keys(ctx, "update_source.", raw, set(UpdateSourceConfig.__dataclass_fields__))
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        key = f"update_source.{k}"
-        if k == "type":
-            t = "null" if v is None else _get_str(ctx, key, v)
-            if t not in ("null", "kafka_message_queue"):
-                raise ctx.error(key, f"unknown type {v!r}; one of ['null', 'kafka_message_queue']")
-            if t != "null":
-                warnings.warn(
-                    f"{ctx.source or '<dict config>'}: update_source {t!r} is not supported by "
-                    "keras-hps and is ignored (tables are read from sparse_files)",
-                    stacklevel=4,
-                )
-            kw[k] = t
-        elif k == "brokers":
-            kw[k] = _get_str(ctx, key, v)
-        else:
-            kw[k] = _get_int(ctx, key, v, minimum=0)
-    return UpdateSourceConfig(**kw)
-
-
-_ADMISSIONS = ("none", "tinylfu")
-_MODEL_INT = {"max_batch_size": 1, "num_of_worker_buffer_in_pool": 1,
-              "num_of_refresher_buffer_in_pool": 0, "thread_pool_size": 1,
-              "maxnum_des_feature_per_sample": 0, "label_dim": 0, "slot_num": 0}
-_MODEL_BOOL = {"gpucache", "use_static_table", "init_ec", "use_hctr_cache_implementation",
-               "use_context_stream", "enable_pagelock", "fp8_quant", "fuse_embedding_table"}
-_MODEL_REQUIRED = ("sparse_files", "embedding_vecsize_per_table",
-                   "maxnum_catfeature_query_per_table_per_sample")
-
-
-def _resolve_path(ctx: _Ctx, key: str, value: Any) -> str:
-    text = _get_str(ctx, key, value)
-    if not text:
-        raise ctx.error(key, "empty path")
-    if "://" in text:
-        raise ctx.error(key, f"remote paths are not supported, got {text!r}; "
-                             "copy the table to local disk")
-    p = Path(os.path.expanduser(text))
-    if not p.is_absolute():
-        p = ctx.base_dir / p
-    return str(p)
-
-
-def _table_rows_and_dim(ctx: _Ctx, key: str, path: str) -> tuple[int, int | None]:
-    """Rows of the table at `path` and its dim (None where the file does not say)."""
-    from keras_hps.formats import TableFormatError, table_header
-
-    if not os.path.exists(path):
-        raise ctx.error(key, f"table not found: {path}")
-    try:
-        return table_header(path)
-    except TableFormatError as e:
-        raise ctx.error(key, str(e)) from e
-
-
-def _load_model(ctx: _Ctx, i: int, raw: Any) -> ModelConfig:
-    where = f"models[{i}]"
-    if not isinstance(raw, Mapping):
-        raise ctx.error(where, f"expected an object, got {_type_name(raw)}")
-    _check_keys(ctx, f"{where}.", raw, set(ModelConfig.__dataclass_fields__) - {"sparse_file_rows"})
-    for k in _MODEL_REQUIRED:
-        if k not in raw:
-            raise ctx.error(f"{where}.{k}", "required key is missing")
-    name = _get_str(ctx, f"{where}.model", raw.get("model", ""))
-    if not _MODEL_NAME.match(name):
-        raise ctx.error(f"{where}.model", f"must match [a-zA-Z0-9_-]{{1,120}}, got {name!r}")
-
-    files_raw = _get_list(ctx, f"{where}.sparse_files", raw["sparse_files"])
-    if not files_raw:
-        raise ctx.error(f"{where}.sparse_files", "must name at least one table")
-    n = len(files_raw)
-    files = tuple(_resolve_path(ctx, f"{where}.sparse_files[{t}]", v)
-                  for t, v in enumerate(files_raw))
-
-    def per_table(key: str, conv, *, pad: Any = None, raw_values: Any = None) -> tuple:
-        values = _get_list(ctx, f"{where}.{key}", raw[key] if raw_values is None else raw_values)
-        if pad is not None and len(values) < n:
-            values = values + [pad] * (n - len(values))  # HPS pads this list with 0.0
-        if len(values) != n:
-            raise ctx.error(f"{where}.{key}",
-                            f"has {len(values)} entries but sparse_files names {n} table(s)")
-        return tuple(conv(f"{where}.{key}[{t}]", v) for t, v in enumerate(values))
-
-    kw: dict[str, Any] = {"model": name, "sparse_files": files}
-    kw["embedding_vecsize_per_table"] = per_table(
-        "embedding_vecsize_per_table", lambda k, v: _get_int(ctx, k, v, minimum=1))
-    kw["maxnum_catfeature_query_per_table_per_sample"] = per_table(
-        "maxnum_catfeature_query_per_table_per_sample", lambda k, v: _get_int(ctx, k, v, minimum=1))
-    if "embedding_table_names" in raw:
-        names = per_table("embedding_table_names", lambda k, v: _get_str(ctx, k, v))
-        if len(set(names)) != len(names):
-            raise ctx.error(f"{where}.embedding_table_names", f"names repeat: {list(names)}")
-        kw["embedding_table_names"] = names
-    else:
-        kw["embedding_table_names"] = tuple(f"sparse_embedding{t}" for t in range(n))
-    if "default_value_for_each_table" in raw:
-        dv = raw["default_value_for_each_table"]
-        if isinstance(dv, (int, float)) and not isinstance(dv, bool):
-            dv = [dv] * n  # keras-hps extension: one number is every table's default
-        kw["default_value_for_each_table"] = per_table(
-            "default_value_for_each_table", lambda k, v: _get_float(ctx, k, v),
-            pad=0.0, raw_values=dv)
-    else:
-        kw["default_value_for_each_table"] = (0.0,) * n
-
-    for k, v in raw.items():
-        key = f"{where}.{k}"
-        if k in kw or k in ("model",):
-            continue
-        if k == "deployed_device_list":
-            devs = _get_list(ctx, key, v)
-            kw[k] = tuple(_get_int(ctx, f"{key}[{j}]", d, minimum=0) for j, d in enumerate(devs))
-        elif k in _MODEL_INT:
-            kw[k] = _get_int(ctx, key, v, minimum=_MODEL_INT[k])
-        elif k in _MODEL_BOOL:
-            kw[k] = _get_bool(ctx, key, v)
-        elif k == "gpucacheper":
-            kw[k] = _get_float(ctx, key, v, 0.0, 1.0)
-        elif k in ("hit_rate_threshold", "cache_refresh_percentage_per_iteration",
-                   "refresh_delay", "refresh_interval"):
-            kw[k] = _get_float(ctx, key, v, 0.0)
-        elif k == "embedding_cache_type":
-            t = _get_str(ctx, key, v)
-            if t not in _CACHE_TYPES:
-                raise ctx.error(key, f"unknown cache type {t!r}; one of {list(_CACHE_TYPES)}")
-            kw[k] = t
-        elif k in ("dense_file", "network_file"):
-            kw[k] = _get_str(ctx, key, v)
-        elif k == "gpu_cache_admission":
-            a = _get_str(ctx, key, v)
-            if a not in _ADMISSIONS:
-                raise ctx.error(key, f"unknown admission {a!r}; one of {list(_ADMISSIONS)}")
-            kw[k] = a
-
-    rows = []
-    for t, path in enumerate(files):
-        nrows, fdim = _table_rows_and_dim(ctx, f"{where}.sparse_files[{t}]", path)
-        want = kw["embedding_vecsize_per_table"][t]
-        if fdim is not None and fdim != want:
-            raise ctx.error(
-                f"{where}.embedding_vecsize_per_table[{t}]",
-                f"is {want} but the table {path} has dim {fdim}",
-            )
-        if fdim is None and nrows is not None:
-            from keras_hps.formats import hps_dim_fits
-
-            problem = hps_dim_fits(path, want)
-            if problem:
-                raise ctx.error(f"{where}.embedding_vecsize_per_table[{t}]", problem)
-        rows.append(nrows)
-    kw["sparse_file_rows"] = tuple(rows)
-    return ModelConfig(**kw)
-
-
-_TOP_KEYS = {"supportlonglong", "models", "volatile_db", "persistent_db", "update_source",
-             "fuse_embedding_table"}
-
-
 def load_config(config: str | os.PathLike | Mapping[str, Any] | PSConfig,
                 base_dir: str | os.PathLike | None = None) -> PSConfig:
     """Validate a parameter-server config and return it as a `PSConfig`.
@@ -587,48 +427,73 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | PSConfig,
     `config` is a path to an hps.json, a dict with the same content, or an already loaded
     PSConfig (returned as is). Relative table paths resolve against the config file's folder
     (for a dict: `base_dir`, default the current directory). Raises ConfigError naming the key
-    and the file for anything invalid.
+    and the file for anything invalid. Opens no table file (see `check_config_tables`).
     """
     if isinstance(config, PSConfig):
         return config
     if isinstance(config, Mapping):
-        source = None
-        raw = config
-        ctx = _Ctx(None, Path(base_dir) if base_dir is not None else Path.cwd())
+        raw: Any = config
+        src = Source(None, Path(base_dir) if base_dir is not None else Path.cwd())
     elif isinstance(config, (str, os.PathLike)):
         path = Path(config).expanduser().absolute()
-        source = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: parameter-server config file not found")
         try:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path}: not valid JSON: {e}") from e
-        ctx = _Ctx(source, Path(base_dir) if base_dir is not None else path.parent)
+        src = Source(str(path), Path(base_dir) if base_dir is not None else path.parent)
     else:
-        raise ConfigError(f"expected a path or a dict for the config, got {_type_name(config)}")
-
+        raise ConfigError(f"expected a path or a dict for the config, got "
+                          f"{type(config).__name__}")
     if not isinstance(raw, Mapping):
-        raise ctx.error("<top level>", f"expected a JSON object, got {_type_name(raw)}")
-    _check_keys(ctx, "", raw, _TOP_KEYS)
-    if "models" not in raw:
-        raise ctx.error("models", "required key is missing")
-    models_raw = _get_list(ctx, "models", raw["models"])
-    if not models_raw:
-        raise ctx.error("models", "must list at least one model")
-    models = tuple(_load_model(ctx, i, m) for i, m in enumerate(models_raw))
+        raise src.error("<top level>", f"expected a JSON object, got {type(raw).__name__}")
+    cfg = load_block(src, PSConfig, raw)
     seen: set[str] = set()
-    for i, m in enumerate(models):
+    for i, m in enumerate(cfg.models):
         if m.model in seen:
-            raise ctx.error(f"models[{i}].model", f"model name {m.model!r} appears twice")
+            raise src.error(f"models[{i}].model", f"model name {m.model!r} appears twice")
         seen.add(m.model)
-    return PSConfig(
-        models=models,
-        supportlonglong=_get_bool(ctx, "supportlonglong", raw.get("supportlonglong", True)),
-        volatile_db=_load_volatile(ctx, raw.get("volatile_db")),
-        persistent_db=_load_persistent(ctx, raw.get("persistent_db")),
-        update_source=_load_update_source(ctx, raw.get("update_source")),
-        fuse_embedding_table=_get_bool(ctx, "fuse_embedding_table",
-                                       raw.get("fuse_embedding_table", False)),
-        source=source,
-    )
+    return replace(cfg, source=src.source)
+
+
+# ----------------------------------------------------------------------------------------------
+# the reference doc
+
+#: docs/configuration.md's generated regions -> the block each documents.
+_DOC_BLOCKS = {
+    "top": PSConfig,
+    "models": ModelConfig,
+    "volatile_db": VolatileDBConfig,
+    "persistent_db": PersistentDBConfig,
+    "update_source": UpdateSourceConfig,
+}
+DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
+
+
+def reference_tables() -> dict[str, str]:
+    """The reference table of every block, in Markdown, by the name of its doc region."""
+    return {name: markdown_table(cls) for name, cls in _DOC_BLOCKS.items()}
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m keras_hps.config",
+        description="Print or regenerate the hps.json reference tables from the schema.")
+    parser.add_argument("--markdown", action="store_true", help="print every table")
+    parser.add_argument("--write-doc", metavar="PATH", nargs="?", const=str(DOC_PATH),
+                        help="rewrite the generated regions of PATH in place")
+    args = parser.parse_args(argv)
+    tables = reference_tables()
+    if args.write_doc:
+        doc = Path(args.write_doc)
+        doc.write_text(replace_generated(doc.read_text(), tables))
+    if args.markdown or not args.write_doc:
+        for name, table in tables.items():
+            print(f"{name}:\n\n{table}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
+

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dim", type=int, default=None,
                         help="vector size of an HPS source (checked; inferred when omitted)")
     parser.add_argument("--on-duplicate", choices=("error", "last"), default="error",
-                        help="duplicate keys in the source: fail (default) or keep the last")
+                        help="duplicate keys in the source: fail or keep the last")
     parser.add_argument("--chunk-rows", type=int, default=None,
                         help="HDF5 chunk height in rows (default: 64 KiB chunks)")
     parser.add_argument("--force", action="store_true", help="replace an existing DST")
@@ -86,13 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `keras-hps convert`; prints a summary, returns the exit code."""
-    try:
-        summary = convert(args.src, args.dst, dim=args.dim, on_duplicate=args.on_duplicate,
-                          overwrite=args.force, progress=not args.quiet,
-                          chunk_rows=args.chunk_rows)
-    except (TableFormatError, FileExistsError, FileNotFoundError) as e:
-        print(f"keras-hps convert: error: {e}", file=sys.stderr)
-        return 1
-    print(summary)
+    """Run `keras-hps convert`: prints a summary, returns 0 (errors raise)."""
+    print(convert(args.src, args.dst, dim=args.dim, on_duplicate=args.on_duplicate,
+                  overwrite=args.force, progress=not args.quiet, chunk_rows=args.chunk_rows))
     return 0

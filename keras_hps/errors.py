@@ -27,3 +27,8 @@ class InvalidInputError(HPSError, ValueError):
 
 class NotFoundError(HPSError, LookupError):
     """An unknown model, table, version, label or signature."""
+
+
+class UsageError(HPSError):
+    """A command line that cannot work: flags that are missing or contradict each other.
+    `keras-hps` reports it like an argparse error (exit status 2)."""

@@ -29,16 +29,19 @@ import argparse
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from keras_hps.cold_tier import index_nbytes as cold_index_nbytes
 from keras_hps.config import PSConfig, load_config
-from keras_hps.errors import ConfigError, TableFormatError
-from keras_hps.formats import KEY_FILE, is_hdf5_path, read_hdf5_table, table_disk_bytes
+from keras_hps.formats import (
+    check_config_tables,
+    is_hdf5_path,
+    read_hdf5_table,
+    read_hps_table,
+    table_disk_bytes,
+)
 from keras_hps.host_tier import ROW_OVERHEAD, index_nbytes
 
 __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
@@ -69,7 +72,7 @@ class TablePlan:
     devices: int
 
 
-def _key_facts(path: str) -> tuple[int, int, int, bool]:
+def _key_facts(path: str, dim: int) -> tuple[int, int, int, bool]:
     """(rows, min key, max key, keys already sorted) read from the table's keys."""
     if is_hdf5_path(path):
         with read_hdf5_table(path, verify=False) as t:
@@ -77,23 +80,20 @@ def _key_facts(path: str) -> tuple[int, int, int, bool]:
             if n == 0:
                 return 0, 0, -1, True
             return n, int(t.keys[0]), int(t.keys[n - 1]), True
-    kf = Path(path) / KEY_FILE
-    size = kf.stat().st_size
-    if size % 8:
-        raise TableFormatError(f"{kf}: size {size} bytes is not a multiple of 8 (int64 keys)")
-    n = size // 8
-    if n == 0:
-        return 0, 0, -1, True
-    keys = np.memmap(kf, dtype="<i8", mode="r", shape=(n,))
-    lo, hi, is_sorted, prev = None, None, True, None
-    step = 1 << 22
-    for s in range(0, n, step):
-        block = np.asarray(keys[s:s + step])
-        lo = int(block.min()) if lo is None else min(lo, int(block.min()))
-        hi = int(block.max()) if hi is None else max(hi, int(block.max()))
-        if is_sorted:
-            is_sorted = bool(np.all(block[1:] > block[:-1])) and (prev is None or block[0] > prev)
-            prev = block[-1]
+    with read_hps_table(path, dim, check_duplicates=False) as t:
+        n, keys = t.num_rows, t.keys
+        if n == 0:
+            return 0, 0, -1, True
+        lo, hi, is_sorted, prev = None, None, True, None
+        step = 1 << 22
+        for s in range(0, n, step):
+            block = np.asarray(keys[s:s + step])
+            lo = int(block.min()) if lo is None else min(lo, int(block.min()))
+            hi = int(block.max()) if hi is None else max(hi, int(block.max()))
+            if is_sorted:
+                is_sorted = (bool(np.all(block[1:] > block[:-1]))
+                             and (prev is None or block[0] > prev))
+                prev = block[-1]
     return n, lo, hi, is_sorted
 
 
@@ -105,13 +105,14 @@ def _cache_slots(gpucacheper: float, rows: int) -> int:
 def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
     """One TablePlan per (model, table) of a config."""
     cfg = load_config(config)
+    check_config_tables(cfg)
     vdb = cfg.volatile_db
     plans = []
     for m in cfg.models:
         for t in range(m.num_tables):
             path = m.sparse_files[t]
-            rows, lo, hi, is_sorted = _key_facts(path)
             dim = m.dim(t)
+            rows, lo, hi, is_sorted = _key_facts(path, dim)
             vec = 4 * dim
             ctype = m.cache_type
             gpu_slots = gpu = pinned = 0
@@ -192,12 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run `keras-hps plan`; returns the exit code."""
-    try:
-        plans = plan_config(args.config)
-    except (ConfigError, TableFormatError) as e:
-        print(f"keras-hps plan: error: {e}", file=sys.stderr)
-        return 1
+    """Run `keras-hps plan`: prints the plan, returns 0 (errors raise)."""
+    plans = plan_config(args.config)
     if args.json:
         print(json.dumps([asdict(p) for p in plans], indent=2))
     else:

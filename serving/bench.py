@@ -2,7 +2,7 @@
 
     keras-hps bench --protocol grpc --target localhost:8500 --model dlrm \\
         --batch-sizes 32,4096 --concurrency 1,4 --duration 10
-    keras-hps bench --protocol inprocess --model_base_path repo/dlrm/1 --hps_config repo/hps.json
+    keras-hps bench --protocol inprocess --model-base-path repo/dlrm/1 --hps-config repo/hps.json
     keras-hps bench --protocol grpc --ensemble dlrm_lookup,dlrm_dense ...
 
 Inputs are synthesized from the model's signature (integer keys uniform in [0, key_range),
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+
+from keras_hps.errors import UsageError
 
 Call = Callable[[], Any]
 
@@ -332,12 +333,20 @@ def inprocess_calls(
 
 # ---------------------------------------------------------------- command line
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,4, got {text!r}")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Load-generator options."""
-    parser.add_argument("--protocol", choices=("grpc", "rest", "inprocess"), default="grpc")
+    parser.add_argument("--protocol", choices=("grpc", "rest", "inprocess"), default="grpc",
+                        help="how requests are sent; inprocess: Servable.run in this process "
+                        "(the baseline without a server)")
     parser.add_argument(
         "--target",
         default="localhost:8500",
@@ -349,11 +358,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LOOKUP,DENSE",
         help="two models chained over gRPC: lookup outputs feed the dense model",
     )
-    parser.add_argument("--signature", default="serving_default")
-    parser.add_argument("--model_base_path", help="version folder, for --protocol inprocess")
-    parser.add_argument("--hps_config", help="hps.json, for --protocol inprocess")
-    parser.add_argument("--batch-sizes", type=_ints, default=[32, 4096])
-    parser.add_argument("--concurrency", type=_ints, default=[1])
+    parser.add_argument("--signature", default="serving_default", help="signature to call")
+    parser.add_argument("--model-base-path", help="version folder, for --protocol inprocess")
+    parser.add_argument("--hps-config", help="hps.json, for --protocol inprocess")
+    parser.add_argument("--batch-sizes", type=_ints, default=[32, 4096],
+                        help="rows per request, comma-separated")
+    parser.add_argument("--concurrency", type=_ints, default=[1],
+                        help="clients sending at once, comma-separated")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument(
         "--key-range",
@@ -366,6 +377,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Measure every (batch size, concurrency) pair and print one line each."""
+    if args.protocol == "inprocess" and not args.model_base_path:
+        raise UsageError("--protocol inprocess needs --model-base-path")
+    if args.ensemble and len(args.ensemble.split(",")) != 2:
+        raise UsageError(f"--ensemble takes LOOKUP,DENSE (two model names), got {args.ensemble!r}")
     results = []
     servable = None
     ps = None
@@ -376,12 +391,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         for batch in args.batch_sizes:
             if args.protocol == "inprocess":
-                if not args.model_base_path:
-                    print(
-                        "keras-hps bench: --protocol inprocess needs --model_base_path",
-                        file=sys.stderr,
-                    )
-                    return 2
                 if servable is not None:
                     servable.close()
                 make, servable = inprocess_calls(

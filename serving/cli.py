@@ -203,9 +203,7 @@ _TYPES = {"int32": int, "int64": int, "float": float, "string": str}
 
 
 def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
-    names = [f"--{flag.name}"]
-    if "_" in flag.name:
-        names.append(f"--{flag.name.replace('_', '-')}")
+    names = [f"--{flag.name}"]  # the other spelling (hyphens) is keras_hps.cli's to map
     shown = "" if flag.default == "" else f" (default {flag.default})"
     help_text = flag.help + ("; accepted and ignored here" if flag.ignored else "") + shown
     # ignored flags default to None, so that giving one (any value) is noticed
@@ -219,13 +217,12 @@ def _add(parser: argparse.ArgumentParser, flag: Flag) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """tensorflow_model_server's flags, then keras-hps's (`--flag=value` and `--flag value`;
-    hyphens and underscores both work)."""
+    """tensorflow_model_server's flags, then keras-hps's (`--flag=value` and `--flag value`)."""
     for flag in FLAGS + OWN_FLAGS:
         _add(parser, flag)
-    parser.add_argument("--frontend_cpus", "--frontend-cpus", dest="frontend_cpus", type=_cpus,
+    parser.add_argument("--frontend_cpus", dest="frontend_cpus", type=_cpus,
                         default="auto", help=_HELP["frontend_cpus"] + " (default auto)")
-    parser.add_argument("--spin_wait_ms", "--spin-wait-ms", dest="spin_wait_ms", type=float,
+    parser.add_argument("--spin_wait_ms", dest="spin_wait_ms", type=float,
                         default=0.0, help=_HELP["spin_wait_ms"] + " (default 0: off)")
     parser.add_argument("--verbose", action="store_true", help=_HELP["verbose"])
 

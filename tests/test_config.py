@@ -6,13 +6,24 @@ import copy
 import json
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from keras_hps.config import NO_OVERFLOW_LIMIT, load_config
+from keras_hps.config import (
+    NO_OVERFLOW_LIMIT,
+    ModelConfig,
+    PersistentDBConfig,
+    PSConfig,
+    UpdateSourceConfig,
+    VolatileDBConfig,
+    load_config,
+    reference_tables,
+)
 from keras_hps.errors import ConfigError, NotFoundError
-from keras_hps.formats import write_hdf5_table, write_hps_table
+from keras_hps.formats import check_config_tables, write_hdf5_table, write_hps_table
+from keras_hps.schema import replace_generated
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +99,7 @@ def test_hps_config_loads_unchanged_with_paths_relative_to_the_file(tables, tmp_
     m = cfg.model("demo-model_1")
     assert m.sparse_files == (str(tables / "tables" / "t0"), str(tables / "tables" / "t1.h5"))
     assert m.embedding_vecsize_per_table == (16, 8)
-    assert m.num_rows(0) == 40 and m.num_rows(1) == 30
+    assert check_config_tables(cfg) == {("demo-model_1", 0): 40, ("demo-model_1", 1): 30}
     assert m.max_keys_per_lookup(0) == 1024 * 2 and m.max_keys_per_lookup(1) == 1024 * 26
     assert m.num_of_worker_buffer_in_pool == 3
     assert m.default_value(0) == 1.0 and m.table_name(1) == "sparse_embedding1"
@@ -191,17 +202,14 @@ ERROR_CASES = [
     ("models.0.embedding_table_names", ["a", "a"], M0 + r"embedding_table_names: names repeat"),
     ("models.0.default_value_for_each_table", [1, 2, 3],
      M0 + r"default_value_for_each_table: has 3"),
-    ("models.0.embedding_vecsize_per_table", [16, 9],
-     M0 + r"embedding_vecsize_per_table\[1\]: is 9 but the table .*t1\.h5 has dim 8"),
-    ("models.0.embedding_vecsize_per_table", [32, 8],
-     M0 + r"embedding_vecsize_per_table\[0\]: is 32 but .*t0/emb_vector holds 2560 bytes"),
     ("models.0.embedding_vecsize_per_table", [0, 8],
      M0 + r"embedding_vecsize_per_table\[0\]: must be >= 1"),
-    ("models.0.sparse_files", ["tables/t0", "tables/missing"],
-     M0 + r"sparse_files\[1\]: table not found: .*tables/missing"),
     ("models.0.sparse_files", ["tables/t0", "s3://bucket/t"],
      M0 + r"sparse_files\[1\]: remote paths are not supported"),
     ("models.0.model", "bad name!", M0 + r"model: must match"),
+    ("models.0.model", "name\n", M0 + r"model: must match"),
+    ("models.0.model", _DELETE, M0 + r"model: required key is missing"),
+    ("models.0.hit_rate_threshold", -1, M0 + r"hit_rate_threshold: must be >= 0.0, got -1.0"),
     ("models.0.sparse_files", _DELETE, M0 + r"sparse_files: required key is missing"),
     ("models.0.embedding_cache_type", "magic",
      M0 + r"embedding_cache_type: unknown cache type 'magic'"),
@@ -212,6 +220,7 @@ ERROR_CASES = [
     ("persistent_db.type", "leveldb", r"persistent_db\.type: unknown type 'leveldb'"),
     ("update_source.type", "pulsar", r"update_source\.type: unknown type 'pulsar'"),
     ("models", [], r"models: must list at least one model"),
+    ("models", [None], r"models\[0\]: expected an object, got NoneType"),
     ("volatile_db", [1], r"volatile_db: expected an object, got list"),
 ]
 
@@ -223,6 +232,27 @@ def test_each_config_error_names_the_key_and_the_file(tables, where, value, mess
     path = write_config(tables, _mutate(hps_notebook_config(), where, value), "bad.json")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
         load_config(path)
+
+
+# Problems of the table files themselves: the config loads (config.py opens no table file);
+# checking its tables (what the parameter server and `keras-hps plan` do) names the key.
+TABLE_ERROR_CASES = [
+    ("models.0.embedding_vecsize_per_table", [16, 9],
+     M0 + r"embedding_vecsize_per_table\[1\]: is 9 but the table .*t1\.h5 has dim 8"),
+    ("models.0.embedding_vecsize_per_table", [32, 8],
+     M0 + r"embedding_vecsize_per_table\[0\]: is 32 but .*t0/emb_vector holds 2560 bytes"),
+    ("models.0.sparse_files", ["tables/t0", "tables/missing"],
+     M0 + r"sparse_files\[1\]: table not found: .*tables/missing"),
+]
+
+
+@pytest.mark.parametrize(("where", "value", "message"), TABLE_ERROR_CASES,
+                         ids=[f"{c[0]}={c[1]!r}"[:60] for c in TABLE_ERROR_CASES])
+def test_each_table_error_names_the_key_and_the_file(tables, where, value, message):
+    path = write_config(tables, _mutate(hps_notebook_config(), where, value), "bad.json")
+    cfg = load_config(path)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: {message}"):
+        check_config_tables(cfg)
 
 
 def test_duplicate_model_names(tables):
@@ -254,7 +284,38 @@ def test_table_file_errors_surface_as_config_errors(tables):
     (d / "emb_vector").write_bytes(b"")
     cfg = _mutate(hps_notebook_config(), "models.0.sparse_files", ["tables/t0", "tables/broken"])
     path = write_config(tables, cfg, "broken.json")
+    cfg = load_config(path)
     with pytest.raises(ConfigError, match=r"sparse_files\[1\]: .*key: size 12 bytes is not a "
                                           r"multiple of 8"):
-        load_config(path)
+        check_config_tables(cfg)
     assert os.path.isdir(d)
+
+
+BLOCKS = [("", PSConfig), ("models.0", ModelConfig), ("volatile_db", VolatileDBConfig),
+          ("persistent_db", PersistentDBConfig), ("update_source", UpdateSourceConfig)]
+
+
+@pytest.mark.parametrize(("where", "cls"), BLOCKS, ids=[b[1].__name__ for b in BLOCKS])
+def test_every_schema_key_is_checked(tables, where, cls):
+    """Each key of the schema (the rows the reference doc is made from) is validated: a JSON
+    object where it expects anything else is an error naming that key and the file."""
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(cls) if "key" in f.metadata]
+    assert len(names) >= 6
+    base = hps_notebook_config()
+    for name in names:
+        path = write_config(tables, _mutate(base, f"{where}.{name}".lstrip("."), {"x": 1}),
+                            "bad.json")
+        key_path = re.sub(r"\.(\d+)", r"[\1]", f"{where}.{name}".lstrip("."))
+        with pytest.raises(ConfigError, match=rf"^{re.escape(f'{path}: {key_path}')}"):
+            load_config(path)
+
+
+def test_configuration_doc_tables_are_generated_from_the_schema():
+    doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+    text = doc.read_text()
+    assert replace_generated(text, reference_tables()) == text, (
+        "docs/configuration.md is out of date: run python -m keras_hps.config --write-doc")
+    for table in reference_tables().values():
+        assert table in text

@@ -102,9 +102,9 @@ def test_round_trip_between_formats(tmp_path, first):
 
 def test_streamed_writes_in_many_blocks(tmp_path, monkeypatch):
     """Blocks smaller than the table: the permuted (sorting) and in-order paths both stream."""
-    monkeypatch.setattr(formats, "BLOCK_BYTES", 4096)
-    monkeypatch.setattr(formats, "PERMUTED_BLOCK_BYTES", 8192)
-    monkeypatch.setattr(formats, "SWEEP_BYTES", 2048)
+    monkeypatch.setattr(formats.table, "BLOCK_BYTES", 4096)
+    monkeypatch.setattr(formats.io, "PERMUTED_BLOCK_BYTES", 8192)
+    monkeypatch.setattr(formats.io, "SWEEP_BYTES", 2048)
     rng = np.random.default_rng(4)
     keys, vecs = random_table(rng, 3001, 12)
     write_hps_table(tmp_path / "t", keys, vecs)
@@ -265,7 +265,7 @@ def test_writer_input_errors(tmp_path):
 
 def test_hdf5_chunks_not_in_row_order_go_through_h5py(tmp_path, monkeypatch):
     """Storage whose chunks are not one run of bytes: written and read through h5py."""
-    monkeypatch.setattr(formats, "_linear_chunks_offset", lambda dset: None)
+    monkeypatch.setattr(formats.hdf5_storage, "linear_chunks_offset", lambda dset: None)
     rng = np.random.default_rng(7)
     keys, vecs = random_table(rng, 1500, 5)
     write_hdf5_table(tmp_path / "t.h5", keys, vecs, chunk_rows=64)

@@ -23,6 +23,7 @@ tf = pytest.importorskip("tensorflow")
 
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc  # noqa: E402
 
+from keras_hps.cli import normalize_flags  # noqa: E402
 from keras_hps.serving import cli  # noqa: E402
 from keras_hps.serving.manager import ModelManager, State  # noqa: E402
 from keras_hps.serving.model_config import ModelEntry, load_model_config_file  # noqa: E402
@@ -119,8 +120,8 @@ def test_every_main_cc_flag_parses(name, kind, default):
     got = getattr(p.parse_args([f"--{name}={value}"]), name)
     assert got == (value if kind == "string" else float(value))
     assert getattr(p.parse_args([f"--{name}", value]), name) == got  # the space form too
-    hyphens = "--" + name.replace("_", "-")
-    assert getattr(p.parse_args([f"{hyphens}={value}"]), name) == got
+    hyphens = "--" + name.replace("_", "-")  # mapped by the keras-hps entry point
+    assert getattr(p.parse_args(normalize_flags(p, [f"{hyphens}={value}"])), name) == got
     if kind != "string":
         with pytest.raises(SystemExit):
             p.parse_args([f"--{name}=x"])
