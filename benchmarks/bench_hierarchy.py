@@ -89,8 +89,8 @@ def section_bw(dev, small: bool) -> dict:
 def section_static(dev, small: bool, dims=(128, 16)) -> None:
     import torch
 
-    from keras_hps.triton_kernels.gather import gather_rows
-    from keras_hps.triton_kernels.static_table import StaticTable
+    from keras_hps.gpu_static_table import GpuStaticTable
+    from keras_hps.triton_kernels.gather import gather
 
     rows = 20_000 if small else 64_000_000
     nq = 4096 if small else 1 << 20
@@ -99,7 +99,7 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
         keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
         vals = torch.randn(r, dim, device=dev)
         t0 = time.perf_counter()
-        table = StaticTable(keys, vals, device=dev)
+        table = GpuStaticTable(keys, vals, device=dev)
         sync(dev)
         build_s = time.perf_counter() - t0
         rows_q = torch.randperm(r, device=dev)[:nq]  # unique rows, far beyond L2
@@ -109,7 +109,7 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
         ok = bool(hit.all()) and torch.equal(out, vals[rows_q])
         t_static = bench(lambda t=table, k=q: t.query(k), dev)
         t_static_miss = bench(lambda t=table, k=qmiss: t.query(k), dev)
-        t_gather = bench(lambda v=vals, r=rows_q: gather_rows(v, r), dev)
+        t_gather = bench(lambda v=vals, r=rows_q: gather(v, r), dev)
         t_isel = bench(lambda v=vals, r=rows_q: torch.index_select(v, 0, r), dev)
         log(section="static", rows=r, dim=dim, keys=nq, correct=ok, build_s=build_s,
             slots=table.index.slots, probe_windows=table.index.n_windows,
@@ -128,14 +128,14 @@ def section_uvm(dev, small: bool) -> None:
     """UVM table query (all rows in pinned host memory) over a sweep of launch configs."""
     import torch
 
-    from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+    from keras_hps.gpu_static_table import GpuStaticTable, pinned_empty
 
     r, dim = (20_000, 128) if small else (16_000_000, 128)
     nq = 4096 if small else 1 << 20
     keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
     hv = pinned_empty((r, dim))
     hv.copy_(torch.randn(r, dim, device=dev))
-    table = StaticTable(keys, hv, device=dev, n_device=0)
+    table = GpuStaticTable(keys, hv, device=dev, n_device=0)
     rows_q = torch.randperm(r, device=dev)[:nq]
     q = keys[rows_q]
     out, hit = table.query(q)
@@ -154,9 +154,9 @@ def section_uvm(dev, small: bool) -> None:
     table.launch = dict(UVM_LAUNCH)
     table.zero_copy_share = 0.0
     # The same rows through the copy engine: host threads gather them into pinned staging.
-    out, hit = table.fetch(q)
+    out, hit = table.query(q, host_read="copy")
     ok_copy = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
-    t_copy = bench(lambda t=table, k=q: t.fetch(k), dev, reps=10)
+    t_copy = bench(lambda t=table, k=q: t.query(k, host_read="copy"), dev, reps=10)
     t_kernel = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
     idx = rows_q.cpu()
     stage = torch.empty((nq, dim), pin_memory=dev.type == "cuda")
@@ -171,9 +171,10 @@ def section_uvm(dev, small: bool) -> None:
     for share in (0.0, 0.2, 0.3, 0.4):
         for chunk_mb in (2, 8):
             table.zero_copy_share, table.copy_chunk_bytes = share, chunk_mb << 20
-            o2, h2 = table.fetch(qm)
+            o2, h2 = table.query(qm, host_read="copy")
             assert bool(h2.all()) and torch.equal(o2, ref_m), "fetch differs from query"
-            split[(share, chunk_mb)] = bench(lambda t=table, k=qm: t.fetch(k), dev, reps=20)
+            split[(share, chunk_mb)] = bench(
+                lambda t=table, k=qm: t.query(k, host_read="copy"), dev, reps=20)
     t_zc_m = bench(lambda t=table, k=qm: t.query(k), dev, reps=20)
     best_share, best_chunk = min(split, key=split.get)
     table.zero_copy_share, table.copy_chunk_bytes = 0.0, 8 << 20
@@ -184,14 +185,15 @@ def section_uvm(dev, small: bool) -> None:
     # The same table without transparent huge pages.
     hv4k = pinned_empty((r, dim), huge_pages=False)
     hv4k.copy_(hv)
-    t4k = StaticTable(keys, hv4k, device=dev, n_device=0)
+    t4k = GpuStaticTable(keys, hv4k, device=dev, n_device=0)
     t4k.launch = dict(UVM_LAUNCH)
     t4k.zero_copy_share = 0.0
     log(section="uvm_huge_pages", keys=nm,
         zero_copy_ms_huge=t_zc_m * 1e3,
         zero_copy_ms_4k=bench(lambda t=t4k, k=qm: t.query(k), dev, reps=20) * 1e3,
         fetch_copy_ms_huge=split[(0.0, 8)] * 1e3,
-        fetch_copy_ms_4k=bench(lambda t=t4k, k=qm: t.fetch(k), dev, reps=20) * 1e3)
+        fetch_copy_ms_4k=bench(lambda t=t4k, k=qm: t.query(k, host_read="copy"), dev,
+                               reps=20) * 1e3)
     del t4k, hv4k
     log(section="uvm_copy_engine", rows=r, dim=dim, keys=nq, correct=ok_copy,
         torch_threads=torch.get_num_threads(), fetch_copy_ms=t_copy * 1e3,
@@ -273,7 +275,7 @@ def breakdown(tier, keys, dev) -> None:
     """Device time of each step of one uvm lookup (each step synchronised: an upper bound)."""
     import torch
 
-    from keras_hps.triton_kernels.gather import gather_rows
+    from keras_hps.triton_kernels.gather import gather
 
     rep = tier._replicas[0]
     steps = {}
@@ -293,13 +295,13 @@ def breakdown(tier, keys, dev) -> None:
     step("uvm_query_zero_copy", lambda: rep.table.query(mkeys))
     share = rep.table.zero_copy_share
     rep.table.zero_copy_share = 0.0
-    step("uvm_fetch_copy_engine", lambda: rep.table.fetch(mkeys))
+    step("uvm_fetch_copy_engine", lambda: rep.table.query(mkeys, host_read="copy"))
     rep.table.zero_copy_share = UVM_SHARE[0]
-    mv, _ = step("uvm_fetch_split", lambda: rep.table.fetch(mkeys))
+    mv, _ = step("uvm_fetch_split", lambda: rep.table.query(mkeys, host_read="copy"))
     rep.table.zero_copy_share = share
     step("scatter_misses", lambda: vals.index_copy_(0, midx, mv))
     step("cache_insert", lambda: rep.cache.insert(mkeys, mv, validate=False))
-    step("gather_to_input_order", lambda: gather_rows(vals, inv))
+    step("gather_to_input_order", lambda: gather(vals, inv))
     log(section="hierarchy_breakdown", keys=keys.numel(), unique=ukeys.numel(),
         misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
 
@@ -310,7 +312,7 @@ def flat_lookup(tier, keys):
     unique, resolved, scattered to their places and inserted. Counts only the misses."""
     import torch
 
-    from keras_hps.triton_kernels.gather import gather_rows
+    from keras_hps.triton_kernels.gather import gather
 
     rep = tier._replica_for(keys.device)
     flat = keys.reshape(-1)
@@ -320,7 +322,7 @@ def flat_lookup(tier, keys):
     if mpos.numel():
         mkeys, inv = torch.unique(flat[mpos], return_inverse=True)
         mvals, uvm_hits, fetched = tier._resolve(rep, mkeys)
-        vals[mpos] = gather_rows(mvals, inv) if keys.is_cuda else mvals[inv]
+        vals[mpos] = gather(mvals, inv) if keys.is_cuda else mvals[inv]
         tier._insert(rep, mkeys, mvals, 1.0 - mpos.numel() / flat.numel(), generation)
         tier._count(0, mkeys.numel(), uvm_hits, fetched)
     return vals

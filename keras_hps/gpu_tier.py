@@ -65,13 +65,38 @@ def gpu_tier_setting() -> str:
     return value
 
 
+def serialize_interpreted_launches() -> None:
+    """Under ``TRITON_INTERPRET=1``, make every kernel launch take one process-wide lock.
+
+    Triton's interpreter rebinds ``triton.language`` module-wide for each launch and restores
+    it afterwards, so two threads launching at once break each other's kernels ("Did you
+    forget to add @triton.jit ?"). The GPU tier launches from a background insert thread and
+    from serving threads, so interpreted runs (``KERAS_HPS_GPU_TIER=interpret``, the tests)
+    need launches one at a time. Compiled kernels are unaffected. Idempotent.
+    """
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
+        return
+    from triton.runtime import interpreter
+
+    executor = interpreter.GridExecutor
+    if getattr(executor.__call__, "_serialized", False):
+        return
+    launch = executor.__call__
+    lock = threading.RLock()
+
+    def serialized(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with lock:
+            return launch(self, *args, **kwargs)
+
+    serialized._serialized = True  # type: ignore[attr-defined]
+    executor.__call__ = serialized
+
+
 def _enable_interpreter() -> None:
     """Make the Triton kernels run interpreted; they must not have been imported compiled."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ["TRITON_INTERPRET"] not in ("1", "true", "True"):
         raise ConfigError(f"{ENV_VAR}=interpret needs TRITON_INTERPRET=1 (it is set to 0)")
-    from keras_hps.triton_kernels import serialize_interpreted_launches
-
     serialize_interpreted_launches()
     mod = sys.modules.get("keras_hps.triton_kernels.static_table")
     if mod is not None:
@@ -251,7 +276,8 @@ class GpuTableTier:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
-            vals, _hit = rep.table.lookup(flat, rep.default, rep.static_counts)
+            vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
+                                         validate=False)
             n_unique = flat.numel()
             out = vals.reshape(*shape, self.dim)
         else:
@@ -262,9 +288,9 @@ class GpuTableTier:
             uvals = self._lookup_unique(rep, ukeys)
             if rep.device.type == "cuda":
                 # Back to input order with the Triton row gather (2x torch indexing on H200).
-                from keras_hps.triton_kernels.gather import gather_rows
+                from keras_hps.triton_kernels.gather import gather
 
-                out = gather_rows(uvals, inverse.reshape(-1)).reshape(*shape, self.dim)
+                out = gather(uvals, inverse.reshape(-1)).reshape(*shape, self.dim)
             else:
                 out = uvals[inverse].reshape(*shape, self.dim)
         if as_numpy:
@@ -312,10 +338,7 @@ class GpuTableTier:
         mvals = None
         if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
             # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
-            if self.host_read == "copy":
-                mvals, thit = rep.table.fetch(mkeys)
-            else:
-                mvals, thit = rep.table.query(mkeys)
+            mvals, thit = rep.table.query(mkeys, host_read=self.host_read)
             still = torch.nonzero(~thit).reshape(-1)
         else:
             still = torch.arange(n_miss, device=mkeys.device)
@@ -446,7 +469,7 @@ def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, A
         n = table.num_rows
         keys = torch.empty(n, dtype=torch.int64)
         if pinned:
-            from keras_hps.triton_kernels.static_table import pinned_empty
+            from keras_hps.gpu_static_table import pinned_empty
 
             vectors = pinned_empty((n, dim))
         else:
@@ -465,10 +488,10 @@ def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, A
 
 
 def _static_table(keys: Any, vectors: Any, device: Any, *, on_device: bool) -> Any:
-    """A StaticTable on ``device``: rows in device memory (static) or host memory (uvm)."""
-    from keras_hps.triton_kernels.static_table import StaticTable
+    """A GpuStaticTable on ``device``: rows in device memory (static) or host memory (uvm)."""
+    from keras_hps.gpu_static_table import GpuStaticTable
 
-    return StaticTable(keys, vectors, device=device, n_device=None if on_device else 0)
+    return GpuStaticTable(keys, vectors, device=device, n_device=None if on_device else 0)
 
 
 class GpuTieredTable:

@@ -293,8 +293,3 @@ def small_int64_to_device(values, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def block_d(dim: int) -> int:
-    """Row tile width: the next power of two of ``dim``, capped at 256 (wider rows loop)."""
-    return min(256, triton.next_power_of_2(dim))

@@ -24,6 +24,7 @@ from .cache_layout import (
     probe,
     set_index,
 )
+from .launch import launch_config
 
 
 @triton.jit(do_not_specialize=["num_sets", "empty"])
@@ -53,10 +54,11 @@ def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
     keys = check_keys(keys, arrays.key_dtype, dev, validate=validate)
     n = keys.numel()
     if n:
-        block = 64
-        _cache_invalidate_kernel[(triton.cdiv(n, block),)](
+        cfg = launch_config("cache_invalidate")
+        _cache_invalidate_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.num_sets,
-            empty_key(arrays.key_dtype), BLOCK_K=block, SLOTS=SLOTS_PER_SET,
+            empty_key(arrays.key_dtype), BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET,
+            num_warps=cfg.num_warps,
         )
 
 
