@@ -306,28 +306,6 @@ def breakdown(tier, keys, dev) -> None:
         misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
 
 
-def flat_lookup(tier, keys):
-    """An alternative lookup path, timed beside ``ps.lookup`` (``--flat``): every key probed
-    where it stands (no unique step, no gather back to input order); only the misses made
-    unique, resolved, scattered to their places and inserted. Counts only the misses."""
-    import torch
-
-    from keras_hps.triton_kernels.gather import gather
-
-    rep = tier._replica_for(keys.device)
-    flat = keys.reshape(-1)
-    generation = tier._generation
-    vals, hit = rep.cache.query(flat, validate=False)
-    mpos = torch.nonzero(~hit).reshape(-1)
-    if mpos.numel():
-        mkeys, inv = torch.unique(flat[mpos], return_inverse=True)
-        mvals, uvm_hits, fetched = tier._resolve(rep, mkeys)
-        vals[mpos] = gather(mvals, inv) if keys.is_cuda else mvals[inv]
-        tier._insert(rep, mkeys, mvals, 1.0 - mpos.numel() / flat.numel(), generation)
-        tier._count(0, mkeys.numel(), uvm_hits, fetched)
-    return vals
-
-
 def profile(ps, batches, dev) -> None:
     """torch.profiler over a few `ps.lookup` calls: device time per kernel and the host's
     own time, printed (the table) and logged (the top rows)."""
@@ -346,16 +324,12 @@ def profile(ps, batches, dev) -> None:
         top_device_us={e.key[:60]: round(e.device_time_total / len(batches), 1) for e in rows})
 
 
-def timed_lookup(ps, tier, keys, dev, path: str = "ps.lookup") -> tuple[float, int, int, int]:
+def timed_lookup(ps, tier, keys, dev) -> tuple[float, int, int, int]:
     """(seconds, GPU-tier hits, misses, distinct missed keys) of one synchronised lookup;
-    background inserts finish before the counts are read, outside the timing. ``path``:
-    ``ps.lookup``, or ``flat`` (`flat_lookup`, which counts misses only)."""
+    background inserts finish before the counts are read, outside the timing."""
     s0 = tier.stats()
     t0 = time.perf_counter()
-    if path == "ps.lookup":
-        ps.lookup("bench", 0, keys)
-    else:
-        flat_lookup(tier, keys)
+    ps.lookup("bench", 0, keys)
     sync(dev)
     sec = time.perf_counter() - t0
     tier.wait()
@@ -385,7 +359,7 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    count = (args.warm + (4 + args.flat) * (args.reps + 2) + 1 + 3 * args.profile
+    count = (args.warm + 4 * (args.reps + 2) + 1 + 3 * args.profile
              + (args.warm + args.reps if args.lfu else 0))
     batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
@@ -412,7 +386,7 @@ def section_hierarchy(dev, args) -> None:
         ps = ParameterServer(cfg)
         init_s = time.perf_counter() - t0
         try:
-            tier = ps._table("bench", 0).gpu_tier
+            tier = ps.table("bench", 0).gpu
             for rep in tier._replicas:
                 if rep.table is not None:
                     rep.table.launch = dict(UVM_LAUNCH)
@@ -430,16 +404,12 @@ def section_hierarchy(dev, args) -> None:
             pos = n_warm
             # Variants of how uvm misses read the pinned table: (host_read, zero-copy share).
             # They take turns batch by batch, so that the machine's drift hits all alike.
-            # The last entry is the lookup path: ps.lookup (unique first), or with --flat
-            # also every key probed in place (`flat_lookup`), with the default miss reads.
-            variants = ([("copy", 0.0, "ps.lookup"), ("copy", 0.2, "ps.lookup"),
-                         ("copy", 0.3, "ps.lookup"), ("kernel", 0.0, "ps.lookup")]
-                        if mode == "uvm" else [("-", 0.0, "ps.lookup")])
-            if args.flat:
-                default = variants[2] if mode == "uvm" else variants[0]
-                variants.append((default[0], default[1], "flat"))
+            # (Probing every key in place instead of unique first, the former --flat, was
+            # not adopted: docs/benchmarks/gpu_hierarchy.md, code at commit bd7285d.)
+            variants = ([("copy", 0.0), ("copy", 0.2), ("copy", 0.3), ("kernel", 0.0)]
+                        if mode == "uvm" else [("-", 0.0)])
 
-            def use(host_read, share, _path, tier=tier):
+            def use(host_read, share, tier=tier):
                 tier.host_read = host_read  # uvm misses: copy engine or zero-copy kernel reads
                 for rep in tier._replicas:
                     if rep.table is not None:
@@ -458,7 +428,7 @@ def section_hierarchy(dev, args) -> None:
             for _ in range(n_reps):
                 for v in variants:
                     use(*v)
-                    sec, h, mi, dist = timed_lookup(ps, tier, batches[pos], dev, v[2])
+                    sec, h, mi, dist = timed_lookup(ps, tier, batches[pos], dev)
                     pos += 1
                     times[v].append(sec)
                     counts[v][0] += h
@@ -467,12 +437,12 @@ def section_hierarchy(dev, args) -> None:
             for v in variants:
                 dh, dm, dd = counts[v]
                 log(section="hierarchy", mode=mode, admission=admission, host_read=v[0],
-                    zero_copy_share=v[1], path=v[2],
+                    zero_copy_share=v[1], path="ps.lookup",
                     rows=rows, dim=dim, batch=batch, alpha=args.alpha,
                     cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=args.threshold, init_s=init_s, exact_sample=exact,
                     warm_batches=n_warm, mean_unique_per_batch=uniq,
-                    gpu_hit_rate_unique=dh / max(1, dh + dm) if v[2] == "ps.lookup" else None,
+                    gpu_hit_rate_unique=dh / max(1, dh + dm),
                     distinct_misses_per_batch=dd / max(1, len(times[v])),
                     uvm_launch=dict(UVM_LAUNCH),
                     Gkeys_per_s=batch * len(times[v]) / sum(times[v]) / 1e9,
@@ -534,8 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler table of a few default lookups at the end")
-    ap.add_argument("--flat", action="store_true",
-                    help="also time flat_lookup (every key probed in place) beside ps.lookup")
     ap.add_argument("--admissions", default="none",
                     help="GPU cache admission policies to run (comma list: none,tinylfu)")
     ap.add_argument("--budget-s", type=float, default=420.0,
