@@ -38,6 +38,7 @@ __all__ = [
     "TableSpec",
     "TieredTable",
     "check_keys",
+    "close_all",
     "ensure_parameter_server",
     "get_parameter_server",
     "init",
@@ -418,53 +419,92 @@ class ParameterServer:
 
 
 # ----------------------------------------------------------------------------------------------
-# the process-wide parameter server
+# the process's parameter servers for the Keras layers: a default one, and a registry by config
+#
+# `init` and `Init` set the default (HPS's semantics: `init` again closes the old default and
+# installs the new one; `Init` and the layers' lazy init are call-once). A layer that names a
+# `ps_config_file` reads the server of that config from the registry (the default when it was
+# loaded from that config), created on first use. The model server uses none of this: it holds
+# explicit `ParameterServer` objects.
 
 _lock = threading.RLock()
-_current: ParameterServer | None = None
+_default: ParameterServer | None = None
+_by_config: dict[PSConfig, ParameterServer] = {}
+_by_file: dict[str, ParameterServer] = {}  # absolute ps_config_file -> its server (a cache)
+
+
+def _server_for_file(ps_config_file: str | os.PathLike) -> tuple[ParameterServer, bool]:
+    """(the registry's server for this config file, whether it was created now); under
+    `_lock`."""
+    path = os.path.abspath(os.fspath(ps_config_file))
+    ps = _by_file.get(path)
+    if ps is not None and not ps.closed:
+        return ps, False
+    config = load_config(path)
+    ps = _by_config.get(config)
+    created = ps is None or ps.closed
+    if created:
+        ps = _by_config[config] = ParameterServer(config)
+    _by_file[path] = ps
+    return ps, created
+
+
+def _forget(ps: ParameterServer) -> None:
+    """Drop every registry entry of `ps`; under `_lock`."""
+    for table in (_by_config, _by_file):
+        for key in [k for k, v in table.items() if v is ps]:
+            del table[key]
 
 
 def init(config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> ParameterServer:
-    """Load `config` (hps.json path or dict), install it as the process's parameter server and
-    return it. A previous server is closed after the new one loads."""
-    global _current
+    """Load `config` (hps.json path or dict), install it as the process's default parameter
+    server and return it. The previous default (and a previous server of the same config) is
+    closed after the new one loads."""
+    global _default
+    new = ParameterServer(config)
     with _lock:
-        new = ParameterServer(config)
-        old, _current = _current, new
-    if old is not None:
-        old.close()
+        old = [ps for ps in (_default, _by_config.get(new.config)) if ps is not None]
+        for ps in old:
+            _forget(ps)
+        _default = _by_config[new.config] = new
+        if new.config.source:
+            _by_file[new.config.source] = new
+    for ps in {id(p): p for p in old}.values():
+        ps.close()
     return new
 
 
 def Init(*, global_batch_size: int, ps_config_file: str | os.PathLike) -> str:  # noqa: N802
-    """HPS's `hps.Init`: initialise once from `ps_config_file`; later calls do nothing.
-    Returns "OK". Unlike HPS, a `global_batch_size` above a model's `max_batch_size` is an
-    error, not a log line."""
-    global _current
+    """HPS's `hps.Init`: initialise the default parameter server once from `ps_config_file`;
+    later calls do nothing. Returns "OK". Unlike HPS, a `global_batch_size` above a model's
+    `max_batch_size` is an error, not a log line."""
+    global _default
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) \
             or global_batch_size < 1:
         raise ConfigError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
     with _lock:
-        if _current is not None:
-            src = _current.config.source
+        if _default is not None:
+            src = _default.config.source
             if src and os.path.abspath(os.fspath(ps_config_file)) != src:
                 warnings.warn(f"keras_hps.Init: a parameter server from {src} is already "
                               f"running; {ps_config_file} is ignored (call-once)", stacklevel=2)
             return "OK"
-        ps = ParameterServer(ps_config_file)
+        ps, created = _server_for_file(ps_config_file)
         for m in ps.config.models:
             if global_batch_size > m.max_batch_size:
-                ps.close()
+                if created:
+                    _forget(ps)
+                    ps.close()
                 raise ConfigError(
                     f"{ps.config.source}: models ({m.model}).max_batch_size: "
                     f"{m.max_batch_size} is below global_batch_size={global_batch_size}")
-        _current = ps
+        _default = ps
     return "OK"
 
 
 def get_parameter_server() -> ParameterServer:
-    """The current parameter server; RuntimeError if none was initialised."""
-    ps = _current
+    """The default parameter server; RuntimeError if none was initialised."""
+    ps = _default
     if ps is None:
         raise RuntimeError("no parameter server: call keras_hps.init('hps.json') "
                            "(or keras_hps.Init(global_batch_size=..., ps_config_file=...)) first")
@@ -472,17 +512,36 @@ def get_parameter_server() -> ParameterServer:
 
 
 def ensure_parameter_server(ps_config_file: str | os.PathLike | None = None) -> ParameterServer:
-    """The current parameter server, else one initialised once (thread-safely) from
-    `ps_config_file`; RuntimeError when there is neither."""
-    global _current
-    ps = _current
-    if ps is not None:
+    """The parameter server a layer reads: without `ps_config_file` the default one
+    (RuntimeError when there is none); with it, the registry's server for that config,
+    initialised once (thread-safely) on first use, and made the default if there is none."""
+    global _default
+    if ps_config_file is None:
+        ps = _default
+        if ps is None:
+            raise RuntimeError(
+                "no parameter server: call keras_hps.init('hps.json') first, or pass "
+                "ps_config_file=... to the layer")
+        return ps
+    ps = _by_file.get(os.path.abspath(os.fspath(ps_config_file)))
+    if ps is not None and not ps.closed:
         return ps
     with _lock:
-        if _current is None:
-            if not ps_config_file:
-                raise RuntimeError(
-                    "no parameter server: call keras_hps.init('hps.json') first, or pass "
-                    "ps_config_file=... to the layer")
-            _current = ParameterServer(ps_config_file)
-        return _current
+        ps, _created = _server_for_file(ps_config_file)
+        if _default is None:
+            _default = ps
+        return ps
+
+
+def close_all() -> None:
+    """Close the default parameter server and every other one the registry holds (tests,
+    notebooks)."""
+    global _default
+    with _lock:
+        servers = {id(p): p for p in (_default, *_by_config.values(), *_by_file.values())
+                   if p is not None}
+        _default = None
+        _by_config.clear()
+        _by_file.clear()
+    for ps in servers.values():
+        ps.close()

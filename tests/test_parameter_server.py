@@ -205,15 +205,9 @@ def test_eight_threads_get_exact_results(server, tables):
 @pytest.fixture
 def no_global_server():
     """Each test starts and ends without a process-wide parameter server."""
-    def reset() -> None:
-        with psm._lock:
-            if psm._current is not None:
-                psm._current.close()
-            psm._current = None
-
-    reset()
+    psm.close_all()
     yield
-    reset()
+    psm.close_all()
 
 
 def test_init_replaces_and_closes_the_previous_server(tables, tmp_path, no_global_server):
