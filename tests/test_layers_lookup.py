@@ -272,3 +272,18 @@ def test_emb_vec_dtype_casts_the_vectors(tables, ps):
     assert layer(keras.Input((2,), dtype="int64")).dtype == "float16"
     with pytest.raises(ConfigError, match="float dtype"):
         LookupLayer("ranker", 1, DIMS[1], emb_vec_dtype="int32")
+
+
+def test_layer_naming_a_config_reads_that_configs_tables(tables, ps, tmp_path):
+    """The default server holds one version of the tables; a layer naming another config
+    file reads that config's tables (the registry by config), the others the default's."""
+    rng = np.random.default_rng(19)
+    dense, keys, vectors = random_table(rng, VOCAB[0], DIMS[0], drop=10)
+    other = write_config(tmp_path / "other", "ranker", [(keys, vectors)], [9.0], [SLOTS],
+                         MAX_BATCH)
+    ids = np.random.default_rng(20).integers(0, VOCAB[0], size=(6, SLOTS))
+    mine = LookupLayer("ranker", 0, DIMS[0], ps_config_file=str(other))
+    default = LookupLayer("ranker", 0, DIMS[0])
+    np.testing.assert_array_equal(mine(ids).numpy(), with_defaults(dense, keys, 9.0)[ids])
+    np.testing.assert_array_equal(default(ids).numpy(), tables["served"][0][ids])
+    assert keras_hps.get_parameter_server() is ps
