@@ -21,7 +21,7 @@ import torch
 
 from keras_hps.errors import InvalidInputError
 from keras_hps.triton_kernels.cache_admission import new_sketch, sketch_add, sketch_width_log2
-from keras_hps.triton_kernels.cache_fused_query import PooledTables, fused_cache_query
+from keras_hps.triton_kernels.cache_fused_query import PooledCacheArrays, fused_cache_query
 from keras_hps.triton_kernels.cache_insert import cache_insert
 from keras_hps.triton_kernels.cache_layout import (
     KEY_DTYPES,
@@ -349,7 +349,7 @@ class GpuCacheGroup:
         def dev64(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
-        self._pooled = PooledTables(
+        self._pooled = PooledCacheArrays(
             keys=pool.keys, scores=pool.scores, marks=pool.marks, vectors=vectors,
             set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
             dims=dev64(dims), dims_host=tuple(dims), empty=empty_key(key_dtype))

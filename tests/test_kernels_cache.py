@@ -20,7 +20,7 @@ from keras_hps.triton_kernels.cache_admission import (  # noqa: E402
     sketch_add,
 )
 from keras_hps.triton_kernels.cache_fused_query import (  # noqa: E402
-    PooledTables,
+    PooledCacheArrays,
     fused_cache_query,
     np_fused_cache_query,
 )
@@ -330,7 +330,7 @@ def _pool(tables, key_dtype):
     def d64(x):
         return torch.tensor(x, dtype=torch.int64, device=DEVICE)
 
-    pooled = PooledTables(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
+    pooled = PooledCacheArrays(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
                           d64(vbases), d64(dims), tuple(dims), empty_key(key_dtype))
     return pooled, per
 

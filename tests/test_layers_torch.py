@@ -137,7 +137,7 @@ def test_sparse_layer_padded_and_offsets(table, ps, device, combiner, triton, mo
 
     if device == "cpu":  # CPU tensors reach the Triton kernel only through its interpreter
         if triton and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton kernels are compiled here; CPU tensors use torch ops")
+            pytest.skip("Triton kernels are compiled here; CPU tensors use keras.ops segment sums")
         monkeypatch.setenv("TRITON_INTERPRET", "1" if triton else "0")
     elif not triton:
         pytest.skip("CUDA tensors always use the Triton kernel")
@@ -209,3 +209,32 @@ def test_fused_layer_equals_lookup_layers(table, ps):
         ref = np.where(known.numpy()[..., None], table["served"][i.clamp(0, VOCAB - 1).numpy()],
                        np.float32(DEFAULT))
         np.testing.assert_array_equal(g.cpu().numpy(), ref)
+
+
+@torch_only
+@pytest.mark.parametrize("device", devices())
+def test_combiner_paths_equal_the_reference(device):
+    """`keras_hps.combiner` under torch: its keras.ops segment sums and the Triton kernel
+    (CSR offsets; CUDA, or the interpreter) against the NumPy reference."""
+    import torch
+
+    from keras_hps.combiner import COMBINERS, combine, combine_segments
+    from keras_hps.triton_kernels.combiners import np_combine_bags
+
+    rng = np.random.default_rng()
+    lengths = rng.integers(0, 5, 11)
+    lengths[3] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    vectors = rng.standard_normal((offsets[-1], 5)).astype(np.float32)
+    weights = rng.random(offsets[-1]).astype(np.float32)
+    segments = np.repeat(np.arange(11), lengths)
+    t = {k: torch.from_numpy(v).to(device) for k, v in
+         (("v", vectors), ("s", segments), ("o", offsets), ("w", weights))}
+    for combiner in COMBINERS:
+        for w in (None, weights):
+            want = np_combine_bags(vectors, offsets, w, combiner)
+            tw = None if w is None else t["w"]
+            for got in (combine_segments(t["v"], t["s"], 11, combiner, tw),
+                        combine(t["v"], t["s"], 11, combiner, tw, t["o"])):
+                assert got.device.type == torch.device(device).type
+                np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-6)

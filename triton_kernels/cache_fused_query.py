@@ -31,7 +31,7 @@ from .launch import launch_config
 
 
 @dataclass
-class PooledTables:
+class PooledCacheArrays:
     """Pooled arrays of several caches plus the per-table parameter vectors (int64, device)."""
 
     keys: torch.Tensor  # int64 [slots]
@@ -92,7 +92,7 @@ def _fused_query_kernel(
 
 
 def fused_cache_query(
-    pooled: PooledTables,
+    pooled: PooledCacheArrays,
     keys: torch.Tensor,
     key_offsets: list[int],
     *,

@@ -100,7 +100,7 @@ def check_layer_args(layer: str, model_name: Any, table_ids: Sequence[Any],
     return dtype
 
 
-class _TableBindings:
+class _Binding:
     """The parameter-server side of a layer: its config file, tables and expected sizes, and
     the (server, specs) it is bound to, rebound once that server is closed."""
 
@@ -152,8 +152,8 @@ class _TableBindings:
             return False
         return True
 
-    def __deepcopy__(self, memo: dict) -> _TableBindings:  # a copied layer binds anew
-        return _TableBindings(self.ps_config_file, self.model_name, list(self.table_ids),
+    def __deepcopy__(self, memo: dict) -> _Binding:  # a copied layer binds anew
+        return _Binding(self.ps_config_file, self.model_name, list(self.table_ids),
                               list(self.emb_vec_sizes), self.global_batch_size)
 
 
@@ -169,7 +169,7 @@ class _ServedLayer(keras.layers.Layer):
         self.global_batch_size = global_batch_size
         # Lookups cross into Python (TF) or call Triton from Python (torch): no XLA.
         self.supports_jit = False
-        self._tables = _TableBindings(self.ps_config_file, model_name, table_ids,
+        self._tables = _Binding(self.ps_config_file, model_name, table_ids,
                                       emb_vec_sizes, global_batch_size)
 
     def _where(self) -> str:
