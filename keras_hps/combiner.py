@@ -22,7 +22,7 @@ from typing import Any
 
 import keras
 
-__all__ = ["COMBINERS", "combine", "combine_segments"]
+__all__ = ["COMBINERS", "combine"]
 
 COMBINERS = ("sum", "mean", "sqrtn")
 
@@ -40,23 +40,23 @@ def combine(vectors: Any, segments: Any, num_bags: Any, combiner: str,
 
     ``segments [nnz]`` is the bag of each row; ``weights [nnz]`` optional per-row weights;
     ``offsets [num_bags + 1]`` (optional, torch backend) the same bags in CSR form, rows
-    sorted by bag, which lets the Triton kernel run."""
+    sorted by bag, which lets the Triton kernel run; without them, or where the kernel does
+    not pay, `keras.ops` segment sums run."""
     if combiner not in COMBINERS:
         raise ValueError(f"combiner must be one of {COMBINERS}, got {combiner!r}")
     if not _TORCH:
-        return combine_segments(vectors, segments, num_bags, combiner, weights)
+        return _combine_segments(vectors, segments, num_bags, combiner, weights)
     if offsets is not None and _triton_pays(vectors):
         from keras_hps.triton_kernels.combiners import combine_bags
 
         w = None if weights is None else weights.float()
         return combine_bags(vectors.float(), offsets, w, combiner, validate=False)
     with keras.device(str(vectors.device)):  # torch's segment sums allocate on Keras's device
-        return combine_segments(vectors, segments, num_bags, combiner, weights)
+        return _combine_segments(vectors, segments, num_bags, combiner, weights)
 
 
-def combine_segments(vectors: Any, segments: Any, num_bags: Any, combiner: str,
-                     weights: Any = None) -> Any:
-    """`combine` in `keras.ops` segment sums, on any backend."""
+def _combine_segments(vectors: Any, segments: Any, num_bags: Any, combiner: str,
+                      weights: Any = None) -> Any:
     ops = keras.ops
     if isinstance(num_bags, int) and num_bags == 0:  # (torch's segment_sum needs a bag)
         return ops.zeros((0, vectors.shape[1]), "float32")

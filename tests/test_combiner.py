@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from keras_hps.combiner import COMBINERS, combine, combine_segments  # noqa: E402
+from keras_hps.combiner import COMBINERS, combine  # noqa: E402
 from keras_hps.triton_kernels.combiners import np_combine_bags  # noqa: E402
 
 
@@ -30,9 +30,8 @@ def test_matches_reference(combiner, weighted):
     vectors, segments, offsets, weights = random_bags(rng)
     w = weights if weighted else None
     want = np_combine_bags(vectors, offsets, w, combiner)
-    for fn in (combine, combine_segments):
-        got = fn(vectors, segments, len(offsets) - 1, combiner, w)
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), want, rtol=1e-5, atol=1e-6)
+    got = combine(vectors, segments, len(offsets) - 1, combiner, w)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_combiner():

@@ -214,11 +214,11 @@ def test_fused_layer_equals_lookup_layers(table, ps):
 @torch_only
 @pytest.mark.parametrize("device", devices())
 def test_combiner_paths_equal_the_reference(device):
-    """`keras_hps.combiner` under torch: its keras.ops segment sums and the Triton kernel
-    (CSR offsets; CUDA, or the interpreter) against the NumPy reference."""
+    """`keras_hps.combiner` under torch: its keras.ops segment sums (no offsets) and the
+    Triton kernel (CSR offsets; CUDA, or the interpreter) against the NumPy reference."""
     import torch
 
-    from keras_hps.combiner import COMBINERS, combine, combine_segments
+    from keras_hps.combiner import COMBINERS, combine
     from keras_hps.triton_kernels.combiners import np_combine_bags
 
     rng = np.random.default_rng()
@@ -234,7 +234,7 @@ def test_combiner_paths_equal_the_reference(device):
         for w in (None, weights):
             want = np_combine_bags(vectors, offsets, w, combiner)
             tw = None if w is None else t["w"]
-            for got in (combine_segments(t["v"], t["s"], 11, combiner, tw),
+            for got in (combine(t["v"], t["s"], 11, combiner, tw),
                         combine(t["v"], t["s"], 11, combiner, tw, t["o"])):
                 assert got.device.type == torch.device(device).type
                 np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-6)

@@ -22,9 +22,8 @@ from .cache_layout import (
     check_keys,
     copy_rows,
     empty_key,
+    find_slots,
     np_set_index,
-    probe,
-    set_index,
     touch,
 )
 from .launch import launch_config
@@ -38,14 +37,8 @@ def _cache_query_kernel(
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
     ROW_EVICT: tl.constexpr, MARK_CHECK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = offs < n
-    k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s = set_index(k, num_sets)
-    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
-    hit = j >= 0
-    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    offs, m, hit, slot = find_slots(keys_ptr, n, cache_keys_ptr, num_sets, empty, BLOCK_K,
+                                    SLOTS)
     if TOUCH:
         touch(marks_ptr, scores_ptr, slot, hit, LFU, MARK_CHECK)
     copy_rows(vec_ptr, slot, hit, out_ptr, offs, m, DIM, BLOCK_D, ROW_EVICT)

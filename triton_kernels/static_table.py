@@ -86,6 +86,17 @@ def _probe(
 
 
 @triton.jit
+def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY: tl.constexpr,
+               BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
+    return offs, kmask, _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY,
+                               BLOCK_K, W)
+
+
+@triton.jit
 def _static_query_kernel(
     keys_ptr,
     n,
@@ -108,10 +119,8 @@ def _static_query_kernel(
     W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs < n
-    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
+                                  BLOCK_K, W)
     hit = row >= 0
     _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
                      DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
@@ -175,10 +184,8 @@ def _static_find_kernel(
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs < n
-    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
+                                  BLOCK_K, W)
     tl.store(rows_ptr + offs, row, mask=kmask)
 
 
