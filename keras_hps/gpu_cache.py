@@ -242,9 +242,11 @@ class GpuEmbeddingCache:
         Missed keys get zero rows. Hits mark the slot as recently used (LRU) or count one
         more use (LFU) unless ``touch=False``. ``validate=False`` skips the key-value checks
         (the sentinel, int32 range), which read the keys back to the host; pass it only for
-        keys already checked.
+        keys already checked (a wrong dtype or device then raises ValueError).
         """
-        keys = _checked_keys(keys, self, validate=validate)
+        # Unvalidated keys (the GPU tier's, flat int64 on the device) go straight to the
+        # kernel's wrapper, which checks their dtype and device.
+        keys = _checked_keys(keys, self) if validate else keys.reshape(-1)
         with self.ordered():
             out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
                                    counters=self._counters, validate=False)

@@ -52,7 +52,6 @@ __all__ = [
     "cache_slots",
     "gpu_tier_devices",
     "gpu_tier_setting",
-    "serialize_interpreted_launches",
 ]
 
 ENV_VAR = "KERAS_HPS_GPU_TIER"
@@ -68,38 +67,13 @@ def gpu_tier_setting() -> str:
     return value
 
 
-def serialize_interpreted_launches() -> None:
-    """Under ``TRITON_INTERPRET=1``, make every kernel launch take one process-wide lock.
-
-    Triton's interpreter rebinds ``triton.language`` module-wide for each launch and restores
-    it afterwards, so two threads launching at once break each other's kernels ("Did you
-    forget to add @triton.jit ?"). The GPU tier launches from a background insert thread and
-    from serving threads, so interpreted runs (``KERAS_HPS_GPU_TIER=interpret``, the tests)
-    need launches one at a time. Compiled kernels are unaffected. Idempotent.
-    """
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("1", "true", "True"):
-        return
-    from triton.runtime import interpreter
-
-    executor = interpreter.GridExecutor
-    if getattr(executor.__call__, "_serialized", False):
-        return
-    launch = executor.__call__
-    lock = threading.RLock()
-
-    def serialized(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with lock:
-            return launch(self, *args, **kwargs)
-
-    serialized._serialized = True  # type: ignore[attr-defined]
-    executor.__call__ = serialized
-
-
 def _enable_interpreter() -> None:
     """Make the Triton kernels run interpreted; they must not have been imported compiled."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ["TRITON_INTERPRET"] not in ("1", "true", "True"):
         raise ConfigError(f"{ENV_VAR}=interpret needs TRITON_INTERPRET=1 (it is set to 0)")
+    from keras_hps.triton_interpreter import serialize_interpreted_launches
+
     serialize_interpreted_launches()
     mod = sys.modules.get("keras_hps.triton_kernels.static_table")
     if mod is not None:

@@ -299,7 +299,7 @@ class ParameterServer:
     def __init__(self, config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> None:
         self.config = load_config(config)
         self._tables: dict[tuple[str, int], TieredTable] = {}
-        self._closed = False
+        self.closed = False  # True once `close` ran
         try:
             for m in self.config.models:
                 for t in range(m.num_tables):
@@ -365,7 +365,7 @@ class ParameterServer:
     def table(self, model: str, table_id: int) -> TieredTable:
         """The table serving (model, table id): NotFoundError when the config has none,
         RuntimeError once this server is closed."""
-        if self._closed:
+        if self.closed:
             raise RuntimeError("this parameter server is closed (keras_hps.init replaced it?)")
         table = self._tables.get((model, table_id)) if type(table_id) is int else None
         if table is None:
@@ -400,14 +400,9 @@ class ParameterServer:
             self.config.model(model)
         return out
 
-    @property
-    def closed(self) -> bool:
-        """True once `close` ran."""
-        return self._closed
-
     def close(self) -> None:
         """Release every table; later lookups raise RuntimeError."""
-        self._closed = True
+        self.closed = True
         for table in self._tables.values():
             table.close()
 

@@ -22,6 +22,6 @@ def _interpreted_launches_one_at_a_time():
             import triton  # noqa: F401
         except ImportError:
             return
-        from keras_hps.gpu_tier import serialize_interpreted_launches
+        from keras_hps.triton_interpreter import serialize_interpreted_launches
 
         serialize_interpreted_launches()

@@ -55,7 +55,7 @@ PACKAGES = {"keras_hps": "keras_hps", "triton_kernels": "keras_hps.triton_kernel
 # never from one above. Patterns (fnmatch) over module names; every module must match one.
 LAYERS = [
     ("kernels", ["keras_hps.triton_kernels", "keras_hps.triton_kernels.*"]),
-    ("errors", ["keras_hps.errors", "keras_hps._lazy"]),
+    ("errors", ["keras_hps.errors", "keras_hps._lazy", "keras_hps.triton_interpreter"]),
     ("formats and buffers", ["keras_hps.formats*", "keras_hps.output_buffers",
                              "keras_hps.host_tier"]),
     ("config, tiers, device owners", ["keras_hps.config*", "keras_hps.cold_tier",

@@ -238,3 +238,39 @@ def test_combiner_paths_equal_the_reference(device):
                         combine(t["v"], t["s"], 11, combiner, tw, t["o"])):
                 assert got.device.type == torch.device(device).type
                 np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@torch_only
+@pytest.mark.parametrize("device", devices())
+def test_one_gpu_lookup_crosses_seven_modules_at_most(table, device, monkeypatch):
+    """docs/architecture.md's GPU lookup, followed through the code: from LookupLayer.call to
+    the Triton kernels and back, at most 7 modules, never a call back up into one it left.
+    Without CUDA the GPU tier runs through the interpreter (and gathers back to input order
+    with torch indexing, not the Triton gather)."""
+    import torch
+    from lookup_trace import Trace
+
+    import keras_hps
+    from keras_hps.layers import LookupLayer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    ps = keras_hps.init(str(table["config"]))
+    layer = LookupLayer("tt", 0, DIM)
+    ids = torch.as_tensor(np.random.default_rng().choice(VOCAB, 6, replace=False).reshape(2, 3),
+                          device=device)
+    layer(ids)  # binds the table; the six keys enter the GPU cache (8-slot sets: all fit)
+    before = ps.stats("tt", 0)["gpu"]
+    trace = Trace()
+    out = trace.run(layer, ids)
+    after = ps.stats("tt", 0)["gpu"]
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (6, 0)
+    np.testing.assert_array_equal(out.cpu().numpy(), table["served"][ids.cpu().numpy()])
+    want = ["keras_hps.layers.base_layer", "keras_hps.layers.torch_backend",
+            "keras_hps.parameter_server", "keras_hps.gpu_tier", "keras_hps.gpu_cache",
+            "keras_hps.triton_kernels.cache_query"]
+    if cuda:
+        want.append("keras_hps.triton_kernels.gather")
+    assert trace.modules == want and len(want) <= 7
+    assert not trace.callbacks
