@@ -42,6 +42,11 @@ _HITS, _MISSES, _INSERTIONS, _EVICTIONS, _REJECTED = range(5)
 ADMISSIONS = ("none", "tinylfu")
 
 
+def _counter_property(index: int, doc: str) -> property:
+    """A read-only property: the cache's device counter `index`, read under its lock."""
+    return property(lambda self: self._counter(index), doc=doc)
+
+
 class _Shared:
     """Lock, LRU clock (ticked by inserts) and stream shared by the caches of one group."""
 
@@ -170,30 +175,12 @@ class GpuEmbeddingCache:
         with self.ordered():
             return int(self._counters[i])
 
-    @property
-    def hits(self) -> int:
-        """Query keys found, since creation or :meth:`reset_counters`."""
-        return self._counter(_HITS)
-
-    @property
-    def misses(self) -> int:
-        """Query keys not found."""
-        return self._counter(_MISSES)
-
-    @property
-    def insertions(self) -> int:
-        """Keys newly placed by :meth:`insert` (updates in place not counted)."""
-        return self._counter(_INSERTIONS)
-
-    @property
-    def evictions(self) -> int:
-        """Resident keys replaced by :meth:`insert`."""
-        return self._counter(_EVICTIONS)
-
-    @property
-    def rejected(self) -> int:
-        """New keys that TinyLFU admission kept out of the cache."""
-        return self._counter(_REJECTED)
+    hits = _counter_property(_HITS, "Query keys found, since creation or `reset_counters`.")
+    misses = _counter_property(_MISSES, "Query keys not found.")
+    insertions = _counter_property(
+        _INSERTIONS, "Keys newly placed by `insert` (updates in place not counted).")
+    evictions = _counter_property(_EVICTIONS, "Resident keys replaced by `insert`.")
+    rejected = _counter_property(_REJECTED, "New keys that TinyLFU admission kept out.")
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy in one read."""
