@@ -28,7 +28,7 @@ from triton.testing import do_bench
 from keras_hps.gpu_cache import GpuCacheGroup, GpuEmbeddingCache
 from keras_hps.triton_kernels.cache_insert import cache_insert, sort_by_set
 from keras_hps.triton_kernels.cache_query import cache_query
-from keras_hps.triton_kernels.gather import gather_rows
+from keras_hps.triton_kernels.gather import gather
 
 CRITEO_FL15 = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828,
                11, 2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
@@ -110,7 +110,7 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
     # Correctness at full size: all hit, rows equal the gathered rows exactly.
     for keys, slots in batches[:2]:
         out, hit = cache_query(cache.arrays, keys, validate=True)
-        ref = gather_rows(table, slots)
+        ref = gather(table, slots)
         assert bool(hit.all()), "resident keys missed"
         assert torch.equal(out, ref), "query rows differ from the gathered rows"
         assert torch.equal(ref, table.index_select(0, slots))
@@ -137,8 +137,8 @@ def query_section(dim: int, cap: int, n: int, bw: float, sweep: bool, gen: torch
                                                         else (16, 32, 64)) for nw in (4, 8)]
     if not sweep:
         base = [{}]
-    g = best(lambda c: lambda i: gather_rows(table, batches[i][1], **c), base)
-    g += best(lambda c: lambda i: gather_rows(table, batches[i][1], **c),
+    g = best(lambda c: lambda i: gather(table, batches[i][1], **c), base)
+    g += best(lambda c: lambda i: gather(table, batches[i][1], **c),
               [dict(g[0][1], row_evict="evict_first")])
     g.sort(key=lambda r: r[0])
     q = best(lambda c: lambda i: cache_query(cache.arrays, batches[i][0],
@@ -306,7 +306,7 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t],
                                        validate=False, **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
-    dg = bench(lambda i: gather_rows(dense, dense_idx[i]), R)
+    dg = bench(lambda i: gather(dense, dense_idx[i]), R)
     fnt = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, touch=False, **qcfg), R)
     flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
                  R)
@@ -316,7 +316,7 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     for t in range(nt):
         tq = bench(lambda i, t=t: cache_query(group[t].arrays, rot[i][t], touch=False,
                                               validate=False, **qcfg), R)
-        tg = bench(lambda i, t=t: gather_rows(dense, rot[i][t] + dbase[t]), R)
+        tg = bench(lambda i, t=t: gather(dense, rot[i][t] + dbase[t]), R)
         per_t.append((tq, tg, t))
     per_t.sort(reverse=True)
     log("  slowest tables (query ms, dense gather ms, rows): " + ", ".join(

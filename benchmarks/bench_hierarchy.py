@@ -89,8 +89,8 @@ def section_bw(dev, small: bool) -> dict:
 def section_static(dev, small: bool, dims=(128, 16)) -> None:
     import torch
 
-    from keras_hps.triton_kernels.gather import gather_rows
-    from keras_hps.triton_kernels.static_table import StaticTable
+    from keras_hps.gpu_static_table import GpuStaticTable
+    from keras_hps.triton_kernels.gather import gather
 
     rows = 20_000 if small else 64_000_000
     nq = 4096 if small else 1 << 20
@@ -99,7 +99,7 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
         keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
         vals = torch.randn(r, dim, device=dev)
         t0 = time.perf_counter()
-        table = StaticTable(keys, vals, device=dev)
+        table = GpuStaticTable(keys, vals, device=dev)
         sync(dev)
         build_s = time.perf_counter() - t0
         rows_q = torch.randperm(r, device=dev)[:nq]  # unique rows, far beyond L2
@@ -109,7 +109,7 @@ def section_static(dev, small: bool, dims=(128, 16)) -> None:
         ok = bool(hit.all()) and torch.equal(out, vals[rows_q])
         t_static = bench(lambda t=table, k=q: t.query(k), dev)
         t_static_miss = bench(lambda t=table, k=qmiss: t.query(k), dev)
-        t_gather = bench(lambda v=vals, r=rows_q: gather_rows(v, r), dev)
+        t_gather = bench(lambda v=vals, r=rows_q: gather(v, r), dev)
         t_isel = bench(lambda v=vals, r=rows_q: torch.index_select(v, 0, r), dev)
         log(section="static", rows=r, dim=dim, keys=nq, correct=ok, build_s=build_s,
             slots=table.index.slots, probe_windows=table.index.n_windows,
@@ -128,14 +128,14 @@ def section_uvm(dev, small: bool) -> None:
     """UVM table query (all rows in pinned host memory) over a sweep of launch configs."""
     import torch
 
-    from keras_hps.triton_kernels.static_table import StaticTable, pinned_empty
+    from keras_hps.gpu_static_table import GpuStaticTable, pinned_empty
 
     r, dim = (20_000, 128) if small else (16_000_000, 128)
     nq = 4096 if small else 1 << 20
     keys = torch.randperm(r, device=dev, dtype=torch.int64) * 3 + 1
     hv = pinned_empty((r, dim))
     hv.copy_(torch.randn(r, dim, device=dev))
-    table = StaticTable(keys, hv, device=dev, n_device=0)
+    table = GpuStaticTable(keys, hv, device=dev, n_device=0)
     rows_q = torch.randperm(r, device=dev)[:nq]
     q = keys[rows_q]
     out, hit = table.query(q)
@@ -154,9 +154,9 @@ def section_uvm(dev, small: bool) -> None:
     table.launch = dict(UVM_LAUNCH)
     table.zero_copy_share = 0.0
     # The same rows through the copy engine: host threads gather them into pinned staging.
-    out, hit = table.fetch(q)
+    out, hit = table.query(q, host_read="copy")
     ok_copy = bool(hit.all()) and torch.equal(out.cpu(), hv[rows_q.cpu()])
-    t_copy = bench(lambda t=table, k=q: t.fetch(k), dev, reps=10)
+    t_copy = bench(lambda t=table, k=q: t.query(k, host_read="copy"), dev, reps=10)
     t_kernel = bench(lambda t=table, k=q: t.query(k), dev, reps=10)
     idx = rows_q.cpu()
     stage = torch.empty((nq, dim), pin_memory=dev.type == "cuda")
@@ -171,9 +171,10 @@ def section_uvm(dev, small: bool) -> None:
     for share in (0.0, 0.2, 0.3, 0.4):
         for chunk_mb in (2, 8):
             table.zero_copy_share, table.copy_chunk_bytes = share, chunk_mb << 20
-            o2, h2 = table.fetch(qm)
+            o2, h2 = table.query(qm, host_read="copy")
             assert bool(h2.all()) and torch.equal(o2, ref_m), "fetch differs from query"
-            split[(share, chunk_mb)] = bench(lambda t=table, k=qm: t.fetch(k), dev, reps=20)
+            split[(share, chunk_mb)] = bench(
+                lambda t=table, k=qm: t.query(k, host_read="copy"), dev, reps=20)
     t_zc_m = bench(lambda t=table, k=qm: t.query(k), dev, reps=20)
     best_share, best_chunk = min(split, key=split.get)
     table.zero_copy_share, table.copy_chunk_bytes = 0.0, 8 << 20
@@ -184,14 +185,15 @@ def section_uvm(dev, small: bool) -> None:
     # The same table without transparent huge pages.
     hv4k = pinned_empty((r, dim), huge_pages=False)
     hv4k.copy_(hv)
-    t4k = StaticTable(keys, hv4k, device=dev, n_device=0)
+    t4k = GpuStaticTable(keys, hv4k, device=dev, n_device=0)
     t4k.launch = dict(UVM_LAUNCH)
     t4k.zero_copy_share = 0.0
     log(section="uvm_huge_pages", keys=nm,
         zero_copy_ms_huge=t_zc_m * 1e3,
         zero_copy_ms_4k=bench(lambda t=t4k, k=qm: t.query(k), dev, reps=20) * 1e3,
         fetch_copy_ms_huge=split[(0.0, 8)] * 1e3,
-        fetch_copy_ms_4k=bench(lambda t=t4k, k=qm: t.fetch(k), dev, reps=20) * 1e3)
+        fetch_copy_ms_4k=bench(lambda t=t4k, k=qm: t.query(k, host_read="copy"), dev,
+                               reps=20) * 1e3)
     del t4k, hv4k
     log(section="uvm_copy_engine", rows=r, dim=dim, keys=nq, correct=ok_copy,
         torch_threads=torch.get_num_threads(), fetch_copy_ms=t_copy * 1e3,
@@ -273,7 +275,7 @@ def breakdown(tier, keys, dev) -> None:
     """Device time of each step of one uvm lookup (each step synchronised: an upper bound)."""
     import torch
 
-    from keras_hps.triton_kernels.gather import gather_rows
+    from keras_hps.triton_kernels.gather import gather
 
     rep = tier._replicas[0]
     steps = {}
@@ -293,37 +295,15 @@ def breakdown(tier, keys, dev) -> None:
     step("uvm_query_zero_copy", lambda: rep.table.query(mkeys))
     share = rep.table.zero_copy_share
     rep.table.zero_copy_share = 0.0
-    step("uvm_fetch_copy_engine", lambda: rep.table.fetch(mkeys))
+    step("uvm_fetch_copy_engine", lambda: rep.table.query(mkeys, host_read="copy"))
     rep.table.zero_copy_share = UVM_SHARE[0]
-    mv, _ = step("uvm_fetch_split", lambda: rep.table.fetch(mkeys))
+    mv, _ = step("uvm_fetch_split", lambda: rep.table.query(mkeys, host_read="copy"))
     rep.table.zero_copy_share = share
     step("scatter_misses", lambda: vals.index_copy_(0, midx, mv))
     step("cache_insert", lambda: rep.cache.insert(mkeys, mv, validate=False))
-    step("gather_to_input_order", lambda: gather_rows(vals, inv))
+    step("gather_to_input_order", lambda: gather(vals, inv))
     log(section="hierarchy_breakdown", keys=keys.numel(), unique=ukeys.numel(),
         misses=mkeys.numel(), miss_MB_over_bus=mkeys.numel() * 4 * tier.dim / 1e6, **steps)
-
-
-def flat_lookup(tier, keys):
-    """An alternative lookup path, timed beside ``ps.lookup`` (``--flat``): every key probed
-    where it stands (no unique step, no gather back to input order); only the misses made
-    unique, resolved, scattered to their places and inserted. Counts only the misses."""
-    import torch
-
-    from keras_hps.triton_kernels.gather import gather_rows
-
-    rep = tier._replica_for(keys.device)
-    flat = keys.reshape(-1)
-    generation = tier._generation
-    vals, hit = rep.cache.query(flat, validate=False)
-    mpos = torch.nonzero(~hit).reshape(-1)
-    if mpos.numel():
-        mkeys, inv = torch.unique(flat[mpos], return_inverse=True)
-        mvals, uvm_hits, fetched = tier._resolve(rep, mkeys)
-        vals[mpos] = gather_rows(mvals, inv) if keys.is_cuda else mvals[inv]
-        tier._insert(rep, mkeys, mvals, 1.0 - mpos.numel() / flat.numel(), generation)
-        tier._count(0, mkeys.numel(), uvm_hits, fetched)
-    return vals
 
 
 def profile(ps, batches, dev) -> None:
@@ -344,16 +324,12 @@ def profile(ps, batches, dev) -> None:
         top_device_us={e.key[:60]: round(e.device_time_total / len(batches), 1) for e in rows})
 
 
-def timed_lookup(ps, tier, keys, dev, path: str = "ps.lookup") -> tuple[float, int, int, int]:
+def timed_lookup(ps, tier, keys, dev) -> tuple[float, int, int, int]:
     """(seconds, GPU-tier hits, misses, distinct missed keys) of one synchronised lookup;
-    background inserts finish before the counts are read, outside the timing. ``path``:
-    ``ps.lookup``, or ``flat`` (`flat_lookup`, which counts misses only)."""
+    background inserts finish before the counts are read, outside the timing."""
     s0 = tier.stats()
     t0 = time.perf_counter()
-    if path == "ps.lookup":
-        ps.lookup("bench", 0, keys)
-    else:
-        flat_lookup(tier, keys)
+    ps.lookup("bench", 0, keys)
     sync(dev)
     sec = time.perf_counter() - t0
     tier.wait()
@@ -383,7 +359,7 @@ def section_hierarchy(dev, args) -> None:
     if not os.path.exists(os.path.join(path, "emb_vector")):
         write_table(path, rows, dim, dev)
     log(section="hierarchy_setup", write_s=time.perf_counter() - t0, path=path)
-    count = (args.warm + (4 + args.flat) * (args.reps + 2) + 1 + 3 * args.profile
+    count = (args.warm + 4 * (args.reps + 2) + 1 + 3 * args.profile
              + (args.warm + args.reps if args.lfu else 0))
     batches = zipf_batches(rows, args.alpha, batch, count, dev)
     uniq = statistics.mean(int(torch.unique(b).numel()) for b in batches[:5])
@@ -410,7 +386,7 @@ def section_hierarchy(dev, args) -> None:
         ps = ParameterServer(cfg)
         init_s = time.perf_counter() - t0
         try:
-            tier = ps._table("bench", 0).gpu_tier
+            tier = ps.table("bench", 0).gpu
             for rep in tier._replicas:
                 if rep.table is not None:
                     rep.table.launch = dict(UVM_LAUNCH)
@@ -428,16 +404,12 @@ def section_hierarchy(dev, args) -> None:
             pos = n_warm
             # Variants of how uvm misses read the pinned table: (host_read, zero-copy share).
             # They take turns batch by batch, so that the machine's drift hits all alike.
-            # The last entry is the lookup path: ps.lookup (unique first), or with --flat
-            # also every key probed in place (`flat_lookup`), with the default miss reads.
-            variants = ([("copy", 0.0, "ps.lookup"), ("copy", 0.2, "ps.lookup"),
-                         ("copy", 0.3, "ps.lookup"), ("kernel", 0.0, "ps.lookup")]
-                        if mode == "uvm" else [("-", 0.0, "ps.lookup")])
-            if args.flat:
-                default = variants[2] if mode == "uvm" else variants[0]
-                variants.append((default[0], default[1], "flat"))
+            # (Probing every key in place instead of unique first, the former --flat, was
+            # not adopted: docs/benchmarks/gpu_hierarchy.md, code at commit bd7285d.)
+            variants = ([("copy", 0.0), ("copy", 0.2), ("copy", 0.3), ("kernel", 0.0)]
+                        if mode == "uvm" else [("-", 0.0)])
 
-            def use(host_read, share, _path, tier=tier):
+            def use(host_read, share, tier=tier):
                 tier.host_read = host_read  # uvm misses: copy engine or zero-copy kernel reads
                 for rep in tier._replicas:
                     if rep.table is not None:
@@ -456,7 +428,7 @@ def section_hierarchy(dev, args) -> None:
             for _ in range(n_reps):
                 for v in variants:
                     use(*v)
-                    sec, h, mi, dist = timed_lookup(ps, tier, batches[pos], dev, v[2])
+                    sec, h, mi, dist = timed_lookup(ps, tier, batches[pos], dev)
                     pos += 1
                     times[v].append(sec)
                     counts[v][0] += h
@@ -465,12 +437,12 @@ def section_hierarchy(dev, args) -> None:
             for v in variants:
                 dh, dm, dd = counts[v]
                 log(section="hierarchy", mode=mode, admission=admission, host_read=v[0],
-                    zero_copy_share=v[1], path=v[2],
+                    zero_copy_share=v[1], path="ps.lookup",
                     rows=rows, dim=dim, batch=batch, alpha=args.alpha,
                     cache_frac=args.cache_frac, cache_slots=tier.slots,
                     threshold=args.threshold, init_s=init_s, exact_sample=exact,
                     warm_batches=n_warm, mean_unique_per_batch=uniq,
-                    gpu_hit_rate_unique=dh / max(1, dh + dm) if v[2] == "ps.lookup" else None,
+                    gpu_hit_rate_unique=dh / max(1, dh + dm),
                     distinct_misses_per_batch=dd / max(1, len(times[v])),
                     uvm_launch=dict(UVM_LAUNCH),
                     Gkeys_per_s=batch * len(times[v]) / sum(times[v]) / 1e9,
@@ -532,8 +504,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lfu", action="store_true", help="uvm: also time the tier with LFU caches")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler table of a few default lookups at the end")
-    ap.add_argument("--flat", action="store_true",
-                    help="also time flat_lookup (every key probed in place) beside ps.lookup")
     ap.add_argument("--admissions", default="none",
                     help="GPU cache admission policies to run (comma list: none,tinylfu)")
     ap.add_argument("--budget-s", type=float, default=420.0,

@@ -1,8 +1,8 @@
 """CPU tiers of the parameter server, each beside its baseline measured in the same run.
 
-- host:    HostTier / TableHierarchy / ParameterServer lookups of random keys in a table held in
-           host RAM, against a plain NumPy gather of the same rows by known index.
-- cold:    ColdTier lookups of random keys in an HDF5 table (page cache warm), against a NumPy
+- host:    HostTier.fetch / ParameterServer.lookup of random keys in a table held in host
+           RAM, against a plain NumPy gather of the same rows by known index.
+- cold:    ColdTier.fetch of random keys in an HDF5 table (page cache warm), against a NumPy
            memmap gather of the same rows.
 - write:   write_hps_table / write_hdf5_table of NumPy arrays, against numpy.save of the
            same bytes.
@@ -91,14 +91,14 @@ def bench_host(rows: int, dim: int, batch: int, reps: int, workdir: Path) -> Non
         slots = tier.find(ukeys)  # rows were inserted in order: slot == row
         res = interleaved({
             "gather": lambda uidx=uidx: np.take(vectors, uidx, axis=0),
-            "host": lambda tier=tier, ukeys=ukeys: tier.lookup(ukeys),
+            "host": lambda tier=tier, ukeys=ukeys: tier.fetch(ukeys),
             "find": lambda tier=tier, ukeys=ukeys: tier.find(ukeys),
         }, reps)
         n = len(uidx)
         print(row(f"NumPy gather by known index ({n:,} unique rows)", res["gather"], n, None))
-        print(row(f"HostTier.lookup, {kind}", res["host"], n, res["gather"]))
+        print(row(f"HostTier.fetch, {kind}", res["host"], n, res["gather"]))
         print(row("  of which key -> row (find)", res["find"], n, None))
-        np.testing.assert_array_equal(tier.lookup(ukeys)[1], vectors[slots])
+        np.testing.assert_array_equal(tier.fetch(ukeys)[1], vectors[slots])
         # the whole ParameterServer path: validate, unique, fetch, scatter to input order
         write_hps_table(workdir / "host_table", keys, vectors)
         cfg = {"models": [{"model": "m", "sparse_files": [str(workdir / "host_table")],
@@ -225,9 +225,9 @@ def bench_cold(h5: Path, batch: int, reps: int) -> None:
         res = interleaved({
             "memmap sorted": lambda: np.take(base, idx, axis=0),
             "memmap random": lambda: np.take(base, perm_idx, axis=0),
-            "cold": lambda: cold.lookup(q),
+            "cold": lambda: cold.fetch(q),
         }, reps)
-        found, got = cold.lookup(q)
+        found, got = cold.fetch(q)
         assert found.all() and np.array_equal(got, np.asarray(base[idx]))
         n = len(idx)
         print(f"\n### cold tier: {rows:,} x {dim} HDF5 table, page cache warm, "
@@ -235,9 +235,9 @@ def bench_cold(h5: Path, batch: int, reps: int) -> None:
         print(HEADER)
         print(row("NumPy memmap gather, rows in random order", res["memmap random"], n, None))
         print(row("NumPy memmap gather, rows sorted", res["memmap sorted"], n, None))
-        print(row("ColdTier.lookup (vs random-order gather)", res["cold"], n,
+        print(row("ColdTier.fetch (vs random-order gather)", res["cold"], n,
                   res["memmap random"]))
-        print(row("ColdTier.lookup (vs sorted gather)", res["cold"], n, res["memmap sorted"]))
+        print(row("ColdTier.fetch (vs sorted gather)", res["cold"], n, res["memmap sorted"]))
 
 
 def main() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import keras
 import numpy as np
 
-COMBINERS = ("sum", "mean", "sqrtn")
+from keras_hps.combiner import COMBINERS, combine
 
 
 def sorted_table(keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -85,17 +85,16 @@ class EmbeddedLookup(keras.layers.Layer):
         ids = tf.cast(ids, tf.int64)
         flat = tf.reshape(ids, [-1])
         found = self._lookup(flat)
-        out_shape = tf.concat([tf.shape(ids), [self.dim]], axis=0)
-        vectors = tf.reshape(found, out_shape)
+        shape = tf.shape(ids, out_type=tf.int64)
         if not self._pools(ids.shape):
-            return vectors
-        mask = tf.cast(ids >= 0, self.output_dtype)
-        total = tf.reduce_sum(vectors * mask[..., None], axis=-2)
-        if self.combiner == "sum":
-            return total
-        count = tf.reduce_sum(mask, axis=-1, keepdims=True)
-        scale = count if self.combiner == "mean" else tf.sqrt(count)
-        return tf.math.divide_no_nan(total, scale)
+            return tf.reshape(found, tf.concat([shape, [self.dim]], axis=0))
+        # Bags along the last axis, padding (-1) weighted 0.
+        outer = shape[:-1]
+        segments = tf.range(tf.size(flat, out_type=tf.int64)) // tf.maximum(shape[-1], 1)
+        total = combine(found, segments, tf.reduce_prod(outer), self.combiner,
+                        tf.cast(flat >= 0, tf.float32))
+        return tf.cast(tf.reshape(total, tf.concat([outer, [self.dim]], axis=0)),
+                       self.output_dtype)
 
     def _pools(self, shape: Any) -> bool:
         return self.combiner is not None and len(shape) >= 2

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from keras_hps.formats import Table, open_table, release_pages
+from keras_hps.output_buffers import gather_rows
 
 __all__ = ["ColdTier"]
 
@@ -25,7 +26,7 @@ def index_nbytes(rows: int, in_key_order: bool) -> int:
 
 
 class ColdTier:
-    """Batched, sorted reads of one table file. `lookup` takes unique int64 keys."""
+    """Batched, sorted reads of one table file. `fetch` takes unique int64 keys."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
@@ -91,7 +92,7 @@ class ColdTier:
             length -= half
         return base + (np.take(sk, np.minimum(base, last)) < keys)
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, float32 vectors of the found keys in key order) for unique `keys`."""
         rows = self.find_rows(keys)
         found = rows >= 0
@@ -99,9 +100,9 @@ class ColdTier:
         if len(r) > 1 and not np.all(r[1:] >= r[:-1]):
             order = np.argsort(r)
             out = np.empty((len(r), self.dim), np.float32)
-            out[order] = self.table.read_rows(r[order])
+            out[order] = gather_rows(self.table.vectors, r[order])
         else:
-            out = self.table.read_rows(r)
+            out = gather_rows(self.table.vectors, r)
         self.hits += len(r)
         self.misses += len(keys) - len(r)
         return found, out

@@ -206,17 +206,16 @@ def pooled(ps: Any, lookup: Lookup, keys: np.ndarray) -> np.ndarray:
     an empty bag gives zeros) when the lookup has a combiner and the keys rank 2 or more."""
     if lookup.combiner is None or keys.ndim < 2:
         return lookup_in_pieces(ps, lookup.model, lookup.table_id, keys)
-    valid = keys >= 0
+    from keras_hps.combiner import combine
+
+    flat = keys.reshape(-1)
+    valid = np.flatnonzero(flat >= 0)
+    vectors = lookup_in_pieces(ps, lookup.model, lookup.table_id, flat[valid])
     dim = ps.table_spec(lookup.model, lookup.table_id).dim
-    per_key = np.zeros(keys.shape + (dim,), np.float32)
-    per_key[valid] = lookup_in_pieces(ps, lookup.model, lookup.table_id, keys[valid])
-    weight = valid.astype(np.float32)
-    total = np.einsum("...n,...nd->...d", weight, per_key)
-    if lookup.combiner == "sum":
-        return total
-    count = weight.sum(axis=-1, keepdims=True)
-    scale = count if lookup.combiner == "mean" else np.sqrt(count)
-    return np.divide(total, scale, out=np.zeros_like(total), where=scale > 0)
+    bags = int(np.prod(keys.shape[:-1]))
+    total = combine(vectors.reshape(len(valid), dim), valid // max(keys.shape[-1], 1), bags,
+                    lookup.combiner)
+    return np.asarray(total, np.float32).reshape(*keys.shape[:-1], dim)
 
 
 #: Runs one SavedModel signature: (name, inputs by alias, output aliases) -> outputs by alias.

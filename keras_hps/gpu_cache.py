@@ -21,7 +21,7 @@ import torch
 
 from keras_hps.errors import InvalidInputError
 from keras_hps.triton_kernels.cache_admission import new_sketch, sketch_add, sketch_width_log2
-from keras_hps.triton_kernels.cache_fused_query import PooledTables, fused_cache_query
+from keras_hps.triton_kernels.cache_fused_query import PooledCacheArrays, fused_cache_query
 from keras_hps.triton_kernels.cache_insert import cache_insert
 from keras_hps.triton_kernels.cache_layout import (
     KEY_DTYPES,
@@ -40,6 +40,11 @@ from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
 
 _HITS, _MISSES, _INSERTIONS, _EVICTIONS, _REJECTED = range(5)
 ADMISSIONS = ("none", "tinylfu")
+
+
+def _counter_property(index: int, doc: str) -> property:
+    """A read-only property: the cache's device counter `index`, read under its lock."""
+    return property(lambda self: self._counter(index), doc=doc)
 
 
 class _Shared:
@@ -170,30 +175,12 @@ class GpuEmbeddingCache:
         with self.ordered():
             return int(self._counters[i])
 
-    @property
-    def hits(self) -> int:
-        """Query keys found, since creation or :meth:`reset_counters`."""
-        return self._counter(_HITS)
-
-    @property
-    def misses(self) -> int:
-        """Query keys not found."""
-        return self._counter(_MISSES)
-
-    @property
-    def insertions(self) -> int:
-        """Keys newly placed by :meth:`insert` (updates in place not counted)."""
-        return self._counter(_INSERTIONS)
-
-    @property
-    def evictions(self) -> int:
-        """Resident keys replaced by :meth:`insert`."""
-        return self._counter(_EVICTIONS)
-
-    @property
-    def rejected(self) -> int:
-        """New keys that TinyLFU admission kept out of the cache."""
-        return self._counter(_REJECTED)
+    hits = _counter_property(_HITS, "Query keys found, since creation or `reset_counters`.")
+    misses = _counter_property(_MISSES, "Query keys not found.")
+    insertions = _counter_property(
+        _INSERTIONS, "Keys newly placed by `insert` (updates in place not counted).")
+    evictions = _counter_property(_EVICTIONS, "Resident keys replaced by `insert`.")
+    rejected = _counter_property(_REJECTED, "New keys that TinyLFU admission kept out.")
 
     def stats(self) -> dict[str, int]:
         """Counters and occupancy in one read."""
@@ -242,9 +229,11 @@ class GpuEmbeddingCache:
         Missed keys get zero rows. Hits mark the slot as recently used (LRU) or count one
         more use (LFU) unless ``touch=False``. ``validate=False`` skips the key-value checks
         (the sentinel, int32 range), which read the keys back to the host; pass it only for
-        keys already checked.
+        keys already checked (a wrong dtype or device then raises ValueError).
         """
-        keys = _checked_keys(keys, self, validate=validate)
+        # Unvalidated keys (the GPU tier's, flat int64 on the device) go straight to the
+        # kernel's wrapper, which checks their dtype and device.
+        keys = _checked_keys(keys, self) if validate else keys.reshape(-1)
         with self.ordered():
             out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
                                    counters=self._counters, validate=False)
@@ -349,7 +338,7 @@ class GpuCacheGroup:
         def dev64(x: list[int]) -> torch.Tensor:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
-        self._pooled = PooledTables(
+        self._pooled = PooledCacheArrays(
             keys=pool.keys, scores=pool.scores, marks=pool.marks, vectors=vectors,
             set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
             dims=dev64(dims), dims_host=tuple(dims), empty=empty_key(key_dtype))

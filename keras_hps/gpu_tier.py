@@ -1,4 +1,4 @@
-"""The parameter server's GPU tier: the top of the hierarchy, one `GpuTableTier` per table.
+"""The parameter server's GPU tier: the top of a table's tiers, one `GpuTier` per table.
 
 Modes (a model's `embedding_cache_type`; `use_static_table: true` means "static"):
 
@@ -6,15 +6,18 @@ Modes (a model's `embedding_cache_type`; `use_static_table: true` means "static"
   ``max(gpucacheper x rows, 64)`` slots (rounded up to whole groups of 32 slots, four 8-slot
   sets), filled from the table's lower tiers (host RAM -> cold tier -> default) on misses,
   evicting by LRU.
-- ``static``: the whole table in device memory behind a hash index (`StaticTable`).
+- ``static``: the whole table in device memory behind a hash index (`GpuStaticTable`).
 - ``uvm``: the whole table in pinned host memory, read by the GPU kernel over the bus, with
   a dynamic cache of the same size as in ``dynamic`` mode in device memory in front of it.
 
-Results are always exact. A key the GPU tier does not hold is looked up in the lower tiers
-(the parameter server's ``fetch``), in every mode. ``hit_rate_threshold`` only decides when
-the fetched rows enter the cache: before the lookup returns when the batch's hit rate (over
-unique keys) is below the threshold, on a background thread otherwise. (HPS instead
-returned the default vector for the missed keys of a batch at or above the threshold.)
+A lookup through the tier has two steps, both called by the table that owns the tier
+(`keras_hps.parameter_server.TieredTable`), which resolves in between the keys the tier does
+not hold through the tiers below it: `query` (unique keys, device-resident rows, what is
+missing) and `complete` (the missing rows in, cache fill, back to input order). The tier
+never calls up. Results are always exact. ``hit_rate_threshold`` only decides when the rows
+from below enter the cache: before the lookup returns when the batch's hit rate (over unique
+keys) is below the threshold, on a background thread otherwise. (HPS instead returned the
+default vector for the missed keys of a batch at or above the threshold.)
 
 The tier is replicated on every device of ``deployed_device_list``, as in HPS. A lookup of a
 CUDA key tensor runs on that device's replica (the first one when the device has none); a
@@ -32,19 +35,20 @@ import glob
 import os
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from keras_hps.errors import ConfigError, InvalidInputError
+from keras_hps.errors import ConfigError
 
 __all__ = [
     "ENV_VAR",
-    "GpuTableTier",
-    "GpuTieredTable",
-    "wrap_with_gpu_tier",
+    "GpuLookup",
+    "GpuTier",
+    "build_gpu_tier",
     "cache_slots",
     "gpu_tier_devices",
     "gpu_tier_setting",
@@ -53,8 +57,6 @@ __all__ = [
 ENV_VAR = "KERAS_HPS_GPU_TIER"
 _SETTINGS = ("auto", "off", "interpret")
 MIN_SLOTS = 64
-
-Fetch = Callable[[np.ndarray], np.ndarray]
 
 
 def gpu_tier_setting() -> str:
@@ -70,7 +72,7 @@ def _enable_interpreter() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     if os.environ["TRITON_INTERPRET"] not in ("1", "true", "True"):
         raise ConfigError(f"{ENV_VAR}=interpret needs TRITON_INTERPRET=1 (it is set to 0)")
-    from keras_hps.triton_kernels import serialize_interpreted_launches
+    from keras_hps.triton_interpreter import serialize_interpreted_launches
 
     serialize_interpreted_launches()
     mod = sys.modules.get("keras_hps.triton_kernels.static_table")
@@ -131,7 +133,7 @@ class _Replica:
 
         self.device = device
         self.cache = cache  # GpuEmbeddingCache or None (static mode)
-        self.table = table  # StaticTable or None (dynamic mode)
+        self.table = table  # GpuStaticTable or None (dynamic mode)
         # Static fast path: while set, a key the on-device table lacks is in no tier, so it
         # gets this [dim] default on the device. Cleared once an update names a key outside
         # the table (a static table never grows); lookups then fetch misses from below.
@@ -143,12 +145,33 @@ class _Replica:
         )
 
 
-class GpuTableTier:
+@dataclass
+class GpuLookup:
+    """One lookup between `GpuTier.query` and `GpuTier.complete`.
+
+    ``below_keys`` (int64 NumPy, unique) are the keys the tier does not hold: the table
+    resolves them through the tiers below and hands their rows to `complete`. None when the
+    tier answered every key."""
+
+    rep: _Replica
+    shape: tuple[int, ...]
+    vals: Any  # [n unique, dim] on the device (the static fast path: [n keys, dim], final)
+    inverse: Any = None  # position of each key among the unique keys; None: vals are final
+    n_unique: int = 0
+    miss_idx: Any = None  # unique keys the cache (or static table) missed
+    mkeys: Any = None  # those keys
+    mvals: Any = None  # their rows from the pinned table (uvm), zeros for keys it lacks
+    still: Any = None  # positions in mkeys of the keys left for the tiers below
+    below_keys: np.ndarray | None = None
+    uvm_hits: int = 0
+    generation: int = 0
+
+
+class GpuTier:
     """The GPU tier of one table, replicated on ``devices``.
 
     ``mode``: dynamic | static | uvm. ``rows``: rows of the table (sizes the cache).
     ``table_path`` (static, uvm): the table file whose rows are loaded onto the tier.
-    ``fetch(unique_keys int64) -> float32 [n, dim]`` resolves keys through the lower tiers.
     """
 
     def __init__(
@@ -161,7 +184,6 @@ class GpuTableTier:
         gpucacheper: float,
         hit_rate_threshold: float,
         devices: Sequence[Any],
-        fetch: Fetch,
         table_path: str | None = None,
         default_vector: np.ndarray | None = None,
         admission: str = "none",
@@ -181,7 +203,6 @@ class GpuTableTier:
         self.dim = int(dim)
         self.hit_rate_threshold = float(hit_rate_threshold)
         self.slots = cache_slots(gpucacheper, rows) if mode != "static" else 0
-        self._fetch = fetch
         self._lock = threading.RLock()
         self._generation = 0
         self._pending: list[Future] = []
@@ -224,76 +245,93 @@ class GpuTableTier:
                 return r
         return self._replicas[0]
 
-    def lookup(self, keys: Any) -> Any:
-        """Vectors of ``keys`` (NumPy or torch, any shape): ``keys.shape + (dim,)`` float32.
-
-        A torch tensor gives a torch tensor on the keys' device; NumPy gives NumPy.
-        """
-        return self.lookup_counted(keys)[0]
-
-    def lookup_counted(self, keys: Any) -> tuple[Any, int]:
-        """``(lookup(keys), number of unique keys)``."""
+    def query(self, keys: Any) -> GpuLookup:
+        """Start a lookup of checked integer ``keys`` (a torch tensor, any shape): the rows
+        the tier holds, and in ``below_keys`` the keys it does not hold."""
         import torch
 
         if self._closed:
             raise RuntimeError(f"{self.name}: GPU tier is closed")
-        as_numpy = not isinstance(keys, torch.Tensor)
-        tkeys = torch.from_numpy(np.ascontiguousarray(keys)) if as_numpy else keys
-        if tkeys.dtype not in (torch.int64, torch.int32, torch.uint32):
-            raise InvalidInputError(f"{self.name}: keys must be integers, got {tkeys.dtype}")
-        rep = self._replica_for(tkeys.device)
-        shape = tuple(tkeys.shape)
-        flat = tkeys.reshape(-1).to(device=rep.device, dtype=torch.int64, non_blocking=True)
-        n_unique = 0
+        rep = self._replica_for(keys.device)
+        shape = tuple(keys.shape)
+        flat = keys.reshape(-1).to(device=rep.device, dtype=torch.int64, non_blocking=True)
         if flat.numel() == 0:
-            out = torch.empty((*shape, self.dim), dtype=torch.float32, device=rep.device)
-        elif rep.default is not None:
+            empty = torch.empty((0, self.dim), dtype=torch.float32, device=rep.device)
+            return GpuLookup(rep, shape, empty)
+        if rep.default is not None:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
-            vals, _hit = rep.table.lookup(flat, rep.default, rep.static_counts)
-            n_unique = flat.numel()
-            out = vals.reshape(*shape, self.dim)
-        else:
-            # Unique first (measured against probing every key in place, which saves the sort
-            # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
-            ukeys, inverse = torch.unique(flat, return_inverse=True)
-            n_unique = ukeys.numel()
-            uvals = self._lookup_unique(rep, ukeys)
-            if rep.device.type == "cuda":
-                # Back to input order with the Triton row gather (2x torch indexing on H200).
-                from keras_hps.triton_kernels.gather import gather_rows
-
-                out = gather_rows(uvals, inverse.reshape(-1)).reshape(*shape, self.dim)
-            else:
-                out = uvals[inverse].reshape(*shape, self.dim)
-        if as_numpy:
-            return out.cpu().numpy(), n_unique
-        return out.to(tkeys.device, non_blocking=True), n_unique
-
-    def _lookup_unique(self, rep: _Replica, ukeys: Any) -> Any:
-        """Vectors of unique int64 keys on ``rep.device``."""
-        import torch
-
-        n = ukeys.numel()
-        generation = self._generation  # an update during the fetch makes its rows stale
+            vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
+                                         validate=False)
+            return GpuLookup(rep, shape, vals, n_unique=flat.numel())
+        # Unique first (measured against probing every key in place, which saves the sort
+        # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
+        ukeys, inverse = torch.unique(flat, return_inverse=True)
+        look = GpuLookup(rep, shape, None, inverse.reshape(-1), ukeys.numel(),
+                         generation=self._generation)  # an update meanwhile: rows stale
         if rep.cache is not None:
             # No key-value check (it would cost a device sync): a key equal to the cache's
             # empty-slot sentinel never matches a slot, so it is fetched from below every time.
-            vals, hit = rep.cache.query(ukeys, validate=False)
+            look.vals, hit = rep.cache.query(ukeys, validate=False)
         else:
-            vals, hit = rep.table.query(ukeys)
-        miss_idx = torch.nonzero(~hit).reshape(-1)  # one device sync: the miss count
-        n_miss = miss_idx.numel()
-        uvm_hits = fetched = 0
-        if n_miss:
-            mkeys = ukeys[miss_idx]
-            mvals, uvm_hits, fetched = self._resolve(rep, mkeys)
-            vals[miss_idx] = mvals
-            if rep.cache is not None:
-                self._insert(rep, mkeys, mvals, 1.0 - n_miss / n, generation)
-        self._count(n - n_miss, n_miss, uvm_hits, fetched)
-        return vals
+            look.vals, hit = rep.table.query(ukeys)
+        look.miss_idx = torch.nonzero(~hit).reshape(-1)  # one device sync: the miss count
+        if look.miss_idx.numel():
+            look.mkeys = ukeys[look.miss_idx]
+            self._query_pinned(look)
+        return look
+
+    def _query_pinned(self, look: GpuLookup) -> None:
+        """uvm: the missed keys' rows from the pinned table; the keys it lacks go below."""
+        import torch
+
+        rep, mkeys = look.rep, look.mkeys
+        if rep.cache is not None and rep.table is not None:
+            # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
+            look.mvals, thit = rep.table.query(mkeys, host_read=self.host_read)
+            look.still = torch.nonzero(~thit).reshape(-1)
+            look.uvm_hits = mkeys.numel() - look.still.numel()
+            if look.still.numel():
+                look.below_keys = mkeys[look.still].cpu().numpy()
+        else:
+            look.below_keys = mkeys.cpu().numpy()
+
+    def complete(self, look: GpuLookup, below_rows: np.ndarray | None = None) -> Any:
+        """Finish ``look`` with ``below_rows`` (float32 ``[len(look.below_keys), dim]``, the
+        rows of the keys the tier did not hold): fill the cache, count, and return the
+        vectors ``keys.shape + (dim,)`` in input order on the tier's device."""
+        import torch
+
+        rep, vals = look.rep, look.vals
+        fetched = 0
+        if look.below_keys is not None:
+            fetched = look.below_keys.size
+            if below_rows is None or below_rows.shape != (fetched, self.dim):
+                got = None if below_rows is None else below_rows.shape
+                raise RuntimeError(f"{self.name}: lower tiers returned {got} for {fetched} keys")
+            fv = torch.from_numpy(below_rows).to(rep.device, non_blocking=True)
+            if look.mvals is None:
+                look.mvals = fv
+            else:
+                look.mvals[look.still] = fv
+        if look.miss_idx is not None:
+            n_miss = look.miss_idx.numel()
+            if n_miss:
+                vals[look.miss_idx] = look.mvals
+                if rep.cache is not None:
+                    self._insert(rep, look.mkeys, look.mvals, 1.0 - n_miss / look.n_unique,
+                                 look.generation)
+            self._count(look.n_unique - n_miss, n_miss, look.uvm_hits, fetched)
+        if look.inverse is not None:
+            if rep.device.type == "cuda":
+                # Back to input order with the Triton row gather (2x torch indexing on H200).
+                from keras_hps.triton_kernels.gather import gather
+
+                vals = gather(vals, look.inverse)
+            else:
+                vals = vals[look.inverse]
+        return vals.reshape(*look.shape, self.dim)
 
     def _count(self, hits: int, misses: int, uvm_hits: int, fetched: int) -> None:
         with self._lock:
@@ -301,39 +339,6 @@ class GpuTableTier:
             self._counts["misses"] += misses
             self._counts["uvm_hits"] += uvm_hits
             self._counts["fetched"] += fetched
-
-    def _resolve(self, rep: _Replica, mkeys: Any) -> tuple[Any, int, int]:
-        """Rows of the distinct missed keys ``mkeys`` on ``rep.device``: from the pinned table
-        (uvm), else from the tiers below. Returns ``(rows, keys served by the pinned table,
-        keys fetched from below)``."""
-        import torch
-
-        n_miss = mkeys.numel()
-        mvals = None
-        if rep.cache is not None and rep.table is not None:  # uvm: the table in host memory
-            # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
-            if self.host_read == "copy":
-                mvals, thit = rep.table.fetch(mkeys)
-            else:
-                mvals, thit = rep.table.query(mkeys)
-            still = torch.nonzero(~thit).reshape(-1)
-        else:
-            still = torch.arange(n_miss, device=mkeys.device)
-        n_below = still.numel()
-        if n_below:
-            fk = mkeys[still].cpu().numpy()
-            with self._lock:
-                fetched = np.asarray(self._fetch(fk), dtype=np.float32)
-            if fetched.shape != (fk.size, self.dim):
-                raise RuntimeError(
-                    f"{self.name}: lower tiers returned {fetched.shape} for {fk.size} keys"
-                )
-            fv = torch.from_numpy(fetched).to(rep.device, non_blocking=True)
-            if mvals is None:
-                mvals = fv
-            else:
-                mvals[still] = fv
-        return mvals, n_miss - n_below, n_below
 
     def _insert(
         self, rep: _Replica, keys: Any, vals: Any, hit_rate: float, generation: int
@@ -446,7 +451,7 @@ def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, A
         n = table.num_rows
         keys = torch.empty(n, dtype=torch.int64)
         if pinned:
-            from keras_hps.triton_kernels.static_table import pinned_empty
+            from keras_hps.gpu_static_table import pinned_empty
 
             vectors = pinned_empty((n, dim))
         else:
@@ -465,113 +470,27 @@ def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, A
 
 
 def _static_table(keys: Any, vectors: Any, device: Any, *, on_device: bool) -> Any:
-    """A StaticTable on ``device``: rows in device memory (static) or host memory (uvm)."""
-    from keras_hps.triton_kernels.static_table import StaticTable
+    """A GpuStaticTable on ``device``: rows in device memory (static) or host memory (uvm)."""
+    from keras_hps.gpu_static_table import GpuStaticTable
 
-    return StaticTable(keys, vectors, device=device, n_device=None if on_device else 0)
-
-
-class GpuTieredTable:
-    """One (model, table) served by a GPU tier above its `TableHierarchy` (host -> cold ->
-    default). Has the hierarchy's interface (`spec`, `fetch`, `record_call`, `stats`,
-    `close`) plus `lookup(keys)` and `on_update(keys, vectors)`."""
-
-    def __init__(self, hierarchy: Any, tier: GpuTableTier, validate: Callable[..., Any]) -> None:
-        self.hierarchy = hierarchy
-        self.gpu_tier = tier
-        self._validate = validate
-        self._narrow: dict[Any, bool] = {}  # torch key dtype -> needs a value range check
-
-    @property
-    def spec(self) -> Any:
-        return self.hierarchy.spec
-
-    def fetch(self, unique_keys: np.ndarray) -> np.ndarray:
-        """The hierarchy below the GPU tier (host -> cold -> default)."""
-        return self.hierarchy.fetch(unique_keys)
-
-    def record_call(self, nkeys: int, nunique: int) -> None:
-        self.hierarchy.record_call(nkeys, nunique)
-
-    def _validate_torch(self, keys: Any) -> None:
-        import torch
-
-        spec = self.spec
-        narrow = self._narrow.get(keys.dtype)
-        if narrow is False and keys.numel() <= spec.max_keys_per_lookup:
-            return  # an integer dtype within the key type, a count within the limit
-        where = f"model {spec.model!r} table {spec.table_id}"
-        if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
-            raise InvalidInputError(f"{where}: keys must be integers, got {keys.dtype}")
-        if keys.numel() > spec.max_keys_per_lookup:
-            raise InvalidInputError(
-                f"{where}: {keys.numel()} keys in one lookup, more than max_batch_size x "
-                f"maxnum_catfeature_query_per_table_per_sample = {spec.max_keys_per_lookup}"
-            )
-        info = np.iinfo(spec.key_dtype)
-        tinfo = torch.iinfo(keys.dtype)
-        # Whether this key dtype can hold values outside the table's key type.
-        self._narrow[keys.dtype] = tinfo.min < info.min or tinfo.max > info.max
-        if keys.numel() and self._narrow[keys.dtype]:
-            lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
-            if lo < info.min or hi > info.max:
-                bad = lo if lo < info.min else hi
-                raise InvalidInputError(
-                    f"{where}: key {bad} is outside the key type {spec.key_dtype} "
-                    f"[{info.min}, {info.max}]"
-                )
-
-    def lookup(self, keys: Any) -> Any:
-        """float32 vectors ``keys.shape + (dim,)``: torch in (same device) -> torch out."""
-        import torch
-
-        if isinstance(keys, torch.Tensor):
-            self._validate_torch(keys)
-        else:
-            keys = np.asarray(self._validate(self.spec, keys)).astype(np.int64, copy=False)
-        out, n_unique = self.gpu_tier.lookup_counted(keys)
-        if n_unique:
-            self.record_call(keys.numel() if hasattr(keys, "numel") else keys.size, n_unique)
-        return out
-
-    def on_update(self, keys: np.ndarray, vectors: np.ndarray | None = None) -> None:
-        """Rows of ``keys`` changed in the lower tiers: never serve the old ones again."""
-        self.gpu_tier.update(keys, vectors)
-
-    def stats(self) -> dict[str, Any]:
-        """The hierarchy's per-tier stats plus ``gpu``: the GPU tier's."""
-        out = self.hierarchy.stats()
-        out["gpu"] = self.gpu_tier.stats()
-        return out
-
-    def close(self) -> None:
-        self.gpu_tier.close()
-        self.hierarchy.close()
+    return GpuStaticTable(keys, vectors, device=device, n_device=None if on_device else 0)
 
 
-def wrap_with_gpu_tier(
-    model: Any, table_id: int, hierarchy: Any, validate: Callable[..., Any]
-) -> Any:
-    """``hierarchy`` behind a GPU tier when the model enables one here, else unchanged."""
+def build_gpu_tier(model: Any, spec: Any) -> GpuTier | None:
+    """The GPU tier of table ``spec`` of ``model`` (a `ModelConfig`) when the model enables
+    one here (``gpucache`` and a device, or ``KERAS_HPS_GPU_TIER``), else None."""
     devices = gpu_tier_devices(model.gpucache, model.deployed_device_list)
     if not devices:
-        return hierarchy
-    spec = hierarchy.spec
-    try:
-        tier = GpuTableTier(
-            name=f"{spec.model}/{spec.name}",
-            mode=model.cache_type,
-            dim=spec.dim,
-            rows=spec.num_rows,
-            gpucacheper=model.gpucacheper,
-            hit_rate_threshold=model.hit_rate_threshold,
-            devices=devices,
-            fetch=hierarchy.fetch,
-            table_path=spec.path,
-            default_vector=np.full(spec.dim, spec.default_value, np.float32),
-            admission=model.gpu_cache_admission,
-        )
-    except BaseException:
-        hierarchy.close()
-        raise
-    return GpuTieredTable(hierarchy, tier, validate)
+        return None
+    return GpuTier(
+        name=f"{spec.model}/{spec.name}",
+        mode=model.cache_type,
+        dim=spec.dim,
+        rows=spec.num_rows,
+        gpucacheper=model.gpucacheper,
+        hit_rate_threshold=model.hit_rate_threshold,
+        devices=devices,
+        table_path=spec.path,
+        default_vector=np.full(spec.dim, spec.default_value, np.float32),
+        admission=model.gpu_cache_admission,
+    )

@@ -243,7 +243,7 @@ class HostTier:
         self.hits += len(slots)
         self.misses += misses
 
-    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, float32 vectors of the found keys in key order) for unique `keys`."""
         slots = self.find(keys)
         found = slots >= 0

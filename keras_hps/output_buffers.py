@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -126,8 +127,19 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -
     return output_pool.empty(shape, dtype)
 
 
-def gather_rows(vectors: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """`vectors[rows]` into a new aligned array from the pool; `rows` must be valid indices."""
-    out = aligned_empty((len(rows), vectors.shape[1]), vectors.dtype)
-    # mode="clip": NumPy buffers `out` for the default mode="raise" (a second copy).
-    return np.take(vectors, rows, axis=0, out=out, mode="clip")
+def gather_rows(vectors: Any, rows: np.ndarray) -> np.ndarray:
+    """float32 `vectors[rows]` in a new aligned array from the pool: the CPU's row gather.
+
+    `vectors` is a `[n, dim]` NumPy array (a memory map too) or an array-like read by a list
+    of increasing rows (an h5py dataset); `rows` are valid row indices, in any order, repeats
+    allowed (they are not checked)."""
+    out = aligned_empty((len(rows), vectors.shape[1]), np.float32)
+    if isinstance(vectors, np.ndarray):
+        if vectors.dtype == np.float32:
+            # mode="clip": NumPy buffers `out` for the default mode="raise" (a second copy).
+            return np.take(vectors, rows, axis=0, out=out, mode="clip")
+        out[...] = np.take(vectors, rows, axis=0)
+    elif len(rows):
+        uniq, inv = np.unique(rows, return_inverse=True)
+        out[...] = np.asarray(vectors[uniq], dtype=np.float32)[inv.reshape(-1)]
+    return out

@@ -1,14 +1,16 @@
-"""The parameter server: lookups through the tier hierarchy, and the process-wide instance.
+"""The parameter server: every table of a config, each serving lookups through its tiers.
 
 ```
-keys -> unique -> [GPU tier] -> host RAM tier -> cold tier (table file) -> default vector
-                                   ^ filled from below                 -> scatter to input order
+keys -> checked (once, here) -> TieredTable: unique -> [GPU tier] -> host RAM tier -> cold tier
+        -> default vector -> fill the upper tiers -> input order
 ```
 
-Each (model, table) is served by one object with `spec`, `fetch(unique_keys, inverse=None)`,
-`stats()` and `close()`. `TableHierarchy` is everything below the GPU;
-`ParameterServer._build_table` is the one place these objects are made (a GPU tier wraps the
-hierarchy there and calls its `fetch` for its misses).
+`ParameterServer.lookup(model, table_id, keys)` checks the keys where they enter (`check_keys`)
+and hands them to the table; a `TieredTable` owns its tiers in order, top first, and calls each
+one down in turn: no tier calls up. Tier verbs: `lookup` answers every key (the server, a table,
+a layer); a host tier's `fetch(unique_keys)` returns `(found, rows of the found keys)`; a device
+tier's `query` returns rows for every key with zeros where it missed, and a hit mask.
+`ParameterServer._build_table` is the one place a table's tiers are put together.
 """
 
 from __future__ import annotations
@@ -26,15 +28,17 @@ import numpy as np
 from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError
-from keras_hps.formats import open_table
+from keras_hps.formats import check_config_tables, open_table
 from keras_hps.host_tier import HostTier
 from keras_hps.output_buffers import aligned_empty, gather_rows
 
 __all__ = [
     "Init",
     "ParameterServer",
-    "TableHierarchy",
     "TableSpec",
+    "TieredTable",
+    "check_keys",
+    "close_all",
     "ensure_parameter_server",
     "get_parameter_server",
     "init",
@@ -60,14 +64,91 @@ class TableSpec:
     cache_type: str
 
 
-class TableHierarchy:
-    """One table below the GPU: host RAM tier -> cold tier -> default vector.
+# ----------------------------------------------------------------------------------------------
+# keys, checked once where they enter the parameter server
 
-    `fetch(unique_keys)` returns float32 `[n, dim]` and fills the host tier with rows that
-    came from the cold tier. Calls are serialised by a per-table lock."""
+#: (torch key dtype, table key dtype) -> whether the torch dtype holds values outside the
+#: table's key type (then a lookup's keys are range-checked, a device sync on the GPU).
+_NARROW: dict[tuple[Any, np.dtype], bool] = {}
 
-    def __init__(self, spec: TableSpec, host: HostTier | None, cold: ColdTier) -> None:
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+
+
+def _too_many(spec: TableSpec, where: str, count: int) -> InvalidInputError:
+    return InvalidInputError(
+        f"{where}: {count} keys in one lookup, more than max_batch_size x "
+        f"maxnum_catfeature_query_per_table_per_sample = {spec.max_keys_per_lookup}; split "
+        f"batches that exceed the configured maximum")
+
+
+def _out_of_range(spec: TableSpec, where: str, lo: int, hi: int) -> InvalidInputError | None:
+    info = np.iinfo(spec.key_dtype)
+    if lo >= info.min and hi <= info.max:
+        return None
+    bad = lo if lo < info.min else hi
+    return InvalidInputError(
+        f"{where}: key {bad} is outside the key type {spec.key_dtype} [{info.min}, {info.max}] "
+        f"(supportlonglong={spec.key_dtype == np.int64})")
+
+
+def check_keys(spec: TableSpec, keys: Any) -> Any:
+    """``keys`` for table ``spec``, checked: integers, at most ``max_keys_per_lookup`` of them,
+    each within the table's key type. NumPy (or anything array-like) comes back as an array, a
+    torch tensor as it is. Raises InvalidInputError naming the model and table."""
+    where = f"model {spec.model!r} table {spec.table_id}"
+    if _is_torch(keys):
+        return _check_torch_keys(spec, keys, where)
+    arr = np.asarray(keys)
+    if arr.dtype.kind not in "iu":
+        kind = {"f": "float", "c": "complex", "b": "bool"}.get(arr.dtype.kind, str(arr.dtype))
+        raise InvalidInputError(f"{where}: keys must be integers, got {kind} ({arr.dtype})")
+    if arr.size > spec.max_keys_per_lookup:
+        raise _too_many(spec, where, arr.size)
+    if arr.size:
+        err = _out_of_range(spec, where, int(arr.min()), int(arr.max()))
+        if err is not None:
+            raise err
+    return arr
+
+
+def _check_torch_keys(spec: TableSpec, keys: Any, where: str) -> Any:
+    import torch
+
+    if keys.is_floating_point() or keys.is_complex() or keys.dtype == torch.bool:
+        raise InvalidInputError(f"{where}: keys must be integers, got {keys.dtype}")
+    if keys.numel() > spec.max_keys_per_lookup:
+        raise _too_many(spec, where, keys.numel())
+    narrow = _NARROW.get((keys.dtype, spec.key_dtype))
+    if narrow is None:
+        info, tinfo = np.iinfo(spec.key_dtype), torch.iinfo(keys.dtype)
+        narrow = _NARROW[(keys.dtype, spec.key_dtype)] = \
+            tinfo.min < info.min or tinfo.max > info.max
+    if narrow and keys.numel():
+        lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
+        err = _out_of_range(spec, where, lo, hi)
+        if err is not None:
+            raise err
+    return keys
+
+
+# ----------------------------------------------------------------------------------------------
+# one table and its tiers
+
+
+class TieredTable:
+    """One (model, table): its tiers in order, top first, and the default vector below them.
+
+    ``gpu`` (a `keras_hps.gpu_tier.GpuTier`, or None) -> ``host`` (`HostTier`, or None) ->
+    ``cold`` (`ColdTier`, the table file) -> default. `lookup` takes keys already checked
+    (`check_keys`); rows found below a tier are filled into the tiers above it. The tiers
+    below the GPU are serialised by a per-table lock."""
+
+    def __init__(self, spec: TableSpec, host: HostTier | None, cold: ColdTier,
+                 gpu: Any = None) -> None:
         self.spec = spec
+        self.gpu = gpu
         self.host = host
         self.cold = cold
         self.lock = threading.Lock()
@@ -84,13 +165,51 @@ class TableHierarchy:
         and the cold tier is skipped)."""
         return self.host is not None and self.host.resident_rows == self.cold.num_rows
 
-    def fetch(self, unique_keys: np.ndarray, inverse: np.ndarray | None = None) -> np.ndarray:
-        """float32 `[len(unique_keys), dim]` for unique int64 keys, exact, filling the host tier.
+    def lookup(self, keys: Any) -> Any:
+        """float32 vectors ``keys.shape + (dim,)`` for checked integer keys: NumPy in ->
+        NumPy out (64-byte aligned, from `output_buffers.output_pool`), torch in -> torch out
+        on the keys' device."""
+        if self.gpu is not None:
+            return self._lookup_gpu(keys)
+        torch_in = _is_torch(keys)
+        arr = keys.detach().cpu().numpy() if torch_in else keys
+        shape = arr.shape
+        flat = arr.reshape(-1).astype(np.int64, copy=False)
+        if flat.size == 0:
+            out = aligned_empty((*shape, self.spec.dim))
+        else:
+            uniq, inv = np.unique(flat, return_inverse=True)
+            out = self._below_gpu(uniq, inv.reshape(-1)).reshape(*shape, self.spec.dim)
+            self._count(flat.size, len(uniq))
+        if torch_in:
+            import torch
+
+            return torch.from_numpy(out).to(keys.device)
+        return out
+
+    def _lookup_gpu(self, keys: Any) -> Any:
+        import torch
+
+        as_numpy = not isinstance(keys, torch.Tensor)
+        tkeys = torch.from_numpy(np.ascontiguousarray(keys).astype(np.int64, copy=False)) \
+            if as_numpy else keys
+        look = self.gpu.query(tkeys)
+        below = None if look.below_keys is None else self._below_gpu(look.below_keys)
+        out = self.gpu.complete(look, below)
+        if look.n_unique:
+            self._count(tkeys.numel(), look.n_unique)
+        if as_numpy:
+            return out.cpu().numpy()
+        return out.to(tkeys.device, non_blocking=True)
+
+    def _below_gpu(self, unique_keys: np.ndarray, inverse: np.ndarray | None = None) -> np.ndarray:
+        """float32 `[len(unique_keys), dim]` for unique int64 keys, from the host tier, the
+        cold tier and the default vector, filling the host tier with rows from the cold tier.
 
         With `inverse` (indices into `unique_keys`) the result is `[len(inverse), dim]`, rows
         in that order; when the host tier holds every key this is a single gather. The result
         is 64-byte aligned and comes from `output_buffers.output_pool`."""
-        keys = np.asarray(unique_keys, dtype=np.int64)
+        keys = unique_keys
         n = len(keys)
         dim = self.spec.dim
         with self.lock:
@@ -118,7 +237,7 @@ class TableHierarchy:
                 absent = miss
             else:
                 mkeys = keys[miss]
-                cfound, cvec = self.cold.lookup(mkeys)
+                cfound, cvec = self.cold.fetch(mkeys)
                 out[miss[cfound]] = cvec
                 absent = miss[~cfound]
                 if host is not None and len(cvec):
@@ -127,18 +246,23 @@ class TableHierarchy:
             self.defaults += len(absent)
         return out if inverse is None else gather_rows(out, inverse)
 
-    def record_call(self, nkeys: int, nunique: int) -> None:
-        """Count one lookup call (for stats)."""
+    def _count(self, nkeys: int, nunique: int) -> None:
         with self.lock:
             self.lookups += 1
             self.keys += nkeys
             self.unique_keys += nunique
 
+    def on_update(self, keys: np.ndarray, vectors: np.ndarray | None = None) -> None:
+        """Rows of ``keys`` changed in the host or cold tier: the GPU tier never serves the
+        old ones again (static and uvm mode take the new ``vectors``)."""
+        if self.gpu is not None:
+            self.gpu.update(keys, vectors)
+
     def stats(self) -> dict[str, Any]:
-        """Per-tier counters of this table."""
+        """Per-tier counters of this table (``gpu`` too when it has a GPU tier)."""
         with self.lock:
             host = self.host.stats() if self.host is not None else None
-            return {
+            out = {
                 "model": self.spec.model,
                 "table_id": self.spec.table_id,
                 "lookups": self.lookups,
@@ -150,9 +274,14 @@ class TableHierarchy:
                 "resident_rows": 0 if host is None else host["resident_rows"],
                 "evictions": 0 if host is None else host["evictions"],
             }
+        if self.gpu is not None:
+            out["gpu"] = self.gpu.stats()
+        return out
 
     def close(self) -> None:
-        """Release the table file and host memory."""
+        """Release the device memory, the table file and host memory."""
+        if self.gpu is not None:
+            self.gpu.close()
         with self.lock:
             if not self._closed:
                 self._closed = True
@@ -160,8 +289,8 @@ class TableHierarchy:
                 self.host = None
 
 
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+# ----------------------------------------------------------------------------------------------
+# the parameter server
 
 
 class ParameterServer:
@@ -169,8 +298,9 @@ class ParameterServer:
 
     def __init__(self, config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> None:
         self.config = load_config(config)
-        self._tables: dict[tuple[str, int], Any] = {}
-        self._closed = False
+        check_config_tables(self.config)  # a missing or mismatched table names its key
+        self._tables: dict[tuple[str, int], TieredTable] = {}
+        self.closed = False  # True once `close` ran
         try:
             for m in self.config.models:
                 for t in range(m.num_tables):
@@ -189,28 +319,28 @@ class ParameterServer:
             path=m.sparse_files[t], cache_type=m.cache_type,
         )
 
-    def _build_table(self, m: ModelConfig, t: int) -> Any:
-        """The object serving (model m, table t): the one place tiers are put together."""
-        from keras_hps.gpu_tier import wrap_with_gpu_tier
+    def _build_table(self, m: ModelConfig, t: int) -> TieredTable:
+        """The table serving (model m, table t): the one place its tiers are put together."""
+        from keras_hps.gpu_tier import build_gpu_tier
 
-        return wrap_with_gpu_tier(m, t, self._build_hierarchy(m, t), self._validate_keys)
-
-    def _build_hierarchy(self, m: ModelConfig, t: int) -> TableHierarchy:
-        path = m.sparse_files[t]
-        table = open_table(path, m.dim(t))
-        cold = ColdTier(table)
+        cold = ColdTier(open_table(m.sparse_files[t], m.dim(t)))
         spec = self._table_spec(m, t, cold.num_rows)
         vdb = self.config.volatile_db
         host = None
-        if vdb.enabled:
-            rows = cold.num_rows
-            cap = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
-            host = HostTier(spec.dim, cap, policy=vdb.overflow_policy,
-                            resolution_target=vdb.overflow_resolution_target,
-                            key_range=cold.key_range)
-            preload = min(cap, math.ceil(vdb.initial_cache_rate * rows))
-            self._preload(host, cold, preload, f"{m.model}/{spec.name}")
-        return TableHierarchy(spec, host, cold)
+        try:
+            if vdb.enabled:
+                rows = cold.num_rows
+                cap = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
+                host = HostTier(spec.dim, cap, policy=vdb.overflow_policy,
+                                resolution_target=vdb.overflow_resolution_target,
+                                key_range=cold.key_range)
+                preload = min(cap, math.ceil(vdb.initial_cache_rate * rows))
+                self._preload(host, cold, preload, f"{m.model}/{spec.name}")
+            gpu = build_gpu_tier(m, spec)
+        except BaseException:
+            cold.close()
+            raise
+        return TieredTable(spec, host, cold, gpu)
 
     @staticmethod
     def _preload(host: HostTier, cold: ColdTier, rows: int, what: str) -> None:
@@ -233,37 +363,20 @@ class ParameterServer:
 
     # -- queries ----------------------------------------------------------------------------
 
-    def _table(self, model: str, table_id: int) -> Any:
-        if self._closed:
+    def table(self, model: str, table_id: int) -> TieredTable:
+        """The table serving (model, table id): NotFoundError when the config has none,
+        RuntimeError once this server is closed."""
+        if self.closed:
             raise RuntimeError("this parameter server is closed (keras_hps.init replaced it?)")
-        m = self.config.model(model)  # NotFoundError for an unknown model
-        t = m.check_table_id(table_id)
-        return self._tables[(m.model, t)]
+        table = self._tables.get((model, table_id)) if type(table_id) is int else None
+        if table is None:
+            m = self.config.model(model)  # NotFoundError for an unknown model
+            table = self._tables[(m.model, m.check_table_id(table_id))]
+        return table
 
     def table_spec(self, model: str, table_id: int) -> TableSpec:
         """dim, default value, key dtype, max keys per lookup, rows and path of one table."""
-        return self._table(model, table_id).spec
-
-    def _validate_keys(self, spec: TableSpec, keys: Any) -> np.ndarray:
-        arr = np.asarray(keys)
-        where = f"model {spec.model!r} table {spec.table_id}"
-        if arr.dtype.kind not in "iu":
-            kind = {"f": "float", "c": "complex", "b": "bool"}.get(arr.dtype.kind, str(arr.dtype))
-            raise InvalidInputError(f"{where}: keys must be integers, got {kind} ({arr.dtype})")
-        if arr.size > spec.max_keys_per_lookup:
-            raise InvalidInputError(
-                f"{where}: {arr.size} keys in one lookup, more than max_batch_size x "
-                f"maxnum_catfeature_query_per_table_per_sample = {spec.max_keys_per_lookup}")
-        if arr.size:
-            lo, hi = arr.min(), arr.max()
-            info = np.iinfo(spec.key_dtype)
-            if int(lo) < info.min or int(hi) > info.max:
-                bad = int(lo) if int(lo) < info.min else int(hi)
-                raise InvalidInputError(
-                    f"{where}: key {bad} is outside the key type {spec.key_dtype} "
-                    f"[{info.min}, {info.max}] (supportlonglong="
-                    f"{self.config.supportlonglong})")
-        return arr
+        return self.table(model, table_id).spec
 
     def lookup(self, model: str, table_id: int, keys: Any) -> Any:
         """float32 vectors of shape `keys.shape + (dim,)`; a torch tensor in -> torch out.
@@ -272,31 +385,14 @@ class ParameterServer:
         aligned, so TensorFlow adopts it without a copy (`tf.numpy_function`). Raises
         InvalidInputError for non-integer keys, keys beyond the key type or too many keys,
         NotFoundError for an unknown model or table."""
-        table = self._table(model, table_id)
-        if hasattr(table, "gpu_tier"):  # keras_hps.gpu_tier.GpuTieredTable
-            return table.lookup(keys)
-        spec = table.spec
-        torch_in = _is_torch(keys)
-        arr = self._validate_keys(spec, keys.detach().cpu().numpy() if torch_in else keys)
-        shape = arr.shape
-        flat = arr.reshape(-1).astype(np.int64, copy=False)
-        if flat.size == 0:
-            out = aligned_empty((*shape, spec.dim))
-        else:
-            uniq, inv = np.unique(flat, return_inverse=True)
-            out = table.fetch(uniq, inv.reshape(-1)).reshape(*shape, spec.dim)
-            table.record_call(flat.size, len(uniq))
-        if torch_in:
-            import torch
-
-            return torch.from_numpy(out).to(keys.device)
-        return out
+        table = self.table(model, table_id)
+        return table.lookup(check_keys(table.spec, keys))
 
     def stats(self, model: str | None = None, table_id: int | None = None) -> dict[str, Any]:
         """Per-tier hits/misses, evictions and resident rows: of one table, or with no
         arguments {model: {table_id: stats}} for every table."""
         if model is not None and table_id is not None:
-            return self._table(model, table_id).stats()
+            return self.table(model, table_id).stats()
         out: dict[str, dict[int, Any]] = {}
         for (m, t), table in self._tables.items():
             if model is None or m == model:
@@ -307,7 +403,7 @@ class ParameterServer:
 
     def close(self) -> None:
         """Release every table; later lookups raise RuntimeError."""
-        self._closed = True
+        self.closed = True
         for table in self._tables.values():
             table.close()
 
@@ -319,53 +415,92 @@ class ParameterServer:
 
 
 # ----------------------------------------------------------------------------------------------
-# the process-wide parameter server
+# the process's parameter servers for the Keras layers: a default one, and a registry by config
+#
+# `init` and `Init` set the default (HPS's semantics: `init` again closes the old default and
+# installs the new one; `Init` and the layers' lazy init are call-once). A layer that names a
+# `ps_config_file` reads the server of that config from the registry (the default when it was
+# loaded from that config), created on first use. The model server uses none of this: it holds
+# explicit `ParameterServer` objects.
 
 _lock = threading.RLock()
-_current: ParameterServer | None = None
+_default: ParameterServer | None = None
+_by_config: dict[PSConfig, ParameterServer] = {}
+_by_file: dict[str, ParameterServer] = {}  # absolute ps_config_file -> its server (a cache)
+
+
+def _server_for_file(ps_config_file: str | os.PathLike) -> tuple[ParameterServer, bool]:
+    """(the registry's server for this config file, whether it was created now); under
+    `_lock`."""
+    path = os.path.abspath(os.fspath(ps_config_file))
+    ps = _by_file.get(path)
+    if ps is not None and not ps.closed:
+        return ps, False
+    config = load_config(path)
+    ps = _by_config.get(config)
+    created = ps is None or ps.closed
+    if created:
+        ps = _by_config[config] = ParameterServer(config)
+    _by_file[path] = ps
+    return ps, created
+
+
+def _forget(ps: ParameterServer) -> None:
+    """Drop every registry entry of `ps`; under `_lock`."""
+    for table in (_by_config, _by_file):
+        for key in [k for k, v in table.items() if v is ps]:
+            del table[key]
 
 
 def init(config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> ParameterServer:
-    """Load `config` (hps.json path or dict), install it as the process's parameter server and
-    return it. A previous server is closed after the new one loads."""
-    global _current
+    """Load `config` (hps.json path or dict), install it as the process's default parameter
+    server and return it. The previous default (and a previous server of the same config) is
+    closed after the new one loads."""
+    global _default
+    new = ParameterServer(config)
     with _lock:
-        new = ParameterServer(config)
-        old, _current = _current, new
-    if old is not None:
-        old.close()
+        old = [ps for ps in (_default, _by_config.get(new.config)) if ps is not None]
+        for ps in old:
+            _forget(ps)
+        _default = _by_config[new.config] = new
+        if new.config.source:
+            _by_file[new.config.source] = new
+    for ps in {id(p): p for p in old}.values():
+        ps.close()
     return new
 
 
 def Init(*, global_batch_size: int, ps_config_file: str | os.PathLike) -> str:  # noqa: N802
-    """HPS's `hps.Init`: initialise once from `ps_config_file`; later calls do nothing.
-    Returns "OK". Unlike HPS, a `global_batch_size` above a model's `max_batch_size` is an
-    error, not a log line."""
-    global _current
+    """HPS's `hps.Init`: initialise the default parameter server once from `ps_config_file`;
+    later calls do nothing. Returns "OK". Unlike HPS, a `global_batch_size` above a model's
+    `max_batch_size` is an error, not a log line."""
+    global _default
     if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) \
             or global_batch_size < 1:
         raise ConfigError(f"global_batch_size must be an int >= 1, got {global_batch_size!r}")
     with _lock:
-        if _current is not None:
-            src = _current.config.source
+        if _default is not None:
+            src = _default.config.source
             if src and os.path.abspath(os.fspath(ps_config_file)) != src:
                 warnings.warn(f"keras_hps.Init: a parameter server from {src} is already "
                               f"running; {ps_config_file} is ignored (call-once)", stacklevel=2)
             return "OK"
-        ps = ParameterServer(ps_config_file)
+        ps, created = _server_for_file(ps_config_file)
         for m in ps.config.models:
             if global_batch_size > m.max_batch_size:
-                ps.close()
+                if created:
+                    _forget(ps)
+                    ps.close()
                 raise ConfigError(
                     f"{ps.config.source}: models ({m.model}).max_batch_size: "
                     f"{m.max_batch_size} is below global_batch_size={global_batch_size}")
-        _current = ps
+        _default = ps
     return "OK"
 
 
 def get_parameter_server() -> ParameterServer:
-    """The current parameter server; RuntimeError if none was initialised."""
-    ps = _current
+    """The default parameter server; RuntimeError if none was initialised."""
+    ps = _default
     if ps is None:
         raise RuntimeError("no parameter server: call keras_hps.init('hps.json') "
                            "(or keras_hps.Init(global_batch_size=..., ps_config_file=...)) first")
@@ -373,17 +508,36 @@ def get_parameter_server() -> ParameterServer:
 
 
 def ensure_parameter_server(ps_config_file: str | os.PathLike | None = None) -> ParameterServer:
-    """The current parameter server, else one initialised once (thread-safely) from
-    `ps_config_file`; RuntimeError when there is neither."""
-    global _current
-    ps = _current
-    if ps is not None:
+    """The parameter server a layer reads: without `ps_config_file` the default one
+    (RuntimeError when there is none); with it, the registry's server for that config,
+    initialised once (thread-safely) on first use, and made the default if there is none."""
+    global _default
+    if ps_config_file is None:
+        ps = _default
+        if ps is None:
+            raise RuntimeError(
+                "no parameter server: call keras_hps.init('hps.json') first, or pass "
+                "ps_config_file=... to the layer")
+        return ps
+    ps = _by_file.get(os.path.abspath(os.fspath(ps_config_file)))
+    if ps is not None and not ps.closed:
         return ps
     with _lock:
-        if _current is None:
-            if not ps_config_file:
-                raise RuntimeError(
-                    "no parameter server: call keras_hps.init('hps.json') first, or pass "
-                    "ps_config_file=... to the layer")
-            _current = ParameterServer(ps_config_file)
-        return _current
+        ps, _created = _server_for_file(ps_config_file)
+        if _default is None:
+            _default = ps
+        return ps
+
+
+def close_all() -> None:
+    """Close the default parameter server and every other one the registry holds (tests,
+    notebooks)."""
+    global _default
+    with _lock:
+        servers = {id(p): p for p in (_default, *_by_config.values(), *_by_file.values())
+                   if p is not None}
+        _default = None
+        _by_config.clear()
+        _by_file.clear()
+    for ps in servers.values():
+        ps.close()

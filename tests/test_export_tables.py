@@ -79,12 +79,12 @@ def test_cold_tier_lookup_over_shared_files(shared):
     query = np.unique(np.concatenate([hits, misses, keys[:1], keys[-1:]]))
     tier = ColdTier.open(str(h5))
     try:
-        found, got = tier.lookup(query)
+        found, got = tier.fetch(query)
         row_of = {int(k): i for i, k in enumerate(keys)}
         want_found = np.array([int(k) in row_of for k in query])
         np.testing.assert_array_equal(found, want_found)
         np.testing.assert_array_equal(got, vectors[[row_of[int(k)] for k in query[found]]])
-        assert tier.lookup(np.empty(0, np.int64))[1].shape == (0, vectors.shape[1])
+        assert tier.fetch(np.empty(0, np.int64))[1].shape == (0, vectors.shape[1])
     finally:
         tier.close()
 

@@ -86,3 +86,14 @@ def test_lookups_in_pieces_match_numpy(table, combiner):
     want = np.divide(total, scale, out=np.zeros_like(total), where=scale > 0)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     assert lookup_in_pieces(ps, "m", 0, np.zeros((0, 2), np.int64)).shape == (0, 2, 3)
+
+
+@pytest.mark.parametrize("combiner", ["sum", "mean", "sqrtn"])
+def test_bags_of_only_padding_and_no_rows_pool_to_zeros(table, combiner):
+    """A request whose bags are all padding looks nothing up and answers zeros; an empty
+    batch answers an empty array of the table's dim."""
+    ps, _, _ = table
+    lookup = Lookup("k", "f", "m", 0, combiner)
+    np.testing.assert_array_equal(pooled(ps, lookup, np.full((3, 2, 4), -1)),
+                                  np.zeros((3, 2, 3), np.float32))
+    assert pooled(ps, lookup, np.zeros((0, 4), np.int64)).shape == (0, 3)

@@ -72,8 +72,8 @@ def test_dynamic_whole_hierarchy_exact_with_evictions(interpret, table):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path)) as ps:
-        tiered = ps._table("m", 0)
-        assert tiered.gpu_tier.mode == "dynamic" and tiered.gpu_tier.slots == 64
+        tiered = ps.table("m", 0)
+        assert tiered.gpu.mode == "dynamic" and tiered.gpu.slots == 64
         hot = keys[:20]
         for i in range(6):
             q = _batch(rng, keys, 100, 10, hot=hot if i % 2 else None).reshape(10, 11)
@@ -98,7 +98,7 @@ def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, gpu_cache_admission="tinylfu")) as ps:
-        tier = ps._table("m", 0).gpu_tier
+        tier = ps.table("m", 0).gpu
         assert all(r.cache.admission == "tinylfu" for r in tier._replicas)
         hot = keys[:20]
         for i in range(6):
@@ -120,7 +120,7 @@ def test_repeated_keys_fetched_once_counted_once(interpret, table, mode):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
-        tier = ps._table("m", 0).gpu_tier
+        tier = ps.table("m", 0).gpu
         known = rng.choice(keys, 5, replace=False)
         unknown = np.setdiff1d(rng.integers(-(2**40), 2**40, 3), keys)
         q = np.repeat(np.r_[known, unknown], rng.integers(1, 5, known.size + unknown.size))
@@ -151,7 +151,7 @@ def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, hit_rate_threshold=threshold, gpucacheper=0.5)) as ps:
-        tier = ps._table("m", 0).gpu_tier
+        tier = ps.table("m", 0).gpu
         q = rng.choice(keys, 40, replace=False)
         np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
         assert tier.stats()["hits"] == 0
@@ -168,7 +168,7 @@ def test_static_and_uvm_modes_exact(interpret, table, mode):
     rng = np.random.default_rng()
     cfg = _config(path, embedding_cache_type=mode)
     with ParameterServer(cfg) as ps:
-        tier = ps._table("m", 0).gpu_tier
+        tier = ps.table("m", 0).gpu
         looked = known = 0
         for _ in range(2):
             q = _batch(rng, keys, 200, 20)
@@ -191,16 +191,18 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
-        tiered = ps._table("m", 0)
+        tiered = ps.table("m", 0)
         q = keys[:10]
         ps.lookup("m", 0, q)  # now resident on the GPU tier
         new = rng.standard_normal((5, DIM)).astype(np.float32)
         # The host tier changes: resident rows in place, the others inserted.
-        host = tiered.hierarchy.host
+        host = tiered.host
         slots = host._index.find(q[:5])
         host.vectors[slots[slots >= 0]] = new[slots >= 0]
         host.insert(q[:5][slots < 0], new[slots < 0])
-        np.testing.assert_array_equal(tiered.hierarchy.fetch(q[:5]), new)
+        found, below = host.fetch(q[:5])  # the tiers below the GPU serve the new rows
+        assert found.all()
+        np.testing.assert_array_equal(below, new)
         stale = ps.lookup("m", 0, q)
         np.testing.assert_array_equal(stale, vectors[:10])  # GPU tier still has old rows
         tiered.on_update(q[:5], new)

@@ -20,7 +20,7 @@ from keras_hps.triton_kernels.cache_admission import (  # noqa: E402
     sketch_add,
 )
 from keras_hps.triton_kernels.cache_fused_query import (  # noqa: E402
-    PooledTables,
+    PooledCacheArrays,
     fused_cache_query,
     np_fused_cache_query,
 )
@@ -41,7 +41,7 @@ from keras_hps.triton_kernels.cache_update import (  # noqa: E402
     np_cache_invalidate,
     np_cache_update,
 )
-from keras_hps.triton_kernels.gather import gather_rows, np_gather_rows  # noqa: E402
+from keras_hps.triton_kernels.gather import gather, np_gather  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GPU_SCALE = 16 if DEVICE == "cuda" else 1
@@ -281,7 +281,7 @@ def test_empty_batches_do_nothing(rng):
     cache_update(arrays, empty, f32(np.zeros((0, 100))))
     cache_invalidate(arrays, empty)
     assert_same_state(arrays, before)
-    assert gather_rows(arrays.vectors, empty).shape == (0, 100)
+    assert gather(arrays.vectors, empty).shape == (0, 100)
 
 
 def test_query_reports_compact_miss_positions(rng):
@@ -330,7 +330,7 @@ def _pool(tables, key_dtype):
     def d64(x):
         return torch.tensor(x, dtype=torch.int64, device=DEVICE)
 
-    pooled = PooledTables(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
+    pooled = PooledCacheArrays(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
                           d64(vbases), d64(dims), tuple(dims), empty_key(key_dtype))
     return pooled, per
 
@@ -394,8 +394,8 @@ def test_gather_matches_reference(rng, dim):
     table = rng.standard_normal((300, dim)).astype(np.float32)
     idx = rng.integers(0, 300, size=77 * GPU_SCALE)
     for dtype in (torch.int64, torch.int32):
-        out = gather_rows(f32(table), t(idx, dtype))
-        np.testing.assert_array_equal(out.cpu().numpy(), np_gather_rows(table, idx))
+        out = gather(f32(table), t(idx, dtype))
+        np.testing.assert_array_equal(out.cpu().numpy(), np_gather(table, idx))
 
 
 def _same_set_keys(rng, num_sets, count, which=1):

@@ -1,4 +1,5 @@
-"""Static hash table (static and UVM modes) against its NumPy reference."""
+"""Static hash table (static and UVM modes): the kernels and their owner `GpuStaticTable`,
+against the NumPy reference."""
 
 import numpy as np
 import pytest
@@ -6,13 +7,13 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
+from keras_hps.gpu_static_table import GpuStaticTable  # noqa: E402
 from keras_hps.triton_kernels.static_table import (  # noqa: E402
     EMPTY_KEY,
-    StaticTable,
     build_index,
+    np_static_query,
     static_find,
     static_query,
-    static_query_reference,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,7 +44,7 @@ def test_query_matches_reference(dim, n_device_frac):
     rng = np.random.default_rng()
     keys, values = _table(rng, 700, dim)
     n_device = int(n_device_frac * keys.size)
-    table = StaticTable(
+    table = GpuStaticTable(
         torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE, n_device=n_device
     )
     assert len(table) == keys.size
@@ -53,7 +54,7 @@ def test_query_matches_reference(dim, n_device_frac):
     q = _queries(rng, keys, 300, 100)  # duplicates among the 300 hits are likely
     default = rng.standard_normal(dim).astype(np.float32)
     out, hit = table.query(torch.from_numpy(q).to(DEVICE), torch.from_numpy(default))
-    ref, ref_hit = static_query_reference(keys, values, q, default)
+    ref, ref_hit = np_static_query(keys, values, q, default)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref)
     assert (~ref_hit).any() and len(np.unique(q[ref_hit])) < ref_hit.sum()
@@ -62,10 +63,10 @@ def test_query_matches_reference(dim, n_device_frac):
 def test_no_default_gives_zeros_and_int32_keys():
     rng = np.random.default_rng()
     keys, values = _table(rng, 300, 16, key_dtype=np.int32)
-    table = StaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
+    table = GpuStaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
     q = _queries(rng, keys, 100, 50, key_dtype=np.int32).reshape(10, 15)  # any shape
     out, hit = table.query(torch.from_numpy(q).to(DEVICE))
-    ref, ref_hit = static_query_reference(keys, values, q, None)
+    ref, ref_hit = np_static_query(keys, values, q, None)
     assert out.shape == (150, 16)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref)
@@ -81,7 +82,7 @@ def test_dense_index_with_long_probes():
     dv = torch.from_numpy(values).to(DEVICE)
     q = _queries(rng, keys, 400, 200)
     out, hit = static_query(index, torch.from_numpy(q).to(DEVICE), dv)
-    ref, ref_hit = static_query_reference(keys, values, q, None)
+    ref, ref_hit = np_static_query(keys, values, q, None)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref)
     # Every key is in exactly one slot.
@@ -92,7 +93,7 @@ def test_dense_index_with_long_probes():
 def test_empty_batch_empty_table_and_sentinel():
     rng = np.random.default_rng()
     keys, values = _table(rng, 50, 4)
-    table = StaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
+    table = GpuStaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE)
     out, hit = table.query(torch.empty(0, dtype=torch.int64, device=DEVICE))
     assert out.shape == (0, 4) and hit.shape == (0,)
     # The sentinel is never a hit (it cannot be stored).
@@ -100,7 +101,7 @@ def test_empty_batch_empty_table_and_sentinel():
     out, hit = table.query(q)
     assert hit.tolist() == [False, True]
     np.testing.assert_array_equal(out[1].cpu().numpy(), values[0])
-    empty = StaticTable(torch.empty(0, dtype=torch.int64), torch.empty((0, 4)), device=DEVICE)
+    empty = GpuStaticTable(torch.empty(0, dtype=torch.int64), torch.empty((0, 4)), device=DEVICE)
     out, hit = empty.query(torch.from_numpy(keys[:5]).to(DEVICE))
     assert not hit.any() and (out == 0).all()
 
@@ -113,8 +114,8 @@ def test_bad_tables_are_rejected():
     with pytest.raises(ValueError, match="int32 or int64"):
         build_index(torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match="values must be"):
-        StaticTable(torch.tensor([1, 2]), torch.zeros((3, 4)), device=DEVICE)
-    table = StaticTable(torch.tensor([1, 2]), torch.zeros((2, 4)), device=DEVICE)
+        GpuStaticTable(torch.tensor([1, 2]), torch.zeros((3, 4)), device=DEVICE)
+    table = GpuStaticTable(torch.tensor([1, 2]), torch.zeros((2, 4)), device=DEVICE)
     with pytest.raises(ValueError, match="default must have shape"):
         table.query(torch.tensor([1], device=DEVICE), torch.zeros(3))
 
@@ -122,7 +123,7 @@ def test_bad_tables_are_rejected():
 def test_find_and_update_in_both_parts():
     rng = np.random.default_rng()
     keys, values = _table(rng, 400, 12)
-    table = StaticTable(
+    table = GpuStaticTable(
         torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE, n_device=150
     )
     q = _queries(rng, keys, 100, 40)
@@ -137,28 +138,28 @@ def test_find_and_update_in_both_parts():
     values2 = values.copy()
     values2[[pos[int(k)] for k in upd[:60]]] = new[:60]
     out, hit = table.query(torch.from_numpy(q).to(DEVICE))
-    ref, ref_hit = static_query_reference(keys, values2, q, None)
+    ref, ref_hit = np_static_query(keys, values2, q, None)
     np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
     np.testing.assert_array_equal(out.cpu().numpy(), ref)
 
 
 @pytest.mark.parametrize("n_device_frac", [0.0, 0.4])  # 0.0: the UVM mode; 0.4: split
 @pytest.mark.parametrize("dim,share", [(16, 0.0), (100, 0.0), (16, 0.3)])
-def test_fetch_through_copy_engine_matches_reference(dim, share, n_device_frac):
-    # fetch() gathers host rows on the host and copies them (chunked on CUDA); it must equal
-    # the reference and the kernel's query for hits, misses and duplicates, in several calls
-    # (the pinned staging buffer is reused and grown).
+def test_copying_query_through_copy_engine_matches_reference(dim, share, n_device_frac):
+    # host_read="copy" gathers host rows on the host and copies them (chunked on CUDA); it
+    # must equal the reference and the kernel's query for hits, misses and duplicates, in
+    # several calls (the pinned staging buffer is reused and grown).
     rng = np.random.default_rng()
     keys, values = _table(rng, 900, dim)
-    table = StaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE,
+    table = GpuStaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE,
                         n_device=int(n_device_frac * keys.size))
     assert table.host_values is not None
     table.copy_chunk_bytes = 64 * dim * 4  # many chunks of 64 rows (8 MiB by default)
     table.zero_copy_share = share  # this share of the keys read by the kernel, by row
     for n_hit, n_miss in ((50, 0), (400, 90), (0, 7), (0, 0), (2000, 10)):
         q = _queries(rng, keys, n_hit, n_miss)
-        out, hit = table.fetch(torch.from_numpy(q).to(DEVICE))
-        ref, ref_hit = static_query_reference(keys, values, q, None)
+        out, hit = table.query(torch.from_numpy(q).to(DEVICE), host_read="copy")
+        ref, ref_hit = np_static_query(keys, values, q, None)
         np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
         np.testing.assert_array_equal(out.cpu().numpy(), ref)
         kq, kh = table.query(torch.from_numpy(q).to(DEVICE))

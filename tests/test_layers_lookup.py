@@ -272,3 +272,40 @@ def test_emb_vec_dtype_casts_the_vectors(tables, ps):
     assert layer(keras.Input((2,), dtype="int64")).dtype == "float16"
     with pytest.raises(ConfigError, match="float dtype"):
         LookupLayer("ranker", 1, DIMS[1], emb_vec_dtype="int32")
+
+
+def test_layer_naming_a_config_reads_that_configs_tables(tables, ps, tmp_path):
+    """The default server holds one version of the tables; a layer naming another config
+    file reads that config's tables (the registry by config), the others the default's."""
+    rng = np.random.default_rng(19)
+    dense, keys, vectors = random_table(rng, VOCAB[0], DIMS[0], drop=10)
+    other = write_config(tmp_path / "other", "ranker", [(keys, vectors)], [9.0], [SLOTS],
+                         MAX_BATCH)
+    ids = np.random.default_rng(20).integers(0, VOCAB[0], size=(6, SLOTS))
+    mine = LookupLayer("ranker", 0, DIMS[0], ps_config_file=str(other))
+    default = LookupLayer("ranker", 0, DIMS[0])
+    np.testing.assert_array_equal(mine(ids).numpy(), with_defaults(dense, keys, 9.0)[ids])
+    np.testing.assert_array_equal(default(ids).numpy(), tables["served"][0][ids])
+    assert keras_hps.get_parameter_server() is ps
+
+
+def test_one_cpu_lookup_crosses_few_modules_and_never_calls_back(tables, ps):
+    """docs/architecture.md's CPU lookup, followed through the code (TensorFlow backend, host
+    tier and table file): six modules, never a call back up into one it left (the lookup op
+    calls the parameter server directly)."""
+    from lookup_trace import Trace
+
+    layer = LookupLayer("ranker", 0, DIMS[0])
+    ids = np.random.default_rng().integers(0, VOCAB[0] + 20, size=(8, SLOTS))
+    layer(ids)  # binds the table
+    trace = Trace()
+    out = trace.run(layer, ids)
+    known = ids < VOCAB[0]
+    np.testing.assert_array_equal(out.numpy()[known], tables["served"][0][ids[known]])
+    assert trace.modules[:3] == ["keras_hps.layers.base_layer",
+                                 "keras_hps.layers.tensorflow_backend",
+                                 "keras_hps.parameter_server"]
+    assert set(trace.modules) <= {*trace.modules[:3], "keras_hps.host_tier",
+                                  "keras_hps.output_buffers", "keras_hps.cold_tier"}
+    assert "keras_hps.output_buffers" in trace.modules and len(trace.modules) <= 7
+    assert not trace.callbacks

@@ -137,7 +137,7 @@ def test_sparse_layer_padded_and_offsets(table, ps, device, combiner, triton, mo
 
     if device == "cpu":  # CPU tensors reach the Triton kernel only through its interpreter
         if triton and os.environ.get("TRITON_INTERPRET") != "1":
-            pytest.skip("Triton kernels are compiled here; CPU tensors use torch ops")
+            pytest.skip("Triton kernels are compiled here; CPU tensors use keras.ops segment sums")
         monkeypatch.setenv("TRITON_INTERPRET", "1" if triton else "0")
     elif not triton:
         pytest.skip("CUDA tensors always use the Triton kernel")
@@ -209,3 +209,68 @@ def test_fused_layer_equals_lookup_layers(table, ps):
         ref = np.where(known.numpy()[..., None], table["served"][i.clamp(0, VOCAB - 1).numpy()],
                        np.float32(DEFAULT))
         np.testing.assert_array_equal(g.cpu().numpy(), ref)
+
+
+@torch_only
+@pytest.mark.parametrize("device", devices())
+def test_combiner_paths_equal_the_reference(device):
+    """`keras_hps.combiner` under torch: its keras.ops segment sums (no offsets) and the
+    Triton kernel (CSR offsets; CUDA, or the interpreter) against the NumPy reference."""
+    import torch
+
+    from keras_hps.combiner import COMBINERS, combine
+    from keras_hps.triton_kernels.combiners import np_combine_bags
+
+    rng = np.random.default_rng()
+    lengths = rng.integers(0, 5, 11)
+    lengths[3] = 0
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    vectors = rng.standard_normal((offsets[-1], 5)).astype(np.float32)
+    weights = rng.random(offsets[-1]).astype(np.float32)
+    segments = np.repeat(np.arange(11), lengths)
+    t = {k: torch.from_numpy(v).to(device) for k, v in
+         (("v", vectors), ("s", segments), ("o", offsets), ("w", weights))}
+    for combiner in COMBINERS:
+        for w in (None, weights):
+            want = np_combine_bags(vectors, offsets, w, combiner)
+            tw = None if w is None else t["w"]
+            for got in (combine(t["v"], t["s"], 11, combiner, tw),
+                        combine(t["v"], t["s"], 11, combiner, tw, t["o"])):
+                assert got.device.type == torch.device(device).type
+                np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+@torch_only
+@pytest.mark.parametrize("device", devices())
+def test_one_gpu_lookup_crosses_seven_modules_at_most(table, device, monkeypatch):
+    """docs/architecture.md's GPU lookup, followed through the code: from LookupLayer.call to
+    the Triton kernels and back, at most 7 modules, never a call back up into one it left.
+    Without CUDA the GPU tier runs through the interpreter (and gathers back to input order
+    with torch indexing, not the Triton gather)."""
+    import torch
+    from lookup_trace import Trace
+
+    import keras_hps
+    from keras_hps.layers import LookupLayer
+
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    ps = keras_hps.init(str(table["config"]))
+    layer = LookupLayer("tt", 0, DIM)
+    ids = torch.as_tensor(np.random.default_rng().choice(VOCAB, 6, replace=False).reshape(2, 3),
+                          device=device)
+    layer(ids)  # binds the table; the six keys enter the GPU cache (8-slot sets: all fit)
+    before = ps.stats("tt", 0)["gpu"]
+    trace = Trace()
+    out = trace.run(layer, ids)
+    after = ps.stats("tt", 0)["gpu"]
+    assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (6, 0)
+    np.testing.assert_array_equal(out.cpu().numpy(), table["served"][ids.cpu().numpy()])
+    want = ["keras_hps.layers.base_layer", "keras_hps.layers.torch_backend",
+            "keras_hps.parameter_server", "keras_hps.gpu_tier", "keras_hps.gpu_cache",
+            "keras_hps.triton_kernels.cache_query"]
+    if cuda:
+        want.append("keras_hps.triton_kernels.gather")
+    assert trace.modules == want and len(want) <= 7
+    assert not trace.callbacks

@@ -205,15 +205,9 @@ def test_eight_threads_get_exact_results(server, tables):
 @pytest.fixture
 def no_global_server():
     """Each test starts and ends without a process-wide parameter server."""
-    def reset() -> None:
-        with psm._lock:
-            if psm._current is not None:
-                psm._current.close()
-            psm._current = None
-
-    reset()
+    psm.close_all()
     yield
-    reset()
+    psm.close_all()
 
 
 def test_init_replaces_and_closes_the_previous_server(tables, tmp_path, no_global_server):
@@ -267,3 +261,27 @@ def test_ensure_parameter_server_initialises_once_across_threads(tables, no_glob
     assert len(got) == 8 and all(p is got[0] for p in got)
     assert keras_hps.get_parameter_server() is got[0]
     assert psm.ensure_parameter_server() is got[0]
+
+
+def test_registry_gives_each_config_its_own_server(tables, no_global_server):
+    """Layers naming a ps_config_file read that config's server (issue 12), created once; the
+    default (keras_hps.init) is shared with it when it was loaded from the same file; init
+    with another config closes only the old default."""
+    d, _ = tables
+    a, b, c = (d / f"hps_reg_{n}.json" for n in "abc")
+    a.write_text(json.dumps(make_config()))
+    b.write_text(json.dumps(make_config(**CONFIGS["cold-only"])))
+    c.write_text(json.dumps(make_config(**CONFIGS["partial-lru"])))
+    default = keras_hps.init(str(a))
+    assert psm.ensure_parameter_server(str(a)) is default  # same config: the same server
+    from_b = psm.ensure_parameter_server(str(b))
+    assert from_b is not default and from_b.config.source == str(b)
+    assert psm.ensure_parameter_server(str(b)) is from_b  # call-once per config
+    assert keras_hps.get_parameter_server() is default  # the default stays
+    new_default = keras_hps.init(str(c))
+    assert default.closed and not from_b.closed and not new_default.closed
+    assert psm.ensure_parameter_server(str(b)) is from_b
+    again = psm.ensure_parameter_server(str(a))  # the old default closed: built anew
+    assert again is not default and not again.closed and again is not new_default
+    psm.close_all()
+    assert from_b.closed and new_default.closed and again.closed

@@ -435,7 +435,7 @@ def test_fill_from_hdf5_cold_tier(tier_factory, tmp_path):
     assert tier.fill_from(cold, 1.0).rows == 3000
     q = rng.choice(keys, 300)
     found, got = tier.lookup(q)
-    cf, cv = cold.lookup(np.unique(q))
+    cf, cv = cold.fetch(np.unique(q))
     assert found.all() and cf.all()
     ref = dict(zip(np.unique(q).tolist(), cv, strict=True))
     np.testing.assert_array_equal(got, np.array([ref[int(k)] for k in q]))

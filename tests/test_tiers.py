@@ -36,7 +36,7 @@ def test_host_tier_insert_and_lookup_match_a_dict(index):
         tier.insert(keys[part], vecs[part])
         ref.update({int(k): v for k, v in zip(keys[part], vecs[part], strict=True)})
         q = np.unique(np.concatenate([rng.choice(keys, 400), rng.integers(-3000, 3000, 100)]))
-        found, got = tier.lookup(q)
+        found, got = tier.fetch(q)
         want_found, want = reference_lookup(ref, q, dim)
         np.testing.assert_array_equal(found, want_found)
         np.testing.assert_array_equal(got, want)
@@ -58,7 +58,7 @@ def test_overflow_policies(policy, index):
     assert tier.resident_rows == 100 and tier.evictions == 0
     # make keys 0..29 "used": several hits each; keys 30..99 got no hits since insertion
     for _ in range(3):
-        found, _ = tier.lookup(np.arange(30))
+        found, _ = tier.fetch(np.arange(30))
         assert found.all()
     fill(tier, np.arange(1000, 1020), dim)  # 20 new rows overflow 100: evict down to 60 first
     assert tier.evictions == 40 and tier.resident_rows == 80
@@ -70,7 +70,7 @@ def test_overflow_policies(policy, index):
         assert set(range(30)) <= kept_old  # hit rows are the most used and the most recent
     # whatever stayed still returns its own row, whatever left is a miss
     q = np.arange(0, 1100)
-    found, got = tier.lookup(q)
+    found, got = tier.fetch(q)
     np.testing.assert_array_equal(found, np.isin(q, sorted(resident)))
     np.testing.assert_array_equal(got[:, 0], q[found].astype(np.float32))
 
@@ -82,8 +82,8 @@ def test_evict_oldest_is_least_recently_used_and_least_used_counts_hits():
     for tier in (lru, lfu):
         fill(tier, np.arange(10), dim)
         for _ in range(5):
-            tier.lookup(np.array([0, 1, 2]))  # many hits, long ago
-        tier.lookup(np.array([7, 8, 9]))  # one hit, most recent
+            tier.fetch(np.array([0, 1, 2]))  # many hits, long ago
+        tier.fetch(np.array([7, 8, 9]))  # one hit, most recent
         fill(tier, np.array([100]), dim)  # overflow: keep 5 (4 old + the new one)
     assert set(lru.resident_keys().tolist()) >= {7, 8, 9, 100}
     assert set(lfu.resident_keys().tolist()) >= {0, 1, 2, 100}
@@ -113,7 +113,7 @@ def test_hash_index_survives_churn_with_tombstones():
     universe = rng.integers(-(2**62), 2**62, 5000)
     for _ in range(60):
         q = np.unique(rng.choice(universe, 120))
-        found, got = tier.lookup(q)
+        found, got = tier.fetch(q)
         np.testing.assert_array_equal(got[:, 0], (q[found] % 1009).astype(np.float32))
         resident = set(tier.resident_keys().tolist())
         np.testing.assert_array_equal(found, [int(k) in resident for k in q])
@@ -143,11 +143,11 @@ def test_cold_tier_matches_reference(tmp_path, kind, two_level, monkeypatch):
     for _ in range(5):
         q = np.unique(np.concatenate([rng.choice(keys, 500), rng.integers(-(10**9), 10**9, 50),
                                       [0, -5, -6, np.iinfo(np.int64).max]]))
-        found, got = cold.lookup(q)
+        found, got = cold.fetch(q)
         want_found, want = reference_lookup(ref, q, dim)
         np.testing.assert_array_equal(found, want_found)
         np.testing.assert_array_equal(got, want)
-    empty_found, empty = cold.lookup(np.empty(0, np.int64))
+    empty_found, empty = cold.fetch(np.empty(0, np.int64))
     assert empty_found.shape == (0,) and empty.shape == (0, dim)
     assert cold.hits + cold.misses == cold.stats()["hits"] + cold.stats()["misses"] > 0
     cold.close()

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from .cache_layout import hash_key, np_hash
+from .launch import launch_config
 
 SKETCH_DEPTH = 4
 # Odd 64-bit multipliers, one per row (below 2**63 so that they are int64 literals).
@@ -74,9 +75,11 @@ def sketch_add(sketch: torch.Tensor, keys: torch.Tensor, width_log2: int) -> Non
         raise ValueError(f"sketch must be int32 [{SKETCH_DEPTH << width_log2}]")
     n = keys.numel()
     if n:
-        block = 1024
-        _sketch_add_kernel[(triton.cdiv(n, block),)](keys, n, sketch, WIDTH_LOG2=width_log2,
-                                                     BLOCK=block)
+        cfg = launch_config("sketch_add")
+        _sketch_add_kernel[(triton.cdiv(n, cfg.block_k),)](keys, n, sketch,
+                                                           WIDTH_LOG2=width_log2,
+                                                           BLOCK=cfg.block_k,
+                                                           num_warps=cfg.num_warps)
 
 
 def np_sketch_index(keys: np.ndarray, width_log2: int) -> np.ndarray:

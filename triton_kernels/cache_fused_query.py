@@ -20,18 +20,18 @@ from .cache_layout import (
     POLICIES,
     SLOTS_PER_SET,
     NpCacheState,
-    block_d,
     copy_rows,
     probe,
     set_index,
     small_int64_to_device,
     touch,
 )
-from .cache_query import _launch_config, np_cache_query
+from .cache_query import np_cache_query
+from .launch import launch_config
 
 
 @dataclass
-class PooledTables:
+class PooledCacheArrays:
     """Pooled arrays of several caches plus the per-table parameter vectors (int64, device)."""
 
     keys: torch.Tensor  # int64 [slots]
@@ -92,7 +92,7 @@ def _fused_query_kernel(
 
 
 def fused_cache_query(
-    pooled: PooledTables,
+    pooled: PooledCacheArrays,
     keys: torch.Tensor,
     key_offsets: list[int],
     *,
@@ -126,19 +126,16 @@ def fused_cache_query(
         offs_dev = small_int64_to_device(key_offsets, dev)
         out_base_dev = small_int64_to_device(out_bases[:-1], dev)
         max_dim = max(pooled.dims_host)
-        cfg = _launch_config(max_dim)
-        if max_dim > 32:
-            cfg["block_k"] = 32  # measured best for the 26 Criteo tables (exp_hot_keys.py)
-        cfg.update({k: v for k, v in tuning.items() if v is not None})
+        cfg = launch_config("fused_cache_query", max_dim, **tuning)
         uniform = len(set(pooled.dims_host)) == 1
-        _fused_query_kernel[(triton.cdiv(n, cfg["block_k"]),)](
+        _fused_query_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys, n, offs_dev,
             pooled.set_base, pooled.num_sets, pooled.vec_base, pooled.dims, out_base_dev,
             pooled.keys, pooled.scores, pooled.marks, pooled.vectors, out, hit, pooled.empty,
-            NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=block_d(max_dim),
-            BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
-            UNIFORM_DIM=uniform, ROW_EVICT=cfg["row_evict"], MARK_CHECK=cfg["mark_check"],
-            num_warps=cfg["num_warps"],
+            NUM_TABLES=nt, MAX_DIM=max_dim, BLOCK_D=cfg.block_d,
+            BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET, TOUCH=touch, LFU=policy == "lfu",
+            UNIFORM_DIM=uniform, ROW_EVICT=cfg.row_evict, MARK_CHECK=cfg.mark_check,
+            num_warps=cfg.num_warps,
         )
     values = [out[int(out_bases[i]):int(out_bases[i + 1])].view(counts[i], pooled.dims_host[i])
               for i in range(nt)]

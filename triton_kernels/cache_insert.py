@@ -27,7 +27,6 @@ from .cache_layout import (
     SLOTS_PER_SET,
     CacheArrays,
     NpCacheState,
-    block_d,
     check_keys,
     check_values,
     empty_key,
@@ -35,6 +34,7 @@ from .cache_layout import (
     probe,
     set_index,
 )
+from .launch import launch_config
 
 _INT64_MAX = 2**63 - 1
 
@@ -140,19 +140,10 @@ def sort_by_set(keys: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.
     n = keys.numel()
     sdtype = torch.int32 if num_sets < 2**31 else torch.int64
     sets = torch.empty(n, dtype=sdtype, device=keys.device)
-    block = 1024
+    block = launch_config("set_index").block_k
     _set_index_kernel[(triton.cdiv(n, block),)](keys, n, num_sets, sets, BLOCK=block)
     sorted_sets, order = torch.sort(sets, stable=True)
     return sorted_sets, order
-
-
-def _launch_config(dim: int) -> tuple[int, int]:
-    """(keys per program, warps) measured best on an H200 (docs/benchmarks/gpu_cache.md)."""
-    if dim <= 32:
-        return 64, 4
-    if dim <= 128:
-        return 32, 4
-    return 16, 8
 
 
 def cache_insert(
@@ -186,17 +177,16 @@ def cache_insert(
     if n == 0:
         return
     sorted_sets, order = sort_by_set(keys, arrays.num_sets)
-    bk, nw = _launch_config(arrays.dim)
-    bk, nw = block_k or bk, num_warps or nw
-    _cache_insert_kernel[(triton.cdiv(n, bk),)](
+    cfg = launch_config("cache_insert", arrays.dim, block_k=block_k, num_warps=num_warps)
+    _cache_insert_kernel[(triton.cdiv(n, cfg.block_k),)](
         keys, values, order, sorted_sets, n,
         arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
         empty_key(arrays.key_dtype), counters if counters is not None else order, stamp,
         sketch[0] if sketch is not None else order,
-        DIM=arrays.dim, BLOCK_D=block_d(arrays.dim), BLOCK_K=bk, SLOTS=SLOTS_PER_SET,
+        DIM=arrays.dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET,
         LFU=policy == "lfu", ONLY_PRESENT=only_present, COUNT=counters is not None,
         ADMIT=sketch is not None and not only_present,
-        WIDTH_LOG2=sketch[1] if sketch is not None else 0, num_warps=nw,
+        WIDTH_LOG2=sketch[1] if sketch is not None else 0, num_warps=cfg.num_warps,
     )
 
 

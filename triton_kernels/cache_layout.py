@@ -87,6 +87,18 @@ def probe(k, s, m, keys_ptr, empty, SLOTS: tl.constexpr):
 
 
 @triton.jit
+def find_slots(keys_ptr, n, cache_keys_ptr, num_sets, empty, BLOCK_K: tl.constexpr,
+               SLOTS: tl.constexpr):
+    """This program's ``BLOCK_K`` keys: (positions, lane mask, hit, flat slot of each hit)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m = offs < n
+    k = tl.load(keys_ptr + offs, mask=m, other=0)
+    s = set_index(k, num_sets)
+    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
+    return offs, m, j >= 0, s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+
+
+@triton.jit
 def touch(marks_ptr, scores_ptr, slot, hit, LFU: tl.constexpr, MARK_CHECK: tl.constexpr):
     """Record query hits: LFU adds one to the slot's count; LRU sets the slot's mark bit.
     With ``MARK_CHECK`` a read comes first and the atomic is skipped where it would change
@@ -293,8 +305,3 @@ def small_int64_to_device(values, device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cuda":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
-
-
-def block_d(dim: int) -> int:
-    """Row tile width: the next power of two of ``dim``, capped at 256 (wider rows loop)."""
-    return min(256, triton.next_power_of_2(dim))

@@ -19,15 +19,14 @@ from .cache_layout import (
     SLOTS_PER_SET,
     CacheArrays,
     NpCacheState,
-    block_d,
     check_keys,
     copy_rows,
     empty_key,
+    find_slots,
     np_set_index,
-    probe,
-    set_index,
     touch,
 )
+from .launch import launch_config
 
 
 @triton.jit(do_not_specialize=["num_sets", "empty"])
@@ -38,14 +37,8 @@ def _cache_query_kernel(
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
     ROW_EVICT: tl.constexpr, MARK_CHECK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = offs < n
-    k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s = set_index(k, num_sets)
-    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
-    hit = j >= 0
-    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    offs, m, hit, slot = find_slots(keys_ptr, n, cache_keys_ptr, num_sets, empty, BLOCK_K,
+                                    SLOTS)
     if TOUCH:
         touch(marks_ptr, scores_ptr, slot, hit, LFU, MARK_CHECK)
     copy_rows(vec_ptr, slot, hit, out_ptr, offs, m, DIM, BLOCK_D, ROW_EVICT)
@@ -60,15 +53,6 @@ def _cache_query_kernel(
         base = tl.atomic_add(miss_count_ptr, nmiss.to(tl.int64), sem="relaxed")
         rank = tl.cumsum(mi, axis=0) - mi
         tl.store(miss_pos_ptr + base + rank, offs, mask=miss)
-
-
-# Launch settings per row width, measured best on an H200 (docs/benchmarks/gpu_cache.md):
-# keys per program and warps; ``mark_check`` reads an LRU hit's marks word before the atomic
-# (hot keys, already marked, then cost no atomic: 2.2x faster on Zipf keys, and no slower on
-# unique ones).
-def _launch_config(dim: int) -> dict:
-    block_k, num_warps = (128, 4) if dim <= 32 else (16, 4)
-    return {"block_k": block_k, "num_warps": num_warps, "row_evict": "", "mark_check": True}
 
 
 def cache_query(
@@ -90,7 +74,9 @@ def cache_query(
     its slot's mark (``policy="lru"``; the next insert into the set turns marks into that
     insert's stamp) or adds one to its count (``"lfu"``).
     ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
-    the launch settings (block_k, num_warps, row_evict, mark_check) for benchmarks.
+    the launch settings (block_k, num_warps, row_evict, mark_check: `launch.Launch`) for
+    benchmarks; ``mark_check`` reads an LRU hit's marks word before the atomic (hot keys,
+    already marked, then cost no atomic: 2.2x faster on Zipf keys, no slower on unique ones).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -103,17 +89,16 @@ def cache_query(
     miss_pos = torch.empty(n if return_miss_positions else 1, dtype=torch.int64, device=dev)
     miss_count = torch.zeros(1, dtype=torch.int64, device=dev)
     if n:
-        cfg = _launch_config(dim)
-        cfg.update({k: v for k, v in tuning.items() if v is not None})
-        grid = (triton.cdiv(n, cfg["block_k"]),)
+        cfg = launch_config("cache_query", dim, **tuning)
+        grid = (triton.cdiv(n, cfg.block_k),)
         _cache_query_kernel[grid](
             keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
             empty_key(arrays.key_dtype),
             out, hit, counters if counters is not None else miss_count, miss_pos, miss_count,
-            DIM=dim, BLOCK_D=block_d(dim), BLOCK_K=cfg["block_k"], SLOTS=SLOTS_PER_SET,
+            DIM=dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET,
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
-            MISS_POS=return_miss_positions, ROW_EVICT=cfg["row_evict"],
-            MARK_CHECK=cfg["mark_check"], num_warps=cfg["num_warps"],
+            MISS_POS=return_miss_positions, ROW_EVICT=cfg.row_evict,
+            MARK_CHECK=cfg.mark_check, num_warps=cfg.num_warps,
         )
     if return_miss_positions:
         return out, hit, miss_pos, miss_count

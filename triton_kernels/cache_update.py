@@ -20,10 +20,10 @@ from .cache_layout import (
     NpCacheState,
     check_keys,
     empty_key,
+    find_slots,
     np_set_index,
-    probe,
-    set_index,
 )
+from .launch import launch_config
 
 
 @triton.jit(do_not_specialize=["num_sets", "empty"])
@@ -31,13 +31,8 @@ def _cache_invalidate_kernel(
     keys_ptr, n, cache_keys_ptr, scores_ptr, marks_ptr, num_sets, empty,
     BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    m = offs < n
-    k = tl.load(keys_ptr + offs, mask=m, other=0)
-    s = set_index(k, num_sets)
-    j, _kb = probe(k, s, m, cache_keys_ptr, empty, SLOTS)
-    found = j >= 0
-    slot = s * SLOTS + tl.maximum(j, 0).to(tl.int64)
+    _offs, _m, found, slot = find_slots(keys_ptr, n, cache_keys_ptr, num_sets, empty,
+                                        BLOCK_K, SLOTS)
     # Repeated keys write the same values to the same slot: benign.
     tl.store(cache_keys_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64) + empty, mask=found)
     tl.store(scores_ptr + slot, tl.zeros([BLOCK_K], dtype=tl.int64), mask=found)
@@ -53,10 +48,11 @@ def cache_invalidate(arrays: CacheArrays, keys: torch.Tensor, *,
     keys = check_keys(keys, arrays.key_dtype, dev, validate=validate)
     n = keys.numel()
     if n:
-        block = 64
-        _cache_invalidate_kernel[(triton.cdiv(n, block),)](
+        cfg = launch_config("cache_invalidate")
+        _cache_invalidate_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.num_sets,
-            empty_key(arrays.key_dtype), BLOCK_K=block, SLOTS=SLOTS_PER_SET,
+            empty_key(arrays.key_dtype), BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET,
+            num_warps=cfg.num_warps,
         )
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import launch_config
+
 COMBINERS = ("sum", "mean", "sqrtn")
 _COMBINER_CODE = {"sum": 0, "mean": 1, "sqrtn": 2}
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -145,9 +147,8 @@ def combine_bags(
         return out
     vectors = vectors.contiguous()
     offsets = offsets.contiguous()
-    block_d = min(triton.next_power_of_2(dim), 128)
-    block_n = max(1, min(32, 4096 // block_d))
-    grid = (batch, triton.cdiv(dim, block_d))
+    cfg = launch_config("combine_bags", dim)
+    grid = (batch, triton.cdiv(dim, cfg.block_d))
     _combine_bags_kernel[grid](
         vectors,
         offsets,
@@ -157,13 +158,14 @@ def combine_bags(
         DIM=dim,
         HAS_WEIGHTS=weights is not None,
         COMBINER=_COMBINER_CODE[combiner],
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
+        BLOCK_N=cfg.block_k,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
     )
     return out
 
 
-def combine_bags_reference(
+def np_combine_bags(
     vectors: np.ndarray,
     offsets: np.ndarray,
     weights: np.ndarray | None = None,

@@ -1,6 +1,7 @@
-"""Plain Triton gather of rows by known index: ``out[i] = table[index[i]]``.
+"""Triton gather of rows by known index: ``out[i] = table[index[i]]``.
 
-The yardstick of the cache benchmarks: the same rows moved with no hashing or probing.
+The lookup path's way back to input order on the GPU (after the unique keys were resolved),
+and the yardstick of the cache benchmarks: the same rows moved with no hashing or probing.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import block_d
+from .launch import launch_config
 
 
 @triton.jit
@@ -28,13 +29,8 @@ def _gather_kernel(idx_ptr, n, table_ptr, out_ptr, DIM: tl.constexpr, BLOCK_D: t
                  eviction_policy=ROW_EVICT)
 
 
-def _launch_config(dim: int) -> tuple[int, int]:
-    """(rows per program, warps) measured best on an H200 (docs/benchmarks/gpu_cache.md)."""
-    return (128, 4) if dim <= 32 else (16, 8)
-
-
-def gather_rows(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None = None,
-                num_warps: int | None = None, row_evict: str = "") -> torch.Tensor:
+def gather(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None = None,
+           num_warps: int | None = None, row_evict: str = "") -> torch.Tensor:
     """Rows ``table[index]`` of a contiguous float32 ``[rows, dim]`` table; index int32/int64.
 
     Indices must lie in ``[0, rows)``; they are not checked (this is the unchecked yardstick).
@@ -50,14 +46,13 @@ def gather_rows(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None
     n, dim = index.numel(), table.shape[1]
     out = torch.empty(n, dim, dtype=torch.float32, device=table.device)
     if n:
-        bk, nw = _launch_config(dim)
-        bk, nw = block_k or bk, num_warps or nw
-        _gather_kernel[(triton.cdiv(n, bk),)](index, n, table, out, DIM=dim,
-                                              BLOCK_D=block_d(dim), BLOCK_K=bk,
-                                              ROW_EVICT=row_evict, num_warps=nw)
+        cfg = launch_config("gather", dim, block_k=block_k, num_warps=num_warps)
+        _gather_kernel[(triton.cdiv(n, cfg.block_k),)](
+            index, n, table, out, DIM=dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
+            ROW_EVICT=row_evict, num_warps=cfg.num_warps)
     return out
 
 
-def np_gather_rows(table: np.ndarray, index: np.ndarray) -> np.ndarray:
-    """NumPy reference of :func:`gather_rows`."""
+def np_gather(table: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """NumPy reference of :func:`gather`."""
     return np.asarray(table, dtype=np.float32)[np.asarray(index, dtype=np.int64)]

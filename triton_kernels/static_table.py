@@ -1,4 +1,6 @@
-"""Static embedding table: every row of a table behind an open-addressing hash index.
+"""Kernels of the static table (every row of a table behind an open-addressing hash index),
+and their NumPy reference. The owner of the device and pinned host memory is
+`keras_hps.gpu_static_table.GpuStaticTable`.
 
 The index is a power-of-two array of (key, row) int64 pairs, linear probing from
 ``mix64(key) & (slots - 1)``, load factor at most one half (HPS's static table also keeps
@@ -16,15 +18,14 @@ that key, and a query for it is a miss.
 
 from __future__ import annotations
 
-import mmap
-import threading
-import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from .launch import launch_config
 
 EMPTY_KEY = int(np.iinfo(np.int64).max)
 WINDOW = 4  # pairs per probe window: 4 x 16 bytes
@@ -85,6 +86,17 @@ def _probe(
 
 
 @triton.jit
+def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY: tl.constexpr,
+               BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
+    return offs, kmask, _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY,
+                               BLOCK_K, W)
+
+
+@triton.jit
 def _static_query_kernel(
     keys_ptr,
     n,
@@ -107,10 +119,8 @@ def _static_query_kernel(
     W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs < n
-    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
+                                  BLOCK_K, W)
     hit = row >= 0
     _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
                      DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
@@ -174,14 +184,13 @@ def _static_find_kernel(
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
-    kmask = offs < n
-    k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
+                                  BLOCK_K, W)
     tl.store(rows_ptr + offs, row, mask=kmask)
 
 
-def _as_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
+def flat_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
+    """``keys`` (int32/int64, any shape) as a flat contiguous int64 tensor; ValueError else."""
     if not isinstance(keys, torch.Tensor):
         raise ValueError(f"{what}: keys must be a torch tensor, got {type(keys).__name__}")
     if keys.dtype not in _KEY_DTYPES:
@@ -194,8 +203,10 @@ def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
     out = torch.empty_like(keys)
     n = keys.numel()
     if n:
-        block = 1024
-        _home_slot_kernel[(triton.cdiv(n, block),)](keys, out, n, slot_mask, BLOCK=block)
+        cfg = launch_config("static_home_slot")
+        _home_slot_kernel[(triton.cdiv(n, cfg.block_k),)](keys, out, n, slot_mask,
+                                                          BLOCK=cfg.block_k,
+                                                          num_warps=cfg.num_warps)
     return out
 
 
@@ -222,7 +233,7 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
 
     Raises ValueError for duplicate keys or the sentinel ``INT64_MAX``.
     """
-    keys = _as_int64_keys(keys, "build_index")
+    keys = flat_int64_keys(keys, "build_index")
     if not 0.0 < load_factor <= 0.9:
         raise ValueError(f"build_index: load_factor must be in (0, 0.9], got {load_factor}")
     n = keys.numel()
@@ -267,14 +278,14 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
 
 def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
     """Row of each key (flattened) in the index, -1 where absent; int64 on the index's device."""
-    keys = _as_int64_keys(keys, "static_find")
+    keys = flat_int64_keys(keys, "static_find")
     if keys.device != index.device:
         raise ValueError(f"static_find: keys on {keys.device}, index on {index.device}")
     n = keys.numel()
     rows = torch.empty(n, dtype=torch.int64, device=index.device)
     if n:
-        block_k = 128
-        _static_find_kernel[(triton.cdiv(n, block_k),)](
+        cfg = launch_config("static_find")
+        _static_find_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys,
             n,
             index.pairs,
@@ -282,8 +293,9 @@ def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
             index.n_windows,
             rows,
             EMPTY=EMPTY_KEY,
-            BLOCK_K=block_k,
+            BLOCK_K=cfg.block_k,
             W=WINDOW,
+            num_warps=cfg.num_warps,
         )
     return rows
 
@@ -308,6 +320,8 @@ def static_query(
     host_values: torch.Tensor | None = None,
     default: torch.Tensor | None = None,
     *,
+    counters: torch.Tensor | None = None,
+    validate: bool = True,
     block_k: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -315,11 +329,60 @@ def static_query(
 
     Row ``r`` of the table is ``device_values[r]`` for ``r < len(device_values)``, else
     ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place).
-    Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened.
-    ``block_k`` (keys per program, a power of two) and ``num_warps`` override the launch
-    configuration (for tuning).
+    Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters``
+    (int64 [2] on the device) receives +keys at [0] and +hits at [1]. ``validate=False``
+    skips every check: keys flat int64 on the device, ``default`` contiguous ``[dim]`` of the
+    values' dtype there (the serving fast path). ``block_k`` (keys per program, a power of
+    two) and ``num_warps`` override the launch configuration (for tuning).
     """
-    keys = _as_int64_keys(keys, "static_query")
+    if validate:
+        keys, default = _checked_query(index, keys, device_values, host_values, default)
+    dev = index.device
+    dim = device_values.shape[1]
+    n = keys.numel()
+    out = torch.empty((n, dim), dtype=device_values.dtype, device=dev)
+    hit = torch.empty((n,), dtype=torch.bool, device=dev)
+    if n == 0 or dim == 0:
+        return out, hit.fill_(False)
+    cfg = launch_config("static_query", dim, block_k=block_k, num_warps=num_warps)
+    # Arrays the kernel never reads still need a valid pointer: an empty tensor may have none.
+    dev_arg = device_values if device_values.numel() else out
+    _static_query_kernel[(triton.cdiv(n, cfg.block_k),)](
+        keys,
+        n,
+        index.pairs,
+        index.slot_mask,
+        index.n_windows,
+        dev_arg,
+        host_values if host_values is not None and host_values.numel() else dev_arg,
+        device_values.shape[0],
+        default if default is not None else dev_arg,
+        out,
+        hit,
+        counters if counters is not None else hit,
+        DIM=dim,
+        EMPTY=EMPTY_KEY,
+        HAS_HOST=host_values is not None,
+        HAS_DEFAULT=default is not None,
+        COUNT=counters is not None,
+        BLOCK_K=cfg.block_k,
+        W=WINDOW,
+        BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps,
+    )
+    return out, hit
+
+
+def _checked_query(
+    index: HashIndex,
+    keys: torch.Tensor,
+    device_values: torch.Tensor,
+    host_values: torch.Tensor | None,
+    default: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(flat int64 keys, default on the device) for :func:`static_query`; ValueError for
+    anything the kernel cannot take."""
+    keys = flat_int64_keys(keys, "static_query")
     _check_values(device_values, "device_values")
     _check_values(host_values, "host_values")
     dim = device_values.shape[1]
@@ -340,284 +403,26 @@ def static_query(
         if default.shape != (dim,):
             raise ValueError(f"static_query: default must have shape ({dim},), got {default.shape}")
         default = default.to(device=dev, dtype=device_values.dtype).contiguous()
-    return _launch_query(index, keys, device_values, host_values, default, None,
-                         block_k=block_k, num_warps=num_warps)
+    return keys, default
 
 
-def _launch_query(
-    index: HashIndex,
-    keys: torch.Tensor,
-    device_values: torch.Tensor,
-    host_values: torch.Tensor | None,
-    default: torch.Tensor | None,
-    counters: torch.Tensor | None,
-    *,
-    block_k: int | None = None,
-    num_warps: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`static_query` on arguments already checked; ``counters`` (int64 [2] on the
-    device) receives +keys at [0] and +hits at [1]."""
-    dev = index.device
-    dim = device_values.shape[1]
-    n = keys.numel()
-    out = torch.empty((n, dim), dtype=device_values.dtype, device=dev)
-    hit = torch.empty((n,), dtype=torch.bool, device=dev)
-    if n == 0 or dim == 0:
-        return out, hit.fill_(False)
-    block_d = min(triton.next_power_of_2(dim), 128)
-    if block_k is None:
-        block_k = max(16, min(128, 4096 // block_d))
-    # Arrays the kernel never reads still need a valid pointer: an empty tensor may have none.
+def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: torch.Tensor,
+                out: torch.Tensor) -> None:
+    """``out[i]`` = table row ``rows[i]`` (device rows, then host rows), zeros where
+    ``rows[i] < 0``: rows of keys already found, read by the kernel without a second probe
+    (host rows over the bus, zero-copy). Arguments are not checked."""
+    n, dim = rows.numel(), device_values.shape[1]
+    if n == 0:
+        return
+    cfg = launch_config("static_rows", dim)
     dev_arg = device_values if device_values.numel() else out
-    _static_query_kernel[(triton.cdiv(n, block_k),)](
-        keys,
-        n,
-        index.pairs,
-        index.slot_mask,
-        index.n_windows,
-        dev_arg,
-        host_values if host_values is not None and host_values.numel() else dev_arg,
-        device_values.shape[0],
-        default if default is not None else dev_arg,
-        out,
-        hit,
-        counters if counters is not None else hit,
-        DIM=dim,
-        EMPTY=EMPTY_KEY,
-        HAS_HOST=host_values is not None,
-        HAS_DEFAULT=default is not None,
-        COUNT=counters is not None,
-        BLOCK_K=block_k,
-        W=WINDOW,
-        BLOCK_D=block_d,
-        num_warps=num_warps or 4,
-    )
-    return out, hit
+    _rows_kernel[(triton.cdiv(n, cfg.block_k),)](
+        rows, n, dev_arg, host_values, device_values.shape[0], out,
+        DIM=dim, HAS_HOST=True, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps)
 
 
-def pinned_empty(
-    shape: tuple[int, ...], dtype: torch.dtype = torch.float32, *, huge_pages: bool = True
-) -> torch.Tensor:
-    """An uninitialised page-locked host tensor of exactly ``shape`` (for UVM tables).
-
-    ``torch.empty(..., pin_memory=True)`` rounds the allocation up to a power of two (a
-    51 GB table would pin 64 GiB); this registers an anonymous mapping of the exact size with
-    CUDA instead, and falls back to torch's allocator where registering fails. With
-    ``huge_pages`` the mapping asks the kernel for transparent huge pages (random row reads,
-    by host threads or by the GPU, then miss the TLB far less often).
-    """
-    nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
-    if nbytes < (1 << 30) or not torch.cuda.is_available():
-        return torch.empty(shape, dtype=dtype, pin_memory=torch.cuda.is_available())
-    buf = mmap.mmap(-1, nbytes)
-    if huge_pages and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # no transparent huge pages here: ordinary pages
-            pass
-    arr = np.frombuffer(buf, dtype=np.uint8)
-    ptr = arr.ctypes.data
-    rc = torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 0)
-    if int(rc) != 0:
-        del arr
-        buf.close()
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
-    weakref.finalize(arr, torch.cuda.cudart().cudaHostUnregister, ptr)
-    return torch.from_numpy(arr).view(dtype).view(shape)
-
-
-class StaticTable:
-    """A whole table on the device behind a hash index (static mode), optionally with
-    rows from ``n_device`` on in pinned host memory read by the kernel (UVM mode)."""
-
-    STAGING_BUFFERS = 4  # fetch(): pinned chunk buffers in flight
-
-    def __init__(
-        self,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        *,
-        device: torch.device | str,
-        n_device: int | None = None,
-    ) -> None:
-        """keys [n] int32/int64 unique; values [n, dim]; row i of values belongs to keys[i].
-
-        ``n_device`` rows (all when None) go to device memory, the rest to pinned host memory
-        when ``device`` is CUDA (a plain device copy otherwise, e.g. under the interpreter).
-        """
-        device = torch.device(device)
-        if values.dim() != 2 or values.shape[0] != keys.numel():
-            raise ValueError(
-                f"StaticTable: values must be [{keys.numel()}, dim], got {tuple(values.shape)}"
-            )
-        n = keys.numel()
-        n_device = n if n_device is None else max(0, min(int(n_device), n))
-        self.index = build_index(keys.to(device))
-        self.launch: dict[str, int] = {}  # block_k / num_warps overrides for static_query
-        self.dim = int(values.shape[1])
-        self.device_values = values[:n_device].to(device).contiguous()
-        self.host_values: torch.Tensor | None = None
-        self.copy_chunk_bytes = 8 << 20  # fetch(): bytes per host gather + copy step
-        # fetch(): share of the keys read by the kernel over the bus while the host gathers
-        # the rest (the two paths use different resources; in four whole-hierarchy runs on
-        # H200s 0.3 beat 0.2 every time, docs/benchmarks/gpu_hierarchy.md).
-        self.zero_copy_share = 0.3
-        # fetch(): a ring of pinned chunk buffers (small enough to stay in the CPU's cache
-        # between the gather that writes one and the copy that reads it) and, per buffer, the
-        # event of the copy that last read it.
-        self._staging_ring: list[torch.Tensor] | None = None
-        self._staging_done: list[torch.cuda.Event | None] = []
-        self._staging_lock = threading.Lock()  # one fetch at a time uses the ring
-        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        if n_device < n:
-            rest = values[n_device:]
-            if device.type == "cuda":
-                rest = rest.to("cpu").contiguous()
-                self.host_values = rest if rest.is_pinned() else rest.pin_memory()
-            else:
-                self.host_values = rest.to(device).contiguous()
-
-    def __len__(self) -> int:
-        return self.index.size
-
-    def lookup(
-        self, keys: torch.Tensor, default: torch.Tensor, counters: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`query` for the serving fast path: ``keys`` flat int64 on the table's device,
-        ``default`` a contiguous ``[dim]`` tensor of the values' dtype there, ``counters`` int64
-        ``[2]`` there (+keys, +hits). Only the launch: the caller has checked all of it."""
-        return _launch_query(self.index, keys, self.device_values, self.host_values, default,
-                             counters, **self.launch)
-
-    def fetch(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(vectors [n, dim], hit [n])`` for flattened keys, as :meth:`query`, with the rows
-        that live in host memory moved by the copy engine instead of read by the kernel.
-
-        The rows' positions are found on the device and read back (one synchronisation);
-        host threads gather the host rows into a pinned staging buffer chunk by chunk while
-        the copy engine moves the chunks already gathered (on its own stream; the current
-        stream waits for it). Zero-copy kernel reads of scattered rows run far below the
-        copy engine's rate (16 GB/s against 55 GB/s measured on an H200), so this is the
-        path for many misses; the rows of the first ``zero_copy_share`` of the keys are still
-        read by the kernel, by their known positions, while the host gathers the rest.
-        Misses get zeros.
-        """
-        keys = _as_int64_keys(keys, "StaticTable.fetch").to(self.index.device)
-        if self.host_values is None:
-            return self.query(keys)
-        dev = self.index.device
-        n = keys.numel()
-        out = torch.zeros((n, self.dim), dtype=self.device_values.dtype, device=dev)
-        rows = static_find(self.index, keys)
-        hit = rows >= 0
-        if n == 0:
-            return out, hit
-        rows_h = rows.cpu()
-        n_dev = self.device_values.shape[0]
-        # The rows of the first `k` keys are read by the kernel over the bus while the host
-        # gathers the rest: both paths run at once.
-        k = int(n * self.zero_copy_share)
-        if k:
-            self._read_rows(rows[:k], out[:k])
-        rest, rows_t, rows_ht = out[k:], rows[k:], rows_h[k:]
-        if n_dev:
-            pos_dev = torch.nonzero((rows_t >= 0) & (rows_t < n_dev)).reshape(-1)
-            rest[pos_dev] = self.device_values[rows_t[pos_dev]]
-        on_host = rows_ht >= n_dev
-        if bool(on_host.all()):
-            self._copy_host_rows(rows_ht - n_dev, rest)
-        else:
-            pos = torch.nonzero(on_host).reshape(-1)
-            if pos.numel():
-                buf = torch.empty((pos.numel(), self.dim), dtype=out.dtype, device=dev)
-                self._copy_host_rows(rows_ht[pos] - n_dev, buf)
-                rest[pos.to(dev, non_blocking=True)] = buf
-        return out, hit
-
-    def _read_rows(self, rows: torch.Tensor, dst: torch.Tensor) -> None:
-        """``dst[i]`` = table row ``rows[i]`` (zeros where -1), read by the kernel (host rows
-        over the bus, zero-copy)."""
-        dim = self.dim
-        block_d = min(triton.next_power_of_2(dim), 128)
-        block_k = max(16, min(128, 4096 // block_d))
-        dev_arg = self.device_values if self.device_values.numel() else dst
-        _rows_kernel[(triton.cdiv(rows.numel(), block_k),)](
-            rows, rows.numel(), dev_arg, self.host_values, self.device_values.shape[0], dst,
-            DIM=dim, HAS_HOST=True, BLOCK_K=block_k, BLOCK_D=block_d)
-
-    def _copy_host_rows(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
-        """``dst[i] = host_values[idx[i]]`` (idx on the host, dst on the device), chunked:
-        host gather of chunk c+1 overlaps the copy of chunk c."""
-        hv = self.host_values
-        if dst.device.type != "cuda":  # CPU tensors (the interpreter): a plain gather
-            torch.index_select(hv, 0, idx.to(hv.device), out=dst)
-            return
-        with self._staging_lock:
-            self._copy_chunks(idx, dst)
-
-    def _copy_chunks(self, idx: torch.Tensor, dst: torch.Tensor) -> None:
-        n = idx.numel()
-        hv = self.host_values
-        row_bytes = self.dim * hv.element_size()
-        chunk = max(1, self.copy_chunk_bytes // row_bytes)
-        ring = self._staging_ring
-        if ring is None or ring[0].shape[0] != chunk:
-            for ev in self._staging_done:
-                if ev is not None:
-                    ev.synchronize()
-            ring = [torch.empty((chunk, self.dim), dtype=hv.dtype, pin_memory=True)
-                    for _ in range(self.STAGING_BUFFERS)]
-            self._staging_ring, self._staging_done = ring, [None] * self.STAGING_BUFFERS
-        done = self._staging_done
-        stream = self._copy_stream
-        stream.wait_stream(torch.cuda.current_stream(dst.device))  # dst is allocated
-        for c, lo in enumerate(range(0, n, chunk)):
-            hi = min(n, lo + chunk)
-            b = c % len(ring)
-            if done[b] is not None:
-                done[b].synchronize()  # the copy that last read this buffer has finished
-            part = ring[b][: hi - lo]
-            torch.index_select(hv, 0, idx[lo:hi], out=part)
-            with torch.cuda.stream(stream):
-                dst[lo:hi].copy_(part, non_blocking=True)
-            done[b] = torch.cuda.Event()
-            done[b].record(stream)
-        torch.cuda.current_stream(dst.device).wait_stream(stream)
-        dst.record_stream(stream)
-
-    def query(
-        self, keys: torch.Tensor, default: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(vectors [n, dim], hit [n])`` for flattened keys; misses get default or zeros."""
-        return static_query(
-            self.index, keys, self.device_values, self.host_values, default, **self.launch
-        )
-
-    def update(self, keys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-        """Overwrite the rows of the keys the table holds; returns the mask of those keys.
-
-        Keys the table does not hold are left out (a static table never grows).
-        """
-        keys = _as_int64_keys(keys, "StaticTable.update").to(self.index.device)
-        if vectors.shape != (keys.numel(), self.dim):
-            raise ValueError(
-                f"StaticTable.update: vectors must be [{keys.numel()}, {self.dim}], "
-                f"got {tuple(vectors.shape)}"
-            )
-        rows = static_find(self.index, keys)
-        found = rows >= 0
-        n_dev = self.device_values.shape[0]
-        on_dev = found & (rows < n_dev)
-        src = vectors.to(self.device_values.device, self.device_values.dtype)
-        self.device_values[rows[on_dev]] = src[on_dev]
-        if self.host_values is not None:
-            on_host = found & (rows >= n_dev)
-            hv = self.host_values
-            hv[(rows[on_host] - n_dev).to(hv.device)] = src[on_host].to(hv.device, hv.dtype)
-        return found
-
-
-def static_query_reference(
+def np_static_query(
     table_keys: np.ndarray, table_values: np.ndarray, keys: np.ndarray, default: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray]:
     """NumPy reference of a static-table lookup: ``(vectors, hit)``."""

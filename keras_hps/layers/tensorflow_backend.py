@@ -1,10 +1,11 @@
-"""TensorFlow-backend lookup and combine ops for the lookup layers.
+"""The lookup layers on Keras's TensorFlow backend.
 
 A lookup is one op per call (not per key) that crosses into Python and calls the
 parameter server: `tf.numpy_function` on CPU; when TensorFlow has a GPU, `tf.py_function`
 whose GPU ids cross to torch (and the Triton cache) by DLPack. Everything else (unique,
 gather, weighting, segment sums) stays native TF, so it runs in eager mode, inside
-`tf.function`, `model.predict` and `model.fit`.
+`tf.function`, `model.predict` and `model.fit`. The op calls the parameter server directly
+(`fetch_from`), never back into the layer.
 """
 
 from __future__ import annotations
@@ -16,8 +17,23 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from keras_hps import parameter_server
+from keras_hps.combiner import combine
+from keras_hps.layers.base_layer import Bags, FusedLookupBase, LookupBase, SparseLookupBase
+
 # keys (NumPy int array, or torch tensor on the GPU path) -> float32 vectors keys.shape + (dim,)
 Fetch = Callable[[Any], Any]
+
+
+def fetch_from(ps_config_file: str | None, model: str, table_id: int) -> Fetch:
+    """The function a lookup op calls: keys -> vectors of one table of the layer's parameter
+    server, resolved when the op runs (a traced function outlives a `keras_hps.init`)."""
+
+    def fetch(keys: Any) -> Any:
+        ps = parameter_server.ensure_parameter_server(ps_config_file)
+        return ps.lookup(model, table_id, keys)
+
+    return fetch
 
 
 @functools.lru_cache(maxsize=1)
@@ -58,7 +74,7 @@ def _lookup_eager(fetch: Fetch, ids: tf.Tensor) -> tf.Tensor:
     return tf.convert_to_tensor(np.asarray(fetch(ids.numpy()), dtype=np.float32))
 
 
-def lookup(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
+def lookup_op(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
     """float32 vectors of shape `ids.shape + [dim]` for int ids of any rank."""
     if tf_has_gpu():
         # int64: TensorFlow keeps int32 tensors of a GPU op in host memory.
@@ -71,10 +87,10 @@ def lookup(fetch: Fetch, ids: tf.Tensor, dim: int) -> tf.Tensor:
 
 
 def lookup_many(fetches: list[Fetch], ids: list[tf.Tensor], dims: list[int]) -> list[tf.Tensor]:
-    """`lookup` for several tables at once: on CPU one op, so one crossing into Python,
+    """`lookup_op` for several tables at once: on CPU one op, so one crossing into Python,
     for all of them (each crossing costs tens of microseconds besides the lookup)."""
     if tf_has_gpu():
-        return [lookup(f, i, d) for f, i, d in zip(fetches, ids, dims, strict=True)]
+        return [lookup_op(f, i, d) for f, i, d in zip(fetches, ids, dims, strict=True)]
 
     def fetch_all(*keys: np.ndarray) -> list[np.ndarray]:
         return [fetch(k) for fetch, k in zip(fetches, keys, strict=True)]
@@ -83,28 +99,6 @@ def lookup_many(fetches: list[Fetch], ids: list[tf.Tensor], dims: list[int]) -> 
     for out, i, d in zip(outs, ids, dims, strict=True):
         out.set_shape(i.shape.concatenate([d]))
     return list(outs)
-
-
-class Bags:
-    """Ids flattened to CSR-like bags: `values[i]` belongs to bag `segments[i]`.
-
-    `outer_shape` is the shape of the bag grid (e.g. `[batch]` or `[batch, slots]`);
-    the combined output has shape `outer_shape + [dim]`.
-    """
-
-    def __init__(
-        self,
-        values: tf.Tensor,
-        segments: tf.Tensor,
-        weights: tf.Tensor | None,
-        outer_shape: tf.Tensor,
-        static_outer: tf.TensorShape,
-    ) -> None:
-        self.values = values
-        self.segments = segments
-        self.weights = weights
-        self.outer_shape = outer_shape
-        self.static_outer = static_outer
 
 
 def _keep_valid(values, segments, weights):
@@ -124,7 +118,7 @@ def bags_from_sparse(ids: tf.SparseTensor, weights: tf.SparseTensor | None) -> B
     segments = tf.reduce_sum(ids.indices[:, :-1] * strides[None, :], axis=1)
     w = None if weights is None else weights.values
     values, segments, w = _keep_valid(ids.values, segments, w)
-    return Bags(values, segments, w, outer, ids.shape[:-1])
+    return Bags(values, segments, w, tf.reduce_prod(outer), outer, ids.shape[:-1])
 
 
 def bags_from_ragged(ids: tf.RaggedTensor, weights: tf.RaggedTensor | None) -> Bags:
@@ -143,7 +137,7 @@ def bags_from_ragged(ids: tf.RaggedTensor, weights: tf.RaggedTensor | None) -> B
         outer = tf.reshape(ids.nrows(), [1])
     w = None if weights is None else weights.flat_values
     values, segments, w = _keep_valid(ids.flat_values, ids.value_rowids(), w)
-    return Bags(values, segments, w, outer, static_outer)
+    return Bags(values, segments, w, tf.reduce_prod(outer), outer, static_outer)
 
 
 def bags_from_padded(ids: tf.Tensor, weights: tf.Tensor | None) -> Bags:
@@ -154,7 +148,7 @@ def bags_from_padded(ids: tf.Tensor, weights: tf.Tensor | None) -> Bags:
     segments = tf.range(tf.size(flat, out_type=tf.int64)) // shape[-1]
     w = None if weights is None else tf.reshape(weights, [-1])
     values, segments, w = _keep_valid(flat, segments, w)
-    return Bags(values, segments, w, outer, ids.shape[:-1])
+    return Bags(values, segments, w, tf.reduce_prod(outer), outer, ids.shape[:-1])
 
 
 def bags_from_offsets(values: tf.Tensor, offsets: tf.Tensor, weights: tf.Tensor | None) -> Bags:
@@ -166,23 +160,39 @@ def bags_from_offsets(values: tf.Tensor, offsets: tf.Tensor, weights: tf.Tensor 
     return bags
 
 
-def combine(fetch: Fetch, bags: Bags, dim: int, combiner: str) -> tf.Tensor:
-    """Look up the unique ids once, then combine each bag (empty bag -> zeros)."""
-    unique, position = tf.unique(bags.values, out_idx=tf.int64)
-    vectors = tf.gather(lookup(fetch, unique, dim), position)
-    num_bags = tf.reduce_prod(bags.outer_shape)
-    weights = bags.weights
-    if weights is None:
-        weights = tf.ones_like(bags.values, dtype=tf.float32)
-    weights = tf.cast(weights, tf.float32)
-    total = tf.math.unsorted_segment_sum(vectors * weights[:, None], bags.segments, num_bags)
-    if combiner == "mean":
-        divisor = tf.math.unsorted_segment_sum(weights, bags.segments, num_bags)
-        total = tf.math.divide_no_nan(total, divisor[:, None])
-    elif combiner == "sqrtn":
-        divisor = tf.sqrt(tf.math.unsorted_segment_sum(weights * weights, bags.segments, num_bags))
-        total = tf.math.divide_no_nan(total, divisor[:, None])
-    out = tf.reshape(total, tf.concat([bags.outer_shape, [dim]], axis=0))
-    out.set_shape(bags.static_outer.concatenate([dim]))
-    return out
+class TensorflowLookupLayer(LookupBase):
+    """`LookupLayer` on the TensorFlow backend."""
 
+    def _lookup_ids(self, ps: Any, ids: Any) -> Any:
+        fetch = fetch_from(self.ps_config_file, self.model_name, self.table_id)
+        return lookup_op(fetch, ids, self.emb_vec_size)
+
+
+class TensorflowSparseLookupLayer(SparseLookupBase):
+    """`SparseLookupLayer` on the TensorFlow backend."""
+
+    def _lookup_bags(self, ps: Any, ids: Any, weights: Any, offsets: Any, kind: str) -> Any:
+        if offsets is not None:
+            bags = bags_from_offsets(ids, offsets, weights)
+        elif kind == "sparse":
+            bags = bags_from_sparse(ids, weights)
+        elif kind == "ragged":
+            bags = bags_from_ragged(ids, weights)
+        else:
+            bags = bags_from_padded(ids, weights)
+        # Look up the unique ids once, then combine each bag (empty bag -> zeros).
+        unique, position = tf.unique(bags.values, out_idx=tf.int64)
+        fetch = fetch_from(self.ps_config_file, self.model_name, self.table_id)
+        vectors = tf.gather(lookup_op(fetch, unique, self.emb_vec_size), position)
+        total = combine(vectors, bags.segments, bags.num_bags, self.combiner, bags.weights)
+        out = tf.reshape(total, tf.concat([bags.outer_shape, [self.emb_vec_size]], axis=0))
+        out.set_shape(bags.static_outer.concatenate([self.emb_vec_size]))
+        return out
+
+
+class TensorflowFusedLookupLayer(FusedLookupBase):
+    """`FusedLookupLayer` on the TensorFlow backend: on CPU one op for every table."""
+
+    def _lookup_tables(self, ps: Any, ids: list[Any]) -> list[Any]:
+        fetches = [fetch_from(self.ps_config_file, self.model_name, t) for t in self.table_ids]
+        return lookup_many(fetches, ids, self.emb_vec_sizes)
