@@ -6,26 +6,22 @@ from __future__ import annotations
 
 import sys
 import threading
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-# folder -> module prefix; frames of other files (Keras, TF, torch, NumPy, tests) are foreign
-ROOTS = {REPO / "keras_hps": "keras_hps", REPO / "triton_kernels": "keras_hps.triton_kernels"}
 KERNELS = "keras_hps.triton_kernels"
 # The interpreter's launch lock wraps Triton's own launcher: it runs only under
 # TRITON_INTERPRET and belongs to Triton's frames, not to the lookup path.
 FOREIGN = {"keras_hps.triton_interpreter"}
 
 
-def _module(filename: str) -> str | None:
-    path = Path(filename)
-    for root, prefix in ROOTS.items():
-        if path.is_relative_to(root):
-            parts = [p for p in path.relative_to(root).with_suffix("").parts if p != "__init__"]
-            name = ".".join([prefix, *parts])
-            return None if name in FOREIGN else name
-    return None
+def _module(frame: Any) -> str | None:
+    """The keras-hps module a frame runs in, by its module name (not its file: the GPU machine
+    imports keras_hps from a copied site folder); frames of Keras, TF, torch, NumPy and the
+    tests are foreign (None)."""
+    name = frame.f_globals.get("__name__", "")
+    if name != "keras_hps" and not name.startswith("keras_hps."):
+        return None
+    return None if name in FOREIGN else name
 
 
 class Trace:
@@ -47,7 +43,7 @@ class Trace:
             return
         if event != "call":
             return
-        module = _module(frame.f_code.co_filename)
+        module = _module(frame)
         ours = [m for m in stack if m is not None]
         if module is not None and module.startswith(KERNELS):
             module = next((m for m in ours if m.startswith(KERNELS)), module)
