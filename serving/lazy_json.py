@@ -23,7 +23,7 @@ import numpy as np
 MAX_DEPTH = 512  # deeper nesting is refused (no tensor has that many dimensions)
 LAZY_ABOVE = 1 << 20  # containers larger than this many bytes are parsed chunk by chunk
 _WHITESPACE = b" \t\n\r"
-_SCAN_BLOCK = 1 << 23
+_SCAN_BLOCK = 1 << 20  # bytes scanned at a time (bounds the scan's temporaries)
 
 
 class JSONError(ValueError):

@@ -207,10 +207,13 @@ def _check_scalar(value: Any, dtype: np.dtype) -> Any:
 
 
 class _Sink:
-    """Checked values in order, kept as NumPy blocks of at most _FLUSH items."""
+    """Checked values in order, gathered into one array of `total` values when that size is
+    known and plausible, else into NumPy blocks of at most _FLUSH items."""
 
-    def __init__(self, dtype: np.dtype) -> None:
+    def __init__(self, dtype: np.dtype, total: int | None = None) -> None:
         self.dtype = dtype
+        self.out = np.empty(total, dtype=dtype) if total is not None else None
+        self.filled = 0
         self.parts: list[np.ndarray] = []
         self.items: list = []
 
@@ -221,7 +224,14 @@ class _Sink:
 
     def extend(self, block: np.ndarray) -> None:
         self._flush()
-        self.parts.append(block.reshape(-1))
+        self._put(block.reshape(-1))
+
+    def _put(self, block: np.ndarray) -> None:
+        if self.out is None:
+            self.parts.append(block)
+        else:
+            self.out[self.filled:self.filled + len(block)] = block
+            self.filled += len(block)
 
     def _flush(self) -> None:
         if self.items:
@@ -230,15 +240,24 @@ class _Sink:
                 block[:] = self.items
             else:
                 block = np.asarray(self.items, dtype=self.dtype)
-            self.parts.append(block)
+            self._put(block)
             self.items = []
 
     def array(self, shape: list[int]) -> np.ndarray:
         self._flush()
+        if self.out is not None:
+            return self.out.reshape(shape)
         if not self.parts:
             return np.empty(shape, dtype=self.dtype)
         flat = self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
         return flat.reshape(shape)
+
+
+def _plausible(size: int, text_bytes: int) -> int | None:
+    """`size` when JSON text of `text_bytes` bytes can hold that many values (each takes a
+    character and a separator), else None: a ragged array's first-element shape may promise
+    far more values than it has."""
+    return size if size <= (text_bytes + 1) // 2 else None
 
 
 def _walk(value: Any, level: int, shape: list[int], dtype: np.dtype, sink: _Sink) -> None:
@@ -288,7 +307,10 @@ def json_to_array(value: Any, dtype: np.dtype, bools: bool = True) -> np.ndarray
             return fast
     shape = _dense_shape(value)
     _check_rank(shape, value)
-    sink = _Sink(dtype)
+    total = None
+    if isinstance(value, LazyArray):
+        total = _plausible(int(np.prod(shape, dtype=np.float64)), value.end - value.start)
+    sink = _Sink(dtype, total)
     _walk(value, 0, shape, dtype, sink)
     return sink.array(shape)
 
@@ -407,7 +429,9 @@ def _rows_to_inputs(
     objects = _is_named_object(first)
     if isinstance(rows, LazyArray):
         bools = rows.has_bools
-    columns = {n: _RowColumn(n, np.dtype(specs[n].dtype), objects, bools) for n in names}
+    text_bytes = rows.end - rows.start if isinstance(rows, LazyArray) else None
+    columns = {n: _RowColumn(n, np.dtype(specs[n].dtype), objects, bools, len(rows), text_bytes)
+               for n in names}
     start = 0
     for chunk in _chunks(rows):
         values: dict[str, list] = {n: [] for n in names}
@@ -445,11 +469,16 @@ def _check_row_keys(row: Any, i: int, specs: Mapping[str, Any], names: list[str]
 
 
 class _RowColumn:
-    """One input's rows of `instances`, gathered a chunk of rows at a time."""
+    """One input's rows of `instances`, gathered a chunk of rows at a time (into one array of
+    all rows, for a large request)."""
 
-    def __init__(self, name: str, dtype: np.dtype, objects: bool, bools: bool) -> None:
+    def __init__(self, name: str, dtype: np.dtype, objects: bool, bools: bool, rows: int,
+                 text_bytes: int | None) -> None:
         self.name, self.dtype, self.objects, self.bools = name, dtype, objects, bools
+        self.rows, self.text_bytes = rows, text_bytes
         self.parts: list[np.ndarray] = []
+        self.out: np.ndarray | None = None
+        self.filled = 0
         self.row_shape: tuple[int, ...] | None = None
         self.row_size = 0
 
@@ -460,12 +489,22 @@ class _RowColumn:
         ):
             if self.row_shape is None:
                 self.row_shape, self.row_size = fast.shape[1:], int(np.prod(fast.shape[1:]))
-            self.parts.append(fast)
+            self._put(fast)
             return
         rows = []
         for i, item in enumerate(items, start):
             rows.append(self._row(item, i))
-        self.parts.append(np.stack(rows))
+        self._put(np.stack(rows))
+
+    def _put(self, block: np.ndarray) -> None:
+        if self.out is None and self.text_bytes is not None and not self.parts:
+            if _plausible(self.rows * self.row_size, self.text_bytes) is not None:
+                self.out = np.empty((self.rows, *self.row_shape), dtype=self.dtype)
+        if self.out is None:
+            self.parts.append(block)
+        else:
+            self.out[self.filled:self.filled + len(block)] = block
+            self.filled += len(block)
 
     def _row(self, item: Any, i: int) -> np.ndarray:
         where = f"Failed to process element: {i} " + (f"key: {self.name} " if self.objects else "")
@@ -491,6 +530,8 @@ class _RowColumn:
         return part
 
     def result(self) -> np.ndarray:
+        if self.out is not None:
+            return self.out
         return self.parts[0] if len(self.parts) == 1 else np.concatenate(self.parts)
 
 
@@ -620,16 +661,77 @@ def _float_texts(array: np.ndarray) -> np.ndarray:
     return texts
 
 
+_BLOCK = 1 << 16  # tensor elements formatted at a time
+
+
+def _scalar_texts(block: np.ndarray) -> np.ndarray:
+    """JSON text of each number or bool of `block`, as an array of str."""
+    kind = block.dtype.kind
+    if kind == "f":
+        return _float_texts(block)
+    if kind == "b":
+        return np.where(block, "true", "false")
+    if kind in "iu":
+        return block.astype(str)
+    from .tensors import dtype_name
+
+    raise invalid_argument(
+        f"Failed to write JSON value for tensor type: {dtype_name(block.dtype)}"
+    )
+
+
+def _assemble(flat: list[str], shape: tuple[int, ...]) -> str:
+    """Nested JSON lists of `shape` around scalar texts given in row-major order."""
+    if not shape:
+        return flat[0]
+    last = shape[-1]
+    if len(shape) == 1:
+        return "[" + ",".join(flat) + "]"
+    rows = len(flat) // last
+    spans = [int(np.prod(shape[d:-1])) for d in range(len(shape) - 1)]  # rows per container
+    out = []
+    for r in range(rows):
+        opens = sum(1 for span in spans if r % span == 0)
+        closes = sum(1 for span in spans if (r + 1) % span == 0)
+        out.append("[" * opens + "[" + ",".join(flat[r * last:(r + 1) * last]) + "]"
+                   + "]" * closes)
+    return ",".join(out)
+
+
+def _row_texts(array: np.ndarray, binary: bool, rows: int) -> Iterator[list[str]]:
+    """The JSON text of array[i] for every i, `rows` at a time (array.ndim >= 1)."""
+    sub = array.shape[1:]
+    for start in range(0, array.shape[0], rows):
+        block = array[start:start + rows]
+        if array.dtype.kind in "OSU" or block.size == 0:
+            yield [json.dumps(_strings(row, binary), separators=(",", ":"))
+                   for row in block.tolist()]
+            continue
+        texts = _scalar_texts(block.reshape(len(block), -1)).tolist()
+        yield [_assemble(flat, sub) for flat in texts]
+
+
+def _rows_per_block(*arrays: np.ndarray) -> int:
+    widest = max((int(np.prod(a.shape[1:])) for a in arrays), default=1)
+    return max(1, _BLOCK // max(1, widest))
+
+
+def _tensor_pieces(array: np.ndarray, binary: bool) -> list[bytes]:
+    """The JSON of a tensor in pieces of about _BLOCK values (never one Python object per
+    value for the whole tensor)."""
+    if array.ndim == 0:
+        return [next(_row_texts(array.reshape(1), binary, 1))[0].encode()]
+    pieces = [b"["]
+    for i, block in enumerate(_row_texts(array, binary, _rows_per_block(array))):
+        pieces.append((b"," if i else b"") + ",".join(block).encode())
+    pieces.append(b"]")
+    return pieces
+
+
 def array_to_json(array: np.ndarray, binary: bool = False) -> str:
     """JSON text of a tensor: floats in their shortest round-trip form, NaN/Infinity as TF
     Serving writes them, strings as text or `{"b64": ...}` (always for `binary`)."""
-    array = np.asarray(array)
-    kind = array.dtype.kind
-    if kind == "f":
-        return _nest(_float_texts(array))
-    if kind in "OSU":
-        return json.dumps(_strings(array.tolist(), binary), separators=(",", ":"))
-    return json.dumps(array.tolist(), separators=(",", ":"))
+    return b"".join(_tensor_pieces(np.asarray(array), binary)).decode()
 
 
 def _strings(value: Any, binary: bool) -> Any:
@@ -644,32 +746,25 @@ def _strings(value: Any, binary: bool) -> Any:
     return {"b64": base64.b64encode(raw).decode("ascii")}
 
 
-def _nest(texts: np.ndarray) -> str:
-    if texts.ndim == 0:
-        return str(texts.item())
-    if texts.ndim == 1:
-        return "[" + ",".join(texts.tolist()) + "]"
-    return "[" + ",".join(_nest(sub) for sub in texts) + "]"
-
-
 def predict_response(outputs: Mapping[str, np.ndarray], fmt: str) -> bytes:
     """The REST body for predict outputs: `predictions` (row) or `outputs` (columnar)."""
     names = sorted(outputs)
-    enc = {n: array_to_json(outputs[n], binary=n.endswith("_bytes")) for n in names}
-    if fmt == COLUMNAR:
-        if len(names) == 1:
-            body = enc[names[0]]
-        else:
-            body = "{" + ",".join(f"{json.dumps(n)}:{enc[n]}" for n in names) + "}"
-        return ('{"outputs":' + body + "}").encode()
-    if len(names) == 1:
-        arr = np.asarray(outputs[names[0]])
-        if arr.ndim == 0:
+    arrays = {n: np.asarray(outputs[n]) for n in names}
+    if fmt == COLUMNAR or len(names) == 1:
+        if fmt != COLUMNAR and arrays[names[0]].ndim == 0:
             raise invalid_argument(f"Tensor name: {names[0]} has no shape information ")
-        return ('{"predictions":' + enc[names[0]] + "}").encode()
+        pieces = [b'{"outputs":' if fmt == COLUMNAR else b'{"predictions":']
+        if len(names) > 1:
+            pieces.append(b"{")
+        for i, n in enumerate(names):
+            if len(names) > 1:
+                pieces.append((b"," if i else b"") + json.dumps(n).encode() + b":")
+            pieces.extend(_tensor_pieces(arrays[n], n.endswith("_bytes")))
+        pieces.append(b"}}" if len(names) > 1 else b"}")
+        return b"".join(pieces)
     batch = None
     for n in names:
-        arr = np.asarray(outputs[n])
+        arr = arrays[n]
         if arr.ndim == 0:
             raise invalid_argument(f"Tensor name: {n} has no shape information ")
         if batch is None:
@@ -678,16 +773,17 @@ def predict_response(outputs: Mapping[str, np.ndarray], fmt: str) -> bytes:
             raise invalid_argument(
                 f"Tensor name: {n} has inconsistent batch size: {arr.shape[0]} expecting: {batch}"
             )
-    rows = [
-        "{"
-        + ",".join(
-            f"{json.dumps(n)}:{array_to_json(outputs[n][i], binary=n.endswith('_bytes'))}"
-            for n in names
-        )
-        + "}"
-        for i in range(batch or 0)
-    ]
-    return ('{"predictions":[' + ",".join(rows) + "]}").encode()
+    rows = _rows_per_block(*arrays.values())
+    keys = [json.dumps(n) + ":" for n in names]
+    blocks = zip(*(_row_texts(arrays[n], n.endswith("_bytes"), rows) for n in names),
+                 strict=True)
+    pieces = [b'{"predictions":[']
+    for i, texts in enumerate(blocks):
+        objects = ("{" + ",".join(k + t for k, t in zip(keys, row, strict=True)) + "}"
+                   for row in zip(*texts, strict=True))
+        pieces.append((b"," if i else b"") + ",".join(objects).encode())
+    pieces.append(b"]}")
+    return b"".join(pieces)
 
 
 def classification_json(result: Any) -> bytes:
@@ -710,7 +806,7 @@ def regression_json(result: Any) -> bytes:
     if not len(result.regressions):
         raise invalid_argument("Cannot convert empty RegressionResults to JSON")
     values = np.array([r.value for r in result.regressions], np.float32)
-    return ('{"results":' + _nest(_float_texts(values)) + "}").encode()
+    return b'{"results":' + b"".join(_tensor_pieces(values, False)) + b"}"
 
 
 def error_body(message: str) -> bytes:
