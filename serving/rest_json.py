@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -134,6 +135,24 @@ def _chunks(value: list | LazyArray) -> Iterable[list]:
 
 def _first(value: list | LazyArray) -> Any:
     return value.first() if isinstance(value, LazyArray) else value[0]
+
+
+def _parse_error(exc: JSONError) -> ServingError:
+    return invalid_argument(f"JSON Parse error: {exc.message} at offset: {exc.offset}")
+
+
+def _reading_lazily(fn: Callable) -> Callable:
+    """`fn` with the parse errors of lazily read arrays (found as they are read, so in a
+    large body after errors that come earlier in it) turned into INVALID_ARGUMENT."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except JSONError as exc:
+            raise _parse_error(exc) from None
+
+    return wrapper
 
 
 # ---------------------------------------------------------------- JSON value -> array
@@ -293,6 +312,7 @@ def _walk(value: Any, level: int, shape: list[int], dtype: np.dtype, sink: _Sink
             _walk(item, level + 1, shape, dtype, sink)
 
 
+@_reading_lazily
 def json_to_array(value: Any, dtype: np.dtype, bools: bool = True) -> np.ndarray:
     """The dense array a JSON value (scalar or nested lists, possibly lazy) holds, as `dtype`.
 
@@ -359,7 +379,7 @@ def _parse_document(body: bytes) -> dict:
     try:
         doc = lazy_loads(body)
     except JSONError as exc:
-        raise invalid_argument(f"JSON Parse error: {exc.message} at offset: {exc.offset}") from None
+        raise _parse_error(exc) from None
     if not isinstance(doc, dict):
         raise invalid_argument(f"JSON Value: {_echo(doc)} Is not object")
     return doc
@@ -378,6 +398,7 @@ def _signature_name(doc: dict) -> str | None:
     return signature
 
 
+@_reading_lazily
 def parse_predict_request(
     body: bytes, input_specs: Callable[[str], Mapping[str, Any]]
 ) -> tuple[str, dict[str, np.ndarray], str]:
@@ -510,6 +531,8 @@ class _RowColumn:
         where = f"Failed to process element: {i} " + (f"key: {self.name} " if self.objects else "")
         try:
             part = json_to_array(item, self.dtype, self.bools)
+            if part.ndim >= MAX_RANK:  # the batch adds a dimension
+                _check_rank([0] * (part.ndim + 1), item)
         except ServingError as exc:
             raise invalid_argument(
                 f"{where}of 'instances' list. Error: INVALID_ARGUMENT: {exc.message}"
@@ -554,6 +577,7 @@ def _columns_to_inputs(
     return out
 
 
+@_reading_lazily
 def parse_classify_regress_request(body: bytes, request: Any, method: str = "classify") -> None:
     """Fills a ClassificationRequest or RegressionRequest's signature name and input from a
     REST body: `{"signature_name": ..., "context": {...}, "examples": [{...}, ...]}`

@@ -307,6 +307,10 @@ def test_hostile_documents_are_invalid_argument(monkeypatch, lazy_above):
     assert "JSON Parse error" in error(predict, "[" * 5000, default="int64")
     dims65 = "[" * 65 + "1" + "]" * 65
     assert "dimensions" in error(predict, '{"inputs": ' + dims65 + "}", default="int64")
+    dims64 = "[" * 64 + "1" + "]" * 64  # a 64-dimensional instance makes 65 with the batch
+    assert "Failed to process element: 0 of 'instances' list" in error(
+        predict, '{"instances": [' + dims64 + "]}", default="int64")
+    assert "dimensions" in error(predict, '{"instances": [' + dims64 + "]}", default="int64")
     dims40 = "[" * 40 + "1" + "]" * 40
     _, inputs, _ = predict('{"inputs": ' + dims40 + "}", default="int64")
     assert inputs["default"].shape == (1,) * 40
