@@ -263,18 +263,33 @@ class HttpServer:
         except _BodyError as exc:
             return exc.reply
         loop = asyncio.get_running_loop()
-        call = loop.run_in_executor(
-            self._pool, self._handler, Request(method, raw_path, request.headers, body)
-        )
+        done: asyncio.Future[Reply] = loop.create_future()
+
+        def finish(reply: Reply) -> None:  # on the event loop: the first answer wins
+            if not done.done():
+                done.set_result(reply)
+
+        def work() -> None:  # in a REST thread
+            try:
+                reply = self._handler(Request(method, raw_path, request.headers, body))
+            except BaseException as exc:  # the handler answers its own errors; a bug here
+                reply = json_reply(500, f"{type(exc).__name__}: {exc}")
+            loop.call_soon_threadsafe(finish, reply)
+
         try:
-            return await asyncio.wait_for(asyncio.shield(call), deadline - time.monotonic())
-        except asyncio.TimeoutError:
-            call.add_done_callback(_discard)
-            return json_reply(
-                504,
-                "Timed out waiting for notification: the request took longer than "
-                f"--rest_api_timeout_in_ms={self.limits.timeout_s * 1000:.0f}",
-            )
+            self._pool.submit(work)
+        except RuntimeError:  # closing: the pool takes no more work
+            return json_reply(503, "The server is shutting down", close=True)
+        late = json_reply(
+            504,
+            "Timed out waiting for notification: the request took longer than "
+            f"--rest_api_timeout_in_ms={self.limits.timeout_s * 1000:.0f}",
+        )
+        timer = loop.call_later(max(0.0, deadline - time.monotonic()), finish, late)
+        try:
+            return await done
+        finally:
+            timer.cancel()
 
     async def _read_body(self, request: web.BaseRequest, deadline: float) -> bytes | bytearray:
         """The request body (decoded when gzip-encoded), refused when above the limit."""
@@ -334,11 +349,6 @@ def _too_large(length: int | None, limit: int) -> Reply:
         f"Request body {what}exceeds the limit of {limit} bytes (--rest_api_max_body_bytes)",
         close=True,
     )
-
-
-def _discard(future: Any) -> None:
-    with contextlib.suppress(BaseException):
-        future.result()
 
 
 def _response(reply: Reply) -> web.Response:

@@ -161,11 +161,9 @@ def still_serving(port: int) -> None:
 
 
 def vm(field: str) -> int:
+    """A memory figure of this process (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
+        return int(f.read().split(field + ":", 1)[1].split()[0]) * 1024
 
 
 def reset_peak_rss() -> int:
@@ -331,9 +329,9 @@ def test_a_large_valid_body_costs_a_small_multiple_of_its_size(cors_server):
     grew = vm("VmHWM") - base
     assert response.status == 200
     np.testing.assert_allclose(json.loads(data)["predictions"], x.sum(axis=1), rtol=1e-5)
-    # the body's copy, its structure scan, the float32 inputs, the answer: about 2-3 times
-    # the body, where parsing it with json.loads took about 12 times (benchmarks/serving.md)
-    assert grew < 4 * len(body), grew / len(body)
+    # the body's copy, its structure scan, the float32 inputs and TensorFlow's copy of them:
+    # about 4 times the body, where json.loads took about 13 times (benchmarks/serving.md)
+    assert grew < 5 * len(body), grew / len(body)
 
 
 # ---------------------------------------------------------------- methods and CORS
