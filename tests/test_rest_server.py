@@ -314,6 +314,25 @@ def test_oversize_bodies_are_refused_before_they_are_read(server):
     still_serving(port)
 
 
+def test_expect_100_continue_asks_for_the_body_only_when_it_fits(server):
+    body = predict_body([[1, 2]], [[0, 0, 1]])
+    with socket.create_connection(("127.0.0.1", server.rest_port)) as s:
+        s.settimeout(5)
+        s.sendall(b"POST /v1/models/m:predict HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body))
+        assert s.recv(1 << 16).startswith(b"HTTP/1.1 100 Continue")
+        s.sendall(body)
+        answer = b""
+        while chunk := s.recv(1 << 16):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200")
+    check_answer(answer.partition(b"\r\n\r\n")[2], [[1, 2]], [[0, 0, 1]])
+    status, doc = status_and_json(exchange(
+        server.rest_port, b"POST /v1/models/m:predict HTTP/1.1\r\nHost: h\r\nExpect: "
+        b"100-continue\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)))
+    assert status == 400 and "exceeds the limit" in doc["error"]
+
+
 def test_a_large_valid_body_costs_a_small_multiple_of_its_size(cors_server):
     rng = np.random.default_rng(1)
     x = rng.integers(0, 100, (50_000, WIDE)) / 100  # values like 0.37: 6 bytes each
