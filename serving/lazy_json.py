@@ -20,9 +20,18 @@ from typing import Any
 
 import numpy as np
 
+try:  # several times faster than json.loads; the same values for what it reads
+    import orjson
+except ImportError:  # pragma: no cover - orjson comes with the serving extra
+    orjson = None
+
 MAX_DEPTH = 512  # deeper nesting is refused (no tensor has that many dimensions)
 LAZY_ABOVE = 1 << 20  # containers larger than this many bytes are parsed chunk by chunk
 _WHITESPACE = b" \t\n\r"
+# orjson reads integers beyond 64 bits as floats, where json.loads keeps them exact: text
+# with a run of 19 digits goes to json.loads
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_RUN = b"0" * 19
 _SCAN_BLOCK = 1 << 20  # bytes scanned at a time (bounds the scan's temporaries)
 
 
@@ -56,6 +65,11 @@ def materialize(value: Any) -> Any:
 
 
 def _loads_small(text: bytes, offset: int) -> Any:
+    if orjson is not None and _LONG_RUN not in text.translate(_DIGITS_AS_ZERO):
+        try:
+            return orjson.loads(text)
+        except orjson.JSONDecodeError:
+            pass  # json.loads reads what orjson refuses (NaN, Infinity) or says what is wrong
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

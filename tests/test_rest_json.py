@@ -249,6 +249,18 @@ def test_lazy_parse_equals_json_loads_on_random_and_corrupted_documents():
             assert json.dumps(got) == json.dumps(want)
 
 
+@pytest.mark.parametrize("text", [
+    b"[18446744073709551616, -9223372036854775809, 9223372036854775807, 12345678901234567890]",
+    b'{"a": [NaN, Infinity, -Infinity, 1e400, -1e400, 1e-400, -0, -0.0, 0.1, 1E5]}',
+    b'{"a": 1, "a": 2, "s": "\\u00e9\\ud83d\\ude00", "t": [true, false, null]}',
+    b"\xef\xbb\xbf[1, 2]",
+    b'["\\ud800", 1.7976931348623157e308, 4.9e-324, 123456789012345678.5]',
+])
+def test_small_documents_read_as_json_loads_reads_them(text):
+    # the fast reader (orjson, when installed) must give json.loads's values and types
+    assert repr(lazy_json.loads(text)) == repr(json.loads(text))
+
+
 def test_lazy_and_eager_predict_agree_on_values_and_on_every_error(monkeypatch):
     rng = np.random.default_rng(3)
     dtypes = {"ids": "int64", "x": "float32", "s": object}
