@@ -121,8 +121,9 @@ def memory_one(workdir: str, rows: int, fmt: str, parser: str) -> tuple[int, flo
         x = np.random.default_rng(1).integers(0, 100, (rows, WIDE)) / 100  # values like 0.37
         body = json.dumps({fmt: x.tolist()}).encode()
         del x
-        if parser == "json.loads":
-            lazy_json.LAZY_ABOVE = 1 << 40  # the whole body parsed at once
+        if parser == "json.loads":  # the whole body parsed at once, as before
+            lazy_json.LAZY_ABOVE = 1 << 40
+            lazy_json.orjson = None
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
         base = _vm("VmRSS")
@@ -198,9 +199,9 @@ def markdown(args: argparse.Namespace, rounds: list, mem: list, load: tuple) -> 
         "Large bodies: peak RSS growth of an in-process server (`ModelServer`, REST on "
         "loopback) over one predict of a model taking `x: float32 [?, 64]` and answering its "
         "row sums (values like `0.37`, so the answer is small), as a multiple of the body. "
-        "`json.loads` is the whole body parsed at once, as the frontend did before (set "
-        "`lazy_json.LAZY_ABOVE` above the body size); chunked is the default. Each request is "
-        "the first large one of a fresh server process.",
+        "`json.loads` is the whole body parsed at once with `json.loads`, as the frontend did "
+        "before (`lazy_json.LAZY_ABOVE` set above the body size, orjson off); chunked is the "
+        "default. Each request is the first large one of a fresh server process.",
         "",
         "| format | body MB | parser | peak RSS growth | seconds |",
         "|---|---|---|---|---|",
@@ -210,8 +211,9 @@ def markdown(args: argparse.Namespace, rounds: list, mem: list, load: tuple) -> 
     lines += [
         "",
         "The chunked parser keeps a body's arrays as text, finds their elements with a "
-        "vectorised scan (about 0.5 bytes per byte of numbers) and converts about 1 MiB at a "
-        "time; the growth above includes the server's copy of the body (1x).",
+        "vectorised scan (6 bytes per comma or bracket: one byte per byte of body for numbers "
+        "written like `0.37, `, two or three for one-digit numbers) and converts about 1 MiB "
+        "at a time; the growth above includes the server's copy of the body (1x).",
         END,
     ]
     return "\n".join(lines) + "\n"
