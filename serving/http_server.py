@@ -44,12 +44,12 @@ _REFUSED_LINGER_S = 0.5  # how long a connection above the cap lingers after its
 
 @dataclass(frozen=True)
 class HttpLimits:
-    """Transport limits (TF Serving flag names where there is one)."""
+    """Transport limits, with the defaults of the REST flags that set them."""
 
-    timeout_s: float = 30.0  # --rest_api_timeout_in_ms / 1000
-    max_body_bytes: int = 1 << 30  # --rest_api_max_body_bytes
-    max_connections: int = 1024  # --rest_api_max_connections
-    num_threads: int = 4  # --rest_api_num_threads
+    timeout_s: float = 30.0  # --rest_api_timeout_in_ms / 1000 (TF Serving's default)
+    max_body_bytes: int = 256 << 20  # --rest_api_max_body_bytes (keras-hps's; TF Serving: none)
+    max_connections: int = 1024  # rest_api_max_connections (keras-hps's)
+    num_threads: int = 4  # --rest_api_num_threads (TF Serving's default: 4 x CPUs)
 
 
 @dataclass

@@ -39,10 +39,6 @@ from .status import ServingError, from_exception, invalid_argument
 
 log = logging.getLogger("keras_hps.serving")
 
-# Defaults of the REST flags read from the core's options (TF Serving's where it has them).
-DEFAULT_TIMEOUT_MS = 30_000  # --rest_api_timeout_in_ms
-DEFAULT_MAX_BODY_BYTES = 256 << 20  # --rest_api_max_body_bytes (keras-hps; TF Serving: none)
-
 _V1 = re.compile(r"(?i)/v1/.*")
 _POST = re.compile(
     r"(?i)/v1/models/([^/:]+)(?:(?:/versions/(\d+))|(?:/labels/([^/:]+)))?:(classify|regress|predict)"
@@ -220,12 +216,13 @@ def _max_connections() -> int:
 
 def rest_limits(options: Any) -> HttpLimits:
     """The REST transport's limits from the server options (TF Serving's defaults)."""
-    timeout_ms = getattr(options, "rest_api_timeout_in_ms", DEFAULT_TIMEOUT_MS)
+    defaults = HttpLimits()
+    timeout_ms = getattr(options, "rest_api_timeout_in_ms", defaults.timeout_s * 1000)
     threads = getattr(options, "rest_api_num_threads", 0) or 4 * (os.cpu_count() or 1)
     return HttpLimits(
         # TF Serving: <= 0 means no timeout; a day stands in for "none" here
         timeout_s=timeout_ms / 1000 if timeout_ms and timeout_ms > 0 else 86_400.0,
-        max_body_bytes=getattr(options, "rest_api_max_body_bytes", DEFAULT_MAX_BODY_BYTES),
+        max_body_bytes=getattr(options, "rest_api_max_body_bytes", defaults.max_body_bytes),
         max_connections=getattr(options, "rest_api_max_connections", 0) or _max_connections(),
         num_threads=max(1, threads),
     )

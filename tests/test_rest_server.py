@@ -470,3 +470,20 @@ def test_stop_answers_requests_already_received_and_refuses_new_ones(repo, tmp_p
     stopper.join(30)
     assert results["slow"].status_code == 200
     check_answer(results["slow"].content, [[SLOW_ID, 10]], [[0, 0, 0]])
+
+
+def test_rest_limits_come_from_the_server_options():
+    from keras_hps.serving.rest import rest_limits
+
+    options = ServerOptions()
+    limits = rest_limits(options)  # TF Serving's defaults, and keras-hps's own limits
+    assert limits.timeout_s == 30.0 and limits.max_body_bytes == 256 << 20
+    assert limits.num_threads == 4 * (os.cpu_count() or 1)
+    assert 16 <= limits.max_connections <= 1024
+    options.rest_api_timeout_in_ms, options.rest_api_num_threads = 0, 3
+    options.rest_api_max_body_bytes, options.rest_api_max_connections = 10, 7
+    limits = rest_limits(options)
+    assert limits.timeout_s == 86_400.0  # TF Serving: no timeout
+    assert (limits.num_threads, limits.max_body_bytes, limits.max_connections) == (3, 10, 7)
+    options.rest_api_timeout_in_ms = 250
+    assert rest_limits(options).timeout_s == 0.25
