@@ -130,8 +130,10 @@ FLAGS: tuple[Flag, ...] = (
 # keras-hps's own flags.
 OWN_FLAGS: tuple[Flag, ...] = (
     Flag("host", "string", "0.0.0.0", "address the listeners bind (TF Serving: all)"),
-    Flag("rest_api_max_body_bytes", "int64", 2**31 - 1, "largest REST request body; larger "
-         "ones are refused"),
+    Flag("rest_api_max_body_bytes", "int64", 256 * 2**20, "largest REST request body; larger "
+         "ones are refused with 400 before they are read"),
+    Flag("rest_api_max_connections", "int32", 0, "open REST connections at most (503 above "
+         "it); 0: min(1024, half the open-file limit)"),
     Flag("hps_config", "string", "", "one parameter-server config (hps.json) for every "
          "external-placement version, instead of the one each version pins"),
 )

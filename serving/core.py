@@ -55,7 +55,8 @@ class ServerOptions:
     rest_api_num_threads: int = 4 * _CPUS
     rest_api_timeout_in_ms: int = 30_000
     rest_api_enable_cors_support: bool = False
-    rest_api_max_body_bytes: int = 2**31 - 1  # keras-hps: larger request bodies are refused
+    rest_api_max_body_bytes: int = 256 * 2**20  # keras-hps: larger request bodies are refused
+    rest_api_max_connections: int = 0  # keras-hps: 0 = min(1024, half the open-file limit)
     monitoring_config_file: str | None = None  # MonitoringConfig text proto (metrics path)
     # models
     model_config_file: str = ""  # what model_config_file_poll_wait_seconds re-reads

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -158,15 +157,14 @@ def _wait_ready(proc: subprocess.Popen, lines: list[str], timeout: float) -> thr
 
 def tier_hit_rates(metrics_text: str, model: str) -> dict[str, tuple[float, float]]:
     """{tier: (hits, misses)} summed over a model's tables, from the Prometheus text."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    pattern = re.compile(
-        r'^keras_hps_table_(hits|misses)\{model="([^"]*)",table="(\d+)",'
-        r'tier="([^"]*)"\} (\S+)$'
-    )
-    for line in metrics_text.splitlines():
-        m = pattern.match(line)
-        if m and m.group(2) == model:
-            totals[m.group(4)][0 if m.group(1) == "hits" else 1] += float(m.group(5))
+    slot = {"keras_hps_tier_hits_total": 0, "keras_hps_tier_misses_total": 1}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name in slot and sample.labels.get("model") == model:
+                totals[sample.labels["tier"]][slot[sample.name]] += sample.value
     return {tier: (h, s) for tier, (h, s) in totals.items()}
 
 

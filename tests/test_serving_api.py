@@ -410,8 +410,10 @@ def test_rest_status_and_metadata_routes(url):
         ("GET", "/v1/models/ctr/versions/9", None, 404, "Could not find version 9 of model ctr"),
         ("GET", "/v1/models/nope/metadata", None, 404, "Servable not found for request"),
         ("GET", "/v1/models", None, 400, "Missing model name in request."),
-        ("POST", "/v1/models/ctr:classify", b'{"examples": []}', 501, "not supported"),
-        ("POST", "/v1/models/ctr:regress", b'{"examples": []}', 501, "not supported"),
+        ("POST", "/v1/models/ctr:classify", b'{"examples": []}', 400,
+         "'examples' value is an empty array"),  # json_tensor.cc, before any signature check
+        ("POST", "/v1/models/ctr:regress", b'{"examples": [{"x": 1.0}]}', 400,
+         "Expected one input Tensor."),  # regressor.cc: ctr's signature is not a regression
         ("PUT", "/v1/models/ctr:predict", b"{}", 400, "Malformed request: PUT"),
         ("GET", "/v1/models/ctr:predict", None, 400, "Malformed request: GET"),
         ("GET", "/not/an/api", None, 404, ""),

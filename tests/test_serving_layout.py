@@ -11,7 +11,7 @@ import ast
 import pathlib
 
 SERVING = pathlib.Path(__file__).resolve().parent.parent / "serving"
-FRONTENDS = {"grpc_service", "rest", "rest_json"}
+FRONTENDS = {"grpc_service", "rest", "rest_json", "lazy_json", "http_server"}
 COMPOSERS = {"server", "cli", "bench", "demo", "client"}  # build on core and frontends
 
 

@@ -4,9 +4,10 @@ Three models built here: TF Serving's own half_plus_two test model as its genera
 builds it (a TF1 graph with predict, regress and classify signatures), a TF2
 `tf.saved_model.save` model with classify and regress signatures over `tf.Example`s, and a
 Keras `model.export`. Every method (Predict, Classify, Regress, MultiInference) is queried
-with the official stubs and compared with TensorFlow's own answer for the same input (a
-TF1 session for the graph model, `tf.saved_model.load` for the TF2 one); errors carry TF
-Serving's wording (classifier.cc, regressor.cc, multi_inference.cc, predict_util.cc).
+with the official stubs, and Predict, `:classify` and `:regress` over REST with TF Serving's
+JSON, and compared with TensorFlow's own answer for the same input (a TF1 session for the
+graph model, `tf.saved_model.load` for the TF2 one); errors carry TF Serving's wording
+(classifier.cc, regressor.cc, multi_inference.cc, predict_util.cc, json_tensor.cc).
 """
 
 from __future__ import annotations
@@ -16,7 +17,14 @@ import os
 import grpc
 import numpy as np
 import pytest
-from serving_models import TF2_B, TF2_W, save_tf1_half_plus_two, save_tf2_classify_regress
+import requests
+from serving_models import (
+    TF2_B,
+    TF2_W,
+    free_port,
+    save_tf1_half_plus_two,
+    save_tf2_classify_regress,
+)
 
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
@@ -96,13 +104,14 @@ def env(tmp_path_factory):
     inp = keras.Input(shape=(3,), name="features")
     kmodel = keras.Model(inp, keras.layers.Dense(2, name="out")(inp))
     kmodel.export(str(root / "keras" / "1"), verbose=False)
-    options = ServerOptions(port=0, host="127.0.0.1", file_system_poll_wait_seconds=0,
-                            max_num_load_retries=0)
+    options = ServerOptions(port=0, rest_api_port=free_port(), host="127.0.0.1",
+                            file_system_poll_wait_seconds=0, max_num_load_retries=0)
     entries = [ModelEntry(n, str(root / n)) for n in ("half", "tf2", "keras")]
     server = ModelServer(entries, options).start()
     channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
     yield {
         "server": server, "half": half, "tf2": tf2, "keras": kmodel,
+        "rest": f"http://127.0.0.1:{server.rest_port}/v1/models",
         "predict": prediction_service_pb2_grpc.PredictionServiceStub(channel),
         "models": model_service_pb2_grpc.ModelServiceStub(channel),
     }
@@ -354,3 +363,72 @@ def test_regress_errors(env, make, message):
     err = _error(env["predict"].Regress, make())
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
     assert message in err.details()
+
+
+# ------------------------------------------------------------------------------ over REST
+def _rest(env, path: str, body: dict) -> dict:
+    r = requests.post(f"{env['rest']}/{path}", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_rest_predict_matches_tf(env, tf1_session):
+    """TF Serving's README request for half_plus_two, row and columnar, and the Keras export."""
+    got = _rest(env, "half:predict", {"instances": [1.0, 2.0, 5.0]})
+    assert got == {"predictions": [2.5, 3.0, 4.5]}
+    column = np.array([[1.0], [2.0], [5.0]], np.float32)
+    got = _rest(env, "half:predict", {"inputs": {"x": column.tolist()}})
+    np.testing.assert_allclose(got["outputs"], tf1_session.run("y:0", {"x:0": column}))
+    features = np.random.default_rng(5).standard_normal((4, 3)).astype(np.float32)
+    got = _rest(env, "keras:predict", {"instances": features.tolist()})
+    np.testing.assert_allclose(got["predictions"], env["keras"].predict(features, verbose=0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_rest_classify_and_regress_match_tf1(env, tf1_session):
+    """`:classify` with a context (TF Serving's JSON: "context", "examples", results as
+    [label, score] pairs) and `:regress`, against the graph's own answers."""
+    body = {"signature_name": "classify_x_to_classes", "context": {"x": 9.0},
+            "examples": [{"x": 1.0}, {"x2": 5.0}]}
+    got = _rest(env, "half:classify", body)
+    context = example(x=[9.0]).SerializeToString()
+    serialized = [context + example(x=[1.0]).SerializeToString(),
+                  context + example(x2=[5.0]).SerializeToString()]
+    want = tf1_session.run("scores:0", {"tf_example:0": serialized})
+    assert [[pair[0] for pair in row] for row in got["results"]] == [["lo", "hi"]] * 2
+    np.testing.assert_allclose([[pair[1] for pair in row] for row in got["results"]], want)
+    values = [1.0, -3.5, 7.25]
+    got = _rest(env, "half/versions/1:regress", {"signature_name": "regress_x_to_y",
+                                                 "examples": [{"x": v} for v in values]})
+    want = tf1_session.run("y:0", {"tf_example:0": [example(x=[v]).SerializeToString()
+                                                     for v in values]})[:, 0]
+    np.testing.assert_allclose(got["results"], want)
+
+
+def test_rest_classify_and_regress_match_tf2(env):
+    loaded = tf.saved_model.load(env["tf2"])
+    xs = np.array([[1.0, 2.0], [0.5, -1.0]], np.float32)
+    examples = [{"x": row.tolist()} for row in xs]
+    serialized = tf.constant([example(x=list(map(float, row))).SerializeToString()
+                              for row in xs])
+    got = _rest(env, "tf2:classify", {"signature_name": "classify", "examples": examples})
+    want = loaded.signatures["classify"](inputs=serialized)["scores"].numpy()
+    assert [[pair[0] for pair in row] for row in got["results"]] == [["neg", "pos"]] * 2
+    np.testing.assert_allclose([[pair[1] for pair in row] for row in got["results"]], want,
+                               rtol=1e-6)
+    got = _rest(env, "tf2:regress", {"signature_name": "regress", "examples": examples})
+    want = loaded.signatures["regress"](inputs=serialized)["outputs"].numpy()[:, 0]
+    np.testing.assert_allclose(got["results"], want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("path, body, message", [
+    ("half:classify", {"examples": []}, "'examples' value is an empty array"),
+    ("half:regress", {"signature_name": "regress_x_to_y"},
+     "key 'examples' is expected and was not found"),
+    ("keras:classify", {"examples": [{"x": 1.0}]},
+     "No classification inputs found in SignatureDef"),
+])
+def test_rest_classify_errors_are_tf_servings(env, path, body, message):
+    r = requests.post(f"{env['rest']}/{path}", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]
