@@ -287,7 +287,8 @@ class ModelConfig:
         True, Bool(),
         "Put a GPU tier on top of this model's tables when CUDA is available. The environment "
         "variable `KERAS_HPS_GPU_TIER=off` turns every GPU tier off, `interpret` runs it "
-        "through Triton's interpreter on the CPU (tests).")
+        "through Triton's interpreter on the CPU (tests), `virtual` puts every device of "
+        "`deployed_device_list` on GPU 0 (tests of several GPUs on one).")
     gpucacheper: float = key(
         0.2, Float(0.0, 1.0),
         "GPU cache size as a fraction of the table's rows: `max(ceil(gpucacheper x rows), "

@@ -1,4 +1,5 @@
-"""Launch settings of every kernel: one table of what was measured best, one function to read it.
+"""Launch settings of every kernel: one table of what was measured best, one function to read it,
+and `on_device`, the device a launch runs on.
 
 Measured on an H200 (docs/benchmarks/gpu_cache.md, docs/benchmarks/gpu_hierarchy.md); the
 wrappers take overrides (``block_k``, ``num_warps``, ...) for benchmarks that sweep them.
