@@ -304,7 +304,9 @@ class GpuTier:
             raise RuntimeError(f"{self.name}: GPU tier is closed")
         rep = self._replica_for(keys.device)
         shape = tuple(keys.shape)
-        flat = keys.reshape(-1).to(device=rep.device, dtype=torch.int64, non_blocking=True)
+        # contiguous: a 1-D slice (a batch's column of keys) stays strided through reshape
+        flat = keys.reshape(-1).to(device=rep.device, dtype=torch.int64,
+                                   non_blocking=True).contiguous()
         if flat.numel() == 0:
             empty = torch.empty((0, self.dim), dtype=torch.float32, device=rep.device)
             return GpuLookup(rep, shape, empty)

@@ -296,6 +296,22 @@ def test_sharded_tier_is_exact_through_the_hierarchy(virtual, table, mode, n_sha
         np.testing.assert_array_equal(got[6:], _reference(keys, vectors, known[5:10]))
 
 
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_column_of_a_batch_is_looked_up_exactly(virtual, table, mode, placement):
+    """Keys sliced from a batch (``cat[:, i]``: 1-D and strided) give their own rows."""
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    cfg = _config(path, range(2), embedding_cache_type=mode, gpu_placement=placement)
+    with ParameterServer(cfg) as ps:
+        cat = torch.from_numpy(rng.choice(keys, (20, 3))).to(DEVICE)
+        for i in range(3):
+            col = cat[:, i]
+            assert not col.is_contiguous()
+            np.testing.assert_array_equal(ps.lookup("m", 0, col).cpu().numpy(),
+                                          _reference(keys, vectors, col.cpu().numpy()))
+
+
 def test_replicas_answer_alike_and_threads_take_turns(virtual, table):
     """Replicate: each device holds a whole cache; NumPy lookups from different threads run
     on different devices, one thread's lookups on one device, all exact."""
@@ -337,6 +353,30 @@ def test_replicas_answer_alike_and_threads_take_turns(virtual, table):
 
 
 # ---------------------------------------------------------------------------- real GPUs
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA allocations")
+def test_a_sharded_lookup_needs_no_more_than_the_plan_says(virtual, table):
+    """The device memory a sharded lookup takes beyond a replicated one's stays within the
+    routing buffers `keras-hps plan` adds per key."""
+    from keras_hps import plan
+
+    path, keys, _vectors = table
+    rng = np.random.default_rng()
+    q = torch.from_numpy(rng.choice(keys, 64 * 64)).to(DEVICE)
+    peaks = {}
+    for placement in ("replicate", "shard"):
+        cfg = _config(path, range(3), embedding_cache_type="static", gpu_placement=placement)
+        with ParameterServer(cfg) as ps:
+            ps.lookup("m", 0, q)  # first call: anything allocated once
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            ps.lookup("m", 0, q)
+            torch.cuda.synchronize()
+            peaks[placement] = torch.cuda.max_memory_allocated() - before
+    extra = q.numel() * (plan.ROUTE_BYTES_PER_KEY + 11 + 8 * DIM)
+    assert 0 < peaks["shard"] - peaks["replicate"] <= extra + 2 * 512 * 3, peaks
+
+
 two_gpus = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                               reason="needs two GPUs")
 
