@@ -401,3 +401,12 @@ def test_two_real_gpus(table, monkeypatch, placement, mode):
             assert got.device == torch.device("cuda", d)
             np.testing.assert_array_equal(got.cpu().numpy(), _reference(keys, vectors, q))
         np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        if placement == "replicate":  # a lookup on GPU 1 allocates nothing on GPU 0
+            keys1 = torch.from_numpy(q).to("cuda:1")
+            ps.lookup("m", 0, keys1)
+            torch.cuda.synchronize(0)
+            torch.cuda.reset_peak_memory_stats(0)
+            before = torch.cuda.memory_allocated(0)
+            ps.lookup("m", 0, keys1)
+            torch.cuda.synchronize(1)
+            assert torch.cuda.max_memory_allocated(0) == before
