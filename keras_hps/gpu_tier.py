@@ -117,7 +117,7 @@ def gpu_tier_devices(gpucache: bool, deployed_device_list: Sequence[int]) -> lis
         import torch
 
         return [torch.device("cpu")] * len(listed)
-    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
+    if setting == "auto" and "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
         return []  # no GPU here: do not pay for importing torch
     try:
         import torch
