@@ -155,7 +155,8 @@ def test_plan_counts_the_external_data_of_an_exported_table(tmp_path):
 def test_plan_per_gpu_matches_what_each_device_holds(tmp_path, capsys, monkeypatch, placement):
     """Several GPUs: replicated, each GPU holds the whole cache or table; sharded, the largest
     share of the rows (as the GPU tier splits them), plus routing buffers per lookup. Checked
-    against the arrays a parameter server allocates on each of three virtual devices."""
+    against the arrays a parameter server allocates on each of three virtual devices (GPU 0,
+    or the CPU through Triton's interpreter)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("triton")
     from keras_hps import gpu_shards, plan
@@ -178,7 +179,8 @@ def test_plan_per_gpu_matches_what_each_device_holds(tmp_path, capsys, monkeypat
     plans = {(p.model, p.table_id): p for p in plan_config(str(tmp_path / "hps.json"))}
     assert {p.placement for p in plans.values()} == {placement}
     assert plan.ROUTE_BYTES_PER_KEY == gpu_shards.ROUTE_BYTES_PER_KEY
-    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER",
+                       "virtual" if torch.cuda.is_available() else "interpret")
     with ParameterServer(str(tmp_path / "hps.json")) as ps:
         for (model, t), p in plans.items():
             tier = ps.table(model, t).gpu
