@@ -94,6 +94,7 @@ _PERSISTENT_TYPES = {
 _OVERFLOW_POLICIES = ("evict_random", "evict_least_used", "evict_oldest")
 _CACHE_TYPES = ("dynamic", "static", "uvm")
 _ADMISSIONS = ("none", "tinylfu")
+_PLACEMENTS = ("replicate", "shard")
 _FILTERS = List(Str())
 _REDIS = "Redis Cluster setting of HPS's `redis_cluster` volatile DB."
 _SHM = "Shared-memory setting of HPS's `multi_process_hash_map` volatile DB."
@@ -265,8 +266,17 @@ class ModelConfig:
         hps="required this key.", default_text="`0.0` for every table")
     deployed_device_list: tuple[int, ...] = key(
         (0,), List(Int(minimum=0)),
-        "GPUs that hold this model's GPU tier (replicated, as in HPS).",
+        "GPUs that hold this model's GPU tier, each table replicated on every one (as in HPS) "
+        "or split over them (`gpu_placement`).",
         hps="required this key.")
+    gpu_placement: str = key(
+        "replicate", Choice(_PLACEMENTS, "placement"),
+        "keras-hps only. How each table's GPU tier uses the GPUs of `deployed_device_list`. "
+        "`replicate` (as in HPS): every GPU holds the whole cache (or static table) and a "
+        "lookup runs on one GPU. `shard`: the cache (or static table) is split by key over "
+        "the GPUs, so N GPUs hold N times the rows, and a lookup gathers each key's row from "
+        "the GPU that owns it (peer-to-peer copies). See "
+        "[the GPU tier](gpu_tier.md#devices-replicate-or-shard).")
     max_batch_size: int = key(
         64, Int(minimum=1),
         "Most samples per lookup (see `maxnum_catfeature_query_per_table_per_sample`). "
@@ -277,7 +287,8 @@ class ModelConfig:
         True, Bool(),
         "Put a GPU tier on top of this model's tables when CUDA is available. The environment "
         "variable `KERAS_HPS_GPU_TIER=off` turns every GPU tier off, `interpret` runs it "
-        "through Triton's interpreter on the CPU (tests).")
+        "through Triton's interpreter on the CPU (tests), `virtual` puts every device of "
+        "`deployed_device_list` on GPU 0 (tests of several GPUs on one).")
     gpucacheper: float = key(
         0.2, Float(0.0, 1.0),
         "GPU cache size as a fraction of the table's rows: `max(ceil(gpucacheper x rows), "

@@ -19,19 +19,25 @@ from below enter the cache: before the lookup returns when the batch's hit rate 
 keys) is below the threshold, on a background thread otherwise. (HPS instead returned the
 default vector for the missed keys of a batch at or above the threshold.)
 
-The tier is replicated on every device of ``deployed_device_list``, as in HPS. A lookup of a
-CUDA key tensor runs on that device's replica (the first one when the device has none); a
-NumPy lookup runs on the first. Hits never leave the device.
+Devices (``deployed_device_list``, ``gpu_placement``): with ``replicate`` (the default, as in
+HPS) every device holds a whole GPU tier of the table; with ``shard`` each device holds the
+rows of its share of the keys (`keras_hps.gpu_shards`). Either way there is one replica per
+device, and a lookup runs on one: that of the keys' device for CUDA keys, else the calling
+thread's turn (`thread_turn`), so one request's lookups stay on one GPU and concurrent
+requests spread over all of them. A replicated lookup never leaves its device.
 
 The tier is on when the model's ``gpucache`` is true and CUDA is available. The environment
 variable ``KERAS_HPS_GPU_TIER`` overrides: ``off`` disables it, ``interpret`` runs it on
 the CPU through Triton's interpreter (CPU torch tensors; slow, for tests and CI without a
-GPU), ``auto`` (the default) is the rule above.
+GPU), ``virtual`` puts every device of ``deployed_device_list`` on GPU 0 (each with its own
+memory: the multi-GPU code on one GPU), ``auto`` (the default) is the rule above. Under
+``interpret`` every listed device is the CPU.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import sys
 import threading
@@ -52,11 +58,24 @@ __all__ = [
     "cache_slots",
     "gpu_tier_devices",
     "gpu_tier_setting",
+    "thread_turn",
 ]
 
 ENV_VAR = "KERAS_HPS_GPU_TIER"
-_SETTINGS = ("auto", "off", "interpret")
+_SETTINGS = ("auto", "off", "interpret", "virtual")
+PLACEMENTS = ("replicate", "shard")
 MIN_SLOTS = 64
+_turns = itertools.count()
+_thread = threading.local()
+
+
+def thread_turn() -> int:
+    """The calling thread's number, handed out in turn on its first call: a lookup of keys that
+    are on no device of the tier runs on replica ``thread_turn() % replicas``."""
+    turn = getattr(_thread, "turn", None)
+    if turn is None:
+        turn = _thread.turn = next(_turns)
+    return turn
 
 
 def gpu_tier_setting() -> str:
@@ -87,26 +106,32 @@ def _enable_interpreter() -> None:
 
 
 def gpu_tier_devices(gpucache: bool, deployed_device_list: Sequence[int]) -> list[Any]:
-    """torch devices the GPU tier runs on for a model, or [] when the tier is off."""
+    """torch devices the GPU tier runs on for a model, one per device of
+    ``deployed_device_list``, or [] when the tier is off."""
     setting = gpu_tier_setting()
     if setting == "off" or not gpucache:
         return []
+    listed = [int(d) for d in deployed_device_list or (0,)]
     if setting == "interpret":
         _enable_interpreter()
         import torch
 
-        return [torch.device("cpu")]
-    if "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
+        return [torch.device("cpu")] * len(listed)
+    if setting == "auto" and "torch" not in sys.modules and not glob.glob("/dev/nvidia[0-9]*"):
         return []  # no GPU here: do not pay for importing torch
     try:
         import torch
     except ImportError:
         return []
     if not torch.cuda.is_available():
+        if setting == "virtual":
+            raise ConfigError(f"{ENV_VAR}=virtual needs a CUDA device (CPU: use interpret)")
         return []
+    if setting == "virtual":
+        return [torch.device("cuda", 0)] * len(listed)
     count = torch.cuda.device_count()
     devices = []
-    for d in deployed_device_list or (0,):
+    for d in listed:
         if not 0 <= int(d) < count:
             raise ConfigError(
                 f"deployed_device_list names GPU {d}, but this machine has {count} GPU(s)"
@@ -168,10 +193,13 @@ class GpuLookup:
 
 
 class GpuTier:
-    """The GPU tier of one table, replicated on ``devices``.
+    """The GPU tier of one table on ``devices`` (a device listed twice holds two replicas or
+    shards: virtual devices).
 
     ``mode``: dynamic | static | uvm. ``rows``: rows of the table (sizes the cache).
     ``table_path`` (static, uvm): the table file whose rows are loaded onto the tier.
+    ``placement``: ``replicate`` (the whole tier on every device) or ``shard`` (each device
+    holds the rows of its share of the keys, `keras_hps.gpu_shards`).
     """
 
     def __init__(
@@ -187,6 +215,7 @@ class GpuTier:
         table_path: str | None = None,
         default_vector: np.ndarray | None = None,
         admission: str = "none",
+        placement: str = "replicate",
     ) -> None:
         import torch
 
@@ -198,8 +227,13 @@ class GpuTier:
             )
         if not devices:
             raise ValueError(f"{name}: the GPU tier needs at least one device")
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"{name}: gpu_placement must be one of {PLACEMENTS}, got "
+                              f"{placement!r}")
         self.name = name
         self.mode = mode
+        self.placement = placement
+        sharded = placement == "shard" and len(devices) > 1
         self.dim = int(dim)
         self.hit_rate_threshold = float(hit_rate_threshold)
         self.slots = cache_slots(gpucacheper, rows) if mode != "static" else 0
@@ -213,26 +247,37 @@ class GpuTier:
         self.host_read = "copy"
         self._closed = False
         host_keys = host_vectors = None
+        pinned = mode == "uvm" and devices[0].type == "cuda"
         if mode in ("static", "uvm"):
             if table_path is None:
                 raise ConfigError(f"{name}: {mode} mode needs the table file")
-            host_keys, host_vectors = _load_table(
-                table_path, self.dim, name, pinned=mode == "uvm" and devices[0].type == "cuda"
-            )
+            host_keys, host_vectors = _load_table(table_path, self.dim, name, pinned=pinned)
+        caches: list[Any] = [None] * len(devices)
+        tables: list[Any] = [None] * len(devices)
+        if sharded:
+            from keras_hps.gpu_shards import shard_slots, split_rows, views
+        if mode != "static":
+            slots = shard_slots(self.slots, len(devices)) if sharded else self.slots
+            caches = [GpuEmbeddingCache(slots, self.dim, device=dev, policy="lru",
+                                        admission=admission) for dev in devices]
+        if host_keys is not None:
+            parts = (split_rows(host_keys, host_vectors, len(devices), pinned=pinned) if sharded
+                     else itertools.repeat((host_keys, host_vectors)))
+            tables = [_static_table(k, v, dev, on_device=mode == "static")
+                      for (k, v), dev in zip(parts, devices, strict=False)]
+        if sharded:  # one view per device over the same shards
+            caches = views(caches, devices) if caches[0] is not None else caches
+            tables = views(tables, devices) if tables[0] is not None else tables
         self._replicas: list[_Replica] = []
-        for dev in devices:
-            cache = table = None
-            if mode != "static":
-                cache = GpuEmbeddingCache(self.slots, self.dim, device=dev, policy="lru",
-                                          admission=admission)
-            if host_keys is not None:
-                table = _static_table(host_keys, host_vectors, dev, on_device=mode == "static")
+        self._by_device: dict[Any, list[_Replica]] = {}
+        for dev, cache, table in zip(devices, caches, tables, strict=True):
             default = None
             if mode == "static" and default_vector is not None:
                 default = torch.as_tensor(
                     np.asarray(default_vector, np.float32).reshape(self.dim), device=dev
                 )
             self._replicas.append(_Replica(torch.device(dev), cache, table, default))
+            self._by_device.setdefault(torch.device(dev), []).append(self._replicas[-1])
 
     # ------------------------------------------------------------------ lookup
     @property
@@ -240,10 +285,15 @@ class GpuTier:
         return [r.device for r in self._replicas]
 
     def _replica_for(self, device: Any) -> _Replica:
-        for r in self._replicas:
-            if r.device == device:
-                return r
-        return self._replicas[0]
+        """The replica a lookup of keys on ``device`` runs on: one on that device, else any;
+        among several, the calling thread's turn."""
+        reps = self._by_device.get(device, self._replicas)
+        return reps[thread_turn() % len(reps)] if len(reps) > 1 else reps[0]
+
+    def _stores(self) -> list[_Replica]:
+        """Replicas with distinct device memory: every replica, or one when sharded (each
+        device's replica is a view of the same shards)."""
+        return self._replicas[:1] if self.placement == "shard" else self._replicas
 
     def query(self, keys: Any) -> GpuLookup:
         """Start a lookup of checked integer ``keys`` (a torch tensor, any shape): the rows
@@ -254,7 +304,9 @@ class GpuTier:
             raise RuntimeError(f"{self.name}: GPU tier is closed")
         rep = self._replica_for(keys.device)
         shape = tuple(keys.shape)
-        flat = keys.reshape(-1).to(device=rep.device, dtype=torch.int64, non_blocking=True)
+        # contiguous: a 1-D slice (a batch's column of keys) stays strided through reshape
+        flat = keys.reshape(-1).to(device=rep.device, dtype=torch.int64,
+                                   non_blocking=True).contiguous()
         if flat.numel() == 0:
             empty = torch.empty((0, self.dim), dtype=torch.float32, device=rep.device)
             return GpuLookup(rep, shape, empty)
@@ -376,7 +428,7 @@ class GpuTier:
         self.wait()
         if keys.size == 0:
             return
-        for rep in self._replicas:
+        for rep in self._stores():
             tk = torch.from_numpy(keys).to(rep.device)
             if rep.cache is not None:
                 rep.cache.invalidate(tk)
@@ -386,14 +438,15 @@ class GpuTier:
                 tv = torch.from_numpy(np.asarray(vectors, dtype=np.float32)).to(rep.device)
                 found = rep.table.update(tk, tv.reshape(keys.size, self.dim))
                 if rep.default is not None and not bool(found.all()):
-                    rep.default = None  # keys outside the static table now exist below
+                    for r in self._replicas:  # every replica's table holds the same keys
+                        r.default = None  # keys outside the static table now exist below
 
     def clear(self) -> None:
         """Empty the dynamic caches (static tables stay)."""
         with self._lock:
             self._generation += 1
         self.wait()
-        for rep in self._replicas:
+        for rep in self._stores():
             if rep.cache is not None:
                 rep.cache.clear()
 
@@ -403,7 +456,7 @@ class GpuTier:
         the unique step): ``hits`` (device-resident rows), ``misses``,
         ``uvm_hits`` (misses served from pinned host memory), ``fetched`` (from lower tiers),
         plus the caches' ``evictions``, ``resident`` rows and ``capacity``, summed over
-        replicas."""
+        replicas (over the shards when sharded)."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
         for rep in self._replicas:
@@ -413,12 +466,13 @@ class GpuTier:
                 out["misses"] += looked - found
         out.update(
             mode=self.mode,
+            placement=self.placement,
             devices=[str(d) for d in self.devices],
             evictions=0,
             resident=0,
             capacity=0,
         )
-        for rep in self._replicas:
+        for rep in self._stores():
             if rep.cache is not None:
                 s = rep.cache.stats()
                 out["evictions"] += s["evictions"]
@@ -493,4 +547,5 @@ def build_gpu_tier(model: Any, spec: Any) -> GpuTier | None:
         table_path=spec.path,
         default_vector=np.full(spec.dim, spec.default_value, np.float32),
         admission=model.gpu_cache_admission,
+        placement=model.gpu_placement,
     )

@@ -8,10 +8,17 @@ structures keras-hps allocates:
   bitmap and the vector (with `gpu_cache_admission: "tinylfu"`, plus a sketch of 4 x 4 bytes
   per slot rounded up to a power of two);
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
-  power of two >= 2 x rows slots;
+  power of two >= 2 x rows slots (at least 64);
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
 - GPU workspace: one lookup's keys and vectors, `max_batch_size x
   maxnum_catfeature_query_per_table_per_sample` of them;
+- several GPUs (`deployed_device_list`): with `gpu_placement: "replicate"` every GPU holds all of
+  the above; with `"shard"` each GPU holds its share of the table: a dynamic cache of
+  `ceil(slots / N)` slots rounded up to whole groups of 32, or the static rows of the keys it
+  owns (counted by hashing the table's keys as the GPU tier does; the figure is the largest
+  share), plus routing buffers for one lookup: per key 24 bytes to group the keys by owner
+  (`keras_hps.gpu_shards.ROUTE_BYTES_PER_KEY`), 8 + 3 for the keys and hit flags sent and
+  returned, and two rows (one on the owner, one on its way back);
 - host RAM tier: `min(rows, overflow_margin)` rows preallocated (vector + 33 bytes of key and
   bookkeeping per row) and the key index (a dense int32 array over the key range when keys are
   compact, else a hash index of 16-byte entries, at least 4 per row);
@@ -19,8 +26,7 @@ structures keras-hps allocates:
   plus every 64th key for tables of 65,536 rows or more);
 - disk: the table file's size.
 
-GPU figures are per device; a model's caches are replicated on every device of
-`deployed_device_list`.
+GPU figures are per device: each device of `deployed_device_list` needs them.
 """
 
 from __future__ import annotations
@@ -49,11 +55,14 @@ __all__ = ["TablePlan", "add_arguments", "plan_config", "run"]
 SLOT_GROUP = 32  # dynamic-cache slots come in groups of 32 (four 8-slot sets)
 GPU_SLOT_BYTES = 8 + 8  # dynamic cache slot besides its vector: key, score (+ a mark bit)
 MIN_CACHE_SLOTS = 64
+MIN_INDEX_SLOTS = 64  # a static table's hash index has at least 64 slots
+ROUTE_BYTES_PER_KEY = 24  # keras_hps.gpu_shards.ROUTE_BYTES_PER_KEY (owner, sort, order, keys)
 
 
 @dataclass(frozen=True)
 class TablePlan:
-    """Bytes one table needs in each tier."""
+    """Bytes one table needs in each tier; GPU figures per device (in ``shard`` placement, those
+    of the device with the largest share)."""
 
     model: str
     table_id: int
@@ -70,6 +79,7 @@ class TablePlan:
     cold_index_bytes: int
     disk_bytes: int
     devices: int
+    placement: str = "replicate"
 
 
 def _key_facts(path: str, dim: int) -> tuple[int, int, int, bool]:
@@ -97,9 +107,29 @@ def _key_facts(path: str, dim: int) -> tuple[int, int, int, bool]:
     return n, lo, hi, is_sorted
 
 
-def _cache_slots(gpucacheper: float, rows: int) -> int:
+def _cache_slots(gpucacheper: float, rows: int, shards: int = 1) -> int:
+    """Slots of a dynamic cache, or of each of its ``shards``."""
     slots = max(math.ceil(gpucacheper * rows), MIN_CACHE_SLOTS)
-    return -(-slots // SLOT_GROUP) * SLOT_GROUP
+    return -(-slots // (SLOT_GROUP * shards)) * SLOT_GROUP
+
+
+def _index_slots(rows: int) -> int:
+    """Slots of a static table's hash index over ``rows`` keys."""
+    return max(MIN_INDEX_SLOTS, 1 << max(0, math.ceil(math.log2(max(1, 2 * rows)))))
+
+
+def _largest_share(path: str, dim: int, shards: int) -> int:
+    """Rows of the shard that owns the most of the table's keys (as the GPU tier splits them)."""
+    from keras_hps.formats import open_table
+    from keras_hps.triton_kernels.shard_route import np_shard_owner
+
+    counts = np.zeros(shards, np.int64)
+    with open_table(path, dim) as t:
+        step = 1 << 22
+        for s in range(0, t.num_rows, step):
+            keys = np.asarray(t.keys[s:s + step], dtype=np.int64)
+            counts += np.bincount(np_shard_owner(keys, shards), minlength=shards)
+    return int(counts.max())
 
 
 def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
@@ -116,18 +146,22 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             vec = 4 * dim
             ctype = m.cache_type
             gpu_slots = gpu = pinned = 0
+            shards = len(m.deployed_device_list) if m.gpu_placement == "shard" else 1
             if m.gpucache:
                 if ctype == "static":
-                    gpu_slots = 1 << max(0, math.ceil(math.log2(max(1, 2 * rows))))
-                    gpu = gpu_slots * 16 + rows * vec
+                    share = rows if shards == 1 else _largest_share(path, dim, shards)
+                    gpu_slots = _index_slots(share)
+                    gpu = gpu_slots * 16 + share * vec
                 else:
-                    gpu_slots = _cache_slots(m.gpucacheper, rows)
+                    gpu_slots = _cache_slots(m.gpucacheper, rows, shards)
                     gpu = gpu_slots * (GPU_SLOT_BYTES + vec) + gpu_slots // 8
                     if m.gpu_cache_admission == "tinylfu":  # 4 rows of int32 counters
                         gpu += 4 * 4 << max(10, (gpu_slots - 1).bit_length())
                     if ctype == "uvm":
                         pinned = rows * vec
             workspace = m.max_keys_per_lookup(t) * (8 + vec) if m.gpucache else 0
+            if m.gpucache and shards > 1:
+                workspace += m.max_keys_per_lookup(t) * (ROUTE_BYTES_PER_KEY + 11 + 2 * vec)
             host_rows = host = 0
             uses_dbs = True  # host and cold tiers sit under every GPU mode (exact misses)
             if vdb.enabled and uses_dbs:
@@ -139,7 +173,8 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                 cache_type=ctype if m.gpucache else "off", gpu_slots=gpu_slots, gpu_bytes=gpu,
                 gpu_workspace_bytes=workspace, pinned_host_bytes=pinned, host_rows=host_rows,
                 host_bytes=host, cold_index_bytes=cold, disk_bytes=table_disk_bytes(path),
-                devices=len(m.deployed_device_list) if m.gpucache else 0))
+                devices=len(m.deployed_device_list) if m.gpucache else 0,
+                placement="shard" if shards > 1 else "replicate"))
     return plans
 
 
@@ -179,10 +214,12 @@ def format_plan(plans: list[TablePlan]) -> str:
     out += [fmt(r) for r in lines[: len(plans)]]
     out.append("  ".join("-" * w for w in widths))
     out += [fmt(r) for r in lines[len(plans):]]
-    devs = {p.model: p.devices for p in plans}
+    devs = {p.model: (p.devices, p.placement) for p in plans}
     out.append("")
-    out.append("GPU MiB/dev includes one lookup's workspace; each model's GPU memory is needed on "
-               "each of its devices: " + ", ".join(f"{m} x{d}" for m, d in devs.items()) + ".")
+    out.append("GPU MiB/dev includes one lookup's workspace (and, sharded, its routing buffers); "
+               "each model's GPU memory is needed on each of its devices: "
+               + ", ".join(f"{m} x{d}" + (" (sharded: each device's share)" if pl == "shard"
+                                          else "") for m, (d, pl) in devs.items()) + ".")
     return "\n".join(out)
 
 

@@ -149,3 +149,71 @@ def test_plan_counts_the_external_data_of_an_exported_table(tmp_path):
     (plan,) = plan_config(str(tmp_path / "hps.json"))
     assert plan.disk_bytes == h5.stat().st_size + keys.size * 8 + vecs.nbytes
     assert plan.rows == 2000
+
+
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_plan_per_gpu_matches_what_each_device_holds(tmp_path, capsys, monkeypatch, placement):
+    """Several GPUs: replicated, each GPU holds the whole cache or table; sharded, the largest
+    share of the rows (as the GPU tier splits them), plus routing buffers per lookup. Checked
+    against the arrays a parameter server allocates on each of three virtual devices (GPU 0,
+    or the CPU through Triton's interpreter)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from keras_hps import gpu_shards, plan
+
+    rng = np.random.default_rng(33)
+    write_hps_table(tmp_path / "wide", rng.permutation(rng.choice(10**12, 3000, replace=False)),
+                    rng.standard_normal((3000, 16)).astype(np.float32))
+    write_hdf5_table(tmp_path / "compact.h5", np.arange(-100, 1900),
+                     rng.standard_normal((2000, 8)).astype(np.float32))
+    common = {"deployed_device_list": [0, 1, 2], "gpu_placement": placement,
+              "max_batch_size": 128}
+    cfg = {"volatile_db": {"type": "disabled"}, "models": [
+        {"model": "dyn", "sparse_files": ["wide", "compact.h5"], "gpucacheper": 0.1,
+         "embedding_vecsize_per_table": [16, 8],
+         "maxnum_catfeature_query_per_table_per_sample": [2, 5], **common},
+        {"model": "sta", "sparse_files": ["wide", "compact.h5"],
+         "embedding_cache_type": "static", "embedding_vecsize_per_table": [16, 8],
+         "maxnum_catfeature_query_per_table_per_sample": [1, 1], **common}]}
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    plans = {(p.model, p.table_id): p for p in plan_config(str(tmp_path / "hps.json"))}
+    assert {p.placement for p in plans.values()} == {placement}
+    assert plan.ROUTE_BYTES_PER_KEY == gpu_shards.ROUTE_BYTES_PER_KEY
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER",
+                       "virtual" if torch.cuda.is_available() else "interpret")
+    with ParameterServer(str(tmp_path / "hps.json")) as ps:
+        for (model, t), p in plans.items():
+            tier = ps.table(model, t).gpu
+            per_device = []
+            for rep in tier._replicas:
+                if rep.cache is not None:
+                    owners = getattr(rep.cache, "shards", [rep.cache])
+                    per_device.append([
+                        (c.capacity, sum(x.nbytes for x in (c.arrays.keys, c.arrays.scores,
+                                                            c.arrays.marks, c.arrays.vectors)))
+                        for c in owners])
+                else:
+                    owners = getattr(rep.table, "shards", [rep.table])
+                    per_device.append([(s.index.slots, s.index.pairs.nbytes
+                                        + s.device_values.nbytes) for s in owners])
+            if placement == "shard":  # three views of the same three shards
+                assert all(d == per_device[0] for d in per_device) and len(per_device[0]) == 3
+                held = per_device[0]
+                rows = sum(len(s) for s in getattr(tier._replicas[0].table, "shards", []))
+                assert rows in (0, p.rows)  # static shards hold each row once
+            else:  # each device holds one whole copy
+                held = [d[0] for d in per_device]
+                assert len(held) == 3 and len(set(held)) == 1
+            assert (p.gpu_slots, p.gpu_bytes) == max(held), (model, t)
+            base = ps.config.model(model).max_keys_per_lookup(t) * (8 + 4 * p.dim)
+            extra = (ps.config.model(model).max_keys_per_lookup(t)
+                     * (plan.ROUTE_BYTES_PER_KEY + 11 + 8 * p.dim))
+            assert p.gpu_workspace_bytes == base + (extra if placement == "shard" else 0)
+    # a sharded dynamic cache: a third of the slots (whole groups of 32) per GPU
+    assert plans[("dyn", 0)].gpu_slots == (320 if placement == "replicate" else 128)
+    assert cli.main(["plan", str(tmp_path / "hps.json")]) == 0
+    text = capsys.readouterr().out
+    assert ("dyn x3 (sharded: each device's share)" in text) == (placement == "shard")
+    # a route's own buffers are what the plan counts for them
+    keys = torch.arange(1000, dtype=torch.int64)
+    assert gpu_shards.KeyRoute(keys, 3).nbytes == 1000 * plan.ROUTE_BYTES_PER_KEY

@@ -61,6 +61,7 @@ LAYERS = [
                              "keras_hps.update_log"]),
     ("config, tiers, device owners", ["keras_hps.config*", "keras_hps.cold_tier",
                                       "keras_hps.gpu_cache", "keras_hps.gpu_static_table",
+                                      "keras_hps.gpu_shards",
                                       "keras_hps.combiner", "keras_hps.convert",
                                       "keras_hps.redis_tier", "keras_hps.update_stream",
                                       "keras_hps.external"]),

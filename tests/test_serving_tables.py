@@ -293,3 +293,61 @@ def _all_versions():
     from keras_hps.serving.model_config import VersionPolicy
 
     return VersionPolicy("all")
+
+
+@pytest.mark.parametrize("placement", ["replicate", "shard"])
+def test_a_server_uses_every_gpu_its_model_lists(tmp_path, monkeypatch, placement):
+    """A model on two GPUs (virtual: GPU 0, or the CPU through Triton's interpreter):
+    concurrent gRPC requests are answered from its tables, replicated requests run on both
+    GPUs, and a sharded table's rows are split over them."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER",
+                       "virtual" if torch.cuda.is_available() else "interpret")
+    repo = tmp_path / "repo"
+    w = _weights(41)
+    _export(repo, "m", w)
+    cfg = json.loads((repo / "hps.json").read_text())
+    cfg["models"][0].update(deployed_device_list=[0, 1], gpucache=True, gpucacheper=1.0,
+                            hit_rate_threshold=1.0, gpu_placement=placement)
+    (repo / "gpus.json").write_text(json.dumps(cfg))
+    options = ServerOptions(port=0, host="127.0.0.1", file_system_poll_wait_seconds=0,
+                            hps_config=str(repo / "gpus.json"))
+    server = ModelServer([ModelEntry("m", str(repo / "m"))], options).start()
+    clients = 6
+    barrier = threading.Barrier(clients)
+    errors: list[float | BaseException] = []
+
+    def client(seed: int) -> None:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        rng = np.random.default_rng(seed)
+        try:
+            barrier.wait(timeout=60)
+            for _ in range(3):
+                users = rng.integers(0, USERS, (8, 1)).astype(np.int64)
+                _version, out = _predict(stub, "m", users)
+                errors.append(float(np.abs(out - _forward(w, users)).max()))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            channel.close()
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(errors) == 3 * clients and max(errors) < 1e-4, errors
+        (ps,) = server.parameter_servers.loaded()
+        tier = ps.table("m", 0).gpu
+        assert tier.placement == placement and len(tier.devices) == 2
+        if placement == "replicate":  # both GPUs looked keys up
+            used = [r.cache.stats() for r in tier._replicas]
+            assert all(s["hits"] + s["misses"] > 0 for s in used), used
+        else:  # each shard holds only its own keys' rows
+            sizes = [s.size for s in tier._replicas[0].cache.shards]
+            assert all(n > 0 for n in sizes) and sum(sizes) == tier.stats()["resident"]
+    finally:
+        server.stop(grace=5)

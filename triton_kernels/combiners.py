@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_config
+from .launch import launch_config, on_device
 
 COMBINERS = ("sum", "mean", "sqrtn")
 _COMBINER_CODE = {"sum": 0, "mean": 1, "sqrtn": 2}
@@ -149,19 +149,20 @@ def combine_bags(
     offsets = offsets.contiguous()
     cfg = launch_config("combine_bags", dim)
     grid = (batch, triton.cdiv(dim, cfg.block_d))
-    _combine_bags_kernel[grid](
-        vectors,
-        offsets,
-        weights if weights is not None else vectors,
-        out,
-        nnz,
-        DIM=dim,
-        HAS_WEIGHTS=weights is not None,
-        COMBINER=_COMBINER_CODE[combiner],
-        BLOCK_N=cfg.block_k,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(vectors.device):
+        _combine_bags_kernel[grid](
+            vectors,
+            offsets,
+            weights if weights is not None else vectors,
+            out,
+            nnz,
+            DIM=dim,
+            HAS_WEIGHTS=weights is not None,
+            COMBINER=_COMBINER_CODE[combiner],
+            BLOCK_N=cfg.block_k,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_config
+from .launch import launch_config, on_device
 
 
 @triton.jit
@@ -47,9 +47,10 @@ def gather(table: torch.Tensor, index: torch.Tensor, *, block_k: int | None = No
     out = torch.empty(n, dim, dtype=torch.float32, device=table.device)
     if n:
         cfg = launch_config("gather", dim, block_k=block_k, num_warps=num_warps)
-        _gather_kernel[(triton.cdiv(n, cfg.block_k),)](
-            index, n, table, out, DIM=dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
-            ROW_EVICT=row_evict, num_warps=cfg.num_warps)
+        with on_device(table.device):
+            _gather_kernel[(triton.cdiv(n, cfg.block_k),)](
+                index, n, table, out, DIM=dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k,
+                ROW_EVICT=row_evict, num_warps=cfg.num_warps)
     return out
 
 

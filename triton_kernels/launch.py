@@ -1,4 +1,5 @@
-"""Launch settings of every kernel: one table of what was measured best, one function to read it.
+"""Launch settings of every kernel: one table of what was measured best, one function to read it,
+and `on_device`, the device a launch runs on.
 
 Measured on an H200 (docs/benchmarks/gpu_cache.md, docs/benchmarks/gpu_hierarchy.md); the
 wrappers take overrides (``block_k``, ``num_warps``, ...) for benchmarks that sweep them.
@@ -6,8 +7,10 @@ wrappers take overrides (``block_k``, ``num_warps``, ...) for benchmarks that sw
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
+import torch
 import triton
 
 
@@ -52,9 +55,17 @@ _FIXED = {
     "sketch_add": (1024, 4),
     "static_home_slot": (1024, 4),
     "static_find": (128, 4),
+    "shard_owner": (1024, 4),
 }
 # kernels that tile rows of at most 128 floats and size the key block to the tile
 _TILED_128 = ("static_query", "static_rows", "combine_bags")
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """The context in which a kernel launches on ``device``: Triton launches on the current
+    CUDA device whatever its tensors' device, so a launch for another GPU must make that GPU
+    current first (nothing to do on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def launch_config(kernel: str, dim: int = 1, **overrides: object) -> Launch:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import launch_config
+from .launch import launch_config, on_device
 
 EMPTY_KEY = int(np.iinfo(np.int64).max)
 WINDOW = 4  # pairs per probe window: 4 x 16 bytes
@@ -204,9 +204,10 @@ def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
     n = keys.numel()
     if n:
         cfg = launch_config("static_home_slot")
-        _home_slot_kernel[(triton.cdiv(n, cfg.block_k),)](keys, out, n, slot_mask,
-                                                          BLOCK=cfg.block_k,
-                                                          num_warps=cfg.num_warps)
+        with on_device(keys.device):
+            _home_slot_kernel[(triton.cdiv(n, cfg.block_k),)](keys, out, n, slot_mask,
+                                                              BLOCK=cfg.block_k,
+                                                              num_warps=cfg.num_warps)
     return out
 
 
@@ -285,18 +286,10 @@ def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
     rows = torch.empty(n, dtype=torch.int64, device=index.device)
     if n:
         cfg = launch_config("static_find")
-        _static_find_kernel[(triton.cdiv(n, cfg.block_k),)](
-            keys,
-            n,
-            index.pairs,
-            index.slot_mask,
-            index.n_windows,
-            rows,
-            EMPTY=EMPTY_KEY,
-            BLOCK_K=cfg.block_k,
-            W=WINDOW,
-            num_warps=cfg.num_warps,
-        )
+        with on_device(index.device):
+            _static_find_kernel[(triton.cdiv(n, cfg.block_k),)](
+                keys, n, index.pairs, index.slot_mask, index.n_windows, rows,
+                EMPTY=EMPTY_KEY, BLOCK_K=cfg.block_k, W=WINDOW, num_warps=cfg.num_warps)
     return rows
 
 
@@ -347,29 +340,30 @@ def static_query(
     cfg = launch_config("static_query", dim, block_k=block_k, num_warps=num_warps)
     # Arrays the kernel never reads still need a valid pointer: an empty tensor may have none.
     dev_arg = device_values if device_values.numel() else out
-    _static_query_kernel[(triton.cdiv(n, cfg.block_k),)](
-        keys,
-        n,
-        index.pairs,
-        index.slot_mask,
-        index.n_windows,
-        dev_arg,
-        host_values if host_values is not None and host_values.numel() else dev_arg,
-        device_values.shape[0],
-        default if default is not None else dev_arg,
-        out,
-        hit,
-        counters if counters is not None else hit,
-        DIM=dim,
-        EMPTY=EMPTY_KEY,
-        HAS_HOST=host_values is not None,
-        HAS_DEFAULT=default is not None,
-        COUNT=counters is not None,
-        BLOCK_K=cfg.block_k,
-        W=WINDOW,
-        BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps,
-    )
+    with on_device(dev):
+        _static_query_kernel[(triton.cdiv(n, cfg.block_k),)](
+            keys,
+            n,
+            index.pairs,
+            index.slot_mask,
+            index.n_windows,
+            dev_arg,
+            host_values if host_values is not None and host_values.numel() else dev_arg,
+            device_values.shape[0],
+            default if default is not None else dev_arg,
+            out,
+            hit,
+            counters if counters is not None else hit,
+            DIM=dim,
+            EMPTY=EMPTY_KEY,
+            HAS_HOST=host_values is not None,
+            HAS_DEFAULT=default is not None,
+            COUNT=counters is not None,
+            BLOCK_K=cfg.block_k,
+            W=WINDOW,
+            BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps,
+        )
     return out, hit
 
 
@@ -416,10 +410,11 @@ def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: to
         return
     cfg = launch_config("static_rows", dim)
     dev_arg = device_values if device_values.numel() else out
-    _rows_kernel[(triton.cdiv(n, cfg.block_k),)](
-        rows, n, dev_arg, host_values, device_values.shape[0], out,
-        DIM=dim, HAS_HOST=True, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps)
+    with on_device(out.device):
+        _rows_kernel[(triton.cdiv(n, cfg.block_k),)](
+            rows, n, dev_arg, host_values, device_values.shape[0], out,
+            DIM=dim, HAS_HOST=True, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps)
 
 
 def np_static_query(
