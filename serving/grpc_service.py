@@ -64,7 +64,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def _predict(self, request: Any) -> Any:
         name, version, label = api.model_target(request.model_spec)
-        with self.core.request(name, "predict", "GRPC"):
+        with self.core.request(name, "predict", "GRPC", admitted=True):
             signature = request.model_spec.signature_name or api.DEFAULT_SIGNATURE
             with self.core.manager.acquire(name, version, label) as handle:
                 api.check_signature(handle, signature, rest=False)
@@ -82,7 +82,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
             name, version, label = api.model_target(request.model_spec)
-            with self.core.request(name, "metadata", "GRPC"):
+            with self.core.request(name, "metadata", "GRPC", admitted=True):
                 fields = list(request.metadata_field)
                 if not fields:
                     raise invalid_argument(
@@ -102,7 +102,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _answer(self, api_name: str, model: str, answer: Callable[[Any], Any], request: Any,
                 context: grpc.ServicerContext) -> Any:
         try:
-            with self.core.request(model, api_name, "GRPC"):
+            with self.core.request(model, api_name, "GRPC", admitted=True):
                 return answer(request)
         except Exception as exc:
             _abort(context, exc)
