@@ -5,6 +5,7 @@ them, the receive-size limit, and the server still serving afterwards."""
 from __future__ import annotations
 
 import collections
+import os
 import time
 
 import grpc
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 import requests
 from grpc_fuzz import mutated_call
-from serving_models import VOCAB, free_port, reference, save_tf1_half_plus_two, save_version
+from serving_models import (
+    VOCAB,
+    ServeProcess,
+    free_port,
+    reference,
+    save_tf1_half_plus_two,
+    save_version,
+)
 
 tf = pytest.importorskip("tensorflow")
 
@@ -285,3 +293,47 @@ def test_larger_messages_than_the_limit_are_resource_exhausted(tmp_path):
             check_serving(ch)
     finally:
         srv.stop(grace=5)
+
+
+def _memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (peak since the last reset) of a process, in MiB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
+def test_large_grpc_requests_cost_a_small_constant_times_their_size(tmp_path):
+    """A `keras-hps serve` process's peak RSS while it reads a 48 MiB request (refused after
+    parsing: float64 for a float32 input) grows by less than 5x the message; a request over
+    --grpc_channel_arguments' receive limit is refused before it is read (< 0.25x)."""
+    save_version(str(tmp_path / "m" / "1"), SEED)
+    port = free_port()
+    limit = 64 << 20
+    flags = [f"--port={port}", "--host=127.0.0.1", "--model_name=m",
+             f"--model_base_path={tmp_path / 'm'}", "--file_system_poll_wait_seconds=0",
+             f"--grpc_channel_arguments=grpc.max_receive_message_length={limit}"]
+    with ServeProcess(*flags) as serve, grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        check_serving(ch)
+        for mib, code, bound in ((48, grpc.StatusCode.INVALID_ARGUMENT, 5.0),
+                                 (160, grpc.StatusCode.RESOURCE_EXHAUSTED, 0.25)):
+            rows = (mib << 20) // 40  # ids int64 [rows, 2] + x float64 [rows, 3]
+            request = predict_pb2.PredictRequest()
+            request.model_spec.name = "m"
+            request.inputs["ids"].CopyFrom(to_proto(np.zeros((rows, 2), np.int64), True))
+            request.inputs["x"].CopyFrom(to_proto(np.zeros((rows, 3), np.float64), True))
+            size_mib = request.ByteSize() / 2**20
+            with open(f"/proc/{serve.proc.pid}/clear_refs", "w") as f:
+                f.write("5")  # VmHWM := VmRSS
+            before = _memory_mib(serve.proc.pid)["VmRSS"]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Predict(request, timeout=120)
+            assert err.value.code() == code, err.value.details()
+            growth = _memory_mib(serve.proc.pid)["VmHWM"] - before
+            assert growth < bound * size_mib, (mib, growth)
+        check_serving(ch)
