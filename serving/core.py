@@ -29,7 +29,7 @@ from .manager import Handle, ModelManager
 from .metrics import Metrics
 from .model_config import ModelEntry
 from .spin_wait import SpinWait
-from .status import ServingError, from_exception, invalid_argument
+from .status import ServingError, from_exception
 from .tables import ParameterServers, free_memory
 
 log = logging.getLogger("keras_hps.serving")
@@ -443,15 +443,11 @@ class ServingCore:
 
     def classify(self, request: Any) -> Any:
         """ClassificationResponse of a ClassificationRequest (TF Serving's Classify)."""
-        if not request.HasField("model_spec"):
-            raise invalid_argument("Missing ModelSpec")
-        return self._infer(request.model_spec, inference.classify, request)
+        return self._infer(api.request_spec(request), inference.classify, request)
 
     def regress(self, request: Any) -> Any:
         """RegressionResponse of a RegressionRequest (TF Serving's Regress)."""
-        if not request.HasField("model_spec"):
-            raise invalid_argument("Missing ModelSpec")
-        return self._infer(request.model_spec, inference.regress, request)
+        return self._infer(api.request_spec(request), inference.regress, request)
 
     def multi_inference(self, request: Any) -> Any:
         """MultiInferenceResponse of a MultiInferenceRequest (TF Serving's MultiInference):

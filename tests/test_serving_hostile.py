@@ -337,3 +337,28 @@ def test_large_grpc_requests_cost_a_small_constant_times_their_size(tmp_path):
             growth = _memory_mib(serve.proc.pid)["VmHWM"] - before
             assert growth < bound * size_mib, (mib, growth)
         check_serving(ch)
+
+
+def test_missing_model_spec_and_checks_in_tf_servings_order(channel):
+    """predict_impl / get_model_metadata_impl: no ModelSpec is "Missing ModelSpec"; metadata
+    fields are checked before the model is looked up."""
+    from tensorflow_serving.apis import get_model_metadata_pb2
+
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    metadata = get_model_metadata_pb2.GetModelMetadataRequest
+    for call, request, message in [
+        (stub.Predict, predict_pb2.PredictRequest(), "Missing ModelSpec"),
+        (stub.GetModelMetadata, metadata(metadata_field=["signature_def"]),
+         "Missing ModelSpec"),
+        (stub.GetModelMetadata, metadata(model_spec={"name": ""}),
+         "GetModelMetadataRequest must specify at least one metadata_field"),
+        (stub.GetModelMetadata, metadata(model_spec={"name": "nope"}, metadata_field=["x"]),
+         "Metadata field x is not supported"),
+        (stub.GetModelMetadata, metadata(model_spec={"name": ""},
+                                         metadata_field=["signature_def"]),
+         "ModelSpec has no name specified."),
+    ]:
+        with pytest.raises(grpc.RpcError) as err:
+            call(request, timeout=30)
+        assert (err.value.code(), err.value.details()) == (
+            grpc.StatusCode.INVALID_ARGUMENT, message)
