@@ -297,13 +297,9 @@ def test_larger_messages_than_the_limit_are_resource_exhausted(tmp_path):
 
 def _memory_mib(pid: int) -> dict[str, float]:
     """VmRSS and VmHWM (peak since the last reset) of a process, in MiB."""
-    values = {}
     with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                values[key] = int(rest.split()[0]) / 1024
-    return values
+        status = dict(line.split(":", 1) for line in f if ":" in line)
+    return {key: int(status[key].split()[0]) / 1024 for key in ("VmRSS", "VmHWM")}
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="Linux /proc only")
