@@ -33,10 +33,12 @@ from keras_hps.servable import load_servable  # noqa: E402
 
 HERE = Path(__file__).parent
 ROWS, DIM = 400, 8
-# kill_at.py's points: in the table writes, the tables published but not the version, the
-# version published but not listed, listed but the journal not removed; then a random moment
-EXPORT_POINTS = ["table-file", "tables-renamed", "version-renamed", "models-config"]
-RANDOM_EXPORTS = 1
+# kill_at.py's points: in the table writes, the journal written, the tables published but not
+# the version, the version published but not listed, half listed, listed but the journal not
+# removed; then random moments
+EXPORT_POINTS = ["table-file", "journal", "tables-renamed", "version-renamed", "hps-json",
+                 "models-config"]
+RANDOM_EXPORTS = 2
 PARALLEL = 3  # kill trials running at once
 SEED = 20241207
 
@@ -158,7 +160,7 @@ def test_killed_exports_leave_the_old_or_the_new_repository(models, caplog):
         if point != "window":
             assert code == -signal.SIGKILL, (point, output)
         versions = _check_repository(repo, ids, answers, published=False)
-        if point == "tables-renamed":
+        if point in ("journal", "tables-renamed"):
             assert versions == [1]
         if point == "version-renamed":  # published, not listed yet: a real server serves it
             assert versions == [1, 2]
