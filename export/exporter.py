@@ -6,10 +6,10 @@ import hashlib
 import json
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from keras_hps.export.saved_model_writer import save_saved_model
 from keras_hps.export.split import Split, split_for_external
 from keras_hps.export.warmup import write_warmup
 from keras_hps.external import MANIFEST_FORMAT, MANIFEST_NAME, VERSION_HPS_CONFIG
+from keras_hps.formats.io import temp_sibling
 from keras_hps.servable import TensorSpec
 
 PLACEMENTS = ("external", "embedded")
@@ -297,28 +298,36 @@ def export_for_serving(
     try:
         if not os.path.isdir(repo_dir):
             os.mkdir(txn.created(repo_dir))
+        with repo.locked(repo_dir):  # what killed exports left, before writing more
+            repo.recover(repo_dir)
         if not os.path.isdir(model_dir):
             os.mkdir(txn.created(model_dir))
-        tmp = txn.created(os.path.join(model_dir, f".tmp-{version}-{uuid.uuid4().hex[:8]}"))
+        # Everything is written under hidden names that record this process (a server never
+        # reads them) and published under the lock by `repo.publish`.
+        tmp = txn.created(str(temp_sibling(Path(result.version_dir))))
+        staged_tables = hps_entry = None
         if tables == "embedded":
             result.checkpoint_writer = _write_saved_model(tmp, signatures, progress)
         else:
             result.hps_json = hps_path
             table_dir = os.path.join(repo_dir, repo.TABLES_DIR, model_name, str(version))
-            _make_dirs(txn, table_dir)
+            _make_dirs(txn, os.path.dirname(table_dir))
+            staged_tables = txn.created(str(temp_sibling(Path(table_dir))))
+            os.mkdir(staged_tables)
             # Table files are written by worker threads (file writes release the GIL) while
             # this thread builds and saves the dense part; leaving the block waits for them.
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="keras-hps-export") as pool:
-                pending = _write_tables(pool, table_dir, table_list, progress)
+                pending = _write_tables(pool, staged_tables, table_list, progress)
                 digests = [pool.submit(_table_digest, t) for t in table_list]
                 result.checkpoint_writer = _write_saved_model(tmp, signatures)
-                result.table_files = [h5 for h5, _ in pending]
+                result.table_files = [os.path.join(table_dir, os.path.basename(h5))
+                                      for h5, _ in pending]
                 for _, futures in pending:
                     for future in futures:
                         future.result()
-            entry = _hps_entry(model_name, repo_dir, result.table_files, table_list, defaults,
-                               max_batch_size, keys_per_sample)
-            _pin_tables(tmp, result.version_dir, hps_settings, entry, result.table_files)
+            hps_entry = _hps_entry(model_name, repo_dir, result.table_files, table_list,
+                                   defaults, max_batch_size, keys_per_sample)
+            _pin_tables(tmp, result.version_dir, hps_settings, hps_entry, result.table_files)
             _write_manifest(tmp, model_name, split, in_specs,
                             {t.table_id: d.result() for t, d in zip(table_list, digests,
                                                                     strict=True)})
@@ -326,23 +335,13 @@ def export_for_serving(
         _write_export_info(tmp, model_name, tables, table_list, defaults)
         base_path = model_dir if serving_repo_path is None else (
             serving_repo_path.rstrip("/") + "/" + model_name)
-        # Publishing: concurrent exports into one repository take turns here (and roll back
-        # under the lock), so none loses another's models.config or hps.json entries.
-        if not os.path.exists(os.path.join(repo_dir, repo.LOCK_FILE)):
-            txn.created(os.path.join(repo_dir, repo.LOCK_FILE))
+        publication = repo.Publication(model_name, version, base_path, tmp, staged_tables,
+                                       hps_entry)
+        # Concurrent exports into one repository take turns here (and roll back under the
+        # lock), so none loses another's models.config or hps.json entries.
         with repo.locked(repo_dir):
             try:
-                if os.path.exists(result.version_dir):
-                    raise ConfigError(
-                        f"version {version} of model {model_name!r} was written meanwhile by "
-                        "another export; export again to take the next version"
-                    )
-                if tables == "external":
-                    txn.replace_file(hps_path, repo.hps_json_with(hps_path, entry))
-                txn.replace_file(config_path,
-                                 repo.models_config_with(config_path, model_name, base_path))
-                # Last step: the version appears complete, in one rename.
-                os.rename(tmp, result.version_dir)
+                repo.publish(repo_dir, txn, publication)
             except BaseException:
                 txn.rollback()
                 raise

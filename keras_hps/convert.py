@@ -2,7 +2,8 @@
 
 The kind of each side follows its path: a `.h5` / `.hdf5` name (or an existing HDF5 file) is
 an HDF5 table, anything else an HPS table directory (`key` + `emb_vector`). Rows stream through
-in large blocks, so memory stays flat whatever the table's size.
+in large blocks, so memory stays flat whatever the table's size. The new table is written
+under a hidden name and published with one rename (`--force` swaps it with the old one).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from keras_hps.errors import TableFormatError
 from keras_hps.formats import is_hdf5_path, open_table, write_hdf5_table, write_hps_table
+from keras_hps.formats.io import remove_leftovers
 
 __all__ = ["ConvertSummary", "add_arguments", "convert", "run"]
 
@@ -50,10 +52,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dim: int | None =
 
     `dim` is checked against an HPS source (inferred from its sizes when None). Duplicate keys
     in an HPS source are an error, or keep the last occurrence with `on_duplicate="last"`.
-    An existing `dst` is replaced only with `overwrite=True`."""
+    An existing `dst` is replaced only with `overwrite=True`, in one step: a reader (or a
+    kill at any moment) sees the old table or the new one under `dst`, never neither.
+    What a killed conversion to `dst` left behind is removed first, with a warning."""
     src_p, dst_p = Path(src), Path(dst)
     if src_p.resolve() == dst_p.resolve():
         raise TableFormatError(f"{dst}: source and destination are the same path")
+    remove_leftovers(dst_p.parent, dst_p.name)  # of a killed conversion, before dst is judged
     if (dst_p.exists() or dst_p.is_symlink()) and not overwrite:
         raise FileExistsError(f"{dst} exists (use --force to replace it)")
     kind = _dst_kind(dst_p)

@@ -65,6 +65,15 @@ def model_spec(name: str, version: int | None, signature_name: str | None = None
     return spec
 
 
+def request_spec(request: Any) -> Any:
+    """The ModelSpec of a gRPC request; INVALID_ARGUMENT "Missing ModelSpec" when it has
+    none (TF Serving's predict_impl, get_model_metadata_impl, get_model_status_impl,
+    classification and regression services)."""
+    if not request.HasField("model_spec"):
+        raise invalid_argument("Missing ModelSpec")
+    return request.model_spec
+
+
 def model_target(spec: Any) -> tuple[str, int | None, str | None]:
     """(name, version, label) a ModelSpec asks for (None where it leaves them open)."""
     if not spec.name:

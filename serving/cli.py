@@ -136,6 +136,8 @@ OWN_FLAGS: tuple[Flag, ...] = (
          "it); 0: min(1024, half the open-file limit)"),
     Flag("hps_config", "string", "", "one parameter-server config (hps.json) for every "
          "external-placement version, instead of the one each version pins"),
+    Flag("shutdown_grace_seconds", "float", 30.0, "on SIGTERM, how long requests already "
+         "received may take to finish before the server stops anyway"),
 )
 
 

@@ -29,7 +29,7 @@ from .manager import Handle, ModelManager
 from .metrics import Metrics
 from .model_config import ModelEntry
 from .spin_wait import SpinWait
-from .status import ServingError, from_exception, invalid_argument
+from .status import ServingError, from_exception
 from .tables import ParameterServers, free_memory
 
 log = logging.getLogger("keras_hps.serving")
@@ -83,7 +83,7 @@ class ServerOptions:
     enable_serialization_as_tensor_content: bool = False
     # keras-hps
     hps_config: str | None = None  # one parameter-server config for every external version
-    shutdown_grace_seconds: float = 30.0
+    shutdown_grace_seconds: float = 30.0  # how long a drain waits for requests received
     # "auto": one CPU when the process may use two or more; None: request threads run anywhere
     frontend_cpus: tuple[int, ...] | str | None = "auto"
     spin_wait_ms: float = 0.0  # spin on the frontend CPUs this long after a request; 0: off
@@ -355,13 +355,20 @@ class ServingCore:
                     self._cond.notify_all()
 
     @contextmanager
-    def request(self, model: str, api_name: str, entrypoint: str) -> Iterator[dict]:
+    def request(
+        self, model: str, api_name: str, entrypoint: str, admitted: bool = False
+    ) -> Iterator[dict]:
         """Accounts one request: in-flight count (for draining) and metrics.
+
+        Once draining has begun a request is refused (UNAVAILABLE), unless `admitted`: the
+        frontend took it before it stopped taking requests, and it must be answered (the
+        gRPC server stops taking calls itself, and a call it took may wait for a free
+        handler thread until after draining began).
 
         The body sets `info["code"]` if it ends with an error status that it answers itself.
         """
         with self._cond:
-            if self._draining:
+            if self._draining and not admitted:
                 raise ServingError("UNAVAILABLE", "The server is shutting down")
             self._inflight += 1
         spin = self._spin
@@ -437,15 +444,11 @@ class ServingCore:
 
     def classify(self, request: Any) -> Any:
         """ClassificationResponse of a ClassificationRequest (TF Serving's Classify)."""
-        if not request.HasField("model_spec"):
-            raise invalid_argument("Missing ModelSpec")
-        return self._infer(request.model_spec, inference.classify, request)
+        return self._infer(api.request_spec(request), inference.classify, request)
 
     def regress(self, request: Any) -> Any:
         """RegressionResponse of a RegressionRequest (TF Serving's Regress)."""
-        if not request.HasField("model_spec"):
-            raise invalid_argument("Missing ModelSpec")
-        return self._infer(request.model_spec, inference.regress, request)
+        return self._infer(api.request_spec(request), inference.regress, request)
 
     def multi_inference(self, request: Any) -> Any:
         """MultiInferenceResponse of a MultiInferenceRequest (TF Serving's MultiInference):

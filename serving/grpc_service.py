@@ -63,8 +63,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             _abort(context, exc)
 
     def _predict(self, request: Any) -> Any:
-        name, version, label = api.model_target(request.model_spec)
-        with self.core.request(name, "predict", "GRPC"):
+        with self.core.request(request.model_spec.name, "predict", "GRPC", admitted=True):
+            name, version, label = api.model_target(api.request_spec(request))
             signature = request.model_spec.signature_name or api.DEFAULT_SIGNATURE
             with self.core.manager.acquire(name, version, label) as handle:
                 api.check_signature(handle, signature, rest=False)
@@ -81,8 +81,8 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
-            name, version, label = api.model_target(request.model_spec)
-            with self.core.request(name, "metadata", "GRPC"):
+            with self.core.request(request.model_spec.name, "metadata", "GRPC", admitted=True):
+                spec = api.request_spec(request)  # then the fields, then the model (TF Serving)
                 fields = list(request.metadata_field)
                 if not fields:
                     raise invalid_argument(
@@ -91,6 +91,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
                 for field in fields:
                     if field != "signature_def":
                         raise invalid_argument(f"Metadata field {field} is not supported")
+                name, version, label = api.model_target(spec)
                 with self.core.manager.acquire(name, version, label) as handle:
                     response = get_model_metadata_pb2.GetModelMetadataResponse()
                     response.model_spec.CopyFrom(api.model_spec(name, handle.version))
@@ -102,7 +103,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _answer(self, api_name: str, model: str, answer: Callable[[Any], Any], request: Any,
                 context: grpc.ServicerContext) -> Any:
         try:
-            with self.core.request(model, api_name, "GRPC"):
+            with self.core.request(model, api_name, "GRPC", admitted=True):
                 return answer(request)
         except Exception as exc:
             _abort(context, exc)
@@ -129,9 +130,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802
         try:
-            if not request.HasField("model_spec"):
-                raise invalid_argument("Missing ModelSpec")
-            name, version, label = api.model_target(request.model_spec)
+            name, version, label = api.model_target(api.request_spec(request))
             return api.model_status(self.core.manager, name, version, label)
         except Exception as exc:
             _abort(context, exc)

@@ -373,13 +373,14 @@ class ModelManager:
     # ------------------------------------------------------------------ requests
     def acquire(self, name: str, version: int | None = None, label: str | None = None) -> Handle:
         """The version that serves a request for (name, version | label | latest), held
-        until the handle is released. NOT_FOUND when it is not available."""
+        until the handle is released. NOT_FOUND when it is not available; INVALID_ARGUMENT for
+        a label the model does not have (or a label on a model the server does not know)."""
         with self._cond:
             model = self._models.get(name)
             if label is not None:
-                if model is None:
-                    raise not_found(f"Servable not found for request: Latest({name})")
-                if label not in model.entry.labels:
+                # TF Serving's ServerCore::GetModelVersionForLabel: an unknown model and an
+                # unknown label are both INVALID_ARGUMENT
+                if model is None or label not in model.entry.labels:
                     raise invalid_argument(f"Unrecognized servable version label: {label}")
                 version = model.entry.labels[label]
             if version is not None:

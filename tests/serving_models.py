@@ -179,3 +179,53 @@ def save_tf2_classify_regress(export_dir: str) -> None:
     model = Model()
     tf.saved_model.save(model, export_dir, signatures={
         "serving_default": model.predict, "classify": model.classify, "regress": model.regress})
+
+
+class ServeProcess:
+    """`keras-hps serve FLAGS` as a subprocess, its output collected line by line.
+
+    `with ServeProcess(*flags) as serve:` waits for the ready line (else fails with the
+    output); on leaving, a server still running is killed."""
+
+    def __init__(self, *flags: str, ready_timeout: float = 90.0) -> None:
+        import subprocess
+        import sys
+        import threading
+
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "keras_hps.cli", "serve", *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        self._ready_timeout = ready_timeout
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "keras-hps serve: ready" in line:
+                self.ready.set()
+
+    @property
+    def output(self) -> str:
+        """Everything the server printed so far."""
+        return "".join(self.lines)
+
+    def finish(self, timeout: float = 5.0) -> str:
+        """The whole output, once the process has ended."""
+        self._reader.join(timeout)
+        return self.output
+
+    def __enter__(self) -> ServeProcess:
+        if not self.ready.wait(self._ready_timeout):
+            self.proc.kill()
+            raise AssertionError(f"keras-hps serve did not start:\n{self.finish()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()

@@ -22,6 +22,7 @@ from keras_hps.formats.hps_dir import KEY_FILE, VECTOR_FILE, read_hps_table
 from keras_hps.formats.io import (
     check_inputs,
     pwrite_all,
+    remove_leftovers,
     replace_with,
     row_blocks,
     temp_sibling,
@@ -127,6 +128,7 @@ def write_hdf5_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
     crow = chunk_rows or max(1, CHUNK_BYTES // (4 * dim))
     crow = max(1, min(crow, max(n, 1)))
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst.parent, dst.name)
     tmp = temp_sibling(dst)
     blocks = row_blocks(k, v, order, dim, progress, f"write {dst.name}")
     try:
@@ -186,6 +188,7 @@ def write_hdf5_table_over_hps(path: str | os.PathLike, hps_dir: str | os.PathLik
                 f"table {dst} (which stores rows in key order); write it with write_hdf5_table")
     kf, vf = Path(hps_dir) / KEY_FILE, Path(hps_dir) / VECTOR_FILE
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst.parent, dst.name)
     tmp = temp_sibling(dst)
     try:
         with h5py.File(tmp, "w", libver=("v110", "v110")) as f:

@@ -17,6 +17,7 @@ import numpy as np
 from keras_hps.errors import TableFormatError
 from keras_hps.formats.io import (
     check_inputs,
+    remove_leftovers,
     replace_with,
     row_blocks,
     temp_sibling,
@@ -139,6 +140,7 @@ def write_hps_table(path: str | os.PathLike, keys: Any, vectors: Any, *,
     k, v, dim = check_inputs(dst, keys, vectors)
     order = write_order(k, dst, on_duplicate, want_sorted=False)
     dst.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(dst.parent, dst.name)
     tmp = temp_sibling(dst)
     tmp.mkdir()
     try:

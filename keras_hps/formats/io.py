@@ -3,14 +3,21 @@
 Writers check their inputs, pick the row order (as given, or sorted by key and/or without
 repeated keys), gather the rows in large blocks on one thread while a second thread writes the
 previous block, and write to a temporary name that is renamed into place, so a crash never
-leaves half a table.
+leaves half a table. Temporary names record their writer, so the next writer of a table finds
+and removes what a killed one left (`remove_leftovers`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
+import logging
 import mmap
 import os
+import re
 import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +35,8 @@ from keras_hps.formats.table import (
     rows_per_block,
     sort_keys,
 )
+
+log = logging.getLogger("keras_hps.formats")
 
 #: Bytes per block when rows are gathered out of file order (each block is one sweep over the
 #: source file), and bytes of the source file mapped at once during such a sweep.
@@ -170,20 +179,117 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[done:], offset + done
 
 
-def temp_sibling(path: Path) -> Path:
-    """A fresh hidden name next to `path`, to write to before `replace_with`."""
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+def _host() -> str:
+    """This host's name as temporary names record it (characters other than [A-Za-z0-9_.-]
+    replaced)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", socket.gethostname())[:64] or "host"
+
+
+# `.NAME.tmp-HOST~PID-XXXXXXXX`: a writer's work in progress; `.NAME.old-...`: the copy it
+# replaces, held for one step where the file system cannot swap two names (see replace_with)
+_TEMP_NAME = re.compile(
+    r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<host>[A-Za-z0-9_.-]+)~(?P<pid>\d+)-[0-9a-f]{8}$"
+)
+
+
+def temp_sibling(path: Path, kind: str = "tmp") -> Path:
+    """A fresh hidden name next to `path`, to write to before `replace_with`. It names this
+    host and process, so that `remove_leftovers` can tell the work of a writer that was
+    killed from that of one still running."""
+    return path.parent / f".{path.name}.{kind}-{_host()}~{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _writer_gone(host: str, pid: int) -> bool:
+    """Whether the writer a temporary name records has ended: it ran on this host and no
+    process has its id now (a name from another host is never taken for a leftover)."""
+    if host != _host() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, as another user's process
+        return False
+    return False
+
+
+def remove_leftovers(folder: Path, name: str | None = None) -> list[str]:
+    """Cleans up after writers killed while writing into `folder` (only those of `name`,
+    if given): their temporary files and folders are removed, and a copy that a kill left
+    under its hidden `old` name while the published name was missing is put back. Each
+    action is logged (a warning) and returned as a message."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for entry in folder.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if (match and (name is None or match["name"] == name)
+                and _writer_gone(match["host"], int(match["pid"]))):
+            found.append((match["kind"], entry.name, match["name"]))
+    messages = []
+    for kind, entry, published in sorted(found):  # "old" copies before "tmp" work
+        target = folder / published
+        if kind == "old" and not (target.exists() or target.is_symlink()):
+            os.replace(folder / entry, target)
+            messages.append(f"{target}: put back from {entry}, where a writer killed while "
+                            "replacing it had left it")
+        else:
+            _remove(folder / entry)
+            messages.append(f"{folder}: removed {entry}, left by a writer that was killed")
+    for message in messages:
+        log.warning("%s", message)
+    return messages
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing names in one step (Linux's renameat2 RENAME_EXCHANGE); False where
+    the platform or the file system cannot."""
+    libc = _libc()
+    renameat2 = getattr(libc, "renameat2", None) if libc is not None else None
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def replace_with(tmp: Path, dst: Path, overwrite: bool) -> None:
-    """Move `tmp` to `dst` by rename; an existing `dst` (file or directory) is replaced."""
+    """Publish `tmp` as `dst` in one rename, so a reader sees the old `dst` or the new one.
+
+    An existing `dst` (file or directory) is replaced only with `overwrite`. A directory
+    cannot be renamed over a non-empty one: the two names are swapped in one step where the
+    file system can (Linux), and the old copy removed after. Elsewhere the old copy is moved
+    to a hidden `old` name first; a kill between the two renames leaves it there, and the
+    next writer of `dst` puts it back (`remove_leftovers`)."""
     if dst.exists() or dst.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{dst} exists (pass overwrite=True)")
-        if dst.is_dir() and not dst.is_symlink():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+        if (dst.is_dir() and not dst.is_symlink()) or tmp.is_dir():
+            if _exchange(tmp, dst):
+                _remove(tmp)  # now the old copy
+                return
+            old = temp_sibling(dst, "old")
             os.replace(dst, old)
             os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             return
     os.replace(tmp, dst)
