@@ -45,7 +45,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from keras_hps.config import NO_OVERFLOW_LIMIT
-from keras_hps.errors import ConfigError, HPSError, TableFormatError
+from keras_hps.errors import ConfigError, TableFormatError, UnavailableError
 from keras_hps.host_tier import OVERFLOW_POLICIES
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "connect_cluster",
     "RedisClusterSettings",
     "RedisClusterTier",
-    "UnavailableError",
     "lookup_with_fallback",
     "partition_of",
     "redis_cluster_settings",
@@ -64,12 +63,6 @@ _PREFIX = "khps"
 #: 9 bytes: never equal to an 8-byte key field.
 _SENTINEL = b"khps:fill"
 _LAYOUT_VERSION = 1
-
-
-class UnavailableError(HPSError, ConnectionError):
-    """The Redis Cluster tier cannot answer now (a node is dead or unreachable, the cluster is
-    down, or a partition lost its rows). The model server maps it to UNAVAILABLE (gRPC 14,
-    HTTP 503). Moves to keras_hps/errors.py when the tier is wired in."""
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from keras_hps.redis_tier import UnavailableError, redis_errors
+from keras_hps.errors import UnavailableError
+from keras_hps.redis_tier import redis_errors
 
 __all__ = ["StreamPosition", "UpdatePublisher", "UpdateSubscriber", "stream_keys"]
 

@@ -15,12 +15,11 @@ import pytest
 from redis_cluster import LocalRedisCluster, cluster_fixture
 
 from keras_hps.cold_tier import ColdTier
-from keras_hps.errors import ConfigError
+from keras_hps.errors import ConfigError, UnavailableError
 from keras_hps.formats import write_hdf5_table
 from keras_hps.redis_tier import (
     RedisClusterSettings,
     RedisClusterTier,
-    UnavailableError,
     lookup_with_fallback,
     partition_of,
     redis_cluster_settings,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from redis_cluster import cluster_fixture
 
+from keras_hps.errors import UnavailableError
 from keras_hps.redis_tier import (
     RedisClusterTier,
-    UnavailableError,
     connect_cluster,
     redis_cluster_settings,
 )
