@@ -40,13 +40,14 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from keras_hps.config import NO_OVERFLOW_LIMIT
+from keras_hps.config import NO_OVERFLOW_LIMIT, VolatileDBConfig, check_volatile_db
 from keras_hps.errors import ConfigError, TableFormatError, UnavailableError
-from keras_hps.host_tier import OVERFLOW_POLICIES
+from keras_hps.schema import Source, load_block
 
 __all__ = [
     "FillResult",
@@ -105,102 +106,37 @@ class RedisClusterSettings:
     @property
     def nodes(self) -> list[tuple[str, int]]:
         """(host, port) of every address."""
-        return [_host_port(a) for a in self.address]
+        out = []
+        for a in self.address:
+            host, _, port = a.rpartition(":")
+            out.append((host, int(port)))
+        return out
 
 
-# HPS keys that mean nothing for a Redis Cluster (host hash map, shared memory; HPS ignored them
-# there too), and keys HPS documents but never read: accepted, ignored.
-_IGNORED = {"type", "allocation_rate", "shared_memory_size", "shared_memory_name",
-            "shared_memory_auto_remove", "initialize_after_startup", "algorithm",
-            "tls_ca_certificate", "tls_client_certificate", "tls_client_key",
-            "tls_server_name_identification"}
-# Keys that mean something for Redis in HPS and that this tier does not implement: an error
-# when set to anything but HPS's default.
-_UNSUPPORTED = {"enable_tls": False, "update_filters": ["^hps_.+$"]}
-_INT_KEYS = {"num_partitions": 1, "num_node_connections": 1, "max_get_batch_size": 1,
-             "max_set_batch_size": 1, "overflow_margin": 1}
-_BOOL_KEYS = {"refresh_time_after_fetch", "cache_missed_embeddings"}
-_FLOAT_KEYS = {"overflow_resolution_target": (0.0, 1.0), "initial_cache_rate": (0.0, 1.0),
-               "socket_timeout": (0.001, 3600.0)}
-REDIS_CLUSTER_TYPES = ("redis_cluster", "redis", "redis_cluster_backend")
-
-
-def _host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{addr!r} is not host:port")
-    return host, int(port)
-
-
-def redis_cluster_settings(raw: Mapping[str, Any], *, where: str = "volatile_db"
+def redis_cluster_settings(volatile_db: Mapping[str, Any] | VolatileDBConfig
                            ) -> RedisClusterSettings:
-    """Validate an HPS `volatile_db` block naming a Redis Cluster; `ConfigError` naming the key
-    (`<where>.<key>`) for a wrong type or value, and for a key this tier does not implement."""
-
-    def err(key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{where}.{key}: {problem}")
-
-    kw: dict[str, Any] = {}
-    t = raw.get("type", "redis_cluster")
-    if not isinstance(t, str) or t.lower() not in REDIS_CLUSTER_TYPES:
-        raise err("type", f"{t!r} is not a Redis Cluster type {list(REDIS_CLUSTER_TYPES)}")
-    for key, value in raw.items():
-        if key in _IGNORED:
-            continue
-        if key in _UNSUPPORTED:
-            if value != _UNSUPPORTED[key]:
-                raise err(key, f"{value!r} is not supported by the Redis Cluster tier "
-                               f"(only the default {_UNSUPPORTED[key]!r})")
-            continue
-        if key == "address":
-            parts = value.split(",") if isinstance(value, str) else value
-            if not isinstance(parts, (list, tuple)) or not parts or \
-                    not all(isinstance(p, str) for p in parts):
-                raise err(key, f"expected 'host:port[,host:port...]' or a list of them, "
-                               f"got {value!r}")
-            try:
-                for p in parts:
-                    _host_port(p)
-            except ValueError as e:
-                raise err(key, str(e)) from None
-            kw[key] = tuple(p.strip() for p in parts)
-        elif key in ("user_name", "password"):
-            if not isinstance(value, str):
-                raise err(key, f"expected a string, got {type(value).__name__}")
-            kw[key] = value
-        elif key == "max_batch_size":  # HPS 23.x+: one size for reads and writes
-            _check_int(err, key, value, 1)
-            kw.setdefault("max_get_batch_size", value)
-            kw.setdefault("max_set_batch_size", value)
-        elif key in _INT_KEYS:
-            _check_int(err, key, value, _INT_KEYS[key])
-            kw[key] = value
-        elif key in _BOOL_KEYS:
-            if not isinstance(value, bool):
-                raise err(key, f"expected true or false, got {value!r}")
-            kw[key] = value
-        elif key in _FLOAT_KEYS:
-            lo, hi = _FLOAT_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not lo <= value <= hi:
-                raise err(key, f"expected a number in [{lo}, {hi}], got {value!r}")
-            kw[key] = float(value)
-        elif key == "overflow_policy":
-            if value not in OVERFLOW_POLICIES:
-                raise err(key, f"unknown policy {value!r}; one of {list(OVERFLOW_POLICIES)}")
-            kw[key] = value
-        else:
-            raise err(key, "unknown key for a Redis Cluster volatile_db")
-    if "max_batch_size" in raw:  # an explicit max_get/max_set_batch_size wins
-        for k in ("max_get_batch_size", "max_set_batch_size"):
-            if k in raw:
-                kw[k] = raw[k]
-    return RedisClusterSettings(**kw)
-
-
-def _check_int(err: Callable[[str, str], ConfigError], key: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise err(key, f"expected an integer >= {lo}, got {value!r}")
+    """The tier's settings from a `volatile_db` block naming a Redis Cluster: a loaded
+    `VolatileDBConfig`, or a raw block (checked by the config schema: `ConfigError` naming
+    `volatile_db.<key>` for a wrong type or value, or a key keras-hps does not implement)."""
+    if isinstance(volatile_db, VolatileDBConfig):
+        vdb = volatile_db
+    else:
+        src = Source(None, Path.cwd())
+        vdb = load_block(src, VolatileDBConfig, {"type": "redis_cluster", **volatile_db},
+                         "volatile_db")
+        check_volatile_db(src, vdb)
+    if not vdb.redis:
+        raise ConfigError(f"volatile_db.type: {vdb.type!r} is not a Redis Cluster type "
+                          "('redis_cluster', or HPS's aliases 'redis', 'redis_cluster_backend')")
+    return RedisClusterSettings(
+        address=vdb.address, user_name=vdb.user_name, password=vdb.password,
+        num_partitions=vdb.num_partitions, num_node_connections=vdb.num_node_connections,
+        max_get_batch_size=vdb.get_batch_size, max_set_batch_size=vdb.set_batch_size,
+        overflow_margin=vdb.overflow_margin, overflow_policy=vdb.overflow_policy,
+        overflow_resolution_target=vdb.overflow_resolution_target,
+        initial_cache_rate=vdb.initial_cache_rate,
+        refresh_time_after_fetch=vdb.refresh_time_after_fetch,
+        cache_missed_embeddings=vdb.cache_missed_embeddings, socket_timeout=vdb.socket_timeout)
 
 
 # --------------------------------------------------------------------------------------------
