@@ -172,9 +172,10 @@ ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8
 class HostTier:
     """Up to `capacity` rows of one `dim`-wide table in host RAM.
 
-    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count;
-    only the table's keys may then be inserted) lets the tier pick the dense index for compact
-    keys, and skip per-row bookkeeping when the whole table fits. `lookup` and `insert` take unique
+    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count)
+    lets the tier pick the dense index for compact keys, and skip per-row bookkeeping when the
+    whole table fits; keys outside [lo, hi] (added by an update) are then never kept, and are
+    read from the tiers below every time. `fetch`, `insert`, `update` and `remove` take unique
     int64 keys."""
 
     def __init__(self, dim: int, capacity: int, *, policy: str = "evict_random",
@@ -253,6 +254,10 @@ class HostTier:
 
     def insert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add rows for unique keys not yet resident, evicting by policy when full."""
+        if isinstance(self._index, _DenseIndex) and len(keys):
+            inr = (keys >= self._index.lo) & (keys <= self._index.hi)
+            if not inr.all():
+                keys, vectors = keys[inr], vectors[inr]
         n = len(keys)
         if n == 0 or self.capacity == 0:
             return
@@ -294,11 +299,35 @@ class HostTier:
             else:
                 part = np.arange(len(used))
             victims = used[part]
-        self._index.remove(self._slot_key[victims])
-        self._used[victims] = False
-        self._free[self._nfree:self._nfree + count] = victims
-        self._nfree += count
+        self._release(victims)
         self.evictions += count
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Forget the keys of resident rows `slots` and put the rows back on the free stack."""
+        self._index.remove(self._slot_key[slots])
+        self._used[slots] = False
+        self._free[self._nfree:self._nfree + len(slots)] = slots
+        self._nfree += len(slots)
+
+    def update(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Overwrite the rows of the resident keys among unique `keys` with `vectors` (absent
+        keys stay absent); returns which keys were resident."""
+        slots = self.find(keys)
+        hit = slots >= 0
+        self.vectors[slots[hit]] = vectors[hit]
+        return hit
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Drop the rows of unique `keys` (absent keys are ignored); returns rows dropped."""
+        slots = self.find(keys)
+        slots = slots[slots >= 0]
+        if len(slots):
+            self._release(slots)
+        return len(slots)
+
+    def clear(self) -> None:
+        """Drop every row (counters are kept)."""
+        self._release(np.flatnonzero(self._used))
 
     def resident_keys(self) -> np.ndarray:
         """Keys held now (unordered)."""
