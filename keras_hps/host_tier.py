@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["HostTier", "OVERFLOW_POLICIES"]
+__all__ = ["HashIndex", "HostTier", "OVERFLOW_POLICIES"]
 
 OVERFLOW_POLICIES = ("evict_least_used", "evict_oldest", "evict_random")
 
@@ -61,7 +61,7 @@ class _DenseIndex:
         return self.slot.nbytes
 
 
-class _HashIndex:
+class HashIndex:
     """key -> slot through linear-probing open addressing, probed for a whole batch per round.
 
     One int64 `[size, 2]` array holds (key, slot) pairs, so a probe touches one cache line;
@@ -160,7 +160,7 @@ def index_nbytes(capacity: int, key_range: tuple[int, int, int] | None) -> int:
     if uses_dense_index(key_range):
         assert key_range is not None
         return (key_range[1] - key_range[0] + 1) * (4 if capacity < 2**31 else 8)
-    bits = max(4, math.ceil(math.log2(max(2, _HashIndex.LOAD * max(1, capacity)))))
+    bits = max(4, math.ceil(math.log2(max(2, HashIndex.LOAD * max(1, capacity)))))
     return (1 << bits) * 16
 
 
@@ -200,10 +200,10 @@ class HostTier:
         self._clock = 0
         if uses_dense_index(key_range):
             assert key_range is not None
-            self._index: _DenseIndex | _HashIndex = _DenseIndex(key_range[0], key_range[1],
+            self._index: _DenseIndex | HashIndex = _DenseIndex(key_range[0], key_range[1],
                                                                 self.capacity)
         else:
-            self._index = _HashIndex(max(1, self.capacity))
+            self._index = HashIndex(max(1, self.capacity))
         # Per-row bookkeeping only where the policy reads it, and none when the whole table
         # fits (key_range promises that only the table's keys are inserted: no eviction ever).
         fits = key_range is not None and self.capacity >= key_range[2]

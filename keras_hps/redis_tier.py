@@ -24,13 +24,15 @@ Lua scripts (atomic per partition and batch) so that a row from the cold tier ne
 a newer update, and an eviction never removes a row that was just updated.
 
 Faults: any Redis error (dead or unreachable node, cluster down, timeout) raises
-`UnavailableError`; the answer is never a default or a stale vector. `lookup_with_fallback`
+`UnavailableError`; the answer is never a default or a stale vector. `fetch_with_fallback`
 answers from the cold tier instead while that is exact (no update was ever applied to the
 table). A password Redis rejects raises `ConfigError` at construction.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import queue
@@ -54,7 +56,8 @@ __all__ = [
     "connect_cluster",
     "RedisClusterSettings",
     "RedisClusterTier",
-    "lookup_with_fallback",
+    "fetch_with_fallback",
+    "table_content_id",
     "partition_of",
     "redis_cluster_settings",
     "table_namespace",
@@ -319,7 +322,7 @@ def _check_credentials(s: RedisClusterSettings, auth: dict[str, Any], what: str)
 class RedisClusterTier:
     """One table version's rows in a Redis Cluster (see the module docstring for the layout).
 
-    `lookup`, `insert`, `update` and `delete` take int64 keys; `fill_from` fills the cluster
+    `fetch`, `insert`, `update` and `delete` take int64 keys; `fill_from` fills the cluster
     from the cold tier once for all servers. Safe to call from several threads."""
 
     def __init__(self, settings: RedisClusterSettings, *, model: str, table: str,
@@ -469,7 +472,7 @@ class RedisClusterTier:
             values.extend(r[1:])
         return order, values
 
-    def lookup(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, float32 `[n_found, dim]` rows of the found keys in key order).
 
         Raises UnavailableError when the cluster cannot answer, or a partition the keys fall
@@ -792,18 +795,76 @@ class RedisClusterTier:
         self.close()
 
 
-def lookup_with_fallback(tier: RedisClusterTier,
-                         cold_lookup: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-                         keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """`tier.lookup(keys)`, or when the cluster is unavailable and the table was never updated
-    (the cold tier then holds exactly the cluster's rows), `cold_lookup(keys)`. Returns
-    (found, vectors, "redis" | "cold"); raises UnavailableError when neither is exact."""
+def fetch_with_fallback(tier: RedisClusterTier,
+                        cold_fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                        keys: np.ndarray, *, updates_seen: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, str]:
+    """`tier.fetch(keys)`, or when the cluster is unavailable and the table was never updated
+    (the cold tier then holds exactly the cluster's rows), `cold_fetch(keys)`. Returns
+    (found, vectors, "redis" | "cold"); raises UnavailableError when neither is exact.
+
+    `updates_seen=False` says that this server may have missed the news of an update (its
+    update stream is disconnected): the cold tier then does not count as exact either."""
     try:
-        found, vec = tier.lookup(keys)
+        found, vec = tier.fetch(keys)
         return found, vec, "redis"
     except UnavailableError:
-        if tier.updated:
+        if tier.updated or not updates_seen:
             raise
-    found, vec = cold_lookup(np.asarray(keys, np.int64))
+    found, vec = cold_fetch(np.asarray(keys, np.int64))
     return found, vec, "cold"
 
+
+# --------------------------------------------------------------------------------------------
+# the content id of a table file: the version part of its namespace
+
+
+def _file_stats(path: str) -> list[list[Any]]:
+    real = os.path.realpath(path)
+    files = sorted(os.path.join(real, n) for n in os.listdir(real)) if os.path.isdir(real) \
+        else [real]
+    return [[os.path.basename(f), st.st_size, st.st_mtime_ns, st.st_ino]
+            for f, st in ((f, os.stat(f)) for f in files)]
+
+
+def table_content_id(path: str, dim: int, *, progress: bool | None = None) -> str:
+    """"sha256:<hex>" of a table's content: SHA-256 over dim (int64), the keys (int64) and the
+    rows (float32), little-endian, in file order, as `keras-hps export` records it in each
+    version's manifest. Every machine computes the same id for the same table, wherever the
+    file lies and whenever it was written. Kept in `<path>.sha256` (with the file's size,
+    modification time and inode) so that a restart does not read the table again."""
+    cache = Path(str(path).rstrip("/") + ".sha256")
+    stats = _file_stats(path)
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("files") == stats and saved.get("dim") == int(dim):
+            return str(saved["id"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    from keras_hps.formats import open_table
+
+    h = hashlib.sha256(np.int64(dim).tobytes())
+    with open_table(str(path), dim) as table:
+        n = table.num_rows
+        bar = None
+        if progress or (progress is None and table.nbytes > (1 << 30)):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=2 * n, desc=f"content id of {path}", unit="row", unit_scale=True)
+        block = max(1, (64 << 20) // (4 * dim))
+        for part in (table.keys, table.vectors):
+            for start in range(0, n, block):
+                a = np.asarray(part[start:start + block])
+                h.update(np.ascontiguousarray(a, "<i8" if a.ndim == 1 else "<f4").data)
+                if bar is not None:
+                    bar.update(len(a))
+        if bar is not None:
+            bar.close()
+    cid = "sha256:" + h.hexdigest()
+    try:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"id": cid, "dim": int(dim), "files": stats}))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only folder: compute it again next time
+        pass
+    return cid
