@@ -50,6 +50,7 @@ import numpy as np
 from keras_hps.config import NO_OVERFLOW_LIMIT, VolatileDBConfig, check_volatile_db
 from keras_hps.errors import ConfigError, TableFormatError, UnavailableError
 from keras_hps.schema import Source, load_block
+from keras_hps.update_log import last_rows
 
 __all__ = [
     "FillResult",
@@ -562,10 +563,7 @@ class RedisClusterTier:
         if len(k) == 0:
             return
         v = self._as_vectors(vectors, len(k))
-        if len(np.unique(k)) != len(k):  # last row of a duplicated key wins
-            _, last = np.unique(k[::-1], return_index=True)
-            idx = len(k) - 1 - last
-            k, v = k[idx], v[idx]
+        k, v = last_rows(k, v)  # last row of a duplicated key wins
         # flag first: a row newer than the cold tier never exists without the flag
         self._call(self._client.incr, self._updates_key)
         self._updated = True

@@ -33,7 +33,8 @@ import numpy as np
 from keras_hps.errors import TableFormatError
 from keras_hps.host_tier import HashIndex
 
-__all__ = ["UpdateLog", "UpdateLogReader", "UpdatedRows", "log_path", "replay_updates"]
+__all__ = ["UpdateLog", "UpdateLogReader", "UpdatedRows", "last_rows", "log_path",
+           "replay_updates"]
 
 _MAGIC = b"KHPSUPD1"
 _FILE_HEADER = struct.Struct("<8sII")
@@ -46,6 +47,18 @@ def log_path(table_path: str | os.PathLike) -> Path:
     """Where the update log of the table at `table_path` (HPS folder or HDF5 file) lives."""
     p = Path(table_path)
     return p.with_name(p.name + ".updates")
+
+
+def last_rows(keys: np.ndarray, vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique keys, their rows): where a key repeats, its last row wins (as when the rows are
+    applied in order)."""
+    if len(keys) < 2:
+        return keys, vectors
+    _, last = np.unique(keys[::-1], return_index=True)
+    if len(last) == len(keys):
+        return keys, vectors
+    idx = len(keys) - 1 - last
+    return keys[idx], vectors[idx]
 
 
 def _read_header(f: Any, path: Path) -> int:
