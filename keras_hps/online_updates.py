@@ -7,10 +7,11 @@ and how this server hears of updates made elsewhere. Each `ParameterServer` owns
   writes the rows to the shared tier, announces them on the model's stream and applies them
   to this server's own tiers before it returns; a subscriber thread per model (with its own
   connection, made before the tables fill, started after) drops the announced keys from this
-  server's host and GPU tiers, so their next lookup reads the shared tier. Dropping, not
-  writing the announced rows, is what keeps a server right whatever order announcements of
-  one key arrive in: the shared tier always holds the newest row. A gap in the stream, or a
-  message that cannot be applied, drops every cached row of the model.
+  server's host and GPU tiers (the keys of one read of the stream together), so their next
+  lookup reads the shared tier. Dropping, not writing the announced rows, is what keeps a
+  server right whatever order announcements of one key arrive in: the shared tier always
+  holds the newest row. A gap in the stream, or a message that cannot be applied, drops
+  every cached row of the model.
 - `LogUpdates` (no Redis): `update` appends to the table's durable update log (fsynced, under
   a file lock) and then applies every record of the log not applied yet, in log order. A
   thread polls each table's log every `poll_s` seconds for records other processes appended
@@ -60,6 +61,7 @@ class SharedUpdates:
         self._subscribers: dict[str, UpdateSubscriber] = {}
         self._readers: list[Any] = []  # the subscribers' clients
         self._tables: dict[tuple[str, int], TieredTable] = {}
+        self._news: dict[tuple[str, int], list[np.ndarray]] = {}  # keys announced, not applied
         self.gaps = self.drops = 0
         try:
             self.client = connect_cluster(settings)
@@ -69,7 +71,8 @@ class SharedUpdates:
                 self._readers.append(reader)
                 self._subscribers[m] = UpdateSubscriber(
                     reader, m, partial(self._on_update, m), tables={}, start="$",
-                    on_gap=partial(self._on_gap, m), on_error=partial(self._on_error, m))
+                    on_gap=partial(self._on_gap, m), on_error=partial(self._on_error, m),
+                    on_batch=partial(self._apply_news, m))
         except BaseException:
             self.close()
             raise
@@ -103,10 +106,17 @@ class SharedUpdates:
 
     def _on_update(self, model: str, table_id: int, keys: np.ndarray,
                    rows: np.ndarray | None) -> None:
-        table = self._tables.get((model, table_id))
-        if table is not None:
+        if (model, table_id) in self._tables:
+            self._news.setdefault((model, table_id), []).append(keys)
+
+    def _apply_news(self, model: str) -> None:
+        """After one read of `model`'s stream: drop every announced key from this server's
+        tiers, once per table (their next lookup reads the shared tier)."""
+        for where in [w for w in self._news if w[0] == model]:
+            table = self._tables[where]
+            keys = np.unique(np.concatenate(self._news.pop(where)))
             table.redis.note_update()
-            table.apply_update(np.unique(keys), None)  # read again from the shared tier
+            table.apply_update(keys, None)
 
     def _on_gap(self, model: str, reason: str) -> None:
         self.gaps += 1

@@ -444,10 +444,23 @@ def test_fill_from_hdf5_cold_tier(tier_factory, tmp_path):
 # -- faults -----------------------------------------------------------------------------------
 
 
-def test_wrong_password_is_a_clear_error_at_construction():
+def test_wrong_password_is_a_clear_error_at_construction(tmp_path):
     with LocalRedisCluster(3, password="s3cret", users={"alice": "wonder"},
                            persistence=False) as c:
         base = {"type": "redis_cluster", "address": c.address}
+        # a parameter server refuses to start, with one line naming the key
+        from keras_hps.parameter_server import ParameterServer
+
+        write_hdf5_table(tmp_path / "t.h5", np.arange(10), np.ones((10, 4), np.float32))
+        cfg = {"models": [{"model": "m", "sparse_files": [str(tmp_path / "t.h5")],
+                           "embedding_vecsize_per_table": [4],
+                           "maxnum_catfeature_query_per_table_per_sample": [1]}],
+               "volatile_db": {**base, "password": "wrong"}}
+        with pytest.raises(ConfigError, match=r"^volatile_db\.password: the Redis Cluster at "
+                                              r"\S+ rejected user 'default': [^\n]+$"):
+            ParameterServer(cfg)
+        with ParameterServer({**cfg, "volatile_db": {**base, "password": "s3cret"}}) as ps:
+            assert ps.lookup("m", 0, [3])[0, 0] == 1
         with pytest.raises(ConfigError, match="volatile_db.password.*rejected user .default."):
             RedisClusterTier(redis_cluster_settings({**base, "password": "wrong"}),
                              model="m", table="t", version="1", dim=4)

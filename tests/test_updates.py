@@ -9,7 +9,14 @@ import threading
 
 import numpy as np
 import pytest
-from update_checks import History, check_answers, encoded_rows, query_loop, run_updates
+from update_checks import (
+    History,
+    check_answers,
+    encoded_rows,
+    query_loop,
+    quick_thread_switches,
+    run_updates,
+)
 
 from keras_hps.errors import InvalidInputError, NotFoundError
 from keras_hps.formats import write_hdf5_table
@@ -54,8 +61,9 @@ def test_updates_reach_every_tier_and_survive_a_restart(table, monkeypatch, mode
     for r in readers:
         r.start()
     try:
-        run_updates(lambda k, v: a.update("m", 0, k, v), universe, keys, 150, DIM, history,
-                    seed=1)
+        with quick_thread_switches():
+            run_updates(lambda k, v: a.update("m", 0, k, v), universe, keys, 150, DIM,
+                        history, seed=1)
     finally:
         stop.set()
         for r in readers:

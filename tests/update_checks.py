@@ -14,8 +14,11 @@ came from, and the check needs no copy of the values:
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +74,19 @@ def query_loop(lookup, server: int, universe: np.ndarray, batch: int, stop: thre
             out.append(Answer(server, t0, t1, keys, decode(keys, rows.reshape(len(keys), -1))))
     except BaseException as e:  # noqa: BLE001 - reported by the test
         errors.append(e)
+
+
+@contextlib.contextmanager
+def quick_thread_switches(interval_s: float = 0.0005) -> Iterator[None]:
+    """Let threads take turns every `interval_s` (Python's default is 5 ms): a writer that
+    waits on the network gets the interpreter back soon after each reply, even while
+    clients run interpreted Triton kernels."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(interval_s)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(old)
 
 
 def run_updates(update, universe: np.ndarray, table_keys: np.ndarray, n: int, dim: int,
