@@ -53,6 +53,7 @@ __all__ = [
     "ensure_parameter_server",
     "get_parameter_server",
     "init",
+    "table_spec",
 ]
 
 #: Show a progress bar when loading more than this many bytes into the host tier.
@@ -73,6 +74,16 @@ class TableSpec:
     num_rows: int
     path: str
     cache_type: str
+
+
+def table_spec(config: PSConfig, m: ModelConfig, t: int, num_rows: int = 0) -> TableSpec:
+    """The spec of table `t` of model `m` in `config` (`num_rows`: of its file, when open)."""
+    return TableSpec(
+        model=m.model, table_id=t, name=m.table_name(t), dim=m.dim(t),
+        default_value=m.default_value(t), key_dtype=config.key_dtype,
+        max_keys_per_lookup=m.max_keys_per_lookup(t), num_rows=num_rows,
+        path=m.sparse_files[t], cache_type=m.cache_type,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,20 +464,12 @@ class ParameterServer:
 
     # -- construction -----------------------------------------------------------------------
 
-    def _table_spec(self, m: ModelConfig, t: int, num_rows: int) -> TableSpec:
-        return TableSpec(
-            model=m.model, table_id=t, name=m.table_name(t), dim=m.dim(t),
-            default_value=m.default_value(t), key_dtype=self.config.key_dtype,
-            max_keys_per_lookup=m.max_keys_per_lookup(t), num_rows=num_rows,
-            path=m.sparse_files[t], cache_type=m.cache_type,
-        )
-
     def _build_table(self, m: ModelConfig, t: int) -> TieredTable:
         """The table serving (model m, table t): the one place its tiers are put together."""
         from keras_hps.gpu_tier import build_gpu_tier
 
         cold = ColdTier(open_table(m.sparse_files[t], m.dim(t)))
-        spec = self._table_spec(m, t, cold.num_rows)
+        spec = table_spec(self.config, m, t, cold.num_rows)
         vdb = self.config.volatile_db
         what = f"{m.model}/{spec.name}"
         host = redis = None
