@@ -147,7 +147,7 @@ def _to_redis(config: PSConfig, spec: TableSpec, keys: np.ndarray, vectors: np.n
     finally:
         client.close()
     return (f"written to the Redis Cluster at {','.join(settings.address)} and announced on "
-            f"model {spec.model!r}'s update stream")
+            f"the update stream of model {spec.model!r}")
 
 
 def _to_log(spec: TableSpec, keys: np.ndarray, vectors: np.ndarray, batch_rows: int,
