@@ -158,8 +158,8 @@ def _to_log(spec: TableSpec, keys: np.ndarray, vectors: np.ndarray, batch_rows: 
             log.append(keys[start:start + batch_rows], vectors[start:start + batch_rows])
             if bar is not None:
                 bar.update(min(batch_rows, len(keys) - start))
-    return (f"appended to {path} (fsynced); servers on this machine apply it within "
-            f"{UPDATE_POLL_S:g} s")
+    return (f"appended to {os.path.normpath(path)} (fsynced); servers on this machine apply "
+            f"it within {UPDATE_POLL_S:g} s")
 
 
 def run(args: argparse.Namespace) -> int:
