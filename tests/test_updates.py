@@ -5,18 +5,9 @@ after its poll interval, and a restarted server still does."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
-from update_checks import (
-    History,
-    check_answers,
-    encoded_rows,
-    query_loop,
-    quick_thread_switches,
-    run_updates,
-)
+from update_checks import encoded_rows, final_rows, updates_under_load
 
 from keras_hps.errors import InvalidInputError, NotFoundError
 from keras_hps.formats import write_hdf5_table
@@ -53,25 +44,10 @@ def test_updates_reach_every_tier_and_survive_a_restart(table, monkeypatch, mode
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")
     b = ParameterServer(_config(path), update_poll_s=0.02)  # another server on the machine
     assert a.table("m", 0).gpu is not None and b.table("m", 0).gpu is None
-    history, answers, errors = History(), [], []
-    stop = threading.Event()
-    readers = [threading.Thread(target=query_loop, args=(
-        lambda k, ps=ps: ps.lookup("m", 0, k), i, universe, 32, stop, answers, errors, i))
-        for i, ps in enumerate((a, b))]
-    for r in readers:
-        r.start()
-    try:
-        with quick_thread_switches():
-            run_updates(lambda k, v: a.update("m", 0, k, v), universe, keys, 150, DIM,
-                        history, seed=1)
-    finally:
-        stop.set()
-        for r in readers:
-            r.join()
-    assert not errors, errors
-    assert check_answers(answers, history, keys, {0: 0.0, 1: 5.0}) > 1000
-    final = np.array([history.versions.get(int(k), -1) for k in universe])
-    want = np.where((final >= 0)[:, None], encoded_rows(universe, final, DIM), 0.0)
+    history, checked = updates_under_load([a, b], universe, keys, 150, DIM, batch=32, seed=1,
+                                          delays={0: 0.0, 1: 5.0})
+    assert checked > 1000
+    want = final_rows(history, universe, DIM)
     np.testing.assert_array_equal(a.lookup("m", 0, universe), want)
     np.testing.assert_array_equal(b.lookup("m", 0, universe), want)
     assert a.stats("m", 0)["gpu"]["hits"] > 0  # the GPU tier answered some of them

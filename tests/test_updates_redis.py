@@ -6,21 +6,13 @@ the update stream drops what a server cached."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import numpy as np
 import pytest
 from redis.crc import key_slot
 from redis_cluster import LocalRedisCluster, cluster_fixture
-from update_checks import (
-    History,
-    check_answers,
-    encoded_rows,
-    query_loop,
-    quick_thread_switches,
-    run_updates,
-)
+from update_checks import encoded_rows, final_rows, updates_under_load
 
 from keras_hps.errors import UnavailableError
 from keras_hps.formats import write_hdf5_table
@@ -72,27 +64,12 @@ def test_two_servers_share_a_cluster_through_1000_updates(redis_cluster, tmp_pat
         np.testing.assert_array_equal(b.lookup("m", 0, universe), want0)
         assert ta.redis.size() == 300  # cache_missed_embeddings: a's misses filled the cluster
 
-        history, answers, errors = History(), [], []
-        stop = threading.Event()
-        readers = [threading.Thread(target=query_loop, args=(
-            lambda k, ps=ps: ps.lookup("m", 0, k), i, universe, 24, stop, answers, errors, i))
-            for i, ps in enumerate((a, b))]
-        for r in readers:
-            r.start()
-        try:
-            with quick_thread_switches():
-                run_updates(lambda k, v: a.update("m", 0, k, v), universe, keys, 1000, DIM,
-                            history, seed=2, max_keys=3)
-        finally:
-            stop.set()
-            for r in readers:
-                r.join()
-        assert not errors, errors
         # a: at once; b: within its update stream's propagation delay (5 s: a loose bound on
         # a loaded 2-core machine; docs/benchmarks/distributed.md measures the real one)
-        assert check_answers(answers, history, keys, {0: 0.0, 1: 5.0}) > 2000
-        final = np.array([history.versions.get(int(k), -1) for k in universe])
-        want = np.where((final >= 0)[:, None], encoded_rows(universe, final, DIM), 0.0)
+        history, checked = updates_under_load([a, b], universe, keys, 1000, DIM, seed=2,
+                                              max_keys=3, delays={0: 0.0, 1: 5.0})
+        assert checked > 2000
+        want = final_rows(history, universe, DIM)
         deadline = time.monotonic() + 5
         while not np.array_equal(b.lookup("m", 0, universe), want):
             assert time.monotonic() < deadline, "b never caught up"

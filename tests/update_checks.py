@@ -135,3 +135,34 @@ def check_answers(answers: list[Answer], history: History, table_keys: np.ndarra
                                 f"version {due} was acknowledged before the lookup started")
             checked += 1
     return checked
+
+
+def updates_under_load(servers: list, universe: np.ndarray, table_keys: np.ndarray, n: int,
+                       dim: int, *, delays: dict[int, float], seed: int, batch: int = 24,
+                       max_keys: int = 4, model: str = "m") -> tuple[History, int]:
+    """`n` random updates through `servers[0]` while a client per server looks keys up;
+    every answer checked (`check_answers` with `delays`). Returns (history, answers
+    checked)."""
+    history, answers, errors = History(), [], []
+    stop = threading.Event()
+    readers = [threading.Thread(target=query_loop, args=(
+        lambda k, ps=ps: ps.lookup(model, 0, k), i, universe, batch, stop, answers, errors, i))
+        for i, ps in enumerate(servers)]
+    for r in readers:
+        r.start()
+    try:
+        with quick_thread_switches():
+            run_updates(lambda k, v: servers[0].update(model, 0, k, v), universe, table_keys,
+                        n, dim, history, seed=seed, max_keys=max_keys)
+    finally:
+        stop.set()
+        for r in readers:
+            r.join()
+    assert not errors, errors
+    return history, check_answers(answers, history, table_keys, delays)
+
+
+def final_rows(history: History, universe: np.ndarray, dim: int) -> np.ndarray:
+    """What every key of `universe` answers after the updates of `history`."""
+    final = np.array([history.versions.get(int(k), -1) for k in universe])
+    return np.where((final >= 0)[:, None], encoded_rows(universe, final, dim), 0.0)
