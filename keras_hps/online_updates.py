@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -188,10 +189,12 @@ class LogUpdates:
         self._catch_up(tail)
 
     def start(self) -> None:
-        """Start polling the logs for records other processes append."""
+        """Start polling the logs for records other processes append (the thread holds this
+        object weakly: a server dropped without `close` is still freed, and its thread ends)."""
         if self._thread is None and self._tails:
-            self._thread = threading.Thread(target=self._poll, daemon=True,
-                                            name="khps-update-logs")
+            self._thread = threading.Thread(target=_poll_logs,
+                                            args=(weakref.ref(self), self._stop, self.poll_s),
+                                            daemon=True, name="khps-update-logs")
             self._thread.start()
 
     def update(self, table: TieredTable, keys: np.ndarray, vectors: np.ndarray) -> None:
@@ -218,16 +221,15 @@ class LogUpdates:
                 self.applied += len(records)
         return len(records)
 
-    def _poll(self) -> None:
-        while not self._stop.wait(self.poll_s):
-            for tail in list(self._tails.values()):
-                try:
-                    self._catch_up(tail)
-                except Exception as e:  # a bad log: say so once, keep serving the rest
-                    if repr(e) != repr(self.last_error):
-                        log.error("update log of %s/%s: %s", tail.table.spec.model,
-                                  tail.table.spec.name, e)
-                    self.last_error = e
+    def _poll_once(self) -> None:
+        for tail in list(self._tails.values()):
+            try:
+                self._catch_up(tail)
+            except Exception as e:  # a bad log: say so once, keep serving the rest
+                if repr(e) != repr(self.last_error):
+                    log.error("update log of %s/%s: %s", tail.table.spec.model,
+                              tail.table.spec.name, e)
+                self.last_error = e
 
     def stats(self) -> dict[str, Any]:
         """Records applied, and the last error reading a log."""
@@ -246,3 +248,13 @@ class LogUpdates:
         for tail in self._tails.values():
             if tail.writer is not None:
                 tail.writer.close()
+
+
+def _poll_logs(ref: weakref.ReferenceType[LogUpdates], stop: threading.Event,
+               poll_s: float) -> None:
+    while not stop.wait(poll_s):
+        updates = ref()
+        if updates is None:
+            return
+        updates._poll_once()
+        del updates
