@@ -335,7 +335,7 @@ class RedisClusterTier:
         self.dim = int(dim)
         self.row_bytes = 4 * self.dim
         self.namespace = table_namespace(model, table, version)
-        self.what = f"Redis Cluster tier {model}/{table}@{version}"
+        self.what = f"Redis Cluster tier {model}/{table}@{version[:19]}"
         self.fill_lock_ttl_ms = int(fill_lock_ttl_s * 1000)
         p = settings.num_partitions
         self._vkeys = [f"{_PREFIX}:{{{self.namespace}/p{i}}}:v".encode() for i in range(p)]
