@@ -5,6 +5,8 @@ after its poll interval, and a restarted server still does."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from update_checks import encoded_rows, final_rows, updates_under_load
@@ -16,6 +18,9 @@ from keras_hps.update_log import log_path, replay_updates
 
 DIM = 4
 ROWS = 400
+# the GPU tier's setting for the server with a GPU tier: Triton's interpreter on the CPU here;
+# KERAS_HPS_TEST_GPU_TIER=auto runs the same test on a CUDA device
+GPU_TIER = os.environ.get("KERAS_HPS_TEST_GPU_TIER", "interpret")
 
 
 def _config(path, **model):
@@ -39,7 +44,7 @@ def table(tmp_path):
 def test_updates_reach_every_tier_and_survive_a_restart(table, monkeypatch, mode):
     path, keys = table
     universe = np.arange(1, ROWS + 60, dtype=np.int64)  # 59 keys the table file lacks
-    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", GPU_TIER)
     a = ParameterServer(_config(path, embedding_cache_type=mode))
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")
     b = ParameterServer(_config(path), update_poll_s=0.02)  # another server on the machine
@@ -55,7 +60,7 @@ def test_updates_reach_every_tier_and_survive_a_restart(table, monkeypatch, mode
     b.close()
     # the log holds every update, fsynced; a restarted server replays it into every tier
     assert sum(1 for _ in replay_updates(log_path(path), DIM)) == 150
-    monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    monkeypatch.setenv("KERAS_HPS_GPU_TIER", GPU_TIER)
     with ParameterServer(_config(path, embedding_cache_type=mode)) as c:
         np.testing.assert_array_equal(c.lookup("m", 0, universe), want)
         np.testing.assert_array_equal(c.lookup("m", 0, universe[::-1]), want[::-1])
