@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("keras_hps.export.cli", "write a TF Serving model repository from a Keras model"),
     "inspect": ("keras_hps.export.inspect", "print what a model repository holds"),
     "serve": ("keras_hps.serving.cli", "serve a model repository over TF Serving's REST and gRPC"),
+    "update": ("keras_hps.update", "apply new rows to a deployed table (all its servers)"),
     "bench": ("keras_hps.serving.bench", "load-test a running server (throughput, latency)"),
     "demo": ("keras_hps.serving.demo", "end to end: train, export, serve, query"),
 }

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -31,6 +33,7 @@ from keras_hps.schema import (
     Choice,
     Float,
     Int,
+    Kind,
     List,
     LocalPath,
     PerTable,
@@ -50,9 +53,11 @@ __all__ = [
     "PersistentDBConfig",
     "UpdateSourceConfig",
     "VolatileDBConfig",
+    "check_volatile_db",
     "config_error",
     "load_config",
     "reference_tables",
+    "update_topic",
     "NO_OVERFLOW_LIMIT",
 ]
 
@@ -67,17 +72,16 @@ _VOLATILE_TYPES = {
     "parallel_hashmap": "hash_map",
     "multi_process_hash_map": "hash_map",
     "mp_hash_map": "hash_map",
-    "redis_cluster": "hash_map",
-    "redis": "hash_map",
-    "redis_cluster_backend": "hash_map",
+    "redis_cluster": "redis_cluster",
+    "redis": "redis_cluster",
+    "redis_cluster_backend": "redis_cluster",
     "disabled": "disabled",
     "disable": "disabled",
     "none": "disabled",
 }
-_IN_PROCESS = ("keras-hps serves the host tier from this process's RAM; connection settings "
+_IN_PROCESS = ("keras-hps serves the host tier from this process's RAM; shared-memory settings "
                "are ignored")
-_NOT_IN_PROCESS = {t: _IN_PROCESS for t in ("multi_process_hash_map", "mp_hash_map",
-                                            "redis_cluster", "redis", "redis_cluster_backend")}
+_NOT_IN_PROCESS = {t: _IN_PROCESS for t in ("multi_process_hash_map", "mp_hash_map")}
 
 # persistent_db `type` values -> what keras-hps does ("table_files": the cold tier reads
 # the files named in sparse_files; "disabled": no persistent tier configured).
@@ -96,35 +100,67 @@ _CACHE_TYPES = ("dynamic", "static", "uvm")
 _ADMISSIONS = ("none", "tinylfu")
 _PLACEMENTS = ("replicate", "shard")
 _FILTERS = List(Str())
-_REDIS = "Redis Cluster setting of HPS's `redis_cluster` volatile DB."
+_REDIS = "With `redis_cluster`:"
 _SHM = "Shared-memory setting of HPS's `multi_process_hash_map` volatile DB."
+_TLS = "HPS's TLS setting; it only matters with `enable_tls`, which keras-hps does not support."
+_FOR_REDIS = "Ignored by the `hash_map` host tier."
+
+
+def _host_port(text: str) -> tuple[str, int] | None:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host, int(port)
+
+
+class _Addresses(Kind):
+    """Redis nodes: HPS's `"host:port,host:port"` string or a list of `"host:port"`."""
+
+    def parse(self, src: Source, key: str, value: Any, built: Mapping[str, Any]
+              ) -> tuple[str, ...]:
+        parts = value.split(",") if isinstance(value, str) else value
+        if not isinstance(parts, (list, tuple)) or not parts or \
+                not all(isinstance(p, str) for p in parts):
+            raise src.error(key, f"expected 'host:port[,host:port...]' or a list of them, "
+                                 f"got {value!r}")
+        for p in parts:
+            if _host_port(p) is None:
+                raise src.error(key, f"{p.strip()!r} is not host:port")
+        return tuple(p.strip() for p in parts)
+
+    def describe(self) -> str:
+        return "string `host:port[,host:port...]`, or a list of `host:port`"
 
 
 @dataclass(frozen=True)
 class VolatileDBConfig:
-    """`volatile_db`: the host RAM tier.
+    """`volatile_db`: the host RAM tier, or HPS's Redis Cluster tier.
 
-    `type` is normalised to "hash_map" (host tier on) or "disabled". Redis and shared-memory
-    types are served by the in-process host tier (with a warning); their connection keys are
-    accepted and ignored.
+    `type` is normalised to "hash_map" (host tier), "redis_cluster" (a Redis Cluster shared
+    by every server, with an optional host tier in front of it: `host_cache_rate`) or
+    "disabled". `multi_process_hash_map` is served by the in-process host tier, with a
+    warning.
     """
 
     type: str = key(
         "hash_map", Choice(_VOLATILE_TYPES, "type", casefold=True, warn=_NOT_IN_PROCESS),
-        "`hash_map`: the host tier. `multi_process_hash_map` and `redis_cluster` load with a "
-        "warning and are served by the same in-process host tier; their connection and "
-        "shared-memory keys are accepted and ignored. `disabled`: no host tier, every lookup "
-        "reads the cold tier.")
+        "`hash_map`: the host tier in this process's RAM. `redis_cluster`: the rows live in a "
+        "Redis Cluster that every server shares (see [deployment](deployment.md#several-servers"
+        "-on-one-redis-cluster)); `host_cache_rate` puts a host tier in front of it. "
+        "`multi_process_hash_map` loads with a warning and is served by the in-process host "
+        "tier. `disabled`: no host tier, every lookup reads the cold tier.")
     initial_cache_rate: float = key(
         1.0, Float(0.0, 1.0),
-        "Fraction of each table's rows loaded at start (the first rows of the file); the rest "
-        "fill on demand.",
+        "Fraction of each table's rows loaded at start (the first rows of the file) into the "
+        "host tier, or with `redis_cluster` copied into the cluster, once for all servers; the "
+        "rest fill on demand.",
         hps="parsed it but loaded every row.")
     overflow_margin: int = key(
         NO_OVERFLOW_LIMIT, Int(minimum=1),
         "Most rows the host tier holds per table; keras-hps allocates `min(rows, "
-        "overflow_margin)` rows up front.",
-        hps="applied the limit per partition; keras-hps has one partition per table.",
+        "overflow_margin)` rows up front. With `redis_cluster`: most rows per partition in the "
+        "cluster, as in HPS (rows written by an update are never evicted).",
+        hps="applied the limit per partition; the host tier has one partition per table.",
         default_text="2^64-1 (no limit)")
     overflow_policy: str = key(
         "evict_random", Choice(_OVERFLOW_POLICIES, "policy"),
@@ -137,42 +173,102 @@ class VolatileDBConfig:
         "needs more room), so eviction runs once per many inserts.")
     cache_missed_embeddings: bool = key(
         False, Bool(),
-        "keras-hps always inserts rows found in the cold tier into the host tier.",
-        hps="did so only when this was `true`, and asynchronously.", ignored=True)
-    max_batch_size: int = key(65536, Int(minimum=0), "HPS's batch size for database queries.",
-                              ignored=True)
-    num_partitions: int = key(16, Int(minimum=0), "HPS's partitions per table.", ignored=True)
+        "With `redis_cluster`: rows found in the cold tier are added to the cluster (never "
+        "replacing a row there). The `hash_map` host tier always keeps rows found in the cold "
+        "tier.", hps="did so only when this was `true`, and asynchronously.")
+    host_cache_rate: float = key(
+        0.0, Float(0.0, 1.0),
+        "keras-hps only. With `redis_cluster`: a host tier of `ceil(host_cache_rate x rows)` "
+        "rows per table in this process's RAM, in front of the cluster, filled on demand and "
+        "evicting by `overflow_policy` (0: none, as in HPS). Ignored by `hash_map`, whose host "
+        "tier is sized by `overflow_margin`.")
+    address: tuple[str, ...] = key(
+        ("127.0.0.1:7000",), _Addresses(),
+        f"{_REDIS} the cluster's nodes; one reachable node is enough, the client discovers the "
+        f"others. {_FOR_REDIS}", default_text='`"127.0.0.1:7000"`')
+    user_name: str = key("default", Str(), f"{_REDIS} the Redis ACL user. {_FOR_REDIS}")
+    password: str = key(
+        "", Str(), f"{_REDIS} the user's password (empty: no login). A password (or user) that "
+        f"Redis rejects is a `ConfigError` naming this key when the server starts. {_FOR_REDIS}")
+    num_partitions: int = key(
+        16, Int(minimum=1),
+        f"{_REDIS} each table is split into this many Redis hashes, spread over the masters "
+        "(HPS recommended 2 to 5 times the number of nodes). Every server sharing a table must "
+        f"use the same value: a server with another one fails at start. {_FOR_REDIS}",
+        hps="defaulted to min(16, CPU cores), which differs between machines.")
+    num_node_connections: int = key(
+        5, Int(minimum=1), f"{_REDIS} most connections to one node. {_FOR_REDIS}")
+    max_batch_size: int = key(
+        65536, Int(minimum=1),
+        f"{_REDIS} most keys in one read or write per partition; larger requests are split. "
+        f"Sets `max_get_batch_size` and `max_set_batch_size` unless they are given. "
+        f"{_FOR_REDIS}")
+    max_get_batch_size: int | None = key(
+        None, Int(minimum=1), f"{_REDIS} most keys in one read (HMGET) per partition. "
+        f"{_FOR_REDIS}", hps="(before 23.x) wrote this and `max_set_batch_size`.",
+        default_text="`max_batch_size`")
+    max_set_batch_size: int | None = key(
+        None, Int(minimum=1), f"{_REDIS} most keys in one write per partition. {_FOR_REDIS}",
+        default_text="`max_batch_size`")
+    socket_timeout: float = key(
+        5.0, Float(0.001, 3600.0),
+        f"keras-hps only. {_REDIS} seconds a Redis command may take before its node counts as "
+        f"unreachable (the lookup then fails with UNAVAILABLE). {_FOR_REDIS}")
+    refresh_time_after_fetch: bool = key(
+        False, Bool(), f"{_REDIS} with `evict_oldest`, a lookup counts as a use (else only the "
+        f"insert). {_FOR_REDIS}")
+    enable_tls: bool = key(
+        False, Bool(), "Only `false`: keras-hps connects to Redis without TLS; `true` is an error.")
+    update_filters: tuple[str, ...] = key(
+        ("^hps_.+$",), _FILTERS,
+        "HPS's Kafka topic filters. keras-hps applies every update of the tables it serves, "
+        "which is what HPS's default and `[\".+\"]` do; a list that matches no "
+        "`hps_et.<model>.<table name>` of a served table is an error (that table's updates "
+        "would have been dropped).")
     allocation_rate: int = key(256 * 1024 * 1024, Int(minimum=0),
                                "HPS's bytes per hash-map allocation.", ignored=True)
-    address: str = key("127.0.0.1:7000", Str(), _REDIS, ignored=True)
-    user_name: str = key("default", Str(), _REDIS, ignored=True)
-    password: str = key("", Str(), _REDIS, ignored=True)
-    num_node_connections: int = key(5, Int(minimum=0), _REDIS, ignored=True)
     shared_memory_size: int = key(16 * 1024**3, Int(minimum=0), _SHM, ignored=True)
     shared_memory_name: str = key("hctr_mp_hash_map_database", Str(), _SHM, ignored=True)
     shared_memory_auto_remove: bool = key(True, Bool(), _SHM, ignored=True)
-    enable_tls: bool = key(False, Bool(), _REDIS, ignored=True)
-    tls_ca_certificate: str = key("cacertbundle.crt", Str(), _REDIS, ignored=True)
-    tls_client_certificate: str = key("client_cert.pem", Str(), _REDIS, ignored=True)
-    tls_client_key: str = key("client_key.pem", Str(), _REDIS, ignored=True)
-    tls_server_name_identification: str = key("redis.localhost", Str(), _REDIS, ignored=True)
-    refresh_time_after_fetch: bool = key(False, Bool(), "HPS's access-time refresh.",
+    tls_ca_certificate: str = key("cacertbundle.crt", Str(), _TLS, ignored=True)
+    tls_client_certificate: str = key("client_cert.pem", Str(), _TLS, ignored=True)
+    tls_client_key: str = key("client_key.pem", Str(), _TLS, ignored=True)
+    tls_server_name_identification: str = key("redis.localhost", Str(), _TLS, ignored=True)
+    initialize_after_startup: bool = key(True, Bool(), "HPS documented it but never read it.",
                                          ignored=True)
-    initialize_after_startup: bool = key(True, Bool(), "HPS's initial table load.",
-                                         ignored=True)
-    update_filters: tuple[str, ...] = key(("^hps_.+$",), _FILTERS,
-                                          "HPS's Kafka topics to apply updates from.",
-                                          ignored=True)
 
     @property
     def enabled(self) -> bool:
-        """Whether the host RAM tier exists."""
+        """Whether a volatile tier (host RAM or Redis Cluster) exists."""
         return self.type != "disabled"
+
+    @property
+    def redis(self) -> bool:
+        """Whether the volatile tier is a Redis Cluster."""
+        return self.type == "redis_cluster"
 
     @property
     def max_rows(self) -> int | None:
         """Host-tier row limit per table (`overflow_margin`), or None for no limit."""
         return None if self.overflow_margin >= NO_OVERFLOW_LIMIT else int(self.overflow_margin)
+
+    def host_rows(self, rows: int) -> int:
+        """Rows of a host tier over a table of `rows` rows (0: no host tier)."""
+        if self.type == "disabled":
+            return 0
+        if self.redis:
+            return min(rows, math.ceil(self.host_cache_rate * rows))
+        return rows if self.max_rows is None else min(rows, self.max_rows)
+
+    @property
+    def get_batch_size(self) -> int:
+        """Most keys in one Redis read per partition."""
+        return self.max_get_batch_size or self.max_batch_size
+
+    @property
+    def set_batch_size(self) -> int:
+        """Most keys in one Redis write per partition."""
+        return self.max_set_batch_size or self.max_batch_size
 
 
 @dataclass(frozen=True)
@@ -206,16 +302,26 @@ class PersistentDBConfig:
 _KAFKA = "HPS's Kafka consumer setting."
 
 
+#: update_source.type -> the error a configured Kafka source gets.
+_KAFKA_ERROR = (
+    "is not supported: keras-hps takes online updates from `keras-hps update` and "
+    "ParameterServer.update (announced on a Redis Stream per model with volatile_db.type "
+    "redis_cluster, else appended to each table's update log); set type to null or remove "
+    "the block")
+
+
 @dataclass(frozen=True)
 class UpdateSourceConfig:
-    """`update_source`: HPS's Kafka block. Accepted so HPS configs load; keras-hps has no
-    online-update source and ignores it."""
+    """`update_source`: HPS's Kafka block. Accepted with `type: null` so HPS configs load; a
+    Kafka source is an error (keras-hps's update sources are `keras-hps update` and
+    `ParameterServer.update`)."""
 
     type: str = key(
-        "null", Choice(("null", "kafka_message_queue"), "type", none="null",
-                       warn={"kafka_message_queue": "keras-hps has no online-update source; "
-                             "ignored (tables are read from sparse_files)"}),
-        "HPS's online-update source; keras-hps warns when it is not `null`.", ignored=True)
+        "null", Choice(("null", "kafka_message_queue"), "type", none="null"),
+        "Only `null`. HPS's `kafka_message_queue` is an error that names keras-hps's update "
+        "sources: `keras-hps update` and `ParameterServer.update`, announced on a Redis Stream "
+        "per model with a `redis_cluster` volatile_db, else written to the table's update log "
+        "(see [deployment](deployment.md#online-updates)).")
     brokers: str = key("127.0.0.1:9092", Str(), _KAFKA, ignored=True)
     metadata_refresh_interval_ms: int = key(30000, Int(minimum=0), _KAFKA, ignored=True)
     receive_buffer_size: int = key(262144, Int(minimum=0), _KAFKA, ignored=True)
@@ -399,8 +505,8 @@ class PSConfig:
         "The cold tier ([below](#persistent_db-the-cold-tier)).")
     update_source: UpdateSourceConfig = key(
         UpdateSourceConfig(), Block(UpdateSourceConfig),
-        "HPS's Kafka source ([below](#update_source)): keras-hps has no online-update stream.",
-        ignored=True)
+        "HPS's Kafka source ([below](#update_source)): only `type: null`; updates come from "
+        "`keras-hps update`.")
     fuse_embedding_table: bool = key(
         False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
         "kernel launch.", hps="packed same-width tables into one.", ignored=True)
@@ -465,7 +571,42 @@ def load_config(config: str | os.PathLike | Mapping[str, Any] | PSConfig,
         if m.model in seen:
             raise src.error(f"models[{i}].model", f"model name {m.model!r} appears twice")
         seen.add(m.model)
+    check_volatile_db(src, cfg.volatile_db, cfg.models)
+    if cfg.update_source.type != "null":
+        raise src.error("update_source.type", f"{cfg.update_source.type!r} {_KAFKA_ERROR}")
     return replace(cfg, source=src.source)
+
+
+def update_topic(model: str, table_name: str) -> str:
+    """HPS's name for the update topic of one table (what `update_filters` match)."""
+    return f"hps_et.{model}.{table_name}"
+
+
+def check_volatile_db(src: Source, vdb: VolatileDBConfig,
+                      models: Sequence[ModelConfig] = ()) -> None:
+    """The checks of `volatile_db` that span several keys (and the models it serves)."""
+    if vdb.enable_tls:
+        raise src.error("volatile_db.enable_tls", "true is not supported: keras-hps connects "
+                                                  "to Redis without TLS")
+    try:
+        filters = [re.compile(f) for f in vdb.update_filters]
+    except re.error as e:
+        raise src.error("volatile_db.update_filters", f"not a regular expression: {e}") from None
+    for m in models:
+        for t in range(m.num_tables):
+            topic = update_topic(m.model, m.table_name(t))
+            if not any(f.search(topic) for f in filters):
+                raise src.error("volatile_db.update_filters", f"{list(vdb.update_filters)} "
+                                f"matches no filter for table {topic!r}; keras-hps applies "
+                                "every update of a served table (use the default or [\".+\"])")
+    if vdb.redis:
+        for i, m in enumerate(models):
+            if m.cache_type != "dynamic" and m.gpucache:
+                which = "use_static_table" if m.use_static_table else "embedding_cache_type"
+                raise src.error(f"models[{i}].{which}", f"{m.cache_type} tables hold the whole "
+                                "table file on each server, which a shared Redis Cluster tier "
+                                "would leave stale after updates; use dynamic with "
+                                "volatile_db.type redis_cluster")
 
 
 # ----------------------------------------------------------------------------------------------

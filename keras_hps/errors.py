@@ -2,7 +2,8 @@
 
 Each carries a message that names what was wrong and where (key, file, model, table).
 The model server maps them to TF Serving's status codes: `InvalidInputError` and
-`ConfigError` -> INVALID_ARGUMENT (HTTP 400), `NotFoundError` -> NOT_FOUND (HTTP 404).
+`ConfigError` -> INVALID_ARGUMENT (HTTP 400), `NotFoundError` -> NOT_FOUND (HTTP 404),
+`UnavailableError` -> UNAVAILABLE (HTTP 503).
 """
 
 from __future__ import annotations
@@ -32,3 +33,9 @@ class NotFoundError(HPSError, LookupError):
 class UsageError(HPSError):
     """A command line that cannot work: flags that are missing or contradict each other.
     `keras-hps` reports it like an argparse error (exit status 2)."""
+
+
+class UnavailableError(HPSError, ConnectionError):
+    """A tier that lookups or updates need cannot answer now: a Redis Cluster node is dead or
+    unreachable, the cluster is down, or a partition lost its rows. Nothing wrong was served;
+    retrying later may succeed."""

@@ -314,8 +314,9 @@ class GpuTier:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
-            vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
-                                         validate=False)
+            with self._lock:  # never a row half written by `update`
+                vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
+                                             validate=False)
             return GpuLookup(rep, shape, vals, n_unique=flat.numel())
         # Unique first (measured against probing every key in place, which saves the sort
         # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
@@ -327,7 +328,8 @@ class GpuTier:
             # empty-slot sentinel never matches a slot, so it is fetched from below every time.
             look.vals, hit = rep.cache.query(ukeys, validate=False)
         else:
-            look.vals, hit = rep.table.query(ukeys)
+            with self._lock:
+                look.vals, hit = rep.table.query(ukeys)
         look.miss_idx = torch.nonzero(~hit).reshape(-1)  # one device sync: the miss count
         if look.miss_idx.numel():
             look.mkeys = ukeys[look.miss_idx]
@@ -341,7 +343,8 @@ class GpuTier:
         rep, mkeys = look.rep, look.mkeys
         if rep.cache is not None and rep.table is not None:
             # Host gather + copy engine; the kernel's zero-copy reads when host_read says so.
-            look.mvals, thit = rep.table.query(mkeys, host_read=self.host_read)
+            with self._lock:
+                look.mvals, thit = rep.table.query(mkeys, host_read=self.host_read)
             look.still = torch.nonzero(~thit).reshape(-1)
             look.uvm_hits = mkeys.numel() - look.still.numel()
             if look.still.numel():
@@ -395,15 +398,19 @@ class GpuTier:
     def _insert(
         self, rep: _Replica, keys: Any, vals: Any, hit_rate: float, generation: int
     ) -> None:
-        """Put fetched rows into the cache: now when the hit rate is low, else in background."""
+        """Put fetched rows into the cache: now when the hit rate is low, else in background.
+        A table update after this lookup fetched the rows makes them stale: they are dropped
+        (checked under the lock `update` holds while it invalidates)."""
         if hit_rate < self.hit_rate_threshold:
-            rep.cache.insert(keys, vals, validate=False)
+            with self._lock:
+                if generation == self._generation:
+                    rep.cache.insert(keys, vals, validate=False)
             return
 
         def run() -> None:
-            # A table update after this lookup fetched the rows makes them stale: drop them.
-            if generation == self._generation and not self._closed:
-                rep.cache.insert(keys, vals, validate=False)
+            with self._lock:
+                if generation == self._generation and not self._closed:
+                    rep.cache.insert(keys, vals, validate=False)
 
         with self._lock:
             self._pending = [f for f in self._pending if not f.done()]
@@ -419,15 +426,19 @@ class GpuTier:
     # ------------------------------------------------------------------ updates
     def update(self, keys: np.ndarray, vectors: np.ndarray | None = None) -> None:
         """The lower tiers changed ``keys``: drop them from the caches and, in static and uvm
-        mode, write ``vectors`` (the new rows) into the resident table."""
-        import torch
-
+        mode, write ``vectors`` (the new rows) into the resident table. Safe to call from any
+        thread while lookups run: a lookup that fetched the old rows from below before the
+        update does not cache them, and no lookup reads a half-written row."""
         keys = np.asarray(keys, dtype=np.int64).reshape(-1)
+        self.wait()
         with self._lock:
             self._generation += 1
-        self.wait()
-        if keys.size == 0:
-            return
+            if keys.size:
+                self._update_replicas(keys, vectors)
+
+    def _update_replicas(self, keys: np.ndarray, vectors: np.ndarray | None) -> None:
+        import torch
+
         for rep in self._stores():
             tk = torch.from_numpy(keys).to(rep.device)
             if rep.cache is not None:
@@ -443,12 +454,12 @@ class GpuTier:
 
     def clear(self) -> None:
         """Empty the dynamic caches (static tables stay)."""
+        self.wait()
         with self._lock:
             self._generation += 1
-        self.wait()
-        for rep in self._stores():
-            if rep.cache is not None:
-                rep.cache.clear()
+            for rep in self._stores():
+                if rep.cache is not None:
+                    rep.cache.clear()
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-__all__ = ["HostTier", "OVERFLOW_POLICIES"]
+__all__ = ["HashIndex", "HostTier", "OVERFLOW_POLICIES"]
 
 OVERFLOW_POLICIES = ("evict_least_used", "evict_oldest", "evict_random")
 
@@ -61,7 +61,7 @@ class _DenseIndex:
         return self.slot.nbytes
 
 
-class _HashIndex:
+class HashIndex:
     """key -> slot through linear-probing open addressing, probed for a whole batch per round.
 
     One int64 `[size, 2]` array holds (key, slot) pairs, so a probe touches one cache line;
@@ -160,7 +160,7 @@ def index_nbytes(capacity: int, key_range: tuple[int, int, int] | None) -> int:
     if uses_dense_index(key_range):
         assert key_range is not None
         return (key_range[1] - key_range[0] + 1) * (4 if capacity < 2**31 else 8)
-    bits = max(4, math.ceil(math.log2(max(2, _HashIndex.LOAD * max(1, capacity)))))
+    bits = max(4, math.ceil(math.log2(max(2, HashIndex.LOAD * max(1, capacity)))))
     return (1 << bits) * 16
 
 
@@ -172,9 +172,10 @@ ROW_OVERHEAD = 8 + 1 + 8 + 8 + 8
 class HostTier:
     """Up to `capacity` rows of one `dim`-wide table in host RAM.
 
-    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count;
-    only the table's keys may then be inserted) lets the tier pick the dense index for compact
-    keys, and skip per-row bookkeeping when the whole table fits. `lookup` and `insert` take unique
+    `key_range=(lo, hi, num_rows)` (the table's smallest and largest key and its row count)
+    lets the tier pick the dense index for compact keys, and skip per-row bookkeeping when the
+    whole table fits; keys outside [lo, hi] (added by an update) are then never kept, and are
+    read from the tiers below every time. `fetch`, `insert`, `update` and `remove` take unique
     int64 keys."""
 
     def __init__(self, dim: int, capacity: int, *, policy: str = "evict_random",
@@ -199,10 +200,10 @@ class HostTier:
         self._clock = 0
         if uses_dense_index(key_range):
             assert key_range is not None
-            self._index: _DenseIndex | _HashIndex = _DenseIndex(key_range[0], key_range[1],
+            self._index: _DenseIndex | HashIndex = _DenseIndex(key_range[0], key_range[1],
                                                                 self.capacity)
         else:
-            self._index = _HashIndex(max(1, self.capacity))
+            self._index = HashIndex(max(1, self.capacity))
         # Per-row bookkeeping only where the policy reads it, and none when the whole table
         # fits (key_range promises that only the table's keys are inserted: no eviction ever).
         fits = key_range is not None and self.capacity >= key_range[2]
@@ -253,6 +254,10 @@ class HostTier:
 
     def insert(self, keys: np.ndarray, vectors: np.ndarray) -> None:
         """Add rows for unique keys not yet resident, evicting by policy when full."""
+        if isinstance(self._index, _DenseIndex) and len(keys):
+            inr = (keys >= self._index.lo) & (keys <= self._index.hi)
+            if not inr.all():
+                keys, vectors = keys[inr], vectors[inr]
         n = len(keys)
         if n == 0 or self.capacity == 0:
             return
@@ -294,11 +299,35 @@ class HostTier:
             else:
                 part = np.arange(len(used))
             victims = used[part]
-        self._index.remove(self._slot_key[victims])
-        self._used[victims] = False
-        self._free[self._nfree:self._nfree + count] = victims
-        self._nfree += count
+        self._release(victims)
         self.evictions += count
+
+    def _release(self, slots: np.ndarray) -> None:
+        """Forget the keys of resident rows `slots` and put the rows back on the free stack."""
+        self._index.remove(self._slot_key[slots])
+        self._used[slots] = False
+        self._free[self._nfree:self._nfree + len(slots)] = slots
+        self._nfree += len(slots)
+
+    def update(self, keys: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+        """Overwrite the rows of the resident keys among unique `keys` with `vectors` (absent
+        keys stay absent); returns which keys were resident."""
+        slots = self.find(keys)
+        hit = slots >= 0
+        self.vectors[slots[hit]] = vectors[hit]
+        return hit
+
+    def remove(self, keys: np.ndarray) -> int:
+        """Drop the rows of unique `keys` (absent keys are ignored); returns rows dropped."""
+        slots = self.find(keys)
+        slots = slots[slots >= 0]
+        if len(slots):
+            self._release(slots)
+        return len(slots)
+
+    def clear(self) -> None:
+        """Drop every row (counters are kept)."""
+        self._release(np.flatnonzero(self._used))
 
     def resident_keys(self) -> np.ndarray:
         """Keys held now (unordered)."""

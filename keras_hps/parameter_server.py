@@ -1,16 +1,23 @@
 """The parameter server: every table of a config, each serving lookups through its tiers.
 
 ```
-keys -> checked (once, here) -> TieredTable: unique -> [GPU tier] -> host RAM tier -> cold tier
-        -> default vector -> fill the upper tiers -> input order
+keys -> checked (once, here) -> TieredTable: unique -> [GPU tier] -> host RAM tier
+        -> [Redis Cluster tier | rows updated on this machine] -> cold tier -> default vector
+        -> fill the upper tiers -> input order
 ```
 
 `ParameterServer.lookup(model, table_id, keys)` checks the keys where they enter (`check_keys`)
 and hands them to the table; a `TieredTable` owns its tiers in order, top first, and calls each
 one down in turn: no tier calls up. Tier verbs: `lookup` answers every key (the server, a table,
-a layer); a host tier's `fetch(unique_keys)` returns `(found, rows of the found keys)`; a device
-tier's `query` returns rows for every key with zeros where it missed, and a hit mask.
+a layer); a tier below the GPU's `fetch(unique_keys)` returns `(found, rows of the found keys)`;
+a device tier's `query` returns rows for every key with zeros where it missed, and a hit mask.
 `ParameterServer._build_table` is the one place a table's tiers are put together.
+
+`ParameterServer.update(model, table_id, keys, vectors)` changes rows online: through the
+shared Redis Cluster tier and its update stream when the config names one, else through the
+table's durable update log (`keras_hps.online_updates`). A table applies a change
+(`TieredTable.apply_update`) to every tier it owns, so a lookup that starts after `update`
+returned answers the new rows.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import math
 import os
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +34,13 @@ import numpy as np
 
 from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
-from keras_hps.errors import ConfigError, InvalidInputError
+from keras_hps.errors import ConfigError, InvalidInputError, UnavailableError
 from keras_hps.formats import check_config_tables, open_table
 from keras_hps.host_tier import HostTier
+from keras_hps.online_updates import UPDATE_POLL_S, LogUpdates, SharedUpdates
 from keras_hps.output_buffers import aligned_empty, gather_rows
+from keras_hps.redis_tier import fetch_with_fallback, redis_cluster_settings, table_content_id
+from keras_hps.update_log import UpdatedRows, last_rows
 
 __all__ = [
     "Init",
@@ -38,10 +48,12 @@ __all__ = [
     "TableSpec",
     "TieredTable",
     "check_keys",
+    "check_update",
     "close_all",
     "ensure_parameter_server",
     "get_parameter_server",
     "init",
+    "table_spec",
 ]
 
 #: Show a progress bar when loading more than this many bytes into the host tier.
@@ -62,6 +74,16 @@ class TableSpec:
     num_rows: int
     path: str
     cache_type: str
+
+
+def table_spec(config: PSConfig, m: ModelConfig, t: int, num_rows: int = 0) -> TableSpec:
+    """The spec of table `t` of model `m` in `config` (`num_rows`: of its file, when open)."""
+    return TableSpec(
+        model=m.model, table_id=t, name=m.table_name(t), dim=m.dim(t),
+        default_value=m.default_value(t), key_dtype=config.key_dtype,
+        max_keys_per_lookup=m.max_keys_per_lookup(t), num_rows=num_rows,
+        path=m.sparse_files[t], cache_type=m.cache_type,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,6 +135,27 @@ def check_keys(spec: TableSpec, keys: Any) -> Any:
     return arr
 
 
+def check_update(spec: TableSpec, keys: Any, vectors: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(int64 keys, float32 `[n, dim]` rows) of an update of table ``spec``, checked: integer
+    keys within the table's key type (any shape, flattened) and one float row of `dim` per
+    key. Raises InvalidInputError naming the model and table."""
+    where = f"model {spec.model!r} table {spec.table_id}"
+    arr = keys.detach().cpu().numpy() if _is_torch(keys) else np.asarray(keys)
+    if arr.dtype.kind not in "iu":
+        raise InvalidInputError(f"{where}: update keys must be integers, got {arr.dtype}")
+    arr = arr.reshape(-1)
+    if arr.size:
+        err = _out_of_range(spec, where, int(arr.min()), int(arr.max()))
+        if err is not None:
+            raise err
+    vec = vectors.detach().cpu().numpy() if _is_torch(vectors) else np.asarray(vectors)
+    if vec.dtype.kind not in "fiu" or vec.shape != (arr.size, spec.dim):
+        raise InvalidInputError(f"{where}: update rows must be numbers of shape "
+                                f"[{arr.size}, {spec.dim}] (one row of dim {spec.dim} per key), "
+                                f"got {vec.dtype} {list(vec.shape)}")
+    return arr.astype(np.int64, copy=False), np.ascontiguousarray(vec, np.float32)
+
+
 def _check_torch_keys(spec: TableSpec, keys: Any, where: str) -> Any:
     import torch
 
@@ -141,17 +184,28 @@ class TieredTable:
     """One (model, table): its tiers in order, top first, and the default vector below them.
 
     ``gpu`` (a `keras_hps.gpu_tier.GpuTier`, or None) -> ``host`` (`HostTier`, or None) ->
-    ``cold`` (`ColdTier`, the table file) -> default. `lookup` takes keys already checked
-    (`check_keys`); rows found below a tier are filled into the tiers above it. The tiers
-    below the GPU are serialised by a per-table lock."""
+    ``redis`` (`RedisClusterTier`, shared by every server) or ``updated`` (`UpdatedRows`: the
+    rows this machine's update log changed) -> ``cold`` (`ColdTier`, the table file) ->
+    default. `lookup` takes keys already checked (`check_keys`); rows found below the host
+    tier are filled into the tiers above it. The host, updated and cold tiers are serialised
+    by a per-table lock; a Redis read runs outside it."""
 
     def __init__(self, spec: TableSpec, host: HostTier | None, cold: ColdTier,
-                 gpu: Any = None) -> None:
+                 gpu: Any = None, *, redis: Any = None, cache_missed: bool = False) -> None:
         self.spec = spec
         self.gpu = gpu
         self.host = host
+        self.redis = redis
+        self.updated: UpdatedRows | None = None  # without Redis, made by the first update
         self.cold = cold
+        self.cache_missed = cache_missed  # add rows found in the cold tier to the Redis tier
         self.lock = threading.Lock()
+        self.update_lock = threading.Lock()  # one update at a time (held by the update path)
+        # Whether this server hears of every update of the shared tier now (its update
+        # stream is connected): the cold tier is an exact stand-in for an unavailable Redis
+        # Cluster only then, and only while the table was never updated.
+        self.updates_seen: Callable[[], bool] = lambda: True
+        self.generation = 0  # bumped by every change of rows; host fills of older reads drop
         self.default_vector = np.full(spec.dim, spec.default_value, np.float32)
         self.defaults = 0
         self.lookups = 0
@@ -161,14 +215,17 @@ class TieredTable:
 
     @property
     def host_complete(self) -> bool:
-        """True while the host tier holds every row of the table (misses are then unknown keys
-        and the cold tier is skipped)."""
-        return self.host is not None and self.host.resident_rows == self.cold.num_rows
+        """True while the host tier holds every row of the table file, and no other tier holds
+        rows (misses there and in the updated rows are then unknown keys and the cold tier is
+        skipped)."""
+        return (self.host is not None and self.redis is None
+                and self.host.resident_rows == self.cold.num_rows)
 
     def lookup(self, keys: Any) -> Any:
         """float32 vectors ``keys.shape + (dim,)`` for checked integer keys: NumPy in ->
         NumPy out (64-byte aligned, from `output_buffers.output_pool`), torch in -> torch out
-        on the keys' device."""
+        on the keys' device. Raises UnavailableError when the Redis Cluster tier cannot answer
+        and the cold tier is no exact stand-in."""
         if self.gpu is not None:
             return self._lookup_gpu(keys)
         torch_in = _is_torch(keys)
@@ -203,8 +260,8 @@ class TieredTable:
         return out.to(tkeys.device, non_blocking=True)
 
     def _below_gpu(self, unique_keys: np.ndarray, inverse: np.ndarray | None = None) -> np.ndarray:
-        """float32 `[len(unique_keys), dim]` for unique int64 keys, from the host tier, the
-        cold tier and the default vector, filling the host tier with rows from the cold tier.
+        """float32 `[len(unique_keys), dim]` for unique int64 keys, from the tiers below the
+        GPU and the default vector, filling the host tier with rows from below it.
 
         With `inverse` (indices into `unique_keys`) the result is `[len(inverse), dim]`, rows
         in that order; when the host tier holds every key this is a single gather. The result
@@ -233,18 +290,65 @@ class TieredTable:
             else:
                 out = aligned_empty((n, dim))
                 miss = np.arange(n)
-            if host is not None and self.host_complete:
-                absent = miss
-            else:
-                mkeys = keys[miss]
-                cfound, cvec = self.cold.fetch(mkeys)
-                out[miss[cfound]] = cvec
-                absent = miss[~cfound]
-                if host is not None and len(cvec):
-                    host.insert(mkeys[cfound], cvec)
-            out[absent] = self.default_vector
-            self.defaults += len(absent)
+            if self.redis is None:
+                self._below_host(keys, miss, out)
+            generation = self.generation
+        if self.redis is not None:
+            self._below_host_shared(keys, miss, out, generation)
         return out if inverse is None else gather_rows(out, inverse)
+
+    def _below_host(self, keys: np.ndarray, miss: np.ndarray, out: np.ndarray) -> None:
+        """Without Redis, under the lock: `out[miss]` from the updated rows, the table file
+        (filling the host tier) and the default vector."""
+        if self.updated is not None:
+            ufound, urows = self.updated.fetch(keys[miss])
+            out[miss[ufound]] = urows
+            miss = miss[~ufound]
+        if self.host_complete:
+            absent = miss
+        else:
+            mkeys = keys[miss]
+            cfound, cvec = self.cold.fetch(mkeys)
+            out[miss[cfound]] = cvec
+            absent = miss[~cfound]
+            if self.host is not None and len(cvec):
+                self.host.insert(mkeys[cfound], cvec)
+        out[absent] = self.default_vector
+        self.defaults += len(absent)
+
+    def _below_host_shared(self, keys: np.ndarray, miss: np.ndarray, out: np.ndarray,
+                           generation: int) -> None:
+        """With Redis: `out[miss]` from the Redis Cluster tier (read outside the lock), the
+        table file and the default vector; the rows fill the host tier unless an update
+        changed the table since `generation` (they may be older than the update)."""
+        mkeys = keys[miss]
+        rfound, rvec, source = fetch_with_fallback(self.redis, self._cold_fetch, mkeys,
+                                                   updates_seen=self.updates_seen())
+        out[miss[rfound]] = rvec
+        rest = miss[~rfound]
+        cfound, cvec = np.zeros(len(rest), bool), rvec[:0]
+        if source == "redis" and len(rest):
+            cfound, cvec = self._cold_fetch(keys[rest])
+            out[rest[cfound]] = cvec
+        absent = rest[~cfound]
+        out[absent] = self.default_vector
+        with self.lock:
+            self.defaults += len(absent)
+            if self.host is not None and generation == self.generation and not self._closed:
+                got = miss[rfound] if not len(cvec) else np.concatenate([miss[rfound],
+                                                                        rest[cfound]])
+                fresh = got[self.host.find(keys[got]) < 0]  # another lookup may have filled
+                if len(fresh):
+                    self.host.insert(keys[fresh], out[fresh])
+        if self.cache_missed and source == "redis" and len(cvec):
+            try:  # only where absent: a newer update in the cluster is never replaced
+                self.redis.insert(keys[rest[cfound]], cvec)
+            except UnavailableError:
+                pass
+
+    def _cold_fetch(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self.lock:
+            return self.cold.fetch(keys)
 
     def _count(self, nkeys: int, nunique: int) -> None:
         with self.lock:
@@ -252,14 +356,39 @@ class TieredTable:
             self.keys += nkeys
             self.unique_keys += nunique
 
-    def on_update(self, keys: np.ndarray, vectors: np.ndarray | None = None) -> None:
-        """Rows of ``keys`` changed in the host or cold tier: the GPU tier never serves the
-        old ones again (static and uvm mode take the new ``vectors``)."""
+    def apply_update(self, keys: np.ndarray, vectors: np.ndarray | None) -> None:
+        """Rows of unique ``keys`` changed below this server's tiers: ``vectors`` are the new
+        rows (None: unknown here, the tiers drop the keys and read them again). Kept in the
+        updated rows (without Redis), written over the host tier's copies and the GPU
+        tier's (dynamic caches drop them), so no tier serves the old rows once this
+        returns."""
+        with self.lock:
+            self.generation += 1
+            if self.redis is None and vectors is not None:
+                if self.updated is None:
+                    self.updated = UpdatedRows(self.spec.dim)
+                self.updated.put(keys, vectors)
+            if self.host is not None:
+                if vectors is None:
+                    self.host.remove(keys)
+                else:
+                    self.host.update(keys, vectors)
         if self.gpu is not None:
             self.gpu.update(keys, vectors)
 
+    def drop_cached(self) -> None:
+        """Forget every row the host and GPU tiers hold (after updates may have been missed):
+        they are read again from the shared tier."""
+        with self.lock:
+            self.generation += 1
+            if self.host is not None:
+                self.host.clear()
+        if self.gpu is not None:
+            self.gpu.clear()
+
     def stats(self) -> dict[str, Any]:
-        """Per-tier counters of this table (``gpu`` too when it has a GPU tier)."""
+        """Per-tier counters of this table (``gpu``, ``redis`` and ``updated`` when it has
+        those tiers)."""
         with self.lock:
             host = self.host.stats() if self.host is not None else None
             out = {
@@ -274,6 +403,10 @@ class TieredTable:
                 "resident_rows": 0 if host is None else host["resident_rows"],
                 "evictions": 0 if host is None else host["evictions"],
             }
+            if self.updated is not None:
+                out["updated"] = {"hits": self.updated.hits, "rows": len(self.updated)}
+        if self.redis is not None:
+            out["redis"] = self.redis.stats()
         if self.gpu is not None:
             out["gpu"] = self.gpu.stats()
         return out
@@ -287,6 +420,8 @@ class TieredTable:
                 self._closed = True
                 self.cold.close()
                 self.host = None
+                if self.redis is not None:
+                    self.redis.close()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,53 +429,72 @@ class TieredTable:
 
 
 class ParameterServer:
-    """Serves `lookup(model, table_id, keys)` for every model and table of a config."""
+    """Serves `lookup(model, table_id, keys)` for every model and table of a config, and
+    applies `update(model, table_id, keys, vectors)`.
 
-    def __init__(self, config: str | os.PathLike | Mapping[str, Any] | PSConfig) -> None:
+    `digests` ((model, table id) -> "sha256:<hex>", as an export's manifest records them)
+    name the tables' contents in a shared Redis Cluster tier; tables without one get theirs
+    from their file (`redis_tier.table_content_id`). `update_poll_s`: how often this server
+    reads its tables' update logs for updates other processes appended (without Redis)."""
+
+    def __init__(self, config: str | os.PathLike | Mapping[str, Any] | PSConfig, *,
+                 digests: Mapping[tuple[str, int], str] | None = None,
+                 update_poll_s: float = UPDATE_POLL_S) -> None:
         self.config = load_config(config)
         check_config_tables(self.config)  # a missing or mismatched table names its key
         self._tables: dict[tuple[str, int], TieredTable] = {}
+        self._digests = dict(digests or {})
         self.closed = False  # True once `close` ran
+        self.updates: SharedUpdates | LogUpdates | None = None
         try:
+            vdb = self.config.volatile_db
+            if vdb.redis:  # the update streams are read from before the tables fill
+                self.updates = SharedUpdates(redis_cluster_settings(vdb),
+                                             self.config.model_names)
+            else:
+                self.updates = LogUpdates(update_poll_s)
             for m in self.config.models:
                 for t in range(m.num_tables):
-                    self._tables[(m.model, t)] = self._build_table(m, t)
+                    table = self._tables[(m.model, t)] = self._build_table(m, t)
+                    self.updates.add(table)
+            self.updates.start()
         except BaseException:
             self.close()
             raise
 
     # -- construction -----------------------------------------------------------------------
 
-    def _table_spec(self, m: ModelConfig, t: int, num_rows: int) -> TableSpec:
-        return TableSpec(
-            model=m.model, table_id=t, name=m.table_name(t), dim=m.dim(t),
-            default_value=m.default_value(t), key_dtype=self.config.key_dtype,
-            max_keys_per_lookup=m.max_keys_per_lookup(t), num_rows=num_rows,
-            path=m.sparse_files[t], cache_type=m.cache_type,
-        )
-
     def _build_table(self, m: ModelConfig, t: int) -> TieredTable:
         """The table serving (model m, table t): the one place its tiers are put together."""
         from keras_hps.gpu_tier import build_gpu_tier
 
         cold = ColdTier(open_table(m.sparse_files[t], m.dim(t)))
-        spec = self._table_spec(m, t, cold.num_rows)
+        spec = table_spec(self.config, m, t, cold.num_rows)
         vdb = self.config.volatile_db
-        host = None
+        what = f"{m.model}/{spec.name}"
+        host = redis = None
         try:
-            if vdb.enabled:
-                rows = cold.num_rows
-                cap = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
+            rows = cold.num_rows
+            cap = vdb.host_rows(rows)
+            if cap:
                 host = HostTier(spec.dim, cap, policy=vdb.overflow_policy,
                                 resolution_target=vdb.overflow_resolution_target,
                                 key_range=cold.key_range)
+            if isinstance(self.updates, SharedUpdates):
+                version = self._digests.get((m.model, t)) or table_content_id(spec.path, spec.dim)
+                redis = self.updates.tier(spec, version)
+                redis.fill_from(cold, vdb.initial_cache_rate)
+            elif host is not None:
                 preload = min(cap, math.ceil(vdb.initial_cache_rate * rows))
-                self._preload(host, cold, preload, f"{m.model}/{spec.name}")
+                self._preload(host, cold, preload, what)
             gpu = build_gpu_tier(m, spec)
         except BaseException:
+            if redis is not None:
+                redis.close()
             cold.close()
             raise
-        return TieredTable(spec, host, cold, gpu)
+        return TieredTable(spec, host, cold, gpu, redis=redis,
+                           cache_missed=vdb.cache_missed_embeddings)
 
     @staticmethod
     def _preload(host: HostTier, cold: ColdTier, rows: int, what: str) -> None:
@@ -401,11 +555,31 @@ class ParameterServer:
             self.config.model(model)
         return out
 
+    def update(self, model: str, table_id: int, keys: Any, vectors: Any) -> None:
+        """Give `keys` the rows `vectors` (float `[len(keys), dim]`) in this server and every
+        server sharing the table; a key the table lacks is added. Returns once the update is
+        acknowledged: written to the Redis Cluster tier and announced on the model's update
+        stream, or appended to the table's update log and fsynced. A lookup that starts after
+        `update` returned answers the new rows here at once, on other servers after their
+        propagation delay (docs/deployment.md). Where a key repeats, its last row wins.
+
+        Raises InvalidInputError for keys that are not integers of the table's key type or
+        rows of another shape, UnavailableError when the Redis Cluster cannot take it."""
+        table = self.table(model, table_id)
+        keys, vectors = check_update(table.spec, keys, vectors)
+        if len(keys):
+            assert self.updates is not None
+            self.updates.update(table, *last_rows(keys, vectors))
+
     def close(self) -> None:
         """Release every table; later lookups raise RuntimeError."""
         self.closed = True
+        if self.updates is not None:
+            self.updates.close_readers()
         for table in self._tables.values():
             table.close()
+        if self.updates is not None:
+            self.updates.close()
 
     def __enter__(self) -> ParameterServer:
         return self

@@ -164,8 +164,9 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
                 workspace += m.max_keys_per_lookup(t) * (ROUTE_BYTES_PER_KEY + 11 + 2 * vec)
             host_rows = host = 0
             uses_dbs = True  # host and cold tiers sit under every GPU mode (exact misses)
-            if vdb.enabled and uses_dbs:
-                host_rows = rows if vdb.max_rows is None else min(rows, vdb.max_rows)
+            if uses_dbs:
+                host_rows = vdb.host_rows(rows)
+            if host_rows:
                 host = host_rows * (vec + ROW_OVERHEAD) + index_nbytes(host_rows, (lo, hi, rows))
             cold = cold_index_nbytes(rows, is_sorted) if uses_dbs else 0
             plans.append(TablePlan(

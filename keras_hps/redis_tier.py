@@ -24,13 +24,15 @@ Lua scripts (atomic per partition and batch) so that a row from the cold tier ne
 a newer update, and an eviction never removes a row that was just updated.
 
 Faults: any Redis error (dead or unreachable node, cluster down, timeout) raises
-`UnavailableError`; the answer is never a default or a stale vector. `lookup_with_fallback`
+`UnavailableError`; the answer is never a default or a stale vector. `fetch_with_fallback`
 answers from the cold tier instead while that is exact (no update was ever applied to the
 table). A password Redis rejects raises `ConfigError` at construction.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import queue
@@ -40,21 +42,23 @@ import urllib.parse
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from keras_hps.config import NO_OVERFLOW_LIMIT
-from keras_hps.errors import ConfigError, HPSError, TableFormatError
-from keras_hps.host_tier import OVERFLOW_POLICIES
+from keras_hps.config import NO_OVERFLOW_LIMIT, VolatileDBConfig, check_volatile_db
+from keras_hps.errors import ConfigError, TableFormatError, UnavailableError
+from keras_hps.schema import Source, load_block
+from keras_hps.update_log import last_rows
 
 __all__ = [
     "FillResult",
     "connect_cluster",
     "RedisClusterSettings",
     "RedisClusterTier",
-    "UnavailableError",
-    "lookup_with_fallback",
+    "fetch_with_fallback",
+    "table_content_id",
     "partition_of",
     "redis_cluster_settings",
     "table_namespace",
@@ -64,12 +68,6 @@ _PREFIX = "khps"
 #: 9 bytes: never equal to an 8-byte key field.
 _SENTINEL = b"khps:fill"
 _LAYOUT_VERSION = 1
-
-
-class UnavailableError(HPSError, ConnectionError):
-    """The Redis Cluster tier cannot answer now (a node is dead or unreachable, the cluster is
-    down, or a partition lost its rows). The model server maps it to UNAVAILABLE (gRPC 14,
-    HTTP 503). Moves to keras_hps/errors.py when the tier is wired in."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,102 +110,37 @@ class RedisClusterSettings:
     @property
     def nodes(self) -> list[tuple[str, int]]:
         """(host, port) of every address."""
-        return [_host_port(a) for a in self.address]
+        out = []
+        for a in self.address:
+            host, _, port = a.rpartition(":")
+            out.append((host, int(port)))
+        return out
 
 
-# HPS keys that mean nothing for a Redis Cluster (host hash map, shared memory; HPS ignored them
-# there too), and keys HPS documents but never read: accepted, ignored.
-_IGNORED = {"type", "allocation_rate", "shared_memory_size", "shared_memory_name",
-            "shared_memory_auto_remove", "initialize_after_startup", "algorithm",
-            "tls_ca_certificate", "tls_client_certificate", "tls_client_key",
-            "tls_server_name_identification"}
-# Keys that mean something for Redis in HPS and that this tier does not implement: an error
-# when set to anything but HPS's default.
-_UNSUPPORTED = {"enable_tls": False, "update_filters": ["^hps_.+$"]}
-_INT_KEYS = {"num_partitions": 1, "num_node_connections": 1, "max_get_batch_size": 1,
-             "max_set_batch_size": 1, "overflow_margin": 1}
-_BOOL_KEYS = {"refresh_time_after_fetch", "cache_missed_embeddings"}
-_FLOAT_KEYS = {"overflow_resolution_target": (0.0, 1.0), "initial_cache_rate": (0.0, 1.0),
-               "socket_timeout": (0.001, 3600.0)}
-REDIS_CLUSTER_TYPES = ("redis_cluster", "redis", "redis_cluster_backend")
-
-
-def _host_port(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.strip().rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{addr!r} is not host:port")
-    return host, int(port)
-
-
-def redis_cluster_settings(raw: Mapping[str, Any], *, where: str = "volatile_db"
+def redis_cluster_settings(volatile_db: Mapping[str, Any] | VolatileDBConfig
                            ) -> RedisClusterSettings:
-    """Validate an HPS `volatile_db` block naming a Redis Cluster; `ConfigError` naming the key
-    (`<where>.<key>`) for a wrong type or value, and for a key this tier does not implement."""
-
-    def err(key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{where}.{key}: {problem}")
-
-    kw: dict[str, Any] = {}
-    t = raw.get("type", "redis_cluster")
-    if not isinstance(t, str) or t.lower() not in REDIS_CLUSTER_TYPES:
-        raise err("type", f"{t!r} is not a Redis Cluster type {list(REDIS_CLUSTER_TYPES)}")
-    for key, value in raw.items():
-        if key in _IGNORED:
-            continue
-        if key in _UNSUPPORTED:
-            if value != _UNSUPPORTED[key]:
-                raise err(key, f"{value!r} is not supported by the Redis Cluster tier "
-                               f"(only the default {_UNSUPPORTED[key]!r})")
-            continue
-        if key == "address":
-            parts = value.split(",") if isinstance(value, str) else value
-            if not isinstance(parts, (list, tuple)) or not parts or \
-                    not all(isinstance(p, str) for p in parts):
-                raise err(key, f"expected 'host:port[,host:port...]' or a list of them, "
-                               f"got {value!r}")
-            try:
-                for p in parts:
-                    _host_port(p)
-            except ValueError as e:
-                raise err(key, str(e)) from None
-            kw[key] = tuple(p.strip() for p in parts)
-        elif key in ("user_name", "password"):
-            if not isinstance(value, str):
-                raise err(key, f"expected a string, got {type(value).__name__}")
-            kw[key] = value
-        elif key == "max_batch_size":  # HPS 23.x+: one size for reads and writes
-            _check_int(err, key, value, 1)
-            kw.setdefault("max_get_batch_size", value)
-            kw.setdefault("max_set_batch_size", value)
-        elif key in _INT_KEYS:
-            _check_int(err, key, value, _INT_KEYS[key])
-            kw[key] = value
-        elif key in _BOOL_KEYS:
-            if not isinstance(value, bool):
-                raise err(key, f"expected true or false, got {value!r}")
-            kw[key] = value
-        elif key in _FLOAT_KEYS:
-            lo, hi = _FLOAT_KEYS[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-                    not lo <= value <= hi:
-                raise err(key, f"expected a number in [{lo}, {hi}], got {value!r}")
-            kw[key] = float(value)
-        elif key == "overflow_policy":
-            if value not in OVERFLOW_POLICIES:
-                raise err(key, f"unknown policy {value!r}; one of {list(OVERFLOW_POLICIES)}")
-            kw[key] = value
-        else:
-            raise err(key, "unknown key for a Redis Cluster volatile_db")
-    if "max_batch_size" in raw:  # an explicit max_get/max_set_batch_size wins
-        for k in ("max_get_batch_size", "max_set_batch_size"):
-            if k in raw:
-                kw[k] = raw[k]
-    return RedisClusterSettings(**kw)
-
-
-def _check_int(err: Callable[[str, str], ConfigError], key: str, value: Any, lo: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise err(key, f"expected an integer >= {lo}, got {value!r}")
+    """The tier's settings from a `volatile_db` block naming a Redis Cluster: a loaded
+    `VolatileDBConfig`, or a raw block (checked by the config schema: `ConfigError` naming
+    `volatile_db.<key>` for a wrong type or value, or a key keras-hps does not implement)."""
+    if isinstance(volatile_db, VolatileDBConfig):
+        vdb = volatile_db
+    else:
+        src = Source(None, Path.cwd())
+        vdb = load_block(src, VolatileDBConfig, {"type": "redis_cluster", **volatile_db},
+                         "volatile_db")
+        check_volatile_db(src, vdb)
+    if not vdb.redis:
+        raise ConfigError(f"volatile_db.type: {vdb.type!r} is not a Redis Cluster type "
+                          "('redis_cluster', or HPS's aliases 'redis', 'redis_cluster_backend')")
+    return RedisClusterSettings(
+        address=vdb.address, user_name=vdb.user_name, password=vdb.password,
+        num_partitions=vdb.num_partitions, num_node_connections=vdb.num_node_connections,
+        max_get_batch_size=vdb.get_batch_size, max_set_batch_size=vdb.set_batch_size,
+        overflow_margin=vdb.overflow_margin, overflow_policy=vdb.overflow_policy,
+        overflow_resolution_target=vdb.overflow_resolution_target,
+        initial_cache_rate=vdb.initial_cache_rate,
+        refresh_time_after_fetch=vdb.refresh_time_after_fetch,
+        cache_missed_embeddings=vdb.cache_missed_embeddings, socket_timeout=vdb.socket_timeout)
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,7 +323,7 @@ def _check_credentials(s: RedisClusterSettings, auth: dict[str, Any], what: str)
 class RedisClusterTier:
     """One table version's rows in a Redis Cluster (see the module docstring for the layout).
 
-    `lookup`, `insert`, `update` and `delete` take int64 keys; `fill_from` fills the cluster
+    `fetch`, `insert`, `update` and `delete` take int64 keys; `fill_from` fills the cluster
     from the cold tier once for all servers. Safe to call from several threads."""
 
     def __init__(self, settings: RedisClusterSettings, *, model: str, table: str,
@@ -402,7 +335,7 @@ class RedisClusterTier:
         self.dim = int(dim)
         self.row_bytes = 4 * self.dim
         self.namespace = table_namespace(model, table, version)
-        self.what = f"Redis Cluster tier {model}/{table}@{version}"
+        self.what = f"Redis Cluster tier {model}/{table}@{version[:19]}"
         self.fill_lock_ttl_ms = int(fill_lock_ttl_s * 1000)
         p = settings.num_partitions
         self._vkeys = [f"{_PREFIX}:{{{self.namespace}/p{i}}}:v".encode() for i in range(p)]
@@ -540,7 +473,7 @@ class RedisClusterTier:
             values.extend(r[1:])
         return order, values
 
-    def lookup(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
+    def fetch(self, keys: Any) -> tuple[np.ndarray, np.ndarray]:
         """(found mask, float32 `[n_found, dim]` rows of the found keys in key order).
 
         Raises UnavailableError when the cluster cannot answer, or a partition the keys fall
@@ -630,10 +563,7 @@ class RedisClusterTier:
         if len(k) == 0:
             return
         v = self._as_vectors(vectors, len(k))
-        if len(np.unique(k)) != len(k):  # last row of a duplicated key wins
-            _, last = np.unique(k[::-1], return_index=True)
-            idx = len(k) - 1 - last
-            k, v = k[idx], v[idx]
+        k, v = last_rows(k, v)  # last row of a duplicated key wins
         # flag first: a row newer than the cold tier never exists without the flag
         self._call(self._client.incr, self._updates_key)
         self._updated = True
@@ -863,18 +793,76 @@ class RedisClusterTier:
         self.close()
 
 
-def lookup_with_fallback(tier: RedisClusterTier,
-                         cold_lookup: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
-                         keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
-    """`tier.lookup(keys)`, or when the cluster is unavailable and the table was never updated
-    (the cold tier then holds exactly the cluster's rows), `cold_lookup(keys)`. Returns
-    (found, vectors, "redis" | "cold"); raises UnavailableError when neither is exact."""
+def fetch_with_fallback(tier: RedisClusterTier,
+                        cold_fetch: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]],
+                        keys: np.ndarray, *, updates_seen: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, str]:
+    """`tier.fetch(keys)`, or when the cluster is unavailable and the table was never updated
+    (the cold tier then holds exactly the cluster's rows), `cold_fetch(keys)`. Returns
+    (found, vectors, "redis" | "cold"); raises UnavailableError when neither is exact.
+
+    `updates_seen=False` says that this server may have missed the news of an update (its
+    update stream is disconnected): the cold tier then does not count as exact either."""
     try:
-        found, vec = tier.lookup(keys)
+        found, vec = tier.fetch(keys)
         return found, vec, "redis"
     except UnavailableError:
-        if tier.updated:
+        if tier.updated or not updates_seen:
             raise
-    found, vec = cold_lookup(np.asarray(keys, np.int64))
+    found, vec = cold_fetch(np.asarray(keys, np.int64))
     return found, vec, "cold"
 
+
+# --------------------------------------------------------------------------------------------
+# the content id of a table file: the version part of its namespace
+
+
+def _file_stats(path: str) -> list[list[Any]]:
+    real = os.path.realpath(path)
+    files = sorted(os.path.join(real, n) for n in os.listdir(real)) if os.path.isdir(real) \
+        else [real]
+    return [[os.path.basename(f), st.st_size, st.st_mtime_ns, st.st_ino]
+            for f, st in ((f, os.stat(f)) for f in files)]
+
+
+def table_content_id(path: str, dim: int, *, progress: bool | None = None) -> str:
+    """"sha256:<hex>" of a table's content: SHA-256 over dim (int64), the keys (int64) and the
+    rows (float32), little-endian, in file order, as `keras-hps export` records it in each
+    version's manifest. Every machine computes the same id for the same table, wherever the
+    file lies and whenever it was written. Kept in `<path>.sha256` (with the file's size,
+    modification time and inode) so that a restart does not read the table again."""
+    cache = Path(str(path).rstrip("/") + ".sha256")
+    stats = _file_stats(path)
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("files") == stats and saved.get("dim") == int(dim):
+            return str(saved["id"])
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    from keras_hps.formats import open_table
+
+    h = hashlib.sha256(np.int64(dim).tobytes())
+    with open_table(str(path), dim) as table:
+        n = table.num_rows
+        bar = None
+        if progress or (progress is None and table.nbytes > (1 << 30)):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=2 * n, desc=f"content id of {path}", unit="row", unit_scale=True)
+        block = max(1, (64 << 20) // (4 * dim))
+        for part in (table.keys, table.vectors):
+            for start in range(0, n, block):
+                a = np.asarray(part[start:start + block])
+                h.update(np.ascontiguousarray(a, "<i8" if a.ndim == 1 else "<f4").data)
+                if bar is not None:
+                    bar.update(len(a))
+        if bar is not None:
+            bar.close()
+    cid = "sha256:" + h.hexdigest()
+    try:
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"id": cid, "dim": int(dim), "files": stats}))
+        os.replace(tmp, cache)
+    except OSError:  # a read-only folder: compute it again next time
+        pass
+    return cid

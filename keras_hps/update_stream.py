@@ -38,7 +38,8 @@ from typing import Any
 
 import numpy as np
 
-from keras_hps.redis_tier import UnavailableError, redis_errors
+from keras_hps.errors import UnavailableError
+from keras_hps.redis_tier import redis_errors
 
 __all__ = ["StreamPosition", "UpdatePublisher", "UpdateSubscriber", "stream_keys"]
 
@@ -136,7 +137,8 @@ class UpdateSubscriber:
     with backoff until the node is back (`connected` tells the state); `stop()` ends the
     thread within about `block_ms`. A malformed message or an `on_update` that raises goes to
     `on_error` and reading goes on: the server should then drop the model's cached rows, as
-    after a gap."""
+    after a gap. `on_batch()` runs after the messages of one read (up to `count`) were passed
+    to `on_update`: a server may collect their keys there and apply them at once."""
 
     def __init__(self, client: Any, model: str,
                  on_update: Callable[[int, np.ndarray, np.ndarray | None], None], *,
@@ -144,6 +146,7 @@ class UpdateSubscriber:
                  start: str | StreamPosition = "$",
                  on_gap: Callable[[str], None] | None = None,
                  on_error: Callable[[BaseException], None] | None = None,
+                 on_batch: Callable[[], None] | None = None,
                  block_ms: int = 250, count: int = 256) -> None:
         self._client = client
         self.model = model
@@ -151,6 +154,7 @@ class UpdateSubscriber:
         self.on_update = on_update
         self.on_gap = on_gap
         self.on_error = on_error
+        self.on_batch = on_batch
         self.tables = None if tables is None else dict(tables)
         self.block_ms = int(block_ms)
         self.count = int(count)
@@ -164,6 +168,7 @@ class UpdateSubscriber:
             raise ValueError(f"start must be '$', '0' or a StreamPosition, got {start!r}")
         self._last_id = pos.id
         self._last_seq = pos.seq
+        self._applied_seq = pos.seq  # after on_batch: what wait_for waits for
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -195,7 +200,7 @@ class UpdateSubscriber:
         """Wait until the message with sequence number `seq` was applied; False on timeout."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while self._last_seq is None or self._last_seq < seq:
+            while self._applied_seq is None or self._applied_seq < seq:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -229,7 +234,14 @@ class UpdateSubscriber:
                         self._last_id = _s(mid)
                         if b"s" in fields and fields[b"s"].isdigit():
                             self._last_seq = int(fields[b"s"])
-                        self._cond.notify_all()
+            if self.on_batch is not None:
+                try:
+                    self.on_batch()
+                except Exception as e:
+                    self._failed(e)
+            with self._cond:
+                self._applied_seq = self._last_seq
+                self._cond.notify_all()
 
     def _failed(self, e: BaseException) -> None:
         self.errors += 1

@@ -76,7 +76,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--host-cache-rate",
         type=float,
         default=0.1,
-        help="hps.json volatile_db.initial_cache_rate for the served model",
+        help="hps.json volatile_db.initial_cache_rate for the served model (with --redis: "
+        "volatile_db.host_cache_rate)",
+    )
+    parser.add_argument(
+        "--redis",
+        metavar="HOST:PORT[,...]",
+        help="serve the tables from this Redis Cluster (volatile_db.type redis_cluster)",
     )
     parser.add_argument("--seed", type=int, default=0)
 
@@ -217,13 +223,22 @@ def run(args: argparse.Namespace) -> int:
     # the repository's hps.json settings go into every version exported after them
     os.makedirs(repo)
     hps_json = os.path.join(repo, "hps.json")
+    volatile_db: dict[str, Any] = {"initial_cache_rate": args.host_cache_rate}
+    if args.redis:
+        volatile_db = {"type": "redis_cluster", "address": args.redis,
+                       "host_cache_rate": args.host_cache_rate}
     with open(hps_json, "w", encoding="utf-8") as f:
-        json.dump({"supportlonglong": True, "models": [],
-                   "volatile_db": {"initial_cache_rate": args.host_cache_rate}}, f, indent=2)
-    print(
-        f"    volatile_db.initial_cache_rate = {args.host_cache_rate} in {hps_json}: the host "
-        "RAM tier starts with that share of each table, the rest is read from HDF5 on use"
-    )
+        json.dump({"supportlonglong": True, "models": [], "volatile_db": volatile_db}, f,
+                  indent=2)
+    if args.redis:
+        print(f"    volatile_db in {hps_json}: the Redis Cluster at {args.redis}, filled from "
+              f"the HDF5 tables once; {args.host_cache_rate} of each table in host RAM in front")
+    else:
+        print(
+            f"    volatile_db.initial_cache_rate = {args.host_cache_rate} in {hps_json}: the "
+            "host RAM tier starts with that share of each table, the rest is read from HDF5 "
+            "on use"
+        )
     export_cmd = [
         sys.executable,
         "-m",

@@ -7,7 +7,13 @@ the same name. Codes are the canonical names shared by absl, gRPC and `tensorflo
 
 from __future__ import annotations
 
-from keras_hps.errors import ConfigError, InvalidInputError, NotFoundError, TableFormatError
+from keras_hps.errors import (
+    ConfigError,
+    InvalidInputError,
+    NotFoundError,
+    TableFormatError,
+    UnavailableError,
+)
 
 # TF Serving's ToHTTPStatusCode (model_servers/http_server.cc).
 HTTP_STATUS: dict[str, int] = {
@@ -67,7 +73,8 @@ def from_exception(exc: BaseException) -> ServingError:
     """The status an exception raised while serving maps to.
 
     keras-hps's own errors keep their meaning (bad input -> INVALID_ARGUMENT, unknown name ->
-    NOT_FOUND); anything else is an internal failure (INTERNAL), named with its type.
+    NOT_FOUND, a shared tier that cannot answer -> UNAVAILABLE); anything else is an internal
+    failure (INTERNAL), named with its type.
     """
     if isinstance(exc, ServingError):
         return exc
@@ -76,6 +83,8 @@ def from_exception(exc: BaseException) -> ServingError:
         return ServingError("INVALID_ARGUMENT", message)
     if isinstance(exc, NotFoundError):
         return ServingError("NOT_FOUND", message)
+    if isinstance(exc, UnavailableError):  # a shared tier is down: retry later
+        return ServingError("UNAVAILABLE", message)
     if isinstance(exc, (FileNotFoundError, NotADirectoryError)):
         return ServingError("NOT_FOUND", message)
     if isinstance(exc, MemoryError):

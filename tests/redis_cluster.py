@@ -12,6 +12,11 @@ users with every permission. When `redis-server` is missing, construction raises
 
 `cluster_fixture(...)` makes a pytest fixture (module scope by default) from these
 arguments, so a test module shares one cluster: `redis_cluster = cluster_fixture(masters=3)`.
+
+As a script it runs a command against a fresh local cluster and stops the cluster after it,
+`{address}` in the command standing for the cluster's nodes:
+
+    python tests/redis_cluster.py --masters 3 -- keras-hps demo --redis {address}
 """
 
 from __future__ import annotations
@@ -291,3 +296,28 @@ def cluster_fixture(scope: str = "module", **kwargs):
             cluster.stop()
 
     return _cluster
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python tests/redis_cluster.py [--masters N] [--persistence] -- COMMAND ...`: run
+    COMMAND (with `{address}` replaced by the nodes) against a fresh cluster; its exit code."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--masters", type=int, default=3)
+    parser.add_argument("--persistence", action="store_true",
+                        help="every write on disk (appendonly, fsync always)")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command after --")
+    with LocalRedisCluster(args.masters, persistence=args.persistence) as cluster:
+        print(f"Redis Cluster of {args.masters} masters at {cluster.address}", file=sys.stderr,
+              flush=True)
+        return subprocess.call([a.replace("{address}", cluster.address) for a in command])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

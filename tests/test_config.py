@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,10 +139,15 @@ def test_volatile_and_persistent_types(tables):
     assert cfg.volatile_db.enabled  # a block without `type` keeps the host tier on (HPS: off)
     cfg = load_config({**base, "volatile_db": {"type": "disabled"}}, base_dir=tables)
     assert not cfg.volatile_db.enabled
-    with pytest.warns(UserWarning, match="redis_cluster"):
-        cfg = load_config({**base, "volatile_db": {"type": "redis_cluster",
+    with pytest.warns(UserWarning, match="multi_process_hash_map"):
+        cfg = load_config({**base, "volatile_db": {"type": "multi_process_hash_map",
+                                                   "shared_memory_size": 1}}, base_dir=tables)
+    assert cfg.volatile_db.enabled and cfg.volatile_db.type == "hash_map"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # redis_cluster is served by a Redis Cluster now
+        cfg = load_config({**base, "volatile_db": {"type": "Redis",
                                                    "address": "10.0.0.1:7000"}}, base_dir=tables)
-    assert cfg.volatile_db.enabled
+    assert cfg.volatile_db.redis and cfg.volatile_db.address == ("10.0.0.1:7000",)
     for t, want in (("hdf5", "table_files"), ("rocks_db", "table_files"), ("disabled", "disabled")):
         cfg = load_config({**base, "persistent_db": {"type": t}}, base_dir=tables)
         assert cfg.persistent_db.type == want

@@ -286,11 +286,7 @@ def test_sharded_tier_is_exact_through_the_hierarchy(virtual, table, mode, n_sha
         # an update: new rows, and a key the table file never held
         new = rng.standard_normal((6, DIM)).astype(np.float32)
         upd = np.r_[known[:5], unknown[:1]]
-        tiered.host.insert(upd[tiered.host.find(upd) < 0],
-                           new[tiered.host.find(upd) < 0])
-        slots = tiered.host.find(upd)
-        tiered.host.vectors[slots] = new
-        tiered.on_update(upd, new)
+        tiered.apply_update(upd, new)
         got = ps.lookup("m", 0, np.r_[upd, known[5:10]])
         np.testing.assert_array_equal(got[:6], new)
         np.testing.assert_array_equal(got[6:], _reference(keys, vectors, known[5:10]))

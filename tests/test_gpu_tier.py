@@ -205,7 +205,7 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
         np.testing.assert_array_equal(below, new)
         stale = ps.lookup("m", 0, q)
         np.testing.assert_array_equal(stale, vectors[:10])  # GPU tier still has old rows
-        tiered.on_update(q[:5], new)
+        tiered.apply_update(q[:5], new)
         fresh = ps.lookup("m", 0, q)
         np.testing.assert_array_equal(fresh[:5], new)
         np.testing.assert_array_equal(fresh[5:], vectors[5:10])
@@ -213,7 +213,7 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
         extra = np.array([keys.max() + 12345], np.int64)
         extra_vec = rng.standard_normal((1, DIM)).astype(np.float32)
         host.insert(extra, extra_vec)
-        tiered.on_update(extra, extra_vec)
+        tiered.apply_update(extra, extra_vec)
         np.testing.assert_array_equal(ps.lookup("m", 0, np.r_[extra, q[5:7]]),
                                       np.r_[extra_vec, vectors[5:7]])
 

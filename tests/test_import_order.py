@@ -66,7 +66,8 @@ LAYERS = [
                                       "keras_hps.redis_tier", "keras_hps.update_stream",
                                       "keras_hps.external"]),
     ("GPU tier", ["keras_hps.gpu_tier"]),
-    ("parameter server", ["keras_hps.parameter_server", "keras_hps.plan"]),
+    ("parameter server", ["keras_hps.parameter_server", "keras_hps.online_updates",
+                          "keras_hps.plan", "keras_hps.update"]),
     ("layers and servables", ["keras_hps.layers", "keras_hps.layers.*", "keras_hps.servable"]),
     ("entry points", ["keras_hps", "keras_hps.cli"]),
 ]

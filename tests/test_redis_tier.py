@@ -15,13 +15,12 @@ import pytest
 from redis_cluster import LocalRedisCluster, cluster_fixture
 
 from keras_hps.cold_tier import ColdTier
-from keras_hps.errors import ConfigError
+from keras_hps.errors import ConfigError, UnavailableError
 from keras_hps.formats import write_hdf5_table
 from keras_hps.redis_tier import (
     RedisClusterSettings,
     RedisClusterTier,
-    UnavailableError,
-    lookup_with_fallback,
+    fetch_with_fallback,
     partition_of,
     redis_cluster_settings,
 )
@@ -111,7 +110,7 @@ def test_hps_settings_load_unchanged():
 
 @pytest.mark.parametrize("raw, key", [
     ({"enable_tls": True}, "volatile_db.enable_tls"),
-    ({"update_filters": [".+"]}, "volatile_db.update_filters"),
+    ({"update_filters": ["("]}, "volatile_db.update_filters"),  # [".+"] is HPS's example
     ({"frobnicate": 1}, "volatile_db.frobnicate"),
     ({"address": "localhost"}, "volatile_db.address"),
     ({"address": 7000}, "volatile_db.address"),
@@ -148,13 +147,13 @@ def test_lookup_matches_reference(tier_factory):
         q = np.concatenate([rng.choice(keys, 500), rng.integers(-2**40, 2**40, 200),
                             [SENTINEL_KEY, SENTINEL_KEY, -1, 0]])
         rng.shuffle(q)
-        found, got = tier.lookup(q)
+        found, got = tier.fetch(q)
         want_found, want = _reference(ref, q, dim)
         np.testing.assert_array_equal(found, want_found)
         np.testing.assert_array_equal(got, want)
-    found, got = tier.lookup(np.array([], np.int64))
+    found, got = tier.fetch(np.array([], np.int64))
     assert found.shape == (0,) and got.shape == (0, dim)
-    assert tier.lookup(np.array([SENTINEL_KEY]))[0].tolist() == [True]
+    assert tier.fetch(np.array([SENTINEL_KEY]))[0].tolist() == [True]
     np.testing.assert_array_equal(tier.contains(keys[1795:1805]), [True] * 5 + [False] * 5)
     st = tier.stats()
     assert st["hits"] + st["misses"] == 5 * 704 + 1 and st["hits"] > 0 and st["misses"] > 0
@@ -170,14 +169,14 @@ def test_models_and_versions_never_collide(tier_factory):
     for t, v in ((ta, a), (tb, b), (tc, c)):
         t.fill_from(ArrayCold(keys, v), 1.0)
     for t, v in ((ta, a), (tb, b), (tc, c)):
-        found, got = t.lookup(keys)
+        found, got = t.fetch(keys)
         assert found.all()
         np.testing.assert_array_equal(got, v)
     # a table name with the namespace's separators and hash-tag braces stays separate
     td = tier_factory(model="wdl", table="{sparse/embedding0}", dim=4)
     td.fill_from(ArrayCold(keys[:10], a[:10] + 1), 1.0)
-    np.testing.assert_array_equal(td.lookup(keys[:10])[1], a[:10] + 1)
-    np.testing.assert_array_equal(ta.lookup(keys[:10])[1], a[:10])
+    np.testing.assert_array_equal(td.fetch(keys[:10])[1], a[:10] + 1)
+    np.testing.assert_array_equal(ta.fetch(keys[:10])[1], a[:10])
 
 
 def test_layout_mismatch_is_an_error(tier_factory, redis_cluster):
@@ -210,7 +209,7 @@ def test_batches_are_chunked(tier_factory, redis_cluster):
     assert _calls(redis_cluster, "eval") - evals == want_evals + len(blocks) + 1
     hmgets = _calls(redis_cluster, "hmget")
     q = rng.choice(keys, 100, replace=False)
-    found, got = tier.lookup(q)
+    found, got = tier.fetch(q)
     per_part = np.bincount(partition_of(q, 3), minlength=3)
     assert _calls(redis_cluster, "hmget") - hmgets == sum(math.ceil(c / 7) for c in per_part)
     ref = {int(k): v for k, v in zip(keys, vec, strict=True)}
@@ -231,12 +230,12 @@ def test_update_insert_delete(tier_factory):
     new_vec = rng.standard_normal((4, 6)).astype(np.float32)
     tier.update(new_keys, new_vec)
     assert tier.updated
-    found, got = tier.lookup(new_keys[:3])
+    found, got = tier.fetch(new_keys[:3])
     assert found.all()
     np.testing.assert_array_equal(got, new_vec[[3, 1, 2]])  # the last of a duplicate wins
     # an insert (a row read from the cold tier) never replaces an update
     assert tier.insert(keys[[3, 7]], vec[[3, 7]]) == 0
-    np.testing.assert_array_equal(tier.lookup(keys[[3, 7]])[1], new_vec[[3, 1]])
+    np.testing.assert_array_equal(tier.fetch(keys[[3, 7]])[1], new_vec[[3, 1]])
     assert tier.insert(np.array([10**15 + 1]), vec[:1]) == 1
     assert tier.delete(np.array([keys[5], 10**15, 12345])) == 2
     np.testing.assert_array_equal(tier.contains(np.array([keys[5], 10**15, keys[6]])),
@@ -261,7 +260,7 @@ def test_overflow_policies(tier_factory, policy):
     assert tier.stats()["evictions"] == 0 and tier.size() == 100
     time.sleep(0.005)
     for _ in range(3):
-        tier.lookup(keys[:10])  # hot rows: more uses, later use
+        tier.fetch(keys[:10])  # hot rows: more uses, later use
     tier.wait_idle()
     time.sleep(0.005)
     tier.insert(keys[100:101], vec[100:101])  # 101 > 100: prune to 50
@@ -273,7 +272,7 @@ def test_overflow_policies(tier_factory, policy):
         assert held[:10].all()
     if policy == "evict_oldest":
         assert held[100]
-    found, got = tier.lookup(keys[held])
+    found, got = tier.fetch(keys[held])
     np.testing.assert_array_equal(got, vec[held])
 
 
@@ -288,7 +287,7 @@ def test_overflow_margin_is_per_partition(tier_factory):
     for p in range(4):
         assert 160 <= held[parts == p].sum() <= 200
     assert tier.stats()["evictions"] == 3000 - held.sum()
-    np.testing.assert_array_equal(tier.lookup(keys[held])[1], vec[held])
+    np.testing.assert_array_equal(tier.fetch(keys[held])[1], vec[held])
 
 
 # -- fill once ---------------------------------------------------------------------------------
@@ -365,7 +364,7 @@ def test_fill_once_across_processes(redis_cluster):
     tier = RedisClusterTier(_settings(redis_cluster, max_batch_size=2000), model="m",
                             table="procs", version="1", dim=8)
     keys = np.arange(30000, dtype=np.int64) * 7919
-    found, got = tier.lookup(keys)
+    found, got = tier.fetch(keys)
     assert found.all() and tier.size() == 30000
     np.testing.assert_array_equal(got, np.repeat(keys[:, None], 8, axis=1).astype(np.float32))
     tier.drop()
@@ -397,14 +396,14 @@ def test_lost_partition_is_unavailable_then_refilled(tier_factory, redis_cluster
     # one master loses its data (restarted without persistence): its partitions are empty
     redis_cluster.node_client(redis_cluster.master_ports[0]).flushall()
     with pytest.raises(UnavailableError, match="lost its rows"):
-        tier.lookup(keys)
-    found, got, source = lookup_with_fallback(tier, _cold_lookup(keys, vec), keys[:50])
+        tier.fetch(keys)
+    found, got, source = fetch_with_fallback(tier, _cold_fetch(keys, vec), keys[:50])
     assert source == "cold" and found.all()
     np.testing.assert_array_equal(got, vec[:50])
     # the next server start refills the lost rows (the table was never updated)
     r = tier.fill_from(cold, 1.0)
     assert r.filled and 0 < r.rows < 1000
-    found, got = tier.lookup(keys)
+    found, got = tier.fetch(keys)
     assert found.all()
     np.testing.assert_array_equal(got, vec)
     # after an update, lost rows cannot be refilled from the stale cold tier
@@ -413,10 +412,10 @@ def test_lost_partition_is_unavailable_then_refilled(tier_factory, redis_cluster
     with pytest.raises(UnavailableError, match="updates"):
         tier.fill_from(cold, 1.0)
     with pytest.raises(UnavailableError):
-        lookup_with_fallback(tier, _cold_lookup(keys, vec), keys)
+        fetch_with_fallback(tier, _cold_fetch(keys, vec), keys)
 
 
-def _cold_lookup(keys: np.ndarray, vec: np.ndarray):
+def _cold_fetch(keys: np.ndarray, vec: np.ndarray):
     ref = {int(k): i for i, k in enumerate(keys)}
 
     def lookup(q: np.ndarray):
@@ -434,7 +433,7 @@ def test_fill_from_hdf5_cold_tier(tier_factory, tmp_path):
     tier = tier_factory(table="h5", dim=16)
     assert tier.fill_from(cold, 1.0).rows == 3000
     q = rng.choice(keys, 300)
-    found, got = tier.lookup(q)
+    found, got = tier.fetch(q)
     cf, cv = cold.fetch(np.unique(q))
     assert found.all() and cf.all()
     ref = dict(zip(np.unique(q).tolist(), cv, strict=True))
@@ -445,10 +444,23 @@ def test_fill_from_hdf5_cold_tier(tier_factory, tmp_path):
 # -- faults -----------------------------------------------------------------------------------
 
 
-def test_wrong_password_is_a_clear_error_at_construction():
+def test_wrong_password_is_a_clear_error_at_construction(tmp_path):
     with LocalRedisCluster(3, password="s3cret", users={"alice": "wonder"},
                            persistence=False) as c:
         base = {"type": "redis_cluster", "address": c.address}
+        # a parameter server refuses to start, with one line naming the key
+        from keras_hps.parameter_server import ParameterServer
+
+        write_hdf5_table(tmp_path / "t.h5", np.arange(10), np.ones((10, 4), np.float32))
+        cfg = {"models": [{"model": "m", "sparse_files": [str(tmp_path / "t.h5")],
+                           "embedding_vecsize_per_table": [4],
+                           "maxnum_catfeature_query_per_table_per_sample": [1]}],
+               "volatile_db": {**base, "password": "wrong"}}
+        with pytest.raises(ConfigError, match=r"^volatile_db\.password: the Redis Cluster at "
+                                              r"\S+ rejected user 'default': [^\n]+$"):
+            ParameterServer(cfg)
+        with ParameterServer({**cfg, "volatile_db": {**base, "password": "s3cret"}}) as ps:
+            assert ps.lookup("m", 0, [3])[0, 0] == 1
         with pytest.raises(ConfigError, match="volatile_db.password.*rejected user .default."):
             RedisClusterTier(redis_cluster_settings({**base, "password": "wrong"}),
                              model="m", table="t", version="1", dim=4)
@@ -463,7 +475,7 @@ def test_wrong_password_is_a_clear_error_at_construction():
             s = redis_cluster_settings({**base, "user_name": user, "password": pw})
             with RedisClusterTier(s, model="m", table=user, version="1", dim=4) as t:
                 t.fill_from(ArrayCold(np.arange(10), np.ones((10, 4), np.float32)), 1.0)
-                assert t.lookup(np.arange(12))[0].sum() == 10
+                assert t.fetch(np.arange(12))[0].sum() == 10
 
 
 def test_unreachable_cluster_is_unavailable():
@@ -480,23 +492,23 @@ def test_killed_master_fails_cleanly_and_recovers():
                                     "socket_timeout": 1.0})
         tier = RedisClusterTier(s, model="m", table="t", version="1", dim=8)
         tier.fill_from(ArrayCold(keys, vec), 1.0)
-        cold = _cold_lookup(keys, vec)
+        cold = _cold_fetch(keys, vec)
         c.kill(1)
         for wait in (False, True):  # at once, and after the cluster marked the node failed
             if wait:
                 c.wait_state(c.ports[0], "fail")
             t0 = time.monotonic()
             with pytest.raises(UnavailableError):
-                tier.lookup(keys)
+                tier.fetch(keys)
             assert time.monotonic() - t0 < 3
-            found, got, source = lookup_with_fallback(tier, cold, keys[:100])
+            found, got, source = fetch_with_fallback(tier, cold, keys[:100])
             assert source == "cold" and found.all()
             np.testing.assert_array_equal(got, vec[:100])
         c.restart(1)
         deadline = time.monotonic() + 15
         while True:
             try:
-                found, got = tier.lookup(keys)
+                found, got = tier.fetch(keys)
                 break
             except UnavailableError:
                 assert time.monotonic() < deadline, "no recovery after the master returned"
@@ -507,5 +519,38 @@ def test_killed_master_fails_cleanly_and_recovers():
         tier.update(keys[:5], vec[:5] * 2)
         c.kill(1)
         with pytest.raises(UnavailableError):
-            lookup_with_fallback(tier, cold, keys[:100])
+            fetch_with_fallback(tier, cold, keys[:100])
         tier.close()
+
+
+# -- the table's content id (the version of its namespace) ------------------------------------
+
+
+def test_content_id_is_the_exporters_digest_and_is_cached(tmp_path, monkeypatch):
+    """The id is the SHA-256 that `keras-hps export` records per table in the manifest
+    (export/exporter.py `_table_digest`: dim, keys, rows; not imported here, it loads
+    TensorFlow), whatever the file format, and a restart reads it back from the cache."""
+    import hashlib
+
+    from keras_hps.formats import write_hps_table
+    from keras_hps.redis_tier import table_content_id
+
+    rng = np.random.default_rng(12)
+    keys = np.sort(rng.choice(10**9, 300, replace=False)).astype(np.int64)
+    vec = rng.standard_normal((300, 6)).astype(np.float32)
+    h = hashlib.sha256(np.int64(6).tobytes())
+    h.update(keys.astype("<i8").tobytes())
+    h.update(vec.astype("<f4").tobytes())
+    want = "sha256:" + h.hexdigest()
+    h5, hps = tmp_path / "t.h5", tmp_path / "t_hps"
+    write_hdf5_table(h5, keys, vec)
+    write_hps_table(hps, keys, vec)
+    assert table_content_id(str(h5), 6) == want  # the same id whatever the format
+    assert table_content_id(str(hps), 6) == want
+    # a restart reads the id back without reading the table
+    monkeypatch.setattr("keras_hps.formats.open_table", lambda *a, **k: 1 / 0)
+    assert table_content_id(str(h5), 6) == want
+    monkeypatch.undo()
+    vec[5, 0] += 1  # another table under the same name gets another id
+    write_hdf5_table(h5, keys, vec)
+    assert table_content_id(str(h5), 6) not in (want, None)

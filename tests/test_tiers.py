@@ -44,6 +44,50 @@ def test_host_tier_insert_and_lookup_match_a_dict(index):
     assert sorted(tier.resident_keys().tolist()) == sorted(ref)
 
 
+@pytest.mark.parametrize("index", ["dense", "hash"])
+def test_host_tier_update_remove_clear_match_a_dict(index):
+    """Random updates, removals, inserts (keys outside the dense range included: an update
+    may add keys the table file lacks) and a clear, against a dict."""
+    rng = np.random.default_rng(11)
+    dim, cap = 4, 300
+    table = np.arange(1000, 1600, dtype=np.int64)
+    key_range = (1000, 1599, len(table)) if index == "dense" else None
+    tier = HostTier(dim, cap, policy="evict_oldest", key_range=key_range, seed=1)
+    assert tier.index_kind == index
+    ref: dict[int, np.ndarray] = {}
+    outside = np.array([-5, 0, 999, 1600, 2**40], np.int64)
+    for step in range(60):
+        op = step % 3
+        k = np.unique(np.concatenate([rng.choice(table, 30), outside[rng.random(5) < 0.3]]))
+        v = rng.standard_normal((len(k), dim)).astype(np.float32)
+        if op == 0:  # insert the absent ones (what a lookup does)
+            absent = ~tier.fetch(k)[0]
+            tier.insert(k[absent], v[absent])
+            keep = absent if index == "hash" else absent & (k >= 1000) & (k <= 1599)
+            ref.update({int(a): b for a, b in zip(k[keep], v[keep], strict=True)})
+        elif op == 1:
+            hit = tier.update(k, v)
+            np.testing.assert_array_equal(hit, [int(x) in ref for x in k])
+            ref.update({int(a): b for a, b in zip(k[hit], v[hit], strict=True)})
+        elif op == 2:
+            n = tier.remove(k)
+            assert n == sum(ref.pop(int(x), None) is not None for x in k)
+        resident = set(tier.resident_keys().tolist())
+        assert resident <= set(ref)  # nothing resident that was not inserted
+        for x in [x for x in ref if x not in resident]:  # evicted by an insert
+            del ref[x]
+        q = np.unique(np.concatenate([rng.choice(table, 100), outside]))
+        found, got = tier.fetch(q)
+        want_found, want = reference_lookup(ref, q, dim)
+        np.testing.assert_array_equal(found, want_found)
+        np.testing.assert_array_equal(got, want.reshape(-1, dim))
+        assert tier.resident_rows == len(ref) <= cap
+    tier.clear()
+    assert tier.resident_rows == 0 and not tier.fetch(table)[0].any()
+    tier.insert(table[:cap], np.ones((cap, dim), np.float32))  # every row free again
+    assert tier.resident_rows == cap and tier.evictions >= 0
+
+
 def fill(tier: HostTier, keys: np.ndarray, dim: int) -> None:
     tier.insert(keys, np.repeat(keys[:, None].astype(np.float32), dim, axis=1))
 

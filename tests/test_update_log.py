@@ -137,3 +137,67 @@ def test_killed_writer_loses_no_acknowledged_update(tmp_path):
         n = log.next_seq
         log.append(*_update(n))
     assert _check_prefix(copy) == n + 1
+
+
+_APPENDER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from keras_hps.update_log import UpdateLog
+    tag, n = int(sys.argv[2]), int(sys.argv[3])
+    with UpdateLog(sys.argv[1], 5) as log:
+        for i in range(n):
+            log.append(np.array([tag, i], np.int64), np.full((2, 5), tag * 1000 + i, np.float32))
+""")
+
+
+def test_processes_append_to_one_log_and_a_reader_tails_it(tmp_path):
+    """Three processes append at once (a torn record left by a crash in between): every
+    record lands whole, numbered without gaps, and a reader polling meanwhile sees each
+    record once, in order."""
+    from keras_hps.update_log import UpdateLogReader
+
+    path = tmp_path / "t.h5.updates"
+    reader = UpdateLogReader(path, DIM)
+    assert reader.read() == []  # no log yet
+    with UpdateLog(path, DIM) as log:
+        log.append(np.array([7], np.int64), np.ones((1, DIM), np.float32))
+    with open(path, "ab") as f:  # a crash mid-append: a torn record at the end
+        f.write(b"UREC\x05\x00\x00\x00" + b"\x00" * 11)
+    procs = [subprocess.Popen([sys.executable, "-c", _APPENDER, str(path), str(tag), "40"])
+             for tag in (1, 2, 3)]
+    seen = []
+    while any(p.poll() is None for p in procs):
+        seen += reader.read()
+    assert all(p.wait() == 0 for p in procs)
+    seen += reader.read()
+    assert [s for s, _, _ in seen] == list(range(121))
+    assert [(s, k.tolist()) for s, k, _ in seen] == \
+        [(s, k.tolist()) for s, k, _ in replay_updates(path, DIM)]
+    per_tag: dict[int, list[int]] = {}
+    for _, keys, rows in seen[1:]:
+        tag, i = int(keys[0]), int(keys[1])
+        np.testing.assert_array_equal(rows, np.full((2, DIM), tag * 1000 + i, np.float32))
+        per_tag.setdefault(tag, []).append(i)
+    assert per_tag == {t: list(range(40)) for t in (1, 2, 3)}
+    assert reader.read() == []
+
+
+def test_updated_rows_match_a_dict():
+    from keras_hps.update_log import UpdatedRows
+
+    rng = np.random.default_rng(3)
+    rows = UpdatedRows(DIM)
+    ref: dict[int, np.ndarray] = {}
+    assert not rows.fetch(np.arange(5))[0].any() and len(rows) == 0
+    for _ in range(30):
+        k = np.unique(np.concatenate([rng.integers(-(2**62), 2**62, 20),
+                                      rng.integers(0, 100, 30)]))
+        v = rng.standard_normal((len(k), DIM)).astype(np.float32)
+        rows.put(k, v)
+        ref.update({int(a): b for a, b in zip(k, v, strict=True)})
+        q = np.unique(np.concatenate([k[:5], rng.integers(0, 120, 50),
+                                      [np.iinfo(np.int64).max]]))
+        found, got = rows.fetch(q)
+        np.testing.assert_array_equal(found, [int(x) in ref for x in q])
+        np.testing.assert_array_equal(got, np.array([ref[int(x)] for x in q[found]]))
+    assert len(rows) == len(ref) and sorted(rows.keys().tolist()) == sorted(ref)

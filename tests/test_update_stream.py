@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from redis_cluster import cluster_fixture
 
+from keras_hps.errors import UnavailableError
 from keras_hps.redis_tier import (
     RedisClusterTier,
-    UnavailableError,
     connect_cluster,
     redis_cluster_settings,
 )
@@ -65,12 +65,12 @@ def test_concurrent_updates_are_old_or_new_and_converge(clients):
     def on_update(table_id: int, keys: np.ndarray, rows: np.ndarray | None) -> None:
         assert table_id == 3
         if rows is None:  # a reference: the rows are in the shared tier already
-            found, rows = server_tier.lookup(keys)
+            found, rows = server_tier.fetch(keys)
             assert found.all()
         state.update(zip(keys.tolist(), rows, strict=True))
 
     sub = UpdateSubscriber(c_sub, model, on_update, tables={writer.namespace: 3})
-    found, rows = server_tier.lookup(np.arange(NKEYS))
+    found, rows = server_tier.fetch(np.arange(NKEYS))
     assert found.all()
     state.update(zip(range(NKEYS), rows, strict=True))
     sub.start()
@@ -127,7 +127,7 @@ def test_concurrent_updates_are_old_or_new_and_converge(clients):
     for k in range(NKEYS):
         np.testing.assert_array_equal(state[k], _row(k, version[k]))
     # the shared tier holds the same final state
-    np.testing.assert_array_equal(server_tier.lookup(np.arange(NKEYS))[1],
+    np.testing.assert_array_equal(server_tier.fetch(np.arange(NKEYS))[1],
                                   np.stack([_row(k, version[k]) for k in range(NKEYS)]))
     writer.drop()
 
