@@ -134,6 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(importlib.import_module(COMMANDS[name][0]).run(args) or 0)
         except KeyboardInterrupt:
             return 130
+        except BrokenPipeError:  # the reader went away (`keras-hps plan --json | head`)
+            _silence_stdout()
+            return 0
         except Exception as e:
             if debug:
                 raise
@@ -142,6 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if quiet in sys.meta_path:
             sys.meta_path.remove(quiet)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's final flush of a closed pipe does not
+    print a second error (what Python's docs advise for SIGPIPE)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
 
 
 def one_line(error: BaseException) -> str:

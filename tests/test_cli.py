@@ -212,3 +212,22 @@ def test_tensorflow_start_up_is_silent(tmp_path):
     assert proc.returncode == 0 and "model m" in proc.stdout
     assert proc.stderr == ""
 
+
+
+def test_a_reader_that_stops_early_gets_no_error(hps_table, tmp_path):
+    """`keras-hps plan --json | head -1`: the pipe closes while the command still writes;
+    it stops quietly (exit 0, nothing on stderr), as Unix tools do."""
+    dim = 6  # hps_table's
+    cfg = {"models": [{"model": f"m{j}", "sparse_files": [str(hps_table)] * 40,
+                       "embedding_vecsize_per_table": [dim] * 40,
+                       "maxnum_catfeature_query_per_table_per_sample": [1] * 40}
+                      for j in range(40)]}
+    (tmp_path / "hps.json").write_text(json.dumps(cfg))
+    env = {k: v for k, v in os.environ.items() if k not in (cli.DEBUG_ENV,)}
+    proc = subprocess.Popen([str(KERAS_HPS), "plan", str(tmp_path / "hps.json"), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    first = proc.stdout.readline()
+    proc.stdout.close()  # the reader goes away, as `head -1` does
+    _, err = proc.communicate(timeout=120)
+    assert first.strip() == b"["
+    assert proc.returncode == 0 and err == b"", err.decode()
