@@ -218,6 +218,28 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
                                       np.r_[extra_vec, vectors[5:7]])
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "uvm"])
+def test_strided_torch_keys_in_every_mode(interpret, table, mode):
+    """A DLRM passes each table ``cat[:, i]``: a 1-D torch view whose keys are 26 apart."""
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
+        for _ in range(2):  # the second round meets the rows the first put in the cache
+            cols = [_batch(rng, keys, 50, 8) for _ in range(5)]
+            cat = torch.as_tensor(np.stack(cols, 1), device=dev)
+            for i in range(5):
+                view = cat[:, i]
+                assert not view.is_contiguous()
+                got = ps.lookup("m", 0, view)
+                assert got.device.type == dev
+                np.testing.assert_array_equal(got.cpu().numpy(), _reference(keys, vectors,
+                                                                            cols[i]))
+            got = ps.lookup("m", 0, cat.t())  # 2-D, not contiguous
+            np.testing.assert_array_equal(got.cpu().numpy(),
+                                          _reference(keys, vectors, np.stack(cols)))
+
+
 def test_tier_off_and_settings(table, monkeypatch):
     path, _keys, _vectors = table
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")

@@ -102,10 +102,10 @@ def fused_cache_query(
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Query all tables at once.
 
-    ``keys``: 1-D, already validated, in the pool's key dtype, on its device; ``key_offsets``:
-    ``num_tables + 1`` ascending host ints. Returns (per-table values ``[n_t, dim_t]`` views of
-    one output buffer, hit mask over the concatenated keys). ``tuning`` overrides the launch
-    settings as in :func:`cache_query`.
+    ``keys``: 1-D (any strides), already validated, in the pool's key dtype, on its device;
+    ``key_offsets``: ``num_tables + 1`` ascending host ints. Returns (per-table values
+    ``[n_t, dim_t]`` views of one output buffer, hit mask over the concatenated keys).
+    ``tuning`` overrides the launch settings as in :func:`cache_query`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -115,6 +115,7 @@ def fused_cache_query(
                          f"got {list(key_offsets)}")
     if any(b < a for a, b in zip(key_offsets[:-1], key_offsets[1:], strict=True)):
         raise ValueError(f"key_offsets must be ascending, got {list(key_offsets)}")
+    keys = keys.reshape(-1).contiguous()  # the kernel reads keys[i] at keys_ptr + i
     dev = keys.device
     counts = [key_offsets[i + 1] - key_offsets[i] for i in range(nt)]
     sizes = [c * d for c, d in zip(counts, pooled.dims_host, strict=True)]

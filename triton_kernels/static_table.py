@@ -200,6 +200,7 @@ def flat_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
 
 def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
     """Home slot ``mix64(key) & slot_mask`` of each int64 key (the query kernel's hash)."""
+    keys = keys.reshape(-1).contiguous()
     out = torch.empty_like(keys)
     n = keys.numel()
     if n:
@@ -332,11 +333,15 @@ def static_query(
     Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters``
     (int64 [2] on the device) receives +keys at [0] and +hits at [1]. ``validate=False``
     skips every check: keys flat int64 on the device, ``default`` contiguous ``[dim]`` of the
-    values' dtype there (the serving fast path). ``block_k`` (keys per program, a power of
+    values' dtype there (the serving fast path; keys of any strides are copied to a
+    contiguous tensor, the only work done for them). ``block_k`` (keys per program, a power of
     two) and ``num_warps`` override the launch configuration (for tuning).
     """
     if validate:
         keys, default = _checked_query(index, keys, device_values, host_values, default)
+    else:  # the kernel reads element i at ptr + i
+        keys = keys.reshape(-1).contiguous()
+        default = None if default is None else default.contiguous()
     dev = index.device
     dim = device_values.shape[1]
     n = keys.numel()
@@ -410,7 +415,11 @@ def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: to
                 out: torch.Tensor) -> None:
     """``out[i]`` = table row ``rows[i]`` (device rows, then host rows), zeros where
     ``rows[i] < 0``: rows of keys already found, read by the kernel without a second probe
-    (host rows over the bus, zero-copy). Arguments are not checked."""
+    (host rows over the bus, zero-copy). ``rows`` may have any strides; ``out`` must be a
+    contiguous ``[len(rows), dim]`` tensor. Other arguments are not checked."""
+    if not out.is_contiguous():
+        raise ValueError("static_rows: out must be contiguous")
+    rows = rows.reshape(-1).contiguous()
     n, dim = rows.numel(), device_values.shape[1]
     if n == 0:
         return
