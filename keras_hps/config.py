@@ -291,8 +291,9 @@ class ModelConfig:
     embedding_cache_type: str = key(
         "dynamic", Choice(_CACHE_TYPES, "cache type"),
         "`dynamic`: an LRU cache of `gpucacheper` of the rows. `static`: the whole table in "
-        "GPU memory behind a hash index. `uvm`: the whole table in pinned host memory, read by "
-        "the GPU, with a dynamic cache in front. See [the hierarchy](gpu_cache.md).")
+        "GPU memory behind a hash index (none when the keys are 0..rows-1: a plain gather). "
+        "`uvm`: the whole table in pinned host memory, read by the GPU, with a dynamic cache in "
+        "front. See [the hierarchy](gpu_cache.md).")
     gpu_cache_admission: str = key(
         "none", Choice(_ADMISSIONS, "admission"),
         "keras-hps only. `tinylfu`: the dynamic cache (modes `dynamic`, `uvm`) counts every "

@@ -1,4 +1,5 @@
-"""GpuStaticTable: a whole table for the GPU behind a hash index (static and UVM modes).
+"""GpuStaticTable: a whole table for the GPU behind a hash index (static and UVM modes), or
+behind none when its keys are its row numbers (an identity index: a plain gather).
 
 Owns the device memory, the pinned host memory (registered with CUDA at its exact size), the
 copy stream and the ring of pinned staging buffers, and runs the kernels of
@@ -19,6 +20,7 @@ import torch
 from keras_hps.triton_kernels.static_table import (
     build_index,
     flat_int64_keys,
+    key_order_if_permutation,
     static_find,
     static_query,
     static_rows,
@@ -80,6 +82,8 @@ class GpuStaticTable:
 
         ``n_device`` rows (all when None) go to device memory, the rest to pinned host memory
         when ``device`` is CUDA (a plain device copy otherwise, e.g. under the interpreter).
+        Keys ``0..n-1`` (in any order; rows are then put in key order) need no hash index:
+        key ``k`` is row ``k`` (``self.index.identity``).
         """
         device = torch.device(device)
         if values.dim() != 2 or values.shape[0] != keys.numel():
@@ -89,6 +93,9 @@ class GpuStaticTable:
             )
         n = keys.numel()
         n_device = n if n_device is None else max(0, min(int(n_device), n))
+        order = key_order_if_permutation(keys)
+        if order is not None:  # keys 0..n-1 out of order: rows in key order, no hash index
+            keys, values = keys.reshape(-1)[order], values[order.to(values.device)]
         self.index = build_index(keys.to(device))
         self.launch: dict[str, int] = {}  # block_k / num_warps overrides for static_query
         self.dim = int(values.shape[1])

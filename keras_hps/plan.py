@@ -8,7 +8,8 @@ structures keras-hps allocates:
   bitmap and the vector (with `gpu_cache_admission: "tinylfu"`, plus a sketch of 4 x 4 bytes
   per slot rounded up to a power of two);
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
-  power of two >= 2 x rows slots;
+  power of two >= 2 x rows slots; no index when the keys are 0..rows-1 (an identity table,
+  served by a plain gather);
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
 - GPU workspace: one lookup's keys and vectors, `max_batch_size x
   maxnum_catfeature_query_per_table_per_sample` of them;
@@ -118,7 +119,8 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             gpu_slots = gpu = pinned = 0
             if m.gpucache:
                 if ctype == "static":
-                    gpu_slots = 1 << max(0, math.ceil(math.log2(max(1, 2 * rows))))
+                    identity = rows > 0 and lo == 0 and hi == rows - 1  # unique keys 0..n-1
+                    gpu_slots = 0 if identity else max(64, 1 << math.ceil(math.log2(2 * rows)))
                     gpu = gpu_slots * 16 + rows * vec
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows)

@@ -240,6 +240,23 @@ def test_strided_torch_keys_in_every_mode(interpret, table, mode):
                                           _reference(keys, vectors, np.stack(cols)))
 
 
+def test_static_identity_table_is_a_plain_gather(interpret, tmp_path):
+    """An Embedding's table (keys 0..n-1, here written out of order) is served without a hash
+    index; ids outside 0..n-1 get the default vector, as every static miss does."""
+    rng = np.random.default_rng()
+    n = 300
+    keys = rng.permutation(n)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    write_hdf5_table(tmp_path / "ids.h5", keys, vectors)
+    with ParameterServer(_config(str(tmp_path / "ids.h5"), embedding_cache_type="static")) as ps:
+        index = ps.table("m", 0).gpu._replicas[0].table.index
+        assert index.identity and index.nbytes == 0
+        q = np.concatenate([rng.integers(0, n, 50), [-1, n, 2**40, n - 1, 0]])
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = ps.stats("m", 0)["gpu"]
+        assert (s["hits"], s["misses"], s["resident"]) == (52, 3, n)
+
+
 def test_tier_off_and_settings(table, monkeypatch):
     path, _keys, _vectors = table
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")

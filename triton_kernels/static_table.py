@@ -8,6 +8,10 @@ twice as many key slots as rows). It is built once (no eviction, no insert) by a
 vectorised claim rounds in torch on the keys' device; the query kernel probes windows of
 four pairs (64 bytes), takes the row, and gathers the vector.
 
+A table whose keys are its row numbers, ``keys[i] == i`` (every table trained as a
+``keras.layers.Embedding``), gets an identity index instead: no pairs at all, and the
+kernels take ``row = key`` for ``0 <= key < rows`` (a plain gather), a miss otherwise.
+
 Vectors live in up to two arrays: rows ``[0, n_device)`` in ``device_values`` (device
 memory) and rows ``[n_device, n)`` in ``host_values``, a pinned host tensor that the kernel
 reads over the bus through its unified-virtual-address pointer (UVM mode). With no host
@@ -86,14 +90,18 @@ def _probe(
 
 
 @triton.jit
-def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY: tl.constexpr,
-               BLOCK_K: tl.constexpr, W: tl.constexpr):
-    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1)."""
+def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY: tl.constexpr,
+               IDENTITY: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1).
+    ``IDENTITY``: the key is the row (``0 <= key < n_rows``), no probe."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs < n
     k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    return offs, kmask, _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY,
-                               BLOCK_K, W)
+    if IDENTITY:
+        row = tl.where(kmask & (k >= 0) & (k < n_rows), k, -1)
+    else:
+        row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    return offs, kmask, row
 
 
 @triton.jit
@@ -103,6 +111,7 @@ def _static_query_kernel(
     table_ptr,
     slot_mask,
     n_windows,
+    n_rows,
     dev_ptr,
     host_ptr,
     n_device,
@@ -112,6 +121,7 @@ def _static_query_kernel(
     counters_ptr,
     DIM: tl.constexpr,
     EMPTY: tl.constexpr,
+    IDENTITY: tl.constexpr,
     HAS_HOST: tl.constexpr,
     HAS_DEFAULT: tl.constexpr,
     COUNT: tl.constexpr,
@@ -119,8 +129,8 @@ def _static_query_kernel(
     W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
-                                  BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY,
+                                  IDENTITY, BLOCK_K, W)
     hit = row >= 0
     _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
                      DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
@@ -179,13 +189,15 @@ def _static_find_kernel(
     table_ptr,
     slot_mask,
     n_windows,
+    n_rows,
     rows_ptr,
     EMPTY: tl.constexpr,
+    IDENTITY: tl.constexpr,
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
 ):
-    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
-                                  BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY,
+                                  IDENTITY, BLOCK_K, W)
     tl.store(rows_ptr + offs, row, mask=kmask)
 
 
@@ -213,24 +225,38 @@ def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HashIndex:
-    """Open-addressing index: ``pairs[s] = (key, row)`` or ``(EMPTY_KEY, -1)``."""
+    """Open-addressing index: ``pairs[s] = (key, row)`` or ``(EMPTY_KEY, -1)``; or, with
+    ``identity``, no pairs (``[0, 2]``): the keys are ``0..size-1`` and key ``k`` is row ``k``."""
 
     pairs: torch.Tensor  # int64 [slots, 2]
     slot_mask: int
     n_windows: int  # probe windows that cover the longest displacement
     size: int  # keys held
+    identity: bool = False
 
     @property
     def slots(self) -> int:
-        return self.slot_mask + 1
+        return 0 if self.identity else self.slot_mask + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the index."""
+        return self.pairs.numel() * self.pairs.element_size()
 
     @property
     def device(self) -> torch.device:
         return self.pairs.device
 
+    def kernel_args(self, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+        """(pairs, slot mask, windows, rows) as the kernels take them; ``dummy`` stands in
+        for the pairs of an identity index (a kernel argument needs a valid pointer)."""
+        return (dummy if self.identity else self.pairs, self.slot_mask, self.n_windows,
+                self.size)
+
 
 def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
-    """Index unique keys (int32/int64, any device) so that ``row(keys[i]) == i``.
+    """Index unique keys (int32/int64, any device) so that ``row(keys[i]) == i``: an
+    identity index (no pairs, no probe) when ``keys[i] == i`` for every ``i``.
 
     Raises ValueError for duplicate keys or the sentinel ``INT64_MAX``.
     """
@@ -238,9 +264,12 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
     if not 0.0 < load_factor <= 0.9:
         raise ValueError(f"build_index: load_factor must be in (0, 0.9], got {load_factor}")
     n = keys.numel()
+    dev = keys.device
+    if is_identity(keys):
+        return HashIndex(torch.empty((0, 2), dtype=torch.int64, device=dev), 0, 0, n,
+                         identity=True)
     slots = max(64, triton.next_power_of_2(int(np.ceil(n / load_factor)) if n else 64))
     mask = slots - 1
-    dev = keys.device
     pairs = torch.full((slots, 2), -1, dtype=torch.int64, device=dev)
     pairs[:, 0] = EMPTY_KEY
     if n == 0:
@@ -277,6 +306,25 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
     return HashIndex(pairs, mask, max_disp // WINDOW + 1, n)
 
 
+def is_identity(keys: torch.Tensor) -> bool:
+    """Whether ``keys[i] == i`` for every ``i`` (one device read)."""
+    n = keys.numel()
+    return n > 0 and torch.equal(keys.reshape(-1).to(torch.int64),
+                                 torch.arange(n, dtype=torch.int64, device=keys.device))
+
+
+def key_order_if_permutation(keys: torch.Tensor) -> torch.Tensor | None:
+    """The order that sorts ``keys`` when they are ``0..n-1`` in another order (a table that
+    becomes an identity index once its rows are put in key order), else None."""
+    n = keys.numel()
+    if n == 0 or int(keys.min()) != 0 or int(keys.max()) != n - 1 or is_identity(keys):
+        return None
+    order = torch.argsort(keys.reshape(-1))
+    if not is_identity(keys.reshape(-1)[order]):
+        return None  # duplicates: build_index names one
+    return order
+
+
 def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
     """Row of each key (flattened) in the index, -1 where absent; int64 on the index's device."""
     keys = flat_int64_keys(keys, "static_find")
@@ -289,11 +337,10 @@ def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
         _static_find_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys,
             n,
-            index.pairs,
-            index.slot_mask,
-            index.n_windows,
+            *index.kernel_args(keys),
             rows,
             EMPTY=EMPTY_KEY,
+            IDENTITY=index.identity,
             BLOCK_K=cfg.block_k,
             W=WINDOW,
             num_warps=cfg.num_warps,
@@ -355,9 +402,7 @@ def static_query(
     _static_query_kernel[(triton.cdiv(n, cfg.block_k),)](
         keys,
         n,
-        index.pairs,
-        index.slot_mask,
-        index.n_windows,
+        *index.kernel_args(keys),
         dev_arg,
         host_values if host_values is not None and host_values.numel() else dev_arg,
         device_values.shape[0],
@@ -367,6 +412,7 @@ def static_query(
         counters if counters is not None else hit,
         DIM=dim,
         EMPTY=EMPTY_KEY,
+        IDENTITY=index.identity,
         HAS_HOST=host_values is not None,
         HAS_DEFAULT=default is not None,
         COUNT=counters is not None,
