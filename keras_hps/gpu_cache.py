@@ -4,11 +4,14 @@ Owns the device arrays (allocated through torch) and runs the Triton kernels of
 ``keras_hps.triton_kernels`` on them. ``GpuCacheGroup`` pools the caches of several tables in
 one allocation so that all of them can be queried in one launch.
 
-Thread safety: every operation takes the cache's lock (shared by all caches of a group) and,
-on CUDA, runs on the cache's own stream, which first waits for the caller's current stream; the
-caller's stream then waits for the cache's stream before it uses the results. So operations from
-any threads and streams execute one after another on the device, in the order their calls took
-the lock, and a query never sees a half-written insert.
+Thread safety: every operation takes the lock of the caches of its device (one lock and one
+CUDA stream per device, shared by every cache on it) and, on CUDA, runs on that stream, which
+first waits for the caller's current stream; the caller's stream then waits for the cache's
+stream before it uses the results. So operations from any threads and streams execute one after
+another on the device, in the order their calls took the lock, and a query never sees a
+half-written insert. A query captured in a CUDA graph (``miss_flag``) runs on the caller's
+stream instead; whoever replays the graph orders the replay with ``ordering.replaying`` (the
+replay waits for earlier writes, later writes wait for the replay).
 """
 
 from __future__ import annotations
@@ -48,16 +51,44 @@ def _counter_property(index: int, doc: str) -> property:
 
 
 class _Shared:
-    """Lock, LRU clock (ticked by inserts) and stream shared by the caches of one group."""
+    """Lock and stream of the caches of one device, and the
+    reads replayed from CUDA graphs that the next write must wait for."""
+
+    _by_device: dict[torch.device, _Shared] = {}
+    _registry_lock = threading.Lock()
 
     def __init__(self, device: torch.device) -> None:
         self.lock = threading.RLock()
-        self.clock = 0
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.replayed: dict[int, torch.cuda.Event] = {}  # replaying stream -> its last replay
 
-    def tick(self) -> int:
-        self.clock += 1
-        return self.clock
+    @classmethod
+    def of(cls, device: torch.device) -> _Shared:
+        """The one `_Shared` of ``device``."""
+        with cls._registry_lock:
+            shared = cls._by_device.get(device)
+            if shared is None:
+                shared = cls._by_device[device] = cls(device)
+            return shared
+
+    @contextmanager
+    def replaying(self, stream: torch.cuda.Stream | None,
+                  done: torch.cuda.Event | None) -> Iterator[None]:
+        """Replay a CUDA graph that reads these caches on ``stream`` inside the block: the
+        replay waits for the writes enqueued before it, and ``done`` (recorded on ``stream``
+        after the replay, inside the block) is what the next write waits for."""
+        with self.lock:
+            if self.stream is not None and stream is not None:
+                stream.wait_stream(self.stream)
+            yield
+            if self.stream is not None and stream is not None and done is not None:
+                self.replayed[stream.cuda_stream] = done
+
+    def before_write(self) -> None:
+        """On the cache stream, under the lock: wait for the replays that read the caches."""
+        for event in self.replayed.values():
+            self.stream.wait_event(event)
+        self.replayed.clear()
 
 
 def _checked_keys(keys: torch.Tensor, cache: GpuEmbeddingCache, what: str = "keys",
@@ -121,11 +152,12 @@ class GpuEmbeddingCache:
         self._policy = policy
         self._arrays = _arrays if _arrays is not None else allocate(
             num_sets_for(capacity), int(dim), key_dtype, device)
-        self._shared = _shared if _shared is not None else _Shared(device)
+        self._shared = _shared if _shared is not None else _Shared.of(device)
         self._counters = (_counters if _counters is not None
                           else torch.zeros(5, dtype=torch.int64, device=device))
         self._sketch: tuple[torch.Tensor, int] | None = None
         self._sketch_count = 0
+        self._clock = 0
         if admission == "tinylfu":
             width_log2 = sketch_width_log2(self.capacity)
             self._sketch = (new_sketch(width_log2, device), width_log2)
@@ -196,9 +228,16 @@ class GpuEmbeddingCache:
             self._counters.zero_()
 
     # ----------------------------------------------------------------- ordering
+    @property
+    def ordering(self) -> _Shared:
+        """The lock and stream this cache's operations are ordered by (one per device), for
+        whoever replays a CUDA graph holding a captured query (`_Shared.replaying`)."""
+        return self._shared
+
     @contextmanager
-    def ordered(self) -> Iterator[None]:
-        """Hold the cache's lock and run the block's device work on the cache's stream."""
+    def ordered(self, *, write: bool = True) -> Iterator[None]:
+        """Hold the cache's lock and run the block's device work on the cache's stream
+        (after the replayed graphs that read the cache, when the block ``write``s)."""
         sh = self._shared
         with sh.lock:
             if sh.stream is None:
@@ -206,6 +245,8 @@ class GpuEmbeddingCache:
                 return
             caller = torch.cuda.current_stream(self.device)
             sh.stream.wait_stream(caller)
+            if write:
+                sh.before_write()
             with torch.cuda.stream(sh.stream):
                 yield
             caller.wait_stream(sh.stream)
@@ -222,21 +263,35 @@ class GpuEmbeddingCache:
                 t.record_stream(caller)
 
     # ----------------------------------------------------------------- operations
-    def query(self, keys: torch.Tensor, *, touch: bool = True, validate: bool = True
+    def query(self, keys: torch.Tensor, *, touch: bool = True, validate: bool = True,
+              miss_flag: torch.Tensor | None = None, counters: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Look ``keys`` (any shape, may repeat) up: ``(values [n, dim] float32, hit [n] bool)``.
 
         Missed keys get zero rows. Hits mark the slot as recently used (LRU) or count one
         more use (LFU) unless ``touch=False``. ``validate=False`` skips the key-value checks
         (the sentinel, int32 range), which read the keys back to the host; pass it only for
-        keys already checked (a wrong dtype or device then raises ValueError).
+        keys already checked (a wrong dtype or device then raises ValueError). ``counters``
+        (int64 ``[2]``) receives +hits and +misses instead of the cache's own counters.
+
+        ``miss_flag`` (int32 ``[1]`` on the device) makes the query capturable in a CUDA
+        graph: it runs on the caller's stream, with no host synchronisation, and sets the flag
+        to 1 when a key misses; the graph's replays are ordered by :attr:`ordering`.
         """
         # Unvalidated keys (the GPU tier's, flat int64 on the device) go straight to the
         # kernel's wrapper, which checks their dtype and device.
         keys = _checked_keys(keys, self) if validate else keys.reshape(-1)
-        with self.ordered():
+        counters = self._counters if counters is None else counters
+        if miss_flag is not None:
+            with self._shared.lock:
+                out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
+                                       counters=counters, miss_flag=miss_flag, validate=False)
+                if self._sketch is not None and touch:
+                    self._count_lookups(keys)
+            return out, hit
+        with self.ordered(write=False):
             out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
-                                   counters=self._counters, validate=False)
+                                   counters=counters, validate=False)
             if self._sketch is not None and touch:
                 self._count_lookups(keys)
             self._on_stream(keys, out, hit)
@@ -261,7 +316,8 @@ class GpuEmbeddingCache:
         keys = _checked_keys(keys, self, validate=validate)
         values = _checked_values(values, keys.numel(), self)
         with self.ordered():
-            stamp = self._shared.tick()
+            self._clock += 1  # the LRU clock: every insert call takes the next tick
+            stamp = self._clock
             cache_insert(self._arrays, keys, values, policy=self._policy, stamp=stamp,
                          counters=self._counters, validate=False, sketch=self._sketch)
             self._on_stream(keys, values)
@@ -317,7 +373,7 @@ class GpuCacheGroup:
         vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
         vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
-        self._shared = _Shared(device)
+        self._shared = _Shared.of(device)
         self._counters = torch.zeros(len(tables), 5, dtype=torch.int64, device=device)
         self._caches: list[GpuEmbeddingCache] = []
         set_base, vec_base, s0, v0 = [], [], 0, 0
@@ -377,7 +433,7 @@ class GpuCacheGroup:
             for i, k in enumerate(flat):
                 _checked_keys(k, first, what=f"keys of table {i}")
             raise
-        with first.ordered():
+        with first.ordered(write=False):
             values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
                                             touch=touch)
             # Per-table hit counts from one cumulative sum, whatever the number of tables.

@@ -130,26 +130,29 @@ class GpuStaticTable:
         default: torch.Tensor | None = None,
         *,
         counters: torch.Tensor | None = None,
+        miss_flag: torch.Tensor | None = None,
         validate: bool = True,
         host_read: str = "kernel",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` for flattened keys; misses get ``default`` or zeros.
 
-        ``counters`` (int64 ``[2]`` on the device) receives +keys and +hits.
+        ``counters`` (int64 ``[2]`` on the device) receives +hits and +misses; ``miss_flag``
+        (int32 ``[1]`` on the device) is set to 1 when a key misses (no host synchronisation).
         ``validate=False`` skips the checks (keys flat int64 on the device, ``default`` a
         contiguous ``[dim]`` tensor of the values' dtype there). ``host_read="copy"`` moves
         the rows that live in host memory by the copy engine (see :meth:`_query_copying`;
         misses then get zeros, and nothing is counted).
         """
         if host_read == "copy" and self.host_values is not None:
-            if default is not None or counters is not None:
-                raise ValueError("GpuStaticTable.query: host_read='copy' takes no default "
-                                 "or counters")
+            if default is not None or counters is not None or miss_flag is not None:
+                raise ValueError("GpuStaticTable.query: host_read='copy' takes no default, "
+                                 "counters or miss flag")
             return self._query_copying(keys)
         if host_read not in HOST_READS:
             raise ValueError(f"host_read must be one of {HOST_READS}, got {host_read!r}")
         return static_query(self.index, keys, self.device_values, self.host_values, default,
-                            counters=counters, validate=validate, **self.launch)
+                            counters=counters, miss_flag=miss_flag, validate=validate,
+                            **self.launch)
 
     def _query_copying(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`query` with the rows that live in host memory moved by the copy engine

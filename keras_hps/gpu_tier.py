@@ -23,6 +23,10 @@ The tier is replicated on every device of ``deployed_device_list``, as in HPS. A
 CUDA key tensor runs on that device's replica (the first one when the device has none); a
 NumPy lookup runs on the first. Hits never leave the device.
 
+Inside a CUDA graph capture (a `CaptureScope`: `keras_hps.capture.CapturedCall`), a lookup
+never waits on the host: keys are probed in place, and keys the device does not hold raise the
+scope's miss flag instead of going below; the caller answers such a call again eagerly.
+
 The tier is on when the model's ``gpucache`` is true and CUDA is available. The environment
 variable ``KERAS_HPS_GPU_TIER`` overrides: ``off`` disables it, ``interpret`` runs it on
 the CPU through Triton's interpreter (CPU torch tensors; slow, for tests and CI without a
@@ -31,12 +35,14 @@ GPU), ``auto`` (the default) is the rule above.
 
 from __future__ import annotations
 
+import contextvars
 import glob
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,10 +52,14 @@ from keras_hps.errors import ConfigError
 
 __all__ = [
     "ENV_VAR",
+    "CaptureScope",
     "GpuLookup",
     "GpuTier",
+    "active_scope",
     "build_gpu_tier",
     "cache_slots",
+    "deferring",
+    "device_scope",
     "gpu_tier_devices",
     "gpu_tier_setting",
 ]
@@ -125,6 +135,99 @@ def cache_slots(gpucacheper: float, rows: int) -> int:
     return -(-slots // group) * group
 
 
+# ---------------------------------------------------------------------------------- capture
+# A lookup captured in a CUDA graph cannot wait on the host: while it runs in a CaptureScope,
+# the tier answers every key in place on the device and raises the scope's flag for the keys
+# it does not hold (keras_hps.capture.CapturedCall reads the flag after each replay and
+# answers such a call again eagerly).
+
+_ACTIVE: contextvars.ContextVar[CaptureScope | None] = contextvars.ContextVar(
+    "keras_hps_capture_scope", default=None)
+_DEVICE_SCOPES: dict[Any, CaptureScope] = {}
+_DEVICE_LOCK = threading.Lock()
+
+
+class CaptureScope:
+    """Where lookups that run with no host synchronisation (in a CUDA graph) report keys they
+    could not answer on ``device``: ``flag`` (int32 ``[1]`` on the device) becomes 1. The
+    caches the lookups read register their ordering (`join`), so that replays and cache writes
+    stay in order (`replaying`)."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._orderings: dict[int, Any] = {}
+
+    def join(self, ordering: Any) -> None:
+        """Order replays of this scope's graph with the writes of ``ordering`` (a cache's
+        `GpuEmbeddingCache.ordering`)."""
+        self._orderings.setdefault(id(ordering), ordering)
+
+    def flag_if(self, bad: Any) -> None:
+        """Raise the flag, on the device, if any element of the bool tensor ``bad`` is set."""
+        import torch
+
+        torch.maximum(self.flag, bad.any().to(torch.int32).reshape(1), out=self.flag)
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Hold the joined caches' locks around a replay on the current stream: it waits for
+        their earlier writes, and their later writes wait for it."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if cuda else None
+        done = torch.cuda.Event() if cuda else None
+        with ExitStack() as stack:
+            for ordering in sorted(self._orderings.values(), key=id):  # one lock order
+                stack.enter_context(ordering.replaying(stream, done))
+            yield
+            if done is not None:
+                done.record(stream)
+
+
+def active_scope(device: Any) -> CaptureScope | None:
+    """The scope a lookup on ``device`` reports to: the `deferring` block's, else, while the
+    current CUDA stream is being captured, ``device_scope(device)``; None otherwise (an
+    ordinary, exact lookup)."""
+    scope = _ACTIVE.get()
+    if scope is not None and scope.device == device:
+        return scope
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return device_scope(device)
+    return None
+
+
+def device_scope(device: Any) -> CaptureScope:
+    """The scope of lookups captured on ``device`` outside `CapturedCall` (by
+    ``torch.cuda.graph`` directly): its ``flag`` is raised by their replays and never reset."""
+    import torch
+
+    device = torch.device(device)
+    with _DEVICE_LOCK:
+        scope = _DEVICE_SCOPES.get(device)
+        if scope is None:
+            scope = _DEVICE_SCOPES[device] = CaptureScope(device)
+        return scope
+
+
+@contextmanager
+def deferring(scope: CaptureScope) -> Iterator[CaptureScope]:
+    """Lookups on the scope's device inside the block take the capturable path (no host
+    synchronisation; misses raise ``scope.flag``) even when nothing is being captured: what a
+    captured graph replays, run eagerly (tests, and CPU devices)."""
+    token = _ACTIVE.set(scope)
+    try:
+        yield scope
+    finally:
+        _ACTIVE.reset(token)
+
+
 class _Replica:
     """The GPU tier of one table on one device."""
 
@@ -138,11 +241,9 @@ class _Replica:
         # gets this [dim] default on the device. Cleared once an update names a key outside
         # the table (a static table never grows); lookups then fetch misses from below.
         self.default = default
-        # (keys looked up, keys found) on the fast path, summed by the lookup kernel itself
-        # so a lookup never waits on the host for its counts; read back by stats().
-        self.static_counts = (
-            torch.zeros(2, dtype=torch.int64, device=device) if default is not None else None
-        )
+        # (hits, misses) of the lookups that never wait on the host (the static fast path,
+        # captured lookups), summed by the kernels themselves; read back by stats().
+        self.device_counts = torch.zeros(2, dtype=torch.int64, device=device)
 
 
 @dataclass
@@ -262,9 +363,12 @@ class GpuTier:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
-            vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
+            vals, _hit = rep.table.query(flat, rep.default, counters=rep.device_counts,
                                          validate=False)
             return GpuLookup(rep, shape, vals, n_unique=flat.numel())
+        scope = active_scope(rep.device)
+        if scope is not None:
+            return self._query_deferred(rep, flat, shape, scope)
         # Unique first (measured against probing every key in place, which saves the sort
         # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
         ukeys, inverse = torch.unique(flat, return_inverse=True)
@@ -281,6 +385,22 @@ class GpuTier:
             look.mkeys = ukeys[look.miss_idx]
             self._query_pinned(look)
         return look
+
+    @staticmethod
+    def _query_deferred(rep: _Replica, flat: Any, shape: tuple[int, ...],
+                        scope: CaptureScope) -> GpuLookup:
+        """The capturable lookup (a CUDA graph's, `keras_hps.capture`): every key probed in
+        place, rows in input order, no unique and no host synchronisation; keys the device
+        does not hold get zero rows and raise ``scope.flag``, and the caller answers the
+        lookup again outside the graph. Counts are per key, on the device."""
+        if rep.cache is not None:
+            scope.join(rep.cache.ordering)
+            vals, _hit = rep.cache.query(flat, validate=False, miss_flag=scope.flag,
+                                         counters=rep.device_counts)
+        else:  # a static table that no longer answers every key on the device
+            vals, _hit = rep.table.query(flat, counters=rep.device_counts, miss_flag=scope.flag,
+                                         validate=False)
+        return GpuLookup(rep, shape, vals, n_unique=flat.numel())
 
     def _query_pinned(self, look: GpuLookup) -> None:
         """uvm: the missed keys' rows from the pinned table; the keys it lacks go below."""
@@ -399,18 +519,17 @@ class GpuTier:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Counts over unique keys per lookup (over every key in static mode, which skips
-        the unique step): ``hits`` (device-resident rows), ``misses``,
+        """Counts over unique keys per lookup (over every key in static mode and in captured
+        lookups, which skip the unique step): ``hits`` (device-resident rows), ``misses``,
         ``uvm_hits`` (misses served from pinned host memory), ``fetched`` (from lower tiers),
         plus the caches' ``evictions``, ``resident`` rows and ``capacity``, summed over
         replicas."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
         for rep in self._replicas:
-            if rep.static_counts is not None:
-                looked, found = (int(v) for v in rep.static_counts.tolist())
-                out["hits"] += found
-                out["misses"] += looked - found
+            hits, misses = (int(v) for v in rep.device_counts.tolist())
+            out["hits"] += hits
+            out["misses"] += misses
         out.update(
             mode=self.mode,
             devices=[str(d) for d in self.devices],

@@ -29,6 +29,7 @@ from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError
 from keras_hps.formats import check_config_tables, open_table
+from keras_hps.gpu_tier import active_scope
 from keras_hps.host_tier import HostTier
 from keras_hps.output_buffers import aligned_empty, gather_rows
 
@@ -126,6 +127,11 @@ def _check_torch_keys(spec: TableSpec, keys: Any, where: str) -> Any:
         narrow = _NARROW[(keys.dtype, spec.key_dtype)] = \
             tinfo.min < info.min or tinfo.max > info.max
     if narrow and keys.numel():
+        scope = active_scope(keys.device)
+        if scope is not None:  # captured: no sync; out-of-range keys raise the miss flag
+            info = np.iinfo(spec.key_dtype)
+            scope.flag_if((keys < int(info.min)) | (keys > int(info.max)))
+            return keys
         lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
         err = _out_of_range(spec, where, lo, hi)
         if err is not None:
@@ -172,6 +178,10 @@ class TieredTable:
         if self.gpu is not None:
             return self._lookup_gpu(keys)
         torch_in = _is_torch(keys)
+        if torch_in and active_scope(keys.device) is not None:
+            raise InvalidInputError(
+                f"model {self.spec.model!r} table {self.spec.table_id}: a lookup captured in a "
+                "CUDA graph needs the table's GPU tier (gpucache: true), which it has not here")
         arr = keys.detach().cpu().numpy() if torch_in else keys
         shape = arr.shape
         flat = arr.reshape(-1).astype(np.int64, copy=False)

@@ -66,7 +66,8 @@ LAYERS = [
                                       "keras_hps.external"]),
     ("GPU tier", ["keras_hps.gpu_tier"]),
     ("parameter server", ["keras_hps.parameter_server", "keras_hps.plan"]),
-    ("layers and servables", ["keras_hps.layers", "keras_hps.layers.*", "keras_hps.servable"]),
+    ("layers and servables", ["keras_hps.layers", "keras_hps.layers.*", "keras_hps.servable",
+                              "keras_hps.capture"]),
     ("entry points", ["keras_hps", "keras_hps.cli"]),
 ]
 KERNEL_THIRD_PARTY = {"triton", "torch", "numpy"}

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch_config
+from .miss_flag import raise_flag
 
 EMPTY_KEY = int(np.iinfo(np.int64).max)
 WINDOW = 4  # pairs per probe window: 4 x 16 bytes
@@ -119,12 +120,14 @@ def _static_query_kernel(
     out_ptr,
     hit_ptr,
     counters_ptr,
+    flag_ptr,
     DIM: tl.constexpr,
     EMPTY: tl.constexpr,
     IDENTITY: tl.constexpr,
     HAS_HOST: tl.constexpr,
     HAS_DEFAULT: tl.constexpr,
     COUNT: tl.constexpr,
+    MISS_FLAG: tl.constexpr,
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -136,8 +139,11 @@ def _static_query_kernel(
                      DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
     tl.store(hit_ptr + offs, hit, mask=kmask)
     if COUNT:
-        tl.atomic_add(counters_ptr, tl.sum(kmask.to(tl.int64), axis=0), sem="relaxed")
-        tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counters_ptr + 1, tl.sum((kmask & ~hit).to(tl.int64), axis=0),
+                      sem="relaxed")
+    if MISS_FLAG:
+        raise_flag(flag_ptr, kmask & ~hit)
 
 
 @triton.jit
@@ -369,6 +375,7 @@ def static_query(
     default: torch.Tensor | None = None,
     *,
     counters: torch.Tensor | None = None,
+    miss_flag: torch.Tensor | None = None,
     validate: bool = True,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -376,13 +383,14 @@ def static_query(
     """Look up keys: ``(vectors [n, dim], hit [n] bool)`` on the index's device.
 
     Row ``r`` of the table is ``device_values[r]`` for ``r < len(device_values)``, else
-    ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place).
-    Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters``
-    (int64 [2] on the device) receives +keys at [0] and +hits at [1]. ``validate=False``
+    ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place). Misses
+    get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters`` (int64 [2] on
+    the device) receives +hits at [0] and +misses at [1]; ``miss_flag`` (int32 [1] on the device)
+    is set to 1 when any key misses (a CUDA graph's test, read after replay). ``validate=False``
     skips every check: keys flat int64 on the device, ``default`` contiguous ``[dim]`` of the
-    values' dtype there (the serving fast path; keys of any strides are copied to a
-    contiguous tensor, the only work done for them). ``block_k`` (keys per program, a power of
-    two) and ``num_warps`` override the launch configuration (for tuning).
+    values' dtype there (the serving fast path; keys of any strides are copied to a contiguous
+    tensor, the only work done for them). ``block_k`` (keys per program, a power of two) and
+    ``num_warps`` override the launch configuration (for tuning).
     """
     if validate:
         keys, default = _checked_query(index, keys, device_values, host_values, default)
@@ -410,12 +418,14 @@ def static_query(
         out,
         hit,
         counters if counters is not None else hit,
+        miss_flag if miss_flag is not None else hit,
         DIM=dim,
         EMPTY=EMPTY_KEY,
         IDENTITY=index.identity,
         HAS_HOST=host_values is not None,
         HAS_DEFAULT=default is not None,
         COUNT=counters is not None,
+        MISS_FLAG=miss_flag is not None,
         BLOCK_K=cfg.block_k,
         W=WINDOW,
         BLOCK_D=cfg.block_d,
