@@ -64,6 +64,33 @@ def tk(q):
     return torch.as_tensor(np.asarray(q, np.int64), device=DEV)
 
 
+def test_query_kernels_raise_the_flag_exactly_when_a_key_misses():
+    from keras_hps.triton_kernels.cache_insert import cache_insert
+    from keras_hps.triton_kernels.cache_layout import allocate
+    from keras_hps.triton_kernels.cache_query import cache_query, np_cache_query
+    from keras_hps.triton_kernels.static_table import build_index, np_static_query, static_query
+
+    rng = np.random.default_rng()
+    keys = np.unique(rng.integers(-(2**40), 2**40, 300))
+    rows = rng.standard_normal((keys.size, 4)).astype(np.float32)
+    arrays = allocate(256, 4, torch.int64, DEV)  # 2048 slots: every key stays
+    cache_insert(arrays, tk(keys), torch.as_tensor(rows, device=DEV))
+    index = build_index(tk(keys))
+    for q in (rng.choice(keys, 77), np.r_[rng.choice(keys, 50), [2**45]], np.r_[[], ][:0],
+              np.array([2**63 - 1])):
+        ref_c = np_cache_query(arrays.to_numpy(), q)
+        ref_s = np_static_query(keys, rows, q, None)
+        for ref, run in ((ref_c, lambda f, q=q: cache_query(arrays, tk(q), miss_flag=f,
+                                                            validate=False)),
+                         (ref_s, lambda f, q=q: static_query(index, tk(q),
+                                                             torch.as_tensor(rows, device=DEV),
+                                                             miss_flag=f, validate=False))):
+            flag = torch.zeros(1, dtype=torch.int32, device=DEV)
+            out, hit = run(flag)
+            np.testing.assert_array_equal(out.cpu().numpy(), ref[0])
+            assert int(flag) == int((~ref[1]).any())
+
+
 @pytest.mark.parametrize("mode", ["dynamic", "uvm"])
 def test_deferred_lookup_writes_hits_and_flags_misses(gpu_tier, table, mode):
     path, keys, vectors = table
