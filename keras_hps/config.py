@@ -228,6 +228,10 @@ _HPS_IMPL = "HPS implementation choice."
 _HUGECTR = "HugeCTR-model / Triton-backend key."
 _REFRESH = ("The GPU cache starts empty and fills on misses; updated rows are invalidated "
             "rather than refreshed on a timer.")
+_FUSE = ("`FusedLookupLayer` (torch backend) looks the tables up in one kernel launch where "
+         "their GPU tiers answer on the device: static tables, and dynamic caches inside a "
+         "captured CUDA graph.")
+_FUSE_HPS = "packed same-width tables into one."
 
 
 @dataclass(frozen=True)
@@ -321,9 +325,7 @@ class ModelConfig:
     maxnum_des_feature_per_sample: int = key(26, Int(minimum=0), _HUGECTR, ignored=True)
     refresh_delay: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
     refresh_interval: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
-    fuse_embedding_table: bool = key(
-        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
-        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    fuse_embedding_table: bool = key(False, Bool(), _FUSE, hps=_FUSE_HPS, ignored=True)
     dense_file: str = key("", Str(), _HUGECTR, ignored=True)
     network_file: str = key("", Str(), _HUGECTR, ignored=True)
     label_dim: int = key(1, Int(minimum=0), _HUGECTR, ignored=True)
@@ -391,9 +393,7 @@ class PSConfig:
         UpdateSourceConfig(), Block(UpdateSourceConfig),
         "HPS's Kafka source ([below](#update_source)): keras-hps has no online-update stream.",
         ignored=True)
-    fuse_embedding_table: bool = key(
-        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
-        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    fuse_embedding_table: bool = key(False, Bool(), _FUSE, hps=_FUSE_HPS, ignored=True)
     source: str | None = None  # the config file, not a key
 
     @property

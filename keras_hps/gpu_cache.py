@@ -24,7 +24,7 @@ import torch
 
 from keras_hps.errors import InvalidInputError
 from keras_hps.triton_kernels.cache_admission import new_sketch, sketch_add, sketch_width_log2
-from keras_hps.triton_kernels.cache_fused_query import PooledCacheArrays, fused_cache_query
+from keras_hps.triton_kernels.cache_fused_query import cache_params, fused_cache_query
 from keras_hps.triton_kernels.cache_insert import cache_insert
 from keras_hps.triton_kernels.cache_layout import (
     KEY_DTYPES,
@@ -34,9 +34,7 @@ from keras_hps.triton_kernels.cache_layout import (
     allocate,
     check_keys,
     check_values,
-    empty_key,
     num_sets_for,
-    small_int64_to_device,
 )
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
@@ -142,19 +140,14 @@ class GpuEmbeddingCache:
         policy: str = "lru",
         key_dtype: torch.dtype = torch.int64,
         admission: str = "none",
-        _arrays: CacheArrays | None = None,
-        _shared: _Shared | None = None,
-        _counters: torch.Tensor | None = None,
     ) -> None:
         device = _check_common(dim, device, policy, key_dtype)
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         self._policy = policy
-        self._arrays = _arrays if _arrays is not None else allocate(
-            num_sets_for(capacity), int(dim), key_dtype, device)
-        self._shared = _shared if _shared is not None else _Shared.of(device)
-        self._counters = (_counters if _counters is not None
-                          else torch.zeros(5, dtype=torch.int64, device=device))
+        self._arrays = allocate(num_sets_for(capacity), int(dim), key_dtype, device)
+        self._shared = _Shared.of(device)
+        self._counters = torch.zeros(5, dtype=torch.int64, device=device)
         self._sketch: tuple[torch.Tensor, int] | None = None
         self._sketch_count = 0
         self._clock = 0
@@ -222,6 +215,11 @@ class GpuEmbeddingCache:
         return {"hits": c[_HITS], "misses": c[_MISSES], "insertions": c[_INSERTIONS],
                 "evictions": c[_EVICTIONS], "rejected": c[_REJECTED], "size": size,
                 "capacity": self.capacity}
+
+    def fused_params(self, counters: torch.Tensor | None = None) -> torch.Tensor:
+        """This cache's parameter row for `fused_cache_query` (its arrays' addresses; hits and
+        misses go to ``counters``, int64 ``[2]``, or the cache's own)."""
+        return cache_params(self._arrays, self._counters if counters is None else counters)
 
     def reset_counters(self) -> None:
         with self.ordered():
@@ -348,7 +346,7 @@ class GpuEmbeddingCache:
 
 
 class GpuCacheGroup:
-    """The caches of several tables in one pooled allocation, queried together in one launch.
+    """The caches of several tables on one device, queried together in one launch.
 
     ``tables`` is a sequence of ``(capacity, dim)``; ``group[i]`` is table ``i``'s
     :class:`GpuEmbeddingCache` (insert/update/invalidate per table as usual), and
@@ -365,39 +363,11 @@ class GpuCacheGroup:
     ) -> None:
         if not tables:
             raise ValueError("GpuCacheGroup needs at least one (capacity, dim) table")
-        dims = [int(d) for _c, d in tables]
-        device = _check_common(min(dims), device, policy, key_dtype)
-        sets = [num_sets_for(c) for c, _d in tables]
-        total_sets = sum(sets)
-        pool = allocate(total_sets, 1, key_dtype, device)  # keys, scores, marks; vectors below
-        vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
-        vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
-        self._shared = _Shared.of(device)
-        self._counters = torch.zeros(len(tables), 5, dtype=torch.int64, device=device)
-        self._caches: list[GpuEmbeddingCache] = []
-        set_base, vec_base, s0, v0 = [], [], 0, 0
-        for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
-            lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET  # multiples of 32
-            arrays = CacheArrays(keys=pool.keys[lo:hi], scores=pool.scores[lo:hi],
-                                 marks=pool.marks[lo // 32:hi // 32],
-                                 vectors=vectors[v0:v0 + vs].view(s * SLOTS_PER_SET, d),
-                                 num_sets=s, key_dtype=key_dtype)
-            self._caches.append(GpuEmbeddingCache(
-                s * SLOTS_PER_SET, d, device=device, policy=policy, key_dtype=key_dtype,
-                _arrays=arrays, _shared=self._shared,
-                _counters=self._counters[len(self._caches)]))
-            set_base.append(s0)
-            vec_base.append(v0)
-            s0, v0 = s0 + s, v0 + vs
-
-        def dev64(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=device)
-
-        self._pooled = PooledCacheArrays(
-            keys=pool.keys, scores=pool.scores, marks=pool.marks, vectors=vectors,
-            set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
-            dims=dev64(dims), dims_host=tuple(dims), empty=empty_key(key_dtype))
+        self._caches = [GpuEmbeddingCache(c, d, device=device, policy=policy,
+                                          key_dtype=key_dtype) for c, d in tables]
+        self._dims = [c.dim for c in self._caches]
+        self._params = torch.stack([c.fused_params() for c in self._caches])
 
     def __len__(self) -> int:
         return len(self._caches)
@@ -423,9 +393,6 @@ class GpuCacheGroup:
         flat = [_checked_keys(k, first, what=f"keys of table {i}", validate=False)
                 for i, k in enumerate(keys_per_table)]
         counts = [k.numel() for k in flat]
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
         keys = torch.cat(flat) if len(flat) > 1 else flat[0]
         try:  # one device read for all tables; per table only to name the bad one
             _checked_keys(keys, first)
@@ -434,13 +401,7 @@ class GpuCacheGroup:
                 _checked_keys(k, first, what=f"keys of table {i}")
             raise
         with first.ordered(write=False):
-            values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
-                                            touch=touch)
-            # Per-table hit counts from one cumulative sum, whatever the number of tables.
-            csum = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.cumsum(0)])
-            bounds = small_int64_to_device(offsets, keys.device)
-            nhits = csum[bounds[1:]] - csum[bounds[:-1]]
-            self._counters[:, _HITS] += nhits
-            self._counters[:, _MISSES] += (bounds[1:] - bounds[:-1]) - nhits
+            values, hit = fused_cache_query(self._params, keys, counts, self._dims,
+                                            policy=self._policy, touch=touch)
             first._on_stream(keys, hit, *flat, *values)
         return values, list(hit.split(counts))

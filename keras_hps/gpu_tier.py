@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextvars
 import glob
+import itertools
 import os
 import sys
 import threading
@@ -62,6 +63,7 @@ __all__ = [
     "device_scope",
     "gpu_tier_devices",
     "gpu_tier_setting",
+    "query_tables",
 ]
 
 ENV_VAR = "KERAS_HPS_GPU_TIER"
@@ -228,6 +230,11 @@ def deferring(scope: CaptureScope) -> Iterator[CaptureScope]:
         _ACTIVE.reset(token)
 
 
+_REPLICA_UIDS = itertools.count()
+# (replica uids) -> their stacked parameter rows, for the multi-table kernels
+_FUSED_PARAMS: dict[tuple[int, ...], Any] = {}
+
+
 class _Replica:
     """The GPU tier of one table on one device."""
 
@@ -244,6 +251,21 @@ class _Replica:
         # (hits, misses) of the lookups that never wait on the host (the static fast path,
         # captured lookups), summed by the kernels themselves; read back by stats().
         self.device_counts = torch.zeros(2, dtype=torch.int64, device=device)
+        self.uid = next(_REPLICA_UIDS)  # never reused: keys the fused launches' parameters
+        self._fused_row: Any = None
+
+    def fused_row(self) -> Any:
+        """This replica's parameter row for the multi-table kernels (`query_tables`): the
+        static fast path's (`static_table_params`) or the cache's (`fused_params`)."""
+        if self._fused_row is None:
+            if self.default is not None:
+                from keras_hps.triton_kernels.static_table import static_table_params
+
+                self._fused_row = static_table_params(self.table.index, self.table.device_values,
+                                                      self.default, self.device_counts)
+            else:
+                self._fused_row = self.cache.fused_params(self.device_counts)
+        return self._fused_row
 
 
 @dataclass
@@ -557,6 +579,62 @@ class GpuTier:
         self._closed = True
         self._executor.shutdown(wait=True)
         self._replicas = []
+
+
+def query_tables(tiers: Sequence[GpuTier], keys: Sequence[Any]) -> list[GpuLookup] | None:
+    """Start the lookups of ``keys[i]`` (checked torch tensors) in ``tiers[i]``, all in one
+    kernel launch, when the device answers every key: every table static (the whole table on
+    the device), or every table a dynamic or uvm cache and the lookup captured in a CUDA graph
+    (misses raise the capture's flag). The key tensors must have one size, the tables one dim
+    and one device. Returns one `GpuLookup` per table (its rows final: `GpuTier.complete`
+    only reshapes them), or None when the tables must be looked up one by one."""
+    import torch
+
+    if len(tiers) < 2 or any(t._closed for t in tiers):
+        return None
+    dev, n = keys[0].device, keys[0].numel()
+    dim = tiers[0].dim
+    reps = [t._replica_for(dev) for t in tiers]
+    if n == 0 or any(k.numel() != n or k.device != dev for k in keys) \
+            or any(t.dim != dim for t in tiers) or any(r.device != dev for r in reps):
+        return None
+    if all(r.default is not None and r.table.host_values is None for r in reps):
+        from keras_hps.triton_kernels.static_table import static_query_tables
+
+        flat = torch.stack([k.reshape(-1) for k in keys]).to(torch.int64)
+        out = static_query_tables(_fused_params(reps), flat, dim)
+    else:
+        scope = active_scope(dev)
+        caches = [r.cache for r in reps]
+        if scope is None or any(c is None or c.admission != "none" for c in caches) \
+                or len({c.policy for c in caches}) > 1:
+            return None
+        from keras_hps.triton_kernels.cache_fused_query import fused_cache_query
+
+        scope.join(caches[0].ordering)  # one ordering per device: every cache's
+        flat = torch.stack([k.reshape(-1) for k in keys]).to(torch.int64)
+        with caches[0].ordering.lock:
+            out, _hit = fused_cache_query(_fused_params(reps), flat, [n] * len(reps),
+                                          [dim] * len(reps), policy=caches[0].policy,
+                                          miss_flag=scope.flag)
+    return [GpuLookup(rep, tuple(k.shape), out[i], n_unique=n)
+            for i, (rep, k) in enumerate(zip(reps, keys, strict=True))]
+
+
+def _fused_params(reps: Sequence[_Replica]) -> Any:
+    """The replicas' parameter rows stacked (kept for the next call, except while a graph is
+    being captured: a tensor made then holds its values only once the graph has run)."""
+    import torch
+
+    key = tuple(r.uid for r in reps)
+    params = _FUSED_PARAMS.get(key)
+    if params is None:
+        params = torch.stack([r.fused_row() for r in reps])
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+            if len(_FUSED_PARAMS) > 256:
+                _FUSED_PARAMS.clear()
+            _FUSED_PARAMS[key] = params
+    return params
 
 
 def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, Any]:

@@ -29,7 +29,7 @@ from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError
 from keras_hps.formats import check_config_tables, open_table
-from keras_hps.gpu_tier import active_scope
+from keras_hps.gpu_tier import active_scope, query_tables
 from keras_hps.host_tier import HostTier
 from keras_hps.output_buffers import aligned_empty, gather_rows
 
@@ -203,7 +203,12 @@ class TieredTable:
         as_numpy = not isinstance(keys, torch.Tensor)
         tkeys = torch.from_numpy(np.ascontiguousarray(keys).astype(np.int64, copy=False)) \
             if as_numpy else keys
-        look = self.gpu.query(tkeys)
+        return self.complete_gpu(self.gpu.query(tkeys), tkeys, as_numpy)
+
+    def complete_gpu(self, look: Any, tkeys: Any, as_numpy: bool = False) -> Any:
+        """Finish a lookup the GPU tier started (`GpuTier.query`, or `query_tables` for
+        several tables): the keys it did not hold from the tiers below, the counts, the
+        result on the keys' device (NumPy when ``as_numpy``)."""
         below = None if look.below_keys is None else self._below_gpu(look.below_keys)
         out = self.gpu.complete(look, below)
         if look.n_unique:
@@ -397,6 +402,20 @@ class ParameterServer:
         NotFoundError for an unknown model or table."""
         table = self.table(model, table_id)
         return table.lookup(check_keys(table.spec, keys))
+
+    def lookup_tables(self, model: str, table_ids: list[int], keys: list[Any]) -> list[Any]:
+        """`lookup` of ``keys[i]`` in table ``table_ids[i]`` of ``model``, for every i: the
+        same results. Where the tables' GPU tiers answer every key on the device (static
+        tables; dynamic caches inside a CUDA graph capture) and the key tensors (torch) have
+        one size, one kernel launch looks all of them up; otherwise one table after another."""
+        tables = [self.table(model, t) for t in table_ids]
+        checked = [check_keys(t.spec, k) for t, k in zip(tables, keys, strict=True)]
+        if all(t.gpu is not None for t in tables) and all(_is_torch(k) for k in checked):
+            looks = query_tables([t.gpu for t in tables], checked)
+            if looks is not None:
+                return [t.complete_gpu(look, k)
+                        for t, look, k in zip(tables, looks, checked, strict=True)]
+        return [t.lookup(k) for t, k in zip(tables, checked, strict=True)]
 
     def stats(self, model: str | None = None, table_id: int | None = None) -> dict[str, Any]:
         """Per-tier hits/misses, evictions and resident rows: of one table, or with no

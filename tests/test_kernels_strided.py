@@ -204,7 +204,8 @@ def test_fused_query_over_strided_keys(rng):
         cache.insert(column(k), strided_rows(r))
     values, hits = group.query([column(k) for k in keys])
     flat = np.concatenate(keys)
-    direct, dhit = fused_cache_query(group._pooled, column(flat), [0, keys[0].size, flat.size])
+    direct, dhit = fused_cache_query(group._params, column(flat), [k.size for k in keys],
+                                     [DIM, DIM])
     for i in range(2):
         assert bool(hits[i].all())
         np.testing.assert_array_equal(values[i].cpu().numpy(), rows[i])

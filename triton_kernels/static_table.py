@@ -189,6 +189,36 @@ def _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default
 
 
 @triton.jit
+def _static_tables_kernel(keys_ptr, n, params_ptr, out_ptr, DIM: tl.constexpr,
+                          EMPTY: tl.constexpr, NPARAM: tl.constexpr, BLOCK_K: tl.constexpr,
+                          W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (i, t): keys ``i * BLOCK_K ...`` of table ``t`` (row ``t`` of ``keys``), whose
+    arrays and settings are row ``t`` of ``params`` (see `static_table_params`)."""
+    t = tl.program_id(1)
+    p = params_ptr + t * NPARAM
+    values = tl.load(p).to(tl.pointer_type(tl.float32))
+    pairs = tl.load(p + 1).to(tl.pointer_type(tl.int64))
+    slot_mask = tl.load(p + 2)
+    n_windows = tl.load(p + 3)
+    n_rows = tl.load(p + 4)
+    identity = tl.load(p + 5) != 0
+    default = tl.load(p + 6).to(tl.pointer_type(tl.float32))
+    counters = tl.load(p + 7).to(tl.pointer_type(tl.int64))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + t.to(tl.int64) * n + offs, mask=kmask, other=EMPTY)
+    # An identity table probes nothing (no lane active); a hashed one ignores the range test.
+    probed = _probe(k, kmask & (k != EMPTY) & ~identity, pairs, slot_mask, n_windows, EMPTY,
+                    BLOCK_K, W)
+    row = tl.where(identity, tl.where(kmask & (k >= 0) & (k < n_rows), k, -1), probed)
+    hit = row >= 0
+    _copy_table_rows(row, hit, offs, kmask, values, values, n_rows, default,
+                     out_ptr + t.to(tl.int64) * n * DIM, DIM, False, True, BLOCK_D)
+    tl.atomic_add(counters, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+    tl.atomic_add(counters + 1, tl.sum((kmask & ~hit).to(tl.int64), axis=0), sem="relaxed")
+
+
+@triton.jit
 def _static_find_kernel(
     keys_ptr,
     n,
@@ -485,6 +515,54 @@ def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: to
         rows, n, dev_arg, host_values, device_values.shape[0], out,
         DIM=dim, HAS_HOST=True, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps)
+
+
+# ------------------------------------------------------------------ several tables, one launch
+STATIC_PARAMS = 8  # int64s per table in a `static_query_tables` parameter row
+
+
+def static_table_params(index: HashIndex, values: torch.Tensor, default: torch.Tensor,
+                        counters: torch.Tensor) -> torch.Tensor:
+    """One table's row of `static_query_tables` parameters (int64 ``[STATIC_PARAMS]`` on the
+    index's device): the addresses of its float32 ``values`` ``[rows, dim]`` (all in device
+    memory), its index pairs, the contiguous float32 ``default`` ``[dim]`` and the int64
+    ``counters`` ``[2]`` (+hits, +misses), and its index's shape. The row holds raw addresses:
+    the tensors must outlive every query that reads it."""
+    for t, what in ((values, "values"), (default, "default"), (counters, "counters")):
+        if t.device != index.device or not t.is_contiguous():
+            raise ValueError(f"static_table_params: {what} must be contiguous on {index.device}")
+    if values.dtype != torch.float32 or default.dtype != torch.float32:
+        raise ValueError("static_table_params: values and default must be float32")
+    if default.shape != (values.shape[1],) or counters.dtype != torch.int64:
+        raise ValueError("static_table_params: default must be [dim], counters int64 [2]")
+    pairs = values if index.identity else index.pairs
+    row = [values.data_ptr(), pairs.data_ptr(), index.slot_mask, index.n_windows, index.size,
+           int(index.identity), default.data_ptr(), counters.data_ptr()]
+    return torch.tensor(row, dtype=torch.int64).to(index.device)
+
+
+def static_query_tables(params: torch.Tensor, keys: torch.Tensor, dim: int) -> torch.Tensor:
+    """Look up ``keys[t]`` in table ``t`` for every table at once (one launch): float32
+    ``[tables, n, dim]``, misses getting each table's default row, hits and misses added to
+    each table's counters. ``params``: the tables' `static_table_params` rows stacked
+    (``[tables, STATIC_PARAMS]``); ``keys``: int64 ``[tables, n]`` on the same device (any
+    strides), every table's rows ``dim`` floats wide. No host synchronisation."""
+    if params.dim() != 2 or params.shape[1] != STATIC_PARAMS or params.dtype != torch.int64:
+        raise ValueError(f"static_query_tables: params must be int64 [tables, {STATIC_PARAMS}]")
+    if keys.dim() != 2 or keys.shape[0] != params.shape[0] or keys.dtype != torch.int64:
+        raise ValueError(f"static_query_tables: keys must be int64 [{params.shape[0]}, n], got "
+                         f"{keys.dtype} {tuple(keys.shape)}")
+    if keys.device != params.device:
+        raise ValueError(f"static_query_tables: keys on {keys.device}, params on {params.device}")
+    keys = keys.contiguous()
+    tables, n = keys.shape
+    out = torch.empty((tables, n, dim), dtype=torch.float32, device=keys.device)
+    if n and tables:
+        cfg = launch_config("static_query", dim)
+        _static_tables_kernel[(triton.cdiv(n, cfg.block_k), tables)](
+            keys, n, params, out, DIM=dim, EMPTY=EMPTY_KEY, NPARAM=STATIC_PARAMS,
+            BLOCK_K=cfg.block_k, W=WINDOW, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+    return out
 
 
 def np_static_query(
