@@ -204,3 +204,34 @@ def test_identity_keys_need_no_index(in_order, n_device_frac):
     keys[0] = n + 7
     hashed = build_index(torch.from_numpy(keys).to(DEVICE))
     assert not hashed.identity and hashed.nbytes == hashed.slots * 16
+
+
+def test_several_tables_in_one_launch_match_reference():
+    """static_query_tables: identity and hashed tables in one launch, each with its default
+    row and counters; misses, duplicates, the sentinel and an empty batch."""
+    from keras_hps.triton_kernels.static_table import static_query_tables, static_table_params
+
+    rng = np.random.default_rng()
+    dim = 16
+    tables = []
+    for keys in (np.arange(300), _table(rng, 200, dim)[0], np.arange(3)):
+        values = rng.standard_normal((keys.size, dim)).astype(np.float32)
+        index = build_index(torch.from_numpy(keys).to(DEVICE))
+        default = torch.from_numpy(rng.standard_normal(dim).astype(np.float32)).to(DEVICE)
+        counters = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        dv = torch.from_numpy(values).to(DEVICE)
+        tables.append((keys, values, static_table_params(index, dv, default, counters), dv,
+                       default, counters))
+    params = torch.stack([t[2] for t in tables])
+    for n in (97, 0):
+        q = np.stack([np.r_[rng.choice(k, n)][:n] for k, *_ in tables])
+        if n:
+            q[:, :3] = [[-1, EMPTY_KEY, 2**40]] * 3  # misses in every table
+        out = static_query_tables(params, torch.from_numpy(q).to(DEVICE), dim)
+        assert out.shape == (3, n, dim)
+        for t, (keys, values, _p, _dv, default, counters) in enumerate(tables):
+            ref, hit = np_static_query(keys, values, q[t], default.cpu().numpy())
+            np.testing.assert_array_equal(out[t].cpu().numpy(), ref)
+            assert counters.tolist() == [int(hit.sum()), int((~hit).sum())]
+    with pytest.raises(ValueError, match="keys must be int64"):
+        static_query_tables(params, torch.zeros((2, 4), dtype=torch.int64, device=DEVICE), dim)
