@@ -220,8 +220,9 @@ def test_several_tables_in_one_launch_match_reference():
         default = torch.from_numpy(rng.standard_normal(dim).astype(np.float32)).to(DEVICE)
         counters = torch.zeros(2, dtype=torch.int64, device=DEVICE)
         dv = torch.from_numpy(values).to(DEVICE)
-        tables.append((keys, values, static_table_params(index, dv, default, counters), dv,
-                       default, counters))
+        # the params row holds raw addresses: keep the index and the arrays alive
+        tables.append((keys, values, static_table_params(index, dv, default, counters),
+                       (index, dv), default, counters))
     params = torch.stack([t[2] for t in tables])
     for n in (97, 0):
         q = np.stack([np.r_[rng.choice(k, n)][:n] for k, *_ in tables])
@@ -229,7 +230,7 @@ def test_several_tables_in_one_launch_match_reference():
             q[:, :3] = [[-1, EMPTY_KEY, 2**40]] * 3  # misses in every table
         out = static_query_tables(params, torch.from_numpy(q).to(DEVICE), dim)
         assert out.shape == (3, n, dim)
-        for t, (keys, values, _p, _dv, default, counters) in enumerate(tables):
+        for t, (keys, values, _p, _alive, default, counters) in enumerate(tables):
             ref, hit = np_static_query(keys, values, q[t], default.cpu().numpy())
             np.testing.assert_array_equal(out[t].cpu().numpy(), ref)
             assert counters.tolist() == [int(hit.sum()), int((~hit).sum())]
