@@ -283,9 +283,12 @@ class ModelConfig:
         "variable `KERAS_HPS_GPU_TIER=off` turns every GPU tier off, `interpret` runs it "
         "through Triton's interpreter on the CPU (tests).")
     gpucacheper: float = key(
-        0.2, Float(0.0, 1.0),
+        0.2, Float(0.0, 64.0),
         "GPU cache size as a fraction of the table's rows: `max(ceil(gpucacheper x rows), "
-        "64)` slots, rounded up to whole groups of 32 slots (four 8-slot sets).")
+        "64)` slots, rounded up to whole groups of 32 slots (four 8-slot sets). Above 1 "
+        "(keras-hps only; HPS took at most 1) the cache has more slots than the table has "
+        "rows: an 8-way set-associative cache needs several times as many slots as the keys "
+        "it must hold at once before no set overflows.")
     hit_rate_threshold: float = key(
         0.9, Float(0.0),
         "Lookups are exact whatever this is. It decides only when rows fetched from below "

@@ -269,3 +269,4 @@ def test_tier_off_and_settings(table, monkeypatch):
         gpu_tier_devices(True, (0,))
     assert cache_slots(0.0, 10) == 64 and cache_slots(0.1, 1000) == 128
     assert cache_slots(0.2, 10**6) == 200_000
+    assert cache_slots(4.0, 100) == 416  # more slots than rows: every key fits its set
