@@ -76,11 +76,14 @@ class CapturedCall:
     with any CUDA graph). The outputs are the graph's own tensors: the next call overwrites
     them, so copy what must outlive it. ``warmup`` eager calls (on a side stream, as
     ``torch.cuda.graph`` asks) come first: they compile the kernels and warm the caches.
+    ``pool`` (``torch.cuda.graph_pool_handle()``) shares one memory pool between graphs that
+    are replayed one at a time, in the order they were captured.
     Without CUDA (CPU tensors), nothing is captured and each call runs ``fn`` on the same
     capturable path, with the same flag and rerun: the protocol without the graph.
     """
 
-    def __init__(self, fn: Callable[..., Any], *example_inputs: Any, warmup: int = 2) -> None:
+    def __init__(self, fn: Callable[..., Any], *example_inputs: Any, warmup: int = 2,
+                 pool: Any = None) -> None:
         import torch
 
         tensors = [x for x in _leaves(example_inputs) if _is_tensor(x)]
@@ -105,7 +108,8 @@ class CapturedCall:
         caller.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the GPU tier's background insert threads may run during the capture
-        with deferring(self.scope), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with deferring(self.scope), torch.cuda.graph(graph, pool=pool,
+                                                     capture_error_mode="thread_local"):
             self.scope.flag.zero_()
             self.outputs = self.fn(*self.inputs)
         self.graph = graph
