@@ -621,6 +621,181 @@ def profile_step(fn: Callable[[Any, Any], Any], dense: Any, dense_x: Any, cat: A
     return out
 
 
+# ---------------------------------------------------------------------------------- cpu
+CPU_MODELS = ("embedded", "external", "ensemble")
+
+
+def cpu_models(rows: list[int], dim: int) -> tuple[Any, Any, Any]:
+    """(the full DLRM, its lookups alone with the vectors as one ``vectors`` [B, 26, dim]
+    output, its dense part alone), sharing one set of layers (TensorFlow backend)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    n = len(rows)
+    dense = dense_part(n, dim)
+    embeddings = [keras.layers.Embedding(r, dim, name=f"emb_{i}") for i, r in enumerate(rows)]
+    full = full_model(per_table(embeddings), dense, n)
+    cat = keras.Input((n,), dtype="int64", name="cat")
+    rows_of = [keras.layers.Reshape((1, dim))(e(cat[:, i])) for i, e in enumerate(embeddings)]
+    lookup = keras.Model(cat, keras.layers.Concatenate(axis=1, name="vectors")(rows_of))
+    return full, lookup, dense
+
+
+def cpu_repository(repo: Path, rows: list[int], dim: int, max_batch: int) -> None:
+    """The four served models: the DLRM exported embedded and external, and the ensemble's
+    lookup model (external) and dense model (a plain SavedModel: ``numerical`` and
+    ``vectors`` in, ``click`` out); and models.config."""
+    import keras
+    import tensorflow as tf
+
+    from keras_hps.export import export_for_serving
+    from keras_hps.serving.model_config import ModelEntry, to_text
+
+    full, lookup, dense = cpu_models(rows, dim)
+    export_for_serving(full, repo, "dlrm_embedded", tables="embedded")
+    export_for_serving(full, repo, "dlrm_external", tables="external", max_batch_size=max_batch)
+    export_for_serving(lookup, repo, "dlrm_lookup", tables="external", max_batch_size=max_batch)
+    archive = keras.export.ExportArchive()  # Keras 3 variables in a session-loadable model
+    archive.track(dense)
+    archive.add_endpoint(
+        name="serving_default",
+        fn=lambda numerical, vectors: {"click": dense([numerical, *tf.unstack(vectors, axis=1)])},
+        input_signature=[tf.TensorSpec([None, NUM_DENSE], tf.float32, name="numerical"),
+                         tf.TensorSpec([None, len(rows), dim], tf.float32, name="vectors")])
+    archive.write_out(str(repo / "dlrm_dense" / "1"), verbose=False)
+    names = ("dlrm_embedded", "dlrm_external", "dlrm_lookup", "dlrm_dense")
+    (repo / "models.config").write_text(to_text([ModelEntry(m, str(repo / m)) for m in names]))
+
+
+def cpu_inputs(rows: list[int], batch: int, seed: int) -> dict[str, np.ndarray]:
+    """One request's inputs: ``numerical`` [B, 13] and ``cat`` [B, 26], each table's ids
+    uniform over its rows."""
+    rng = np.random.default_rng(seed)
+    cat = np.stack([rng.integers(0, r, batch) for r in rows], 1).astype(np.int64)
+    return {"numerical": rng.standard_normal((batch, NUM_DENSE)).astype(np.float32),
+            "cat": cat}
+
+
+def cpu_calls(target: str, deployment: str, rows: list[int], batch: int,
+              variants: int = 3) -> Callable[[int], Callable[[], Any]]:
+    """Client factory for `keras_hps.serving.bench.measure`: pre-built Predict requests (a
+    few variants) over the official stubs; the ensemble's second request is built from the
+    first one's answer, as a client between two services does."""
+    from keras_hps.serving.client import GrpcClient
+    from keras_hps.serving.tensors import to_proto
+
+    def make(i: int) -> Callable[[], Any]:
+        client = GrpcClient(target)
+        inputs = [cpu_inputs(rows, batch, 1000 * i + v) for v in range(variants)]
+        state = [0]
+        if deployment != "ensemble":
+            reqs = [client.predict_request(f"dlrm_{deployment}", x) for x in inputs]
+
+            def call() -> Any:
+                state[0] += 1
+                return client.prediction.Predict(reqs[state[0] % variants], timeout=600)
+            return call
+        firsts = [client.predict_request("dlrm_lookup", {"cat": x["cat"]}) for x in inputs]
+        numerical = [to_proto(x["numerical"], tensor_content=True) for x in inputs]
+
+        def ensemble() -> Any:
+            state[0] += 1
+            k = state[0] % variants
+            first = client.prediction.Predict(firsts[k], timeout=600)
+            second = client.predict_request("dlrm_dense", {})
+            second.inputs["vectors"].CopyFrom(first.outputs["vectors"])
+            second.inputs["numerical"].CopyFrom(numerical[k])
+            return client.prediction.Predict(second, timeout=600)
+        return ensemble
+
+    return make
+
+
+def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    """The DLRM served by `keras-hps serve` over gRPC: embedded, external, ensemble."""
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import platform
+    import signal
+
+    import keras
+    from bench_serving import free_port, start_server
+
+    from keras_hps.serving.bench import measure
+    from keras_hps.serving.client import GrpcClient
+
+    budget = Budget(args.budget_s)
+    rows = [min(r, args.cap) for r in cardinalities(args.scale)]
+    batches = [int(b) for b in args.batches.split(",")]
+    out: dict[str, Any] = {
+        "edition": "cpu", "machine": f"{platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs ({platform.node()})", "date": time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+        "keras": keras.__version__, "rows": rows, "dim": args.dim, "results": []}
+
+    def log(**row: Any) -> None:
+        out["results"].append(row)
+        print(json.dumps(row), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1))
+
+    workdir = Path(tempfile.mkdtemp(prefix="dlrm_cpu_", dir=args.workdir))
+    repo = workdir / "repo"
+    budget.say(f"exporting the DLRM ({sum(rows):,} rows x {args.dim}) to {repo}")
+    cpu_repository(repo, rows, args.dim, max(batches))
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    budget.say("starting keras-hps serve")
+    server = start_server(str(repo), port, 0, extra=tuple(args.server_flag))
+    try:
+        client = GrpcClient(target)
+        x = cpu_inputs(rows, 64, 5)
+        answers = {d: next(iter(client.predict(f"dlrm_{d}", x).values()))
+                   for d in ("embedded", "external")}
+        vec = client.predict("dlrm_lookup", {"cat": x["cat"]})["vectors"]
+        answers["ensemble"] = client.predict(
+            "dlrm_dense", {"vectors": vec, "numerical": x["numerical"]})["click"]
+        for d in ("external", "ensemble"):
+            log(check=d, against="embedded",
+                max_abs_diff=float(np.abs(answers[d] - answers["embedded"]).max()))
+        budget.say("answers checked; measuring")
+        for batch in batches:
+            runs: dict[str, list[Any]] = {d: [] for d in CPU_MODELS}
+            warm = 3 if batch <= 2048 else 1
+            calls = {d: cpu_calls(target, d, rows, batch) for d in CPU_MODELS}
+            for _ in range(args.rounds):  # alternating: the three see the same load
+                for d in CPU_MODELS:
+                    runs[d].append(measure(calls[d], d, f"dlrm_{d}", batch, 1, args.duration,
+                                           warm))
+            for d in CPU_MODELS:
+                r = sorted(runs[d], key=lambda r: r.p50_ms)[len(runs[d]) // 2]
+                log(stream="uniform", batch=batch, deployment=d, mode="served", ms=r.p50_ms,
+                    p90_ms=r.p90_ms, samples_per_s=r.rows_per_s, requests=r.requests,
+                    rounds=[round(x.p50_ms, 4) for x in runs[d]])
+            budget.say(f"batch {batch:,} done")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(60)
+    summarize_cpu(out)
+    return out
+
+
+def summarize_cpu(out: dict[str, Any]) -> None:
+    """Markdown: p50 latency and throughput per batch, and the ratios to the embedded export."""
+    rows = [r for r in out["results"] if "ms" in r]
+    print(f"\n{out['machine']}: p50 ms per request (x embedded), K samples/s")
+    print("| batch | embedded | external | ensemble | embedded K/s | external K/s | "
+          "ensemble K/s |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for batch in sorted({r["batch"] for r in rows}):
+        cell = {r["deployment"]: r for r in rows if r["batch"] == batch}
+        base = cell["embedded"]["ms"]
+        lat = [f"{cell[d]['ms']:.3f}" + ("" if d == "embedded" else
+                                           f" ({cell[d]['ms'] / base:.2f}x)") for d in CPU_MODELS]
+        thr = [f"{cell[d]['samples_per_s'] / 1e3:.1f}" for d in CPU_MODELS]
+        print(f"| {batch:,} | " + " | ".join(lat + thr) + " |")
+
+
 # ---------------------------------------------------------------------------------- output
 def summarize(out: dict[str, Any]) -> None:
     """Markdown tables: ms per batch and ratio to native, per stream and mode; fused against
@@ -752,6 +927,19 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--workdir", default="/dev/shm" if os.path.isdir("/dev/shm") else None,
                    help="where the table files are written")
     g.add_argument("--json", help="write every number here")
+    c = sub.add_parser("cpu", help="TensorFlow backend: the model served by keras-hps serve",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--scale", type=float, default=1.0, help="scale the cardinalities")
+    c.add_argument("--cap", type=int, default=200_000, help="rows of each table at most")
+    c.add_argument("--dim", type=int, default=128)
+    c.add_argument("--batches", default="32,64,256,1024,2048,4096,8192,16384")
+    c.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
+    c.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
+    c.add_argument("--server-flag", action="append", default=[],
+                   help="an extra flag for keras-hps serve (repeatable)")
+    c.add_argument("--budget-s", type=float, default=3600.0)
+    c.add_argument("--workdir", default=None, help="where the repository is written")
+    c.add_argument("--json", help="write every number here")
     p = sub.add_parser("plot", help="PNG plots of a --json result",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("json")
@@ -762,6 +950,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "gpu":
         args.deployments = [d for d in args.deployments.split(",") if d]
         bench_gpu(args)
+    elif args.what == "cpu":
+        bench_cpu(args)
     else:
         plot(args)
     return 0
