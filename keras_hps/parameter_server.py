@@ -68,9 +68,18 @@ class TableSpec:
 # ----------------------------------------------------------------------------------------------
 # keys, checked once where they enter the parameter server
 
-#: (torch key dtype, table key dtype) -> whether the torch dtype holds values outside the
-#: table's key type (then a lookup's keys are range-checked, a device sync on the GPU).
-_NARROW: dict[tuple[Any, np.dtype], bool] = {}
+#: (a lookup's key dtype, NumPy or torch; the table's key dtype) -> whether the lookup's dtype
+#: holds values outside the table's key type. Only then are its keys range-checked (a pass
+#: over them; a device sync on the GPU).
+_WIDER: dict[tuple[Any, np.dtype], bool] = {}
+
+
+def _wider(dtype: Any, key_dtype: np.dtype, iinfo: Any) -> bool:
+    wider = _WIDER.get((dtype, key_dtype))
+    if wider is None:
+        info, table = iinfo(dtype), np.iinfo(key_dtype)
+        wider = _WIDER[(dtype, key_dtype)] = info.min < table.min or info.max > table.max
+    return wider
 
 
 def _is_torch(x: Any) -> bool:
@@ -107,7 +116,7 @@ def check_keys(spec: TableSpec, keys: Any) -> Any:
         raise InvalidInputError(f"{where}: keys must be integers, got {kind} ({arr.dtype})")
     if arr.size > spec.max_keys_per_lookup:
         raise _too_many(spec, where, arr.size)
-    if arr.size:
+    if arr.size and _wider(arr.dtype, spec.key_dtype, np.iinfo):
         err = _out_of_range(spec, where, int(arr.min()), int(arr.max()))
         if err is not None:
             raise err
@@ -121,18 +130,13 @@ def _check_torch_keys(spec: TableSpec, keys: Any, where: str) -> Any:
         raise InvalidInputError(f"{where}: keys must be integers, got {keys.dtype}")
     if keys.numel() > spec.max_keys_per_lookup:
         raise _too_many(spec, where, keys.numel())
-    narrow = _NARROW.get((keys.dtype, spec.key_dtype))
-    if narrow is None:
-        info, tinfo = np.iinfo(spec.key_dtype), torch.iinfo(keys.dtype)
-        narrow = _NARROW[(keys.dtype, spec.key_dtype)] = \
-            tinfo.min < info.min or tinfo.max > info.max
-    if narrow and keys.numel():
+    if keys.numel() and _wider(keys.dtype, spec.key_dtype, torch.iinfo):
         scope = active_scope(keys.device)
         if scope is not None:  # captured: no sync; out-of-range keys raise the miss flag
             info = np.iinfo(spec.key_dtype)
             scope.flag_if((keys < int(info.min)) | (keys > int(info.max)))
             return keys
-        lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
+        lo, hi = int(keys.min()), int(keys.max())  # a device sync on the GPU
         err = _out_of_range(spec, where, lo, hi)
         if err is not None:
             raise err
