@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from served_rows import served
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -25,24 +26,6 @@ DEV = "cuda" if CUDA else "cpu"
 ROWS, DIM, DEFAULT = 600, 8, -0.5
 
 
-@pytest.fixture(scope="module")
-def gpu_tier():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HPS_GPU_TIER", "auto" if CUDA else "interpret")
-        yield
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    rng = np.random.default_rng()
-    keys = np.unique(rng.integers(-(2**40), 2**40, ROWS + 50))[:ROWS]
-    rng.shuffle(keys)
-    vectors = rng.standard_normal((ROWS, DIM)).astype(np.float32)
-    path = tmp_path_factory.mktemp("capture") / "t.h5"
-    write_hdf5_table(path, keys, vectors)
-    return str(path), keys, vectors
-
-
 def config(path, **model):
     m = {"model": "m", "sparse_files": [path], "embedding_vecsize_per_table": [DIM],
          "maxnum_catfeature_query_per_table_per_sample": [4],
@@ -52,12 +35,7 @@ def config(path, **model):
 
 
 def reference(keys, vectors, q):
-    pos = {int(k): i for i, k in enumerate(keys)}
-    out = np.full((*q.shape, DIM), DEFAULT, np.float32)
-    for idx, k in np.ndenumerate(q):
-        if int(k) in pos:
-            out[idx] = vectors[pos[int(k)]]
-    return out
+    return served(keys, vectors, q, DEFAULT)
 
 
 def tk(q):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from served_rows import served
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -23,13 +24,6 @@ from keras_hps.triton_kernels import cache_fused_query, static_table  # noqa: E4
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DIM = 8
 DEFAULTS = [0.5, -1.0, 0.0]
-
-
-@pytest.fixture(scope="module")
-def gpu_tier():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HPS_GPU_TIER", "auto" if DEV == "cuda" else "interpret")
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +53,7 @@ def config(tables, **model):
 
 def reference(table, default, q):
     _, keys, vectors = table
-    pos = {int(k): i for i, k in enumerate(keys)}
-    return np.stack([vectors[pos[int(k)]] if int(k) in pos else np.full(DIM, default, np.float32)
-                     for k in q.reshape(-1)]).reshape(*q.shape, DIM)
+    return served(keys, vectors, q, default)
 
 
 def batch(rng, tables, n):
