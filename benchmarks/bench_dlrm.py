@@ -776,24 +776,73 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+    for batch in [int(b) for b in args.breakdown.split(",") if b]:
+        log(breakdown="external, in process", batch=batch,
+            ms=external_breakdown(repo, rows, batch))
     summarize_cpu(out)
+    return out
+
+
+def external_breakdown(repo: Path, rows: list[int], batch: int, n: int = 60) -> dict[str, float]:
+    """Where one request of the external export goes, in process (`Servable.run` of the two
+    versions, no server), ms per request over ``n`` requests alternating with the embedded
+    version's: the embedded version, the external one, and the external one's 26 lookups (the
+    rest of it is its two session calls: the keys step and the dense part)."""
+    from keras_hps import external, servable
+
+    spent = {"embedded": 0.0, "external": 0.0, "external: 26 lookups": 0.0}
+    pooled = external.pooled
+
+    def timed_pooled(*a: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return pooled(*a)
+        finally:
+            spent["external: 26 lookups"] += time.perf_counter() - t
+
+    versions = {d: servable.load_servable(str(repo / f"dlrm_{d}" / "1"))
+                for d in ("embedded", "external")}
+    xs = [cpu_inputs(rows, batch, s) for s in range(4)]
+    for v in versions.values():
+        for x in xs * 2:
+            v.run(x, "serving_default")
+    external.pooled = timed_pooled
+    try:
+        for i in range(n):
+            for d, v in versions.items():
+                t = time.perf_counter()
+                v.run(xs[i % 4], "serving_default")
+                spent[d] += time.perf_counter() - t
+    finally:
+        external.pooled = pooled
+        for v in versions.values():
+            v.close()
+    out = {k: 1e3 * v / n for k, v in spent.items()}
+    out["external: session calls and the rest"] = \
+        out["external"] - out["external: 26 lookups"]
     return out
 
 
 def summarize_cpu(out: dict[str, Any]) -> None:
     """Markdown: p50 latency and throughput per batch, and the ratios to the embedded export."""
-    rows = [r for r in out["results"] if "ms" in r]
+    rows = [r for r in out["results"] if "deployment" in r]
     print(f"\n{out['machine']}: p50 ms per request (x embedded), K samples/s")
     print("| batch | embedded | external | ensemble | embedded K/s | external K/s | "
           "ensemble K/s |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in sorted({r["batch"] for r in rows}):
         cell = {r["deployment"]: r for r in rows if r["batch"] == batch}
+        if len(cell) < len(CPU_MODELS):
+            continue
         base = cell["embedded"]["ms"]
         lat = [f"{cell[d]['ms']:.3f}" + ("" if d == "embedded" else
                                            f" ({cell[d]['ms'] / base:.2f}x)") for d in CPU_MODELS]
         thr = [f"{cell[d]['samples_per_s'] / 1e3:.1f}" for d in CPU_MODELS]
         print(f"| {batch:,} | " + " | ".join(lat + thr) + " |")
+    for r in out["results"]:
+        if "breakdown" in r:
+            print(f"\n{r['breakdown']}, batch {r['batch']:,}, ms per request: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["ms"].items()))
 
 
 # ---------------------------------------------------------------------------------- output
@@ -864,7 +913,7 @@ def plot(args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     data = json.loads(Path(args.json).read_text())
-    rows = [r for r in data["results"] if "ms" in r and r["stream"] == args.stream]
+    rows = [r for r in data["results"] if "deployment" in r and r["stream"] == args.stream]
     Path(args.out).mkdir(parents=True, exist_ok=True)
     prefix = args.prefix or f"dlrm_{data.get('edition', 'gpu')}"
     for metric, label, fname in (("ms", "latency per batch (ms)", "latency"),
@@ -935,6 +984,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--batches", default="32,64,256,1024,2048,4096,8192,16384")
     c.add_argument("--duration", type=float, default=2.0, help="seconds per measurement")
     c.add_argument("--rounds", type=int, default=3, help="alternating rounds per batch size")
+    c.add_argument("--breakdown", default="32,256,4096",
+                   help="batch sizes at which the external export's steps are timed in "
+                   "process afterwards (empty: none)")
     c.add_argument("--server-flag", action="append", default=[],
                    help="an extra flag for keras-hps serve (repeatable)")
     c.add_argument("--budget-s", type=float, default=3600.0)
