@@ -298,18 +298,16 @@ def fused_section(dim: int, batch: int, bw: float, gen: torch.Generator, dev: to
     dense_idx = [torch.cat([r[t] + bases[t] for t in range(nt)]) for r in rot]
     from keras_hps.triton_kernels.cache_fused_query import fused_cache_query
     flat = [torch.cat(r) for r in rot]
-    offs = [0]
-    for _ in range(nt):
-        offs.append(offs[-1] + batch)
-    fused = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs,
-                                              **qcfg), R)
+    counts, dims = [batch] * nt, [dim] * nt
+    fused = bench(lambda i: fused_cache_query(group._params, flat[i], counts, dims, **qcfg), R)
     per = bench(lambda i: [cache_query(group[t].arrays, rot[i][t],
                                        validate=False, **qcfg) for t in range(nt)], R)
     gq = bench(lambda i: group.query(rot[i]), R)
     dg = bench(lambda i: gather(dense, dense_idx[i]), R)
-    fnt = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, touch=False, **qcfg), R)
-    flfu = bench(lambda i: fused_cache_query(group._pooled, flat[i], offs, policy="lfu", **qcfg),
-                 R)
+    fnt = bench(lambda i: fused_cache_query(group._params, flat[i], counts, dims, touch=False,
+                                            **qcfg), R)
+    flfu = bench(lambda i: fused_cache_query(group._params, flat[i], counts, dims, policy="lfu",
+                                             **qcfg), R)
     # Per-table breakdown: which tables cost the time.
     dbase = [int(x) for x in bases.tolist()]
     per_t = []

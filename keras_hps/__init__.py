@@ -23,6 +23,7 @@ _LAZY = {
     "LookupLayer": "keras_hps.layers",
     "SparseLookupLayer": "keras_hps.layers",
     "FusedLookupLayer": "keras_hps.layers",
+    "CapturedCall": "keras_hps.capture",
 }
 
 __all__ = ["__version__", *_LAZY]

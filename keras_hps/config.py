@@ -335,6 +335,10 @@ _HPS_IMPL = "HPS implementation choice."
 _HUGECTR = "HugeCTR-model / Triton-backend key."
 _REFRESH = ("The GPU cache starts empty and fills on misses; updated rows are invalidated "
             "rather than refreshed on a timer.")
+_FUSE = ("`FusedLookupLayer` (torch backend) looks the tables up in one kernel launch where "
+         "their GPU tiers answer on the device: static tables, and dynamic caches inside a "
+         "captured CUDA graph.")
+_FUSE_HPS = "packed same-width tables into one."
 
 
 @dataclass(frozen=True)
@@ -396,9 +400,12 @@ class ModelConfig:
         "through Triton's interpreter on the CPU (tests), `virtual` puts every device of "
         "`deployed_device_list` on GPU 0 (tests of several GPUs on one).")
     gpucacheper: float = key(
-        0.2, Float(0.0, 1.0),
+        0.2, Float(0.0, 64.0),
         "GPU cache size as a fraction of the table's rows: `max(ceil(gpucacheper x rows), "
-        "64)` slots, rounded up to whole groups of 32 slots (four 8-slot sets).")
+        "64)` slots, rounded up to whole groups of 32 slots (four 8-slot sets). Above 1 "
+        "(keras-hps only; HPS took at most 1) the cache has more slots than the table has "
+        "rows: an 8-way set-associative cache needs several times as many slots as the keys "
+        "it must hold at once before no set overflows.")
     hit_rate_threshold: float = key(
         0.9, Float(0.0),
         "Lookups are exact whatever this is. It decides only when rows fetched from below "
@@ -408,8 +415,9 @@ class ModelConfig:
     embedding_cache_type: str = key(
         "dynamic", Choice(_CACHE_TYPES, "cache type"),
         "`dynamic`: an LRU cache of `gpucacheper` of the rows. `static`: the whole table in "
-        "GPU memory behind a hash index. `uvm`: the whole table in pinned host memory, read by "
-        "the GPU, with a dynamic cache in front. See [the hierarchy](gpu_cache.md).")
+        "GPU memory behind a hash index (none when the keys are 0..rows-1: a plain gather). "
+        "`uvm`: the whole table in pinned host memory, read by the GPU, with a dynamic cache in "
+        "front. See [the hierarchy](gpu_cache.md).")
     gpu_cache_admission: str = key(
         "none", Choice(_ADMISSIONS, "admission"),
         "keras-hps only. `tinylfu`: the dynamic cache (modes `dynamic`, `uvm`) counts every "
@@ -437,9 +445,7 @@ class ModelConfig:
     maxnum_des_feature_per_sample: int = key(26, Int(minimum=0), _HUGECTR, ignored=True)
     refresh_delay: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
     refresh_interval: float = key(0.0, Float(0.0), _REFRESH, ignored=True)
-    fuse_embedding_table: bool = key(
-        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
-        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    fuse_embedding_table: bool = key(False, Bool(), _FUSE, hps=_FUSE_HPS, ignored=True)
     dense_file: str = key("", Str(), _HUGECTR, ignored=True)
     network_file: str = key("", Str(), _HUGECTR, ignored=True)
     label_dim: int = key(1, Int(minimum=0), _HUGECTR, ignored=True)
@@ -507,9 +513,7 @@ class PSConfig:
         UpdateSourceConfig(), Block(UpdateSourceConfig),
         "HPS's Kafka source ([below](#update_source)): only `type: null`; updates come from "
         "`keras-hps update`.")
-    fuse_embedding_table: bool = key(
-        False, Bool(), "keras-hps's GPU tier already serves several tables of a model in one "
-        "kernel launch.", hps="packed same-width tables into one.", ignored=True)
+    fuse_embedding_table: bool = key(False, Bool(), _FUSE, hps=_FUSE_HPS, ignored=True)
     source: str | None = None  # the config file, not a key
 
     @property

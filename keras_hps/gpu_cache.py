@@ -4,11 +4,14 @@ Owns the device arrays (allocated through torch) and runs the Triton kernels of
 ``keras_hps.triton_kernels`` on them. ``GpuCacheGroup`` pools the caches of several tables in
 one allocation so that all of them can be queried in one launch.
 
-Thread safety: every operation takes the cache's lock (shared by all caches of a group) and,
-on CUDA, runs on the cache's own stream, which first waits for the caller's current stream; the
-caller's stream then waits for the cache's stream before it uses the results. So operations from
-any threads and streams execute one after another on the device, in the order their calls took
-the lock, and a query never sees a half-written insert.
+Thread safety: every operation takes the lock of the caches of its device (one lock and one
+CUDA stream per device, shared by every cache on it) and, on CUDA, runs on that stream, which
+first waits for the caller's current stream; the caller's stream then waits for the cache's
+stream before it uses the results. So operations from any threads and streams execute one after
+another on the device, in the order their calls took the lock, and a query never sees a
+half-written insert. A query captured in a CUDA graph (``miss_flag``) runs on the caller's
+stream instead; whoever replays the graph orders the replay with ``ordering.replaying`` (the
+replay waits for earlier writes, later writes wait for the replay).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 
 from keras_hps.errors import InvalidInputError
 from keras_hps.triton_kernels.cache_admission import new_sketch, sketch_add, sketch_width_log2
-from keras_hps.triton_kernels.cache_fused_query import PooledCacheArrays, fused_cache_query
+from keras_hps.triton_kernels.cache_fused_query import cache_params, fused_cache_query
 from keras_hps.triton_kernels.cache_insert import cache_insert
 from keras_hps.triton_kernels.cache_layout import (
     KEY_DTYPES,
@@ -31,9 +34,7 @@ from keras_hps.triton_kernels.cache_layout import (
     allocate,
     check_keys,
     check_values,
-    empty_key,
     num_sets_for,
-    small_int64_to_device,
 )
 from keras_hps.triton_kernels.cache_query import cache_query
 from keras_hps.triton_kernels.cache_update import cache_invalidate, cache_update
@@ -48,16 +49,44 @@ def _counter_property(index: int, doc: str) -> property:
 
 
 class _Shared:
-    """Lock, LRU clock (ticked by inserts) and stream shared by the caches of one group."""
+    """Lock and stream of the caches of one device, and the
+    reads replayed from CUDA graphs that the next write must wait for."""
+
+    _by_device: dict[torch.device, _Shared] = {}
+    _registry_lock = threading.Lock()
 
     def __init__(self, device: torch.device) -> None:
         self.lock = threading.RLock()
-        self.clock = 0
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.replayed: dict[int, torch.cuda.Event] = {}  # replaying stream -> its last replay
 
-    def tick(self) -> int:
-        self.clock += 1
-        return self.clock
+    @classmethod
+    def of(cls, device: torch.device) -> _Shared:
+        """The one `_Shared` of ``device``."""
+        with cls._registry_lock:
+            shared = cls._by_device.get(device)
+            if shared is None:
+                shared = cls._by_device[device] = cls(device)
+            return shared
+
+    @contextmanager
+    def replaying(self, stream: torch.cuda.Stream | None,
+                  done: torch.cuda.Event | None) -> Iterator[None]:
+        """Replay a CUDA graph that reads these caches on ``stream`` inside the block: the
+        replay waits for the writes enqueued before it, and ``done`` (recorded on ``stream``
+        after the replay, inside the block) is what the next write waits for."""
+        with self.lock:
+            if self.stream is not None and stream is not None:
+                stream.wait_stream(self.stream)
+            yield
+            if self.stream is not None and stream is not None and done is not None:
+                self.replayed[stream.cuda_stream] = done
+
+    def before_write(self) -> None:
+        """On the cache stream, under the lock: wait for the replays that read the caches."""
+        for event in self.replayed.values():
+            self.stream.wait_event(event)
+        self.replayed.clear()
 
 
 def _checked_keys(keys: torch.Tensor, cache: GpuEmbeddingCache, what: str = "keys",
@@ -111,21 +140,17 @@ class GpuEmbeddingCache:
         policy: str = "lru",
         key_dtype: torch.dtype = torch.int64,
         admission: str = "none",
-        _arrays: CacheArrays | None = None,
-        _shared: _Shared | None = None,
-        _counters: torch.Tensor | None = None,
     ) -> None:
         device = _check_common(dim, device, policy, key_dtype)
         if admission not in ADMISSIONS:
             raise ValueError(f"admission must be one of {ADMISSIONS}, got {admission!r}")
         self._policy = policy
-        self._arrays = _arrays if _arrays is not None else allocate(
-            num_sets_for(capacity), int(dim), key_dtype, device)
-        self._shared = _shared if _shared is not None else _Shared(device)
-        self._counters = (_counters if _counters is not None
-                          else torch.zeros(5, dtype=torch.int64, device=device))
+        self._arrays = allocate(num_sets_for(capacity), int(dim), key_dtype, device)
+        self._shared = _Shared.of(device)
+        self._counters = torch.zeros(5, dtype=torch.int64, device=device)
         self._sketch: tuple[torch.Tensor, int] | None = None
         self._sketch_count = 0
+        self._clock = 0
         if admission == "tinylfu":
             width_log2 = sketch_width_log2(self.capacity)
             self._sketch = (new_sketch(width_log2, device), width_log2)
@@ -191,14 +216,26 @@ class GpuEmbeddingCache:
                 "evictions": c[_EVICTIONS], "rejected": c[_REJECTED], "size": size,
                 "capacity": self.capacity}
 
+    def fused_params(self, counters: torch.Tensor | None = None) -> torch.Tensor:
+        """This cache's parameter row for `fused_cache_query` (its arrays' addresses; hits and
+        misses go to ``counters``, int64 ``[2]``, or the cache's own)."""
+        return cache_params(self._arrays, self._counters if counters is None else counters)
+
     def reset_counters(self) -> None:
         with self.ordered():
             self._counters.zero_()
 
     # ----------------------------------------------------------------- ordering
+    @property
+    def ordering(self) -> _Shared:
+        """The lock and stream this cache's operations are ordered by (one per device), for
+        whoever replays a CUDA graph holding a captured query (`_Shared.replaying`)."""
+        return self._shared
+
     @contextmanager
-    def ordered(self) -> Iterator[None]:
-        """Hold the cache's lock and run the block's device work on the cache's stream."""
+    def ordered(self, *, write: bool = True) -> Iterator[None]:
+        """Hold the cache's lock and run the block's device work on the cache's stream
+        (after the replayed graphs that read the cache, when the block ``write``s)."""
         sh = self._shared
         with sh.lock:
             if sh.stream is None:
@@ -206,6 +243,8 @@ class GpuEmbeddingCache:
                 return
             caller = torch.cuda.current_stream(self.device)
             sh.stream.wait_stream(caller)
+            if write:
+                sh.before_write()
             with torch.cuda.stream(sh.stream):
                 yield
             caller.wait_stream(sh.stream)
@@ -222,21 +261,35 @@ class GpuEmbeddingCache:
                 t.record_stream(caller)
 
     # ----------------------------------------------------------------- operations
-    def query(self, keys: torch.Tensor, *, touch: bool = True, validate: bool = True
+    def query(self, keys: torch.Tensor, *, touch: bool = True, validate: bool = True,
+              miss_flag: torch.Tensor | None = None, counters: torch.Tensor | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Look ``keys`` (any shape, may repeat) up: ``(values [n, dim] float32, hit [n] bool)``.
 
         Missed keys get zero rows. Hits mark the slot as recently used (LRU) or count one
         more use (LFU) unless ``touch=False``. ``validate=False`` skips the key-value checks
         (the sentinel, int32 range), which read the keys back to the host; pass it only for
-        keys already checked (a wrong dtype or device then raises ValueError).
+        keys already checked (a wrong dtype or device then raises ValueError). ``counters``
+        (int64 ``[2]``) receives +hits and +misses instead of the cache's own counters.
+
+        ``miss_flag`` (int32 ``[1]`` on the device) makes the query capturable in a CUDA
+        graph: it runs on the caller's stream, with no host synchronisation, and sets the flag
+        to 1 when a key misses; the graph's replays are ordered by :attr:`ordering`.
         """
         # Unvalidated keys (the GPU tier's, flat int64 on the device) go straight to the
         # kernel's wrapper, which checks their dtype and device.
         keys = _checked_keys(keys, self) if validate else keys.reshape(-1)
-        with self.ordered():
+        counters = self._counters if counters is None else counters
+        if miss_flag is not None:
+            with self._shared.lock:
+                out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
+                                       counters=counters, miss_flag=miss_flag, validate=False)
+                if self._sketch is not None and touch:
+                    self._count_lookups(keys)
+            return out, hit
+        with self.ordered(write=False):
             out, hit = cache_query(self._arrays, keys, policy=self._policy, touch=touch,
-                                   counters=self._counters, validate=False)
+                                   counters=counters, validate=False)
             if self._sketch is not None and touch:
                 self._count_lookups(keys)
             self._on_stream(keys, out, hit)
@@ -261,7 +314,8 @@ class GpuEmbeddingCache:
         keys = _checked_keys(keys, self, validate=validate)
         values = _checked_values(values, keys.numel(), self)
         with self.ordered():
-            stamp = self._shared.tick()
+            self._clock += 1  # the LRU clock: every insert call takes the next tick
+            stamp = self._clock
             cache_insert(self._arrays, keys, values, policy=self._policy, stamp=stamp,
                          counters=self._counters, validate=False, sketch=self._sketch)
             self._on_stream(keys, values)
@@ -292,7 +346,7 @@ class GpuEmbeddingCache:
 
 
 class GpuCacheGroup:
-    """The caches of several tables in one pooled allocation, queried together in one launch.
+    """The caches of several tables on one device, queried together in one launch.
 
     ``tables`` is a sequence of ``(capacity, dim)``; ``group[i]`` is table ``i``'s
     :class:`GpuEmbeddingCache` (insert/update/invalidate per table as usual), and
@@ -309,39 +363,11 @@ class GpuCacheGroup:
     ) -> None:
         if not tables:
             raise ValueError("GpuCacheGroup needs at least one (capacity, dim) table")
-        dims = [int(d) for _c, d in tables]
-        device = _check_common(min(dims), device, policy, key_dtype)
-        sets = [num_sets_for(c) for c, _d in tables]
-        total_sets = sum(sets)
-        pool = allocate(total_sets, 1, key_dtype, device)  # keys, scores, marks; vectors below
-        vec_sizes = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
-        vectors = torch.zeros(sum(vec_sizes), dtype=torch.float32, device=device)
         self._policy = policy
-        self._shared = _Shared(device)
-        self._counters = torch.zeros(len(tables), 5, dtype=torch.int64, device=device)
-        self._caches: list[GpuEmbeddingCache] = []
-        set_base, vec_base, s0, v0 = [], [], 0, 0
-        for s, d, vs in zip(sets, dims, vec_sizes, strict=True):
-            lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET  # multiples of 32
-            arrays = CacheArrays(keys=pool.keys[lo:hi], scores=pool.scores[lo:hi],
-                                 marks=pool.marks[lo // 32:hi // 32],
-                                 vectors=vectors[v0:v0 + vs].view(s * SLOTS_PER_SET, d),
-                                 num_sets=s, key_dtype=key_dtype)
-            self._caches.append(GpuEmbeddingCache(
-                s * SLOTS_PER_SET, d, device=device, policy=policy, key_dtype=key_dtype,
-                _arrays=arrays, _shared=self._shared,
-                _counters=self._counters[len(self._caches)]))
-            set_base.append(s0)
-            vec_base.append(v0)
-            s0, v0 = s0 + s, v0 + vs
-
-        def dev64(x: list[int]) -> torch.Tensor:
-            return torch.tensor(x, dtype=torch.int64, device=device)
-
-        self._pooled = PooledCacheArrays(
-            keys=pool.keys, scores=pool.scores, marks=pool.marks, vectors=vectors,
-            set_base=dev64(set_base), num_sets=dev64(sets), vec_base=dev64(vec_base),
-            dims=dev64(dims), dims_host=tuple(dims), empty=empty_key(key_dtype))
+        self._caches = [GpuEmbeddingCache(c, d, device=device, policy=policy,
+                                          key_dtype=key_dtype) for c, d in tables]
+        self._dims = [c.dim for c in self._caches]
+        self._params = torch.stack([c.fused_params() for c in self._caches])
 
     def __len__(self) -> int:
         return len(self._caches)
@@ -367,9 +393,6 @@ class GpuCacheGroup:
         flat = [_checked_keys(k, first, what=f"keys of table {i}", validate=False)
                 for i, k in enumerate(keys_per_table)]
         counts = [k.numel() for k in flat]
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + c)
         keys = torch.cat(flat) if len(flat) > 1 else flat[0]
         try:  # one device read for all tables; per table only to name the bad one
             _checked_keys(keys, first)
@@ -377,14 +400,8 @@ class GpuCacheGroup:
             for i, k in enumerate(flat):
                 _checked_keys(k, first, what=f"keys of table {i}")
             raise
-        with first.ordered():
-            values, hit = fused_cache_query(self._pooled, keys, offsets, policy=self._policy,
-                                            touch=touch)
-            # Per-table hit counts from one cumulative sum, whatever the number of tables.
-            csum = torch.cat([hit.new_zeros(1, dtype=torch.int64), hit.cumsum(0)])
-            bounds = small_int64_to_device(offsets, keys.device)
-            nhits = csum[bounds[1:]] - csum[bounds[:-1]]
-            self._counters[:, _HITS] += nhits
-            self._counters[:, _MISSES] += (bounds[1:] - bounds[:-1]) - nhits
+        with first.ordered(write=False):
+            values, hit = fused_cache_query(self._params, keys, counts, self._dims,
+                                            policy=self._policy, touch=touch)
             first._on_stream(keys, hit, *flat, *values)
         return values, list(hit.split(counts))

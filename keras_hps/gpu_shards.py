@@ -254,8 +254,9 @@ class ShardedStaticTable:
         return keys
 
     def query(self, keys: torch.Tensor, default: torch.Tensor | None = None, *,
-              counters: torch.Tensor | None = None, validate: bool = True,
-              host_read: str = "kernel") -> tuple[torch.Tensor, torch.Tensor]:
+              counters: torch.Tensor | None = None, miss_flag: torch.Tensor | None = None,
+              validate: bool = True, host_read: str = "kernel",
+              ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` on ``home``, as `GpuStaticTable.query`."""
         keys = self._keys(keys, "ShardedStaticTable.query") if validate else keys.reshape(-1)
         n = keys.numel()
@@ -270,9 +271,12 @@ class ShardedStaticTable:
                                           host_read=host_read)
                 out.index_copy_(0, pos, _to(vals, self.home))
                 hit.index_copy_(0, pos, _to(found, self.home))
-        if counters is not None:  # +keys, +hits, on the device (no wait on the host)
-            counters[0] += n
-            counters[1] += hit.sum()
+        if counters is not None:  # +hits, +misses, on the device (no wait on the host)
+            hits = hit.sum()
+            counters[0] += hits
+            counters[1] += n - hits
+        if miss_flag is not None:  # set to 1 when a key missed, as GpuStaticTable does
+            miss_flag.copy_(torch.maximum(miss_flag, (~hit).any().to(miss_flag.dtype)))
         return out, hit
 
     def update(self, keys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""GpuStaticTable: a whole table for the GPU behind a hash index (static and UVM modes).
+"""GpuStaticTable: a whole table for the GPU behind a hash index (static and UVM modes), or
+behind none when its keys are its row numbers (an identity index: a plain gather).
 
 Owns the device memory, the pinned host memory (registered with CUDA at its exact size), the
 copy stream and the ring of pinned staging buffers, and runs the kernels of
@@ -19,6 +20,7 @@ import torch
 from keras_hps.triton_kernels.static_table import (
     build_index,
     flat_int64_keys,
+    key_order_if_permutation,
     static_find,
     static_query,
     static_rows,
@@ -80,6 +82,8 @@ class GpuStaticTable:
 
         ``n_device`` rows (all when None) go to device memory, the rest to pinned host memory
         when ``device`` is CUDA (a plain device copy otherwise, e.g. under the interpreter).
+        Keys ``0..n-1`` (in any order; rows are then put in key order) need no hash index:
+        key ``k`` is row ``k`` (``self.index.identity``).
         """
         device = torch.device(device)
         if values.dim() != 2 or values.shape[0] != keys.numel():
@@ -89,6 +93,9 @@ class GpuStaticTable:
             )
         n = keys.numel()
         n_device = n if n_device is None else max(0, min(int(n_device), n))
+        order = key_order_if_permutation(keys)
+        if order is not None:  # keys 0..n-1 out of order: rows in key order, no hash index
+            keys, values = keys.reshape(-1)[order], values[order.to(values.device)]
         self.index = build_index(keys.to(device))
         self.launch: dict[str, int] = {}  # block_k / num_warps overrides for static_query
         self.dim = int(values.shape[1])
@@ -123,26 +130,29 @@ class GpuStaticTable:
         default: torch.Tensor | None = None,
         *,
         counters: torch.Tensor | None = None,
+        miss_flag: torch.Tensor | None = None,
         validate: bool = True,
         host_read: str = "kernel",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` for flattened keys; misses get ``default`` or zeros.
 
-        ``counters`` (int64 ``[2]`` on the device) receives +keys and +hits.
+        ``counters`` (int64 ``[2]`` on the device) receives +hits and +misses; ``miss_flag``
+        (int32 ``[1]`` on the device) is set to 1 when a key misses (no host synchronisation).
         ``validate=False`` skips the checks (keys flat int64 on the device, ``default`` a
         contiguous ``[dim]`` tensor of the values' dtype there). ``host_read="copy"`` moves
         the rows that live in host memory by the copy engine (see :meth:`_query_copying`;
         misses then get zeros, and nothing is counted).
         """
         if host_read == "copy" and self.host_values is not None:
-            if default is not None or counters is not None:
-                raise ValueError("GpuStaticTable.query: host_read='copy' takes no default "
-                                 "or counters")
+            if default is not None or counters is not None or miss_flag is not None:
+                raise ValueError("GpuStaticTable.query: host_read='copy' takes no default, "
+                                 "counters or miss flag")
             return self._query_copying(keys)
         if host_read not in HOST_READS:
             raise ValueError(f"host_read must be one of {HOST_READS}, got {host_read!r}")
         return static_query(self.index, keys, self.device_values, self.host_values, default,
-                            counters=counters, validate=validate, **self.launch)
+                            counters=counters, miss_flag=miss_flag, validate=validate,
+                            **self.launch)
 
     def _query_copying(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`query` with the rows that live in host memory moved by the copy engine

@@ -26,6 +26,10 @@ device, and a lookup runs on one: that of the keys' device for CUDA keys, else t
 thread's turn (`thread_turn`), so one request's lookups stay on one GPU and concurrent
 requests spread over all of them. A replicated lookup never leaves its device.
 
+Inside a CUDA graph capture (a `CaptureScope`: `keras_hps.capture.CapturedCall`), a lookup
+never waits on the host: keys are probed in place, and keys the device does not hold raise the
+scope's miss flag instead of going below; the caller answers such a call again eagerly.
+
 The tier is on when the model's ``gpucache`` is true and CUDA is available. The environment
 variable ``KERAS_HPS_GPU_TIER`` overrides: ``off`` disables it, ``interpret`` runs it on
 the CPU through Triton's interpreter (CPU torch tensors; slow, for tests and CI without a
@@ -36,13 +40,15 @@ memory: the multi-GPU code on one GPU), ``auto`` (the default) is the rule above
 
 from __future__ import annotations
 
+import contextvars
 import glob
 import itertools
 import os
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,12 +58,17 @@ from keras_hps.errors import ConfigError
 
 __all__ = [
     "ENV_VAR",
+    "CaptureScope",
     "GpuLookup",
     "GpuTier",
+    "active_scope",
     "build_gpu_tier",
     "cache_slots",
+    "deferring",
+    "device_scope",
     "gpu_tier_devices",
     "gpu_tier_setting",
+    "query_tables",
     "thread_turn",
 ]
 
@@ -150,6 +161,102 @@ def cache_slots(gpucacheper: float, rows: int) -> int:
     return -(-slots // group) * group
 
 
+# ---------------------------------------------------------------------------------- capture
+# A lookup captured in a CUDA graph cannot wait on the host: while it runs in a CaptureScope,
+# the tier answers every key in place on the device and raises the scope's flag for the keys
+# it does not hold (keras_hps.capture.CapturedCall reads the flag after each replay and
+# answers such a call again eagerly).
+
+_ACTIVE: contextvars.ContextVar[CaptureScope | None] = contextvars.ContextVar(
+    "keras_hps_capture_scope", default=None)
+_DEVICE_SCOPES: dict[Any, CaptureScope] = {}
+_DEVICE_LOCK = threading.Lock()
+
+
+class CaptureScope:
+    """Where lookups that run with no host synchronisation (in a CUDA graph) report keys they
+    could not answer on ``device``: ``flag`` (int32 ``[1]`` on the device) becomes 1. The
+    caches the lookups read register their ordering (`join`), so that replays and cache writes
+    stay in order (`replaying`)."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.flag = torch.zeros(1, dtype=torch.int32, device=self.device)
+        self._orderings: dict[int, Any] = {}
+
+    def join(self, ordering: Any) -> None:
+        """Order replays of this scope's graph with the writes of ``ordering`` (a cache's
+        `GpuEmbeddingCache.ordering`)."""
+        self._orderings.setdefault(id(ordering), ordering)
+
+    def flag_if(self, bad: Any) -> None:
+        """Raise the flag, on the device, if any element of the bool tensor ``bad`` is set."""
+        import torch
+
+        torch.maximum(self.flag, bad.any().to(torch.int32).reshape(1), out=self.flag)
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Hold the joined caches' locks around a replay on the current stream: it waits for
+        their earlier writes, and their later writes wait for it."""
+        import torch
+
+        cuda = self.device.type == "cuda"
+        stream = torch.cuda.current_stream(self.device) if cuda else None
+        done = torch.cuda.Event() if cuda else None
+        with ExitStack() as stack:
+            for ordering in sorted(self._orderings.values(), key=id):  # one lock order
+                stack.enter_context(ordering.replaying(stream, done))
+            yield
+            if done is not None:
+                done.record(stream)
+
+
+def active_scope(device: Any) -> CaptureScope | None:
+    """The scope a lookup on ``device`` reports to: the `deferring` block's, else, while the
+    current CUDA stream is being captured, ``device_scope(device)``; None otherwise (an
+    ordinary, exact lookup)."""
+    scope = _ACTIVE.get()
+    if scope is not None and scope.device == device:
+        return scope
+    if getattr(device, "type", None) == "cuda":
+        import torch
+
+        if torch.cuda.is_current_stream_capturing():
+            return device_scope(device)
+    return None
+
+
+def device_scope(device: Any) -> CaptureScope:
+    """The scope of lookups captured on ``device`` outside `CapturedCall` (by
+    ``torch.cuda.graph`` directly): its ``flag`` is raised by their replays and never reset."""
+    import torch
+
+    device = torch.device(device)
+    with _DEVICE_LOCK:
+        scope = _DEVICE_SCOPES.get(device)
+        if scope is None:
+            scope = _DEVICE_SCOPES[device] = CaptureScope(device)
+        return scope
+
+
+@contextmanager
+def deferring(scope: CaptureScope) -> Iterator[CaptureScope]:
+    """Lookups on the scope's device inside the block take the capturable path (no host
+    synchronisation; misses raise ``scope.flag``) even when nothing is being captured: what a
+    captured graph replays, run eagerly (tests, and CPU devices)."""
+    token = _ACTIVE.set(scope)
+    try:
+        yield scope
+    finally:
+        _ACTIVE.reset(token)
+
+
+_REPLICA_UIDS = itertools.count()
+
+
 class _Replica:
     """The GPU tier of one table on one device."""
 
@@ -163,11 +270,24 @@ class _Replica:
         # gets this [dim] default on the device. Cleared once an update names a key outside
         # the table (a static table never grows); lookups then fetch misses from below.
         self.default = default
-        # (keys looked up, keys found) on the fast path, summed by the lookup kernel itself
-        # so a lookup never waits on the host for its counts; read back by stats().
-        self.static_counts = (
-            torch.zeros(2, dtype=torch.int64, device=device) if default is not None else None
-        )
+        # (hits, misses) of the lookups that never wait on the host (the static fast path,
+        # captured lookups), summed by the kernels themselves; read back by stats().
+        self.device_counts = torch.zeros(2, dtype=torch.int64, device=device)
+        self.uid = next(_REPLICA_UIDS)  # never reused: keys the fused launches' parameters
+        self._fused_row: Any = None
+
+    def fused_row(self) -> Any:
+        """This replica's parameter row for the multi-table kernels (`query_tables`): the
+        static fast path's (`static_table_params`) or the cache's (`fused_params`)."""
+        if self._fused_row is None:
+            if self.default is not None:
+                from keras_hps.triton_kernels.static_table import static_table_params
+
+                self._fused_row = static_table_params(self.table.index, self.table.device_values,
+                                                      self.default, self.device_counts)
+            else:
+                self._fused_row = self.cache.fused_params(self.device_counts)
+        return self._fused_row
 
 
 @dataclass
@@ -234,6 +354,7 @@ class GpuTier:
         self.mode = mode
         self.placement = placement
         sharded = placement == "shard" and len(devices) > 1
+        self._sharded = sharded
         self.dim = int(dim)
         self.hit_rate_threshold = float(hit_rate_threshold)
         self.slots = cache_slots(gpucacheper, rows) if mode != "static" else 0
@@ -246,6 +367,8 @@ class GpuTier:
         # rows, the copy engine moves them) or "kernel" (zero-copy reads over the bus).
         self.host_read = "copy"
         self._closed = False
+        # (replica uids) -> their stacked parameter rows, for the multi-table kernels
+        self._fused: dict[tuple[int, ...], Any] = {}
         host_keys = host_vectors = None
         pinned = mode == "uvm" and devices[0].type == "cuda"
         if mode in ("static", "uvm"):
@@ -310,14 +433,21 @@ class GpuTier:
         if flat.numel() == 0:
             empty = torch.empty((0, self.dim), dtype=torch.float32, device=rep.device)
             return GpuLookup(rep, shape, empty)
+        if self._sharded and active_scope(rep.device) is not None:
+            raise RuntimeError(f"{self.name}: a lookup of a table sharded over GPUs "
+                               "(gpu_placement: shard) cannot be captured in a CUDA graph; "
+                               "use gpu_placement: replicate or call the model eagerly")
         if rep.default is not None:
             # Static mode: the whole table is on the device, so keys it lacks are in no tier.
             # One probe-and-gather straight into input order (duplicates are just read
             # twice): no unique, no reorder, no host sync. Counts are per key, on the device.
             with self._lock:  # never a row half written by `update`
-                vals, _hit = rep.table.query(flat, rep.default, counters=rep.static_counts,
+                vals, _hit = rep.table.query(flat, rep.default, counters=rep.device_counts,
                                              validate=False)
             return GpuLookup(rep, shape, vals, n_unique=flat.numel())
+        scope = active_scope(rep.device)
+        if scope is not None:
+            return self._query_deferred(rep, flat, shape, scope)
         # Unique first (measured against probing every key in place, which saves the sort
         # but probes and counts three times the keys: docs/benchmarks/gpu_hierarchy.md).
         ukeys, inverse = torch.unique(flat, return_inverse=True)
@@ -335,6 +465,22 @@ class GpuTier:
             look.mkeys = ukeys[look.miss_idx]
             self._query_pinned(look)
         return look
+
+    @staticmethod
+    def _query_deferred(rep: _Replica, flat: Any, shape: tuple[int, ...],
+                        scope: CaptureScope) -> GpuLookup:
+        """The capturable lookup (a CUDA graph's, `keras_hps.capture`): every key probed in
+        place, rows in input order, no unique and no host synchronisation; keys the device
+        does not hold get zero rows and raise ``scope.flag``, and the caller answers the
+        lookup again outside the graph. Counts are per key, on the device."""
+        if rep.cache is not None:
+            scope.join(rep.cache.ordering)
+            vals, _hit = rep.cache.query(flat, validate=False, miss_flag=scope.flag,
+                                         counters=rep.device_counts)
+        else:  # a static table that no longer answers every key on the device
+            vals, _hit = rep.table.query(flat, counters=rep.device_counts, miss_flag=scope.flag,
+                                         validate=False)
+        return GpuLookup(rep, shape, vals, n_unique=flat.numel())
 
     def _query_pinned(self, look: GpuLookup) -> None:
         """uvm: the missed keys' rows from the pinned table; the keys it lacks go below."""
@@ -463,18 +609,17 @@ class GpuTier:
 
     # ------------------------------------------------------------------ stats
     def stats(self) -> dict[str, Any]:
-        """Counts over unique keys per lookup (over every key in static mode, which skips
-        the unique step): ``hits`` (device-resident rows), ``misses``,
+        """Counts over unique keys per lookup (over every key in static mode and in captured
+        lookups, which skip the unique step): ``hits`` (device-resident rows), ``misses``,
         ``uvm_hits`` (misses served from pinned host memory), ``fetched`` (from lower tiers),
         plus the caches' ``evictions``, ``resident`` rows and ``capacity``, summed over
         replicas (over the shards when sharded)."""
         with self._lock:
             out: dict[str, Any] = dict(self._counts)
         for rep in self._replicas:
-            if rep.static_counts is not None:
-                looked, found = (int(v) for v in rep.static_counts.tolist())
-                out["hits"] += found
-                out["misses"] += looked - found
+            hits, misses = (int(v) for v in rep.device_counts.tolist())
+            out["hits"] += hits
+            out["misses"] += misses
         out.update(
             mode=self.mode,
             placement=self.placement,
@@ -503,6 +648,64 @@ class GpuTier:
         self._closed = True
         self._executor.shutdown(wait=True)
         self._replicas = []
+        self._fused.clear()
+
+
+def query_tables(tiers: Sequence[GpuTier], keys: Sequence[Any]) -> list[GpuLookup] | None:
+    """Start the lookups of ``keys[i]`` (checked torch tensors) in ``tiers[i]``, all in one
+    kernel launch, when the device answers every key: every table static (the whole table on
+    the device), or every table a dynamic or uvm cache and the lookup captured in a CUDA graph
+    (misses raise the capture's flag). The key tensors must have one size, the tables one dim
+    and one device. Returns one `GpuLookup` per table (its rows final: `GpuTier.complete`
+    only reshapes them), or None when the tables must be looked up one by one."""
+    import torch
+
+    if len(tiers) < 2 or any(t._closed or t._sharded for t in tiers):
+        return None
+    dev, n = keys[0].device, keys[0].numel()
+    dim = tiers[0].dim
+    reps = [t._replica_for(dev) for t in tiers]
+    if n == 0 or any(k.numel() != n or k.device != dev for k in keys) \
+            or any(t.dim != dim for t in tiers) or any(r.device != dev for r in reps):
+        return None
+    if all(r.default is not None and r.table.host_values is None for r in reps):
+        from keras_hps.triton_kernels.static_table import static_query_tables
+
+        flat = torch.stack([k.reshape(-1) for k in keys]).to(torch.int64)
+        out = static_query_tables(_fused_params(tiers[0], reps), flat, dim)
+    else:
+        scope = active_scope(dev)
+        caches = [r.cache for r in reps]
+        if scope is None or any(c is None or c.admission != "none" for c in caches) \
+                or len({c.policy for c in caches}) > 1:
+            return None
+        from keras_hps.triton_kernels.cache_fused_query import fused_cache_query
+
+        scope.join(caches[0].ordering)  # one ordering per device: every cache's
+        flat = torch.stack([k.reshape(-1) for k in keys]).to(torch.int64)
+        with caches[0].ordering.lock:
+            out, _hit = fused_cache_query(_fused_params(tiers[0], reps), flat, [n] * len(reps),
+                                          [dim] * len(reps), policy=caches[0].policy,
+                                          miss_flag=scope.flag)
+    return [GpuLookup(rep, tuple(k.shape), out[i], n_unique=n)
+            for i, (rep, k) in enumerate(zip(reps, keys, strict=True))]
+
+
+def _fused_params(owner: GpuTier, reps: Sequence[_Replica]) -> Any:
+    """The replicas' parameter rows stacked, kept by ``owner`` (the first table's tier, so
+    they go with the model version that serves them) for the next call, except while a graph
+    is being captured: a tensor made then holds its values only once the graph has run."""
+    import torch
+
+    key = tuple(r.uid for r in reps)
+    params = owner._fused.get(key)
+    if params is None:
+        params = torch.stack([r.fused_row() for r in reps])
+        if not torch.cuda.is_available() or not torch.cuda.is_current_stream_capturing():
+            if len(owner._fused) > 256:
+                owner._fused.clear()
+            owner._fused[key] = params
+    return params
 
 
 def _load_table(path: str, dim: int, name: str, *, pinned: bool) -> tuple[Any, Any]:

@@ -36,6 +36,7 @@ from keras_hps.cold_tier import ColdTier
 from keras_hps.config import ModelConfig, PSConfig, load_config
 from keras_hps.errors import ConfigError, InvalidInputError, UnavailableError
 from keras_hps.formats import check_config_tables, open_table
+from keras_hps.gpu_tier import active_scope, query_tables
 from keras_hps.host_tier import HostTier
 from keras_hps.online_updates import UPDATE_POLL_S, LogUpdates, SharedUpdates
 from keras_hps.output_buffers import aligned_empty, gather_rows
@@ -89,9 +90,18 @@ def table_spec(config: PSConfig, m: ModelConfig, t: int, num_rows: int = 0) -> T
 # ----------------------------------------------------------------------------------------------
 # keys, checked once where they enter the parameter server
 
-#: (torch key dtype, table key dtype) -> whether the torch dtype holds values outside the
-#: table's key type (then a lookup's keys are range-checked, a device sync on the GPU).
-_NARROW: dict[tuple[Any, np.dtype], bool] = {}
+#: (a lookup's key dtype, NumPy or torch; the table's key dtype) -> whether the lookup's dtype
+#: holds values outside the table's key type. Only then are its keys range-checked (a pass
+#: over them; a device sync on the GPU).
+_WIDER: dict[tuple[Any, np.dtype], bool] = {}
+
+
+def _wider(dtype: Any, key_dtype: np.dtype, iinfo: Any) -> bool:
+    wider = _WIDER.get((dtype, key_dtype))
+    if wider is None:
+        info, table = iinfo(dtype), np.iinfo(key_dtype)
+        wider = _WIDER[(dtype, key_dtype)] = info.min < table.min or info.max > table.max
+    return wider
 
 
 def _is_torch(x: Any) -> bool:
@@ -128,7 +138,7 @@ def check_keys(spec: TableSpec, keys: Any) -> Any:
         raise InvalidInputError(f"{where}: keys must be integers, got {kind} ({arr.dtype})")
     if arr.size > spec.max_keys_per_lookup:
         raise _too_many(spec, where, arr.size)
-    if arr.size:
+    if arr.size and _wider(arr.dtype, spec.key_dtype, np.iinfo):
         err = _out_of_range(spec, where, int(arr.min()), int(arr.max()))
         if err is not None:
             raise err
@@ -163,13 +173,13 @@ def _check_torch_keys(spec: TableSpec, keys: Any, where: str) -> Any:
         raise InvalidInputError(f"{where}: keys must be integers, got {keys.dtype}")
     if keys.numel() > spec.max_keys_per_lookup:
         raise _too_many(spec, where, keys.numel())
-    narrow = _NARROW.get((keys.dtype, spec.key_dtype))
-    if narrow is None:
-        info, tinfo = np.iinfo(spec.key_dtype), torch.iinfo(keys.dtype)
-        narrow = _NARROW[(keys.dtype, spec.key_dtype)] = \
-            tinfo.min < info.min or tinfo.max > info.max
-    if narrow and keys.numel():
-        lo, hi = int(keys.min()), int(keys.max())  # a device sync, only for narrow key types
+    if keys.numel() and _wider(keys.dtype, spec.key_dtype, torch.iinfo):
+        scope = active_scope(keys.device)
+        if scope is not None:  # captured: no sync; out-of-range keys raise the miss flag
+            info = np.iinfo(spec.key_dtype)
+            scope.flag_if((keys < int(info.min)) | (keys > int(info.max)))
+            return keys
+        lo, hi = int(keys.min()), int(keys.max())  # a device sync on the GPU
         err = _out_of_range(spec, where, lo, hi)
         if err is not None:
             raise err
@@ -229,6 +239,10 @@ class TieredTable:
         if self.gpu is not None:
             return self._lookup_gpu(keys)
         torch_in = _is_torch(keys)
+        if torch_in and active_scope(keys.device) is not None:
+            raise InvalidInputError(
+                f"model {self.spec.model!r} table {self.spec.table_id}: a lookup captured in a "
+                "CUDA graph needs the table's GPU tier (gpucache: true), which it has not here")
         arr = keys.detach().cpu().numpy() if torch_in else keys
         shape = arr.shape
         flat = arr.reshape(-1).astype(np.int64, copy=False)
@@ -250,7 +264,12 @@ class TieredTable:
         as_numpy = not isinstance(keys, torch.Tensor)
         tkeys = torch.from_numpy(np.ascontiguousarray(keys).astype(np.int64, copy=False)) \
             if as_numpy else keys
-        look = self.gpu.query(tkeys)
+        return self.complete_gpu(self.gpu.query(tkeys), tkeys, as_numpy)
+
+    def complete_gpu(self, look: Any, tkeys: Any, as_numpy: bool = False) -> Any:
+        """Finish a lookup the GPU tier started (`GpuTier.query`, or `query_tables` for
+        several tables): the keys it did not hold from the tiers below, the counts, the
+        result on the keys' device (NumPy when ``as_numpy``)."""
         below = None if look.below_keys is None else self._below_gpu(look.below_keys)
         out = self.gpu.complete(look, below)
         if look.n_unique:
@@ -541,6 +560,20 @@ class ParameterServer:
         NotFoundError for an unknown model or table."""
         table = self.table(model, table_id)
         return table.lookup(check_keys(table.spec, keys))
+
+    def lookup_tables(self, model: str, table_ids: list[int], keys: list[Any]) -> list[Any]:
+        """`lookup` of ``keys[i]`` in table ``table_ids[i]`` of ``model``, for every i: the
+        same results. Where the tables' GPU tiers answer every key on the device (static
+        tables; dynamic caches inside a CUDA graph capture) and the key tensors (torch) have
+        one size, one kernel launch looks all of them up; otherwise one table after another."""
+        tables = [self.table(model, t) for t in table_ids]
+        checked = [check_keys(t.spec, k) for t, k in zip(tables, keys, strict=True)]
+        if all(t.gpu is not None for t in tables) and all(_is_torch(k) for k in checked):
+            looks = query_tables([t.gpu for t in tables], checked)
+            if looks is not None:
+                return [t.complete_gpu(look, k)
+                        for t, look, k in zip(tables, looks, checked, strict=True)]
+        return [t.lookup(k) for t, k in zip(tables, checked, strict=True)]
 
     def stats(self, model: str | None = None, table_id: int | None = None) -> dict[str, Any]:
         """Per-tier hits/misses, evictions and resident rows: of one table, or with no

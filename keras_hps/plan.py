@@ -8,7 +8,8 @@ structures keras-hps allocates:
   bitmap and the vector (with `gpu_cache_admission: "tinylfu"`, plus a sketch of 4 x 4 bytes
   per slot rounded up to a power of two);
 - GPU, static table: every row's vector plus a key/row hash index of 16 bytes per slot, with a
-  power of two >= 2 x rows slots (at least 64);
+  power of two >= 2 x rows slots (at least 64); no index when the keys are 0..rows-1 on one
+  GPU (an identity table, served by a plain gather);
 - GPU, uvm: the dynamic cache above, plus the whole table in pinned host RAM;
 - GPU workspace: one lookup's keys and vectors, `max_batch_size x
   maxnum_catfeature_query_per_table_per_sample` of them;
@@ -149,8 +150,9 @@ def plan_config(config: str | os.PathLike | dict | PSConfig) -> list[TablePlan]:
             shards = len(m.deployed_device_list) if m.gpu_placement == "shard" else 1
             if m.gpucache:
                 if ctype == "static":
+                    identity = shards == 1 and rows > 0 and lo == 0 and hi == rows - 1
                     share = rows if shards == 1 else _largest_share(path, dim, shards)
-                    gpu_slots = _index_slots(share)
+                    gpu_slots = 0 if identity else _index_slots(share)
                     gpu = gpu_slots * 16 + share * vec
                 else:
                     gpu_slots = _cache_slots(m.gpucacheper, rows, shards)

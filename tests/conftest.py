@@ -1,7 +1,9 @@
 """Test-wide settings: TensorFlow backend by default, Triton kernels interpreted on CPU."""
 
 import os
+from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -25,3 +27,30 @@ def _interpreted_launches_one_at_a_time():
         from keras_hps.triton_interpreter import serialize_interpreted_launches
 
         serialize_interpreted_launches()
+
+
+# -- the GPU-tier tests' fixtures: `gpu_tier` switches the tier on (on the GPU when there is
+# one, else through the interpreter on CPU); `table` writes a table of the requesting module's
+# `ROWS` random keys and `DIM` floats to an HDF5 file (a module may define its own `table`).
+@pytest.fixture(scope="module")
+def gpu_tier() -> Iterator[None]:
+    import torch
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KERAS_HPS_GPU_TIER", "auto" if torch.cuda.is_available() else "interpret")
+        yield
+
+
+@pytest.fixture(scope="module")
+def table(request, tmp_path_factory) -> tuple[str, np.ndarray, np.ndarray]:
+    """(path, keys, vectors): keys in random order."""
+    from keras_hps.formats import write_hdf5_table
+
+    rows, dim = request.module.ROWS, request.module.DIM
+    rng = np.random.default_rng()
+    keys = np.unique(rng.integers(-(2**40), 2**40, rows + 50))[:rows]
+    rng.shuffle(keys)
+    vectors = rng.standard_normal((rows, dim)).astype(np.float32)
+    path = tmp_path_factory.mktemp("gpu_tier") / "t.h5"
+    write_hdf5_table(path, keys, vectors)
+    return str(path), keys, vectors

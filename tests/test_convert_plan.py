@@ -87,9 +87,13 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
                 "embedding_vecsize_per_table": [16, 8], "gpucacheper": 0.1,
                 "maxnum_catfeature_query_per_table_per_sample": [2, 5],
                 "deployed_device_list": [0, 1], "max_batch_size": 128},
-               {"model": "m2", "sparse_files": ["compact.h5"], "embedding_vecsize_per_table": [8],
-                "maxnum_catfeature_query_per_table_per_sample": [1],
+               {"model": "m2", "sparse_files": ["compact.h5", "ids"],
+                "embedding_vecsize_per_table": [8, 8],
+                "maxnum_catfeature_query_per_table_per_sample": [1, 1],
                 "embedding_cache_type": "static"}]}
+    # keys 0..n-1 (an Embedding's table), written out of order: no hash index on the GPU
+    write_hps_table(tmp_path / "ids", rng.permutation(700),
+                    rng.standard_normal((700, 8)).astype(np.float32))
     (tmp_path / "hps.json").write_text(json.dumps(cfg))
     plans = {(p.model, p.table_id): p for p in plan_config(str(tmp_path / "hps.json"))}
     wide, compact, static = plans[("m1", 0)], plans[("m1", 1)], plans[("m2", 0)]
@@ -112,6 +116,16 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
     assert wide2.gpu_bytes - wide.gpu_bytes == c._sketch[0].numel() * 4
     assert wide.gpu_workspace_bytes == 128 * 2 * (8 + 16 * 4)
     assert static.gpu_slots == 4096 and static.gpu_bytes == 4096 * 16 + 2000 * 8 * 4
+    ids = plans[("m2", 1)]
+    assert ids.gpu_slots == 0 and ids.gpu_bytes == 700 * 8 * 4
+    from keras_hps.gpu_static_table import GpuStaticTable
+    from keras_hps.gpu_tier import _load_table
+
+    for p, path in ((static, "compact.h5"), (ids, "ids")):  # what the GPU tier allocates
+        keys, vecs = _load_table(str(tmp_path / path), 8, path, pinned=False)
+        table = GpuStaticTable(keys, vecs, device="cpu")
+        assert p.gpu_slots == table.index.slots
+        assert p.gpu_bytes == table.index.nbytes + table.device_values.numel() * 4
     assert wide.devices == 2 and static.devices == 1
     assert wide.disk_bytes == 3000 * (8 + 16 * 4)
     # host and cold tiers: exactly what a parameter server for this config holds
@@ -129,7 +143,7 @@ def test_plan_matches_what_the_parameter_server_allocates(tmp_path, capsys):
                    "GPU MiB/dev", "m1 x2"):
         assert needle in text
     assert cli.main(["plan", str(tmp_path / "hps.json"), "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)) == 3
+    assert len(json.loads(capsys.readouterr().out)) == 4
     assert cli.main(["plan", str(tmp_path / "missing.json")]) == 1
     assert "config file not found" in capsys.readouterr().err
 

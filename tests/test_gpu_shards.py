@@ -25,7 +25,12 @@ from keras_hps.gpu_shards import (  # noqa: E402
     split_rows,
 )
 from keras_hps.gpu_static_table import GpuStaticTable  # noqa: E402
-from keras_hps.gpu_tier import gpu_tier_devices  # noqa: E402
+from keras_hps.gpu_tier import (  # noqa: E402
+    CaptureScope,
+    deferring,
+    gpu_tier_devices,
+    query_tables,
+)
 from keras_hps.parameter_server import ParameterServer  # noqa: E402
 from keras_hps.triton_kernels.cache_layout import np_set_index  # noqa: E402
 from keras_hps.triton_kernels.shard_route import np_shard_owner, shard_owner  # noqa: E402
@@ -179,7 +184,8 @@ def test_sharded_static_table_answers_as_one_table(n_shards, on_device):
     b = table.query(dev(q), default, counters=cb)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.cpu().numpy(), y.cpu().numpy())
-    assert ca.tolist() == cb.tolist() == [q.size, int(np.isin(q, keys).sum())]
+    hits = int(np.isin(q, keys).sum())
+    assert ca.tolist() == cb.tolist() == [hits, q.size - hits]
     for i, k in enumerate(q):
         want = rows[pos[int(k)]] if int(k) in pos else np.full(DIM, DEFAULT, np.float32)
         np.testing.assert_array_equal(b[0][i].cpu().numpy(), want)
@@ -290,6 +296,22 @@ def test_sharded_tier_is_exact_through_the_hierarchy(virtual, table, mode, n_sha
         got = ps.lookup("m", 0, np.r_[upd, known[5:10]])
         np.testing.assert_array_equal(got[:6], new)
         np.testing.assert_array_equal(got[6:], _reference(keys, vectors, known[5:10]))
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_a_sharded_lookup_refuses_capture_and_the_fused_launch(virtual, table, mode):
+    """A sharded lookup sizes its groups on the host: inside a capture scope it raises a
+    clear error (instead of a wrong graph), and the multi-table launch declines it."""
+    path, keys, vectors = table
+    cfg = _config(path, range(2), embedding_cache_type=mode, gpu_placement="shard")
+    with ParameterServer(cfg) as ps:
+        tier = ps.table("m", 0).gpu
+        q = torch.from_numpy(keys[:8].copy()).to(DEVICE)
+        with deferring(CaptureScope(DEVICE)), pytest.raises(RuntimeError, match="sharded"):
+            ps.lookup("m", 0, q)
+        assert query_tables([tier, tier], [q, q]) is None
+        np.testing.assert_array_equal(ps.lookup("m", 0, q).cpu().numpy(),  # still serving
+                                      _reference(keys, vectors, keys[:8]))
 
 
 @pytest.mark.parametrize("placement", ["replicate", "shard"])

@@ -1,8 +1,9 @@
 """The parameter server's GPU tier, run through the Triton interpreter on CPU
-(KERAS_HPS_GPU_TIER=interpret): GPU cache -> host RAM -> HDF5 -> default, against NumPy."""
+(KERAS_HPS_GPU_TIER=gpu_tier): GPU cache -> host RAM -> HDF5 -> default, against NumPy."""
 
 import numpy as np
 import pytest
+from served_rows import served
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -14,25 +15,6 @@ from keras_hps.gpu_tier import cache_slots, gpu_tier_devices  # noqa: E402
 from keras_hps.parameter_server import ParameterServer  # noqa: E402
 
 ROWS, DIM, DEFAULT = 900, 8, 0.25
-
-
-@pytest.fixture(scope="module")
-def interpret():
-    """The GPU tier on: on the GPU when there is one, else through the interpreter on CPU."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KERAS_HPS_GPU_TIER", "auto" if torch.cuda.is_available() else "interpret")
-        yield
-
-
-@pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    rng = np.random.default_rng()
-    keys = np.unique(rng.integers(-(2**40), 2**40, ROWS + 50))[:ROWS]
-    rng.shuffle(keys)
-    vectors = rng.standard_normal((ROWS, DIM)).astype(np.float32)
-    path = tmp_path_factory.mktemp("gpu_tier") / "t0.h5"
-    write_hdf5_table(path, keys, vectors)
-    return str(path), keys, vectors
 
 
 def _config(path, **model):
@@ -53,12 +35,7 @@ def _config(path, **model):
 
 
 def _reference(keys, vectors, q):
-    pos = {int(k): i for i, k in enumerate(keys)}
-    out = np.full((*q.shape, DIM), DEFAULT, np.float32)
-    for idx, k in np.ndenumerate(q):
-        if int(k) in pos:
-            out[idx] = vectors[pos[int(k)]]
-    return out
+    return served(keys, vectors, q, DEFAULT)
 
 
 def _batch(rng, keys, n_known, n_unknown, hot=None):
@@ -68,7 +45,7 @@ def _batch(rng, keys, n_known, n_unknown, hot=None):
     return q
 
 
-def test_dynamic_whole_hierarchy_exact_with_evictions(interpret, table):
+def test_dynamic_whole_hierarchy_exact_with_evictions(gpu_tier, table):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path)) as ps:
@@ -94,7 +71,7 @@ def test_dynamic_whole_hierarchy_exact_with_evictions(interpret, table):
         np.testing.assert_array_equal(tout.numpy(), _reference(keys, vectors, q))
 
 
-def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
+def test_tinylfu_admission_from_the_config_stays_exact(gpu_tier, table):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, gpu_cache_admission="tinylfu")) as ps:
@@ -114,7 +91,7 @@ def test_tinylfu_admission_from_the_config_stays_exact(interpret, table):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "uvm"])
-def test_repeated_keys_fetched_once_counted_once(interpret, table, mode):
+def test_repeated_keys_fetched_once_counted_once(gpu_tier, table, mode):
     """A key repeated in a batch is looked up once: fetched from below once, counted once in
     the GPU tier's hits and misses and in the table's unique keys, and cached once."""
     path, keys, vectors = table
@@ -145,7 +122,7 @@ def test_repeated_keys_fetched_once_counted_once(interpret, table, mode):
 
 
 @pytest.mark.parametrize("threshold", [1.0, 0.0])
-def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
+def test_hit_rate_threshold_never_changes_results(gpu_tier, table, threshold):
     """Below the threshold misses are inserted before returning; at or above it in the
     background. Either way the result is exact (HPS returned defaults in the second case)."""
     path, keys, vectors = table
@@ -163,7 +140,7 @@ def test_hit_rate_threshold_never_changes_results(interpret, table, threshold):
 
 
 @pytest.mark.parametrize("mode", ["static", "uvm"])
-def test_static_and_uvm_modes_exact(interpret, table, mode):
+def test_static_and_uvm_modes_exact(gpu_tier, table, mode):
     path, keys, vectors = table
     rng = np.random.default_rng()
     cfg = _config(path, embedding_cache_type=mode)
@@ -187,7 +164,7 @@ def test_static_and_uvm_modes_exact(interpret, table, mode):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_update_invalidates_gpu_rows(interpret, table, mode):
+def test_update_invalidates_gpu_rows(gpu_tier, table, mode):
     path, keys, vectors = table
     rng = np.random.default_rng()
     with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
@@ -218,6 +195,45 @@ def test_update_invalidates_gpu_rows(interpret, table, mode):
                                       np.r_[extra_vec, vectors[5:7]])
 
 
+@pytest.mark.parametrize("mode", ["dynamic", "static", "uvm"])
+def test_strided_torch_keys_in_every_mode(gpu_tier, table, mode):
+    """A DLRM passes each table ``cat[:, i]``: a 1-D torch view whose keys are 26 apart."""
+    path, keys, vectors = table
+    rng = np.random.default_rng()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with ParameterServer(_config(path, embedding_cache_type=mode, gpucacheper=0.5)) as ps:
+        for _ in range(2):  # the second round meets the rows the first put in the cache
+            cols = [_batch(rng, keys, 50, 8) for _ in range(5)]
+            cat = torch.as_tensor(np.stack(cols, 1), device=dev)
+            for i in range(5):
+                view = cat[:, i]
+                assert not view.is_contiguous()
+                got = ps.lookup("m", 0, view)
+                assert got.device.type == dev
+                np.testing.assert_array_equal(got.cpu().numpy(), _reference(keys, vectors,
+                                                                            cols[i]))
+            got = ps.lookup("m", 0, cat.t())  # 2-D, not contiguous
+            np.testing.assert_array_equal(got.cpu().numpy(),
+                                          _reference(keys, vectors, np.stack(cols)))
+
+
+def test_static_identity_table_is_a_plain_gather(gpu_tier, tmp_path):
+    """An Embedding's table (keys 0..n-1, here written out of order) is served without a hash
+    index; ids outside 0..n-1 get the default vector, as every static miss does."""
+    rng = np.random.default_rng()
+    n = 300
+    keys = rng.permutation(n)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    write_hdf5_table(tmp_path / "ids.h5", keys, vectors)
+    with ParameterServer(_config(str(tmp_path / "ids.h5"), embedding_cache_type="static")) as ps:
+        index = ps.table("m", 0).gpu._replicas[0].table.index
+        assert index.identity and index.nbytes == 0
+        q = np.concatenate([rng.integers(0, n, 50), [-1, n, 2**40, n - 1, 0]])
+        np.testing.assert_array_equal(ps.lookup("m", 0, q), _reference(keys, vectors, q))
+        s = ps.stats("m", 0)["gpu"]
+        assert (s["hits"], s["misses"], s["resident"]) == (52, 3, n)
+
+
 def test_tier_off_and_settings(table, monkeypatch):
     path, _keys, _vectors = table
     monkeypatch.setenv("KERAS_HPS_GPU_TIER", "off")
@@ -230,3 +246,4 @@ def test_tier_off_and_settings(table, monkeypatch):
         gpu_tier_devices(True, (0,))
     assert cache_slots(0.0, 10) == 64 and cache_slots(0.1, 1000) == 128
     assert cache_slots(0.2, 10**6) == 200_000
+    assert cache_slots(4.0, 100) == 416  # more slots than rows: every key fits its set

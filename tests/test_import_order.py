@@ -68,7 +68,8 @@ LAYERS = [
     ("GPU tier", ["keras_hps.gpu_tier"]),
     ("parameter server", ["keras_hps.parameter_server", "keras_hps.online_updates",
                           "keras_hps.plan", "keras_hps.update"]),
-    ("layers and servables", ["keras_hps.layers", "keras_hps.layers.*", "keras_hps.servable"]),
+    ("layers and servables", ["keras_hps.layers", "keras_hps.layers.*", "keras_hps.servable",
+                              "keras_hps.capture"]),
     ("entry points", ["keras_hps", "keras_hps.cli"]),
 ]
 KERNEL_THIRD_PARTY = {"triton", "torch", "numpy"}

@@ -20,7 +20,7 @@ from keras_hps.triton_kernels.cache_admission import (  # noqa: E402
     sketch_add,
 )
 from keras_hps.triton_kernels.cache_fused_query import (  # noqa: E402
-    PooledCacheArrays,
+    cache_params,
     fused_cache_query,
     np_fused_cache_query,
 )
@@ -312,65 +312,55 @@ def test_capacity_rounds_to_whole_marks_words():
 
 
 def _pool(tables, key_dtype):
-    sets = [num_sets_for(c) for c, _ in tables]
-    dims = [d for _, d in tables]
-    pool = allocate(sum(sets), 1, key_dtype, DEVICE)
-    vsz = [s * SLOTS_PER_SET * d for s, d in zip(sets, dims, strict=True)]
-    vec = torch.zeros(sum(vsz), dtype=torch.float32, device=DEVICE)
-    per, s0, v0 = [], 0, 0
-    for s, d, v in zip(sets, dims, vsz, strict=True):
-        lo, hi = s0 * SLOTS_PER_SET, (s0 + s) * SLOTS_PER_SET
-        per.append(CacheArrays(pool.keys[lo:hi], pool.scores[lo:hi],
-                               pool.marks[lo // 32:hi // 32], vec[v0:v0 + v].view(-1, d),
-                               s, key_dtype))
-        s0, v0 = s0 + s, v0 + v
-    bases = np.cumsum([0] + sets[:-1]).tolist()
-    vbases = np.cumsum([0] + vsz[:-1]).tolist()
-
-    def d64(x):
-        return torch.tensor(x, dtype=torch.int64, device=DEVICE)
-
-    pooled = PooledCacheArrays(pool.keys, pool.scores, pool.marks, vec, d64(bases), d64(sets),
-                          d64(vbases), d64(dims), tuple(dims), empty_key(key_dtype))
-    return pooled, per
+    """A cache per (capacity, dim), each with its counters, and their parameter rows."""
+    per = [allocate(num_sets_for(c), d, key_dtype, DEVICE) for c, d in tables]
+    counters = [torch.zeros(2, dtype=torch.int64, device=DEVICE) for _ in tables]
+    params = torch.stack([cache_params(a, c) for a, c in zip(per, counters, strict=True)])
+    return params, per, counters
 
 
 @pytest.mark.parametrize(
-    "policy,tables",
-    [("lru", [(64, 16), (40, 1), (100, 100), (32, 128), (64, 16)]),  # mixed dims
-     ("lfu", [(64, 16), (4, 16), (100, 16), (40, 16)])],  # one dim: the uniform fast path
+    "policy,tables,uniform",
+    [("lru", [(64, 16), (40, 1), (100, 100), (32, 128), (64, 16)], False),  # mixed dims
+     ("lfu", [(64, 16), (4, 16), (100, 16), (40, 16)], False),  # one dim, counts differ
+     ("lru", [(64, 16), (4, 16), (100, 16)], True)],  # one dim and count: nothing copied in
 )
-def test_fused_multi_table_query_equals_per_table(rng, policy, tables):
-    pooled, per = _pool(tables, torch.int64)
+def test_fused_multi_table_query_equals_per_table(rng, policy, tables, uniform):
+    params, per, counters = _pool(tables, torch.int64)
     refs = []
     keys_per_table = []
+    n_all = int(rng.integers(1, 40 * GPU_SCALE))
     for i, ((cap, dim), arrays) in enumerate(zip(tables, per, strict=True)):
         ks = rng.integers(-50, 50 + cap, size=cap) + 1000 * i  # overlapping ids across tables
         vals = rng.standard_normal((cap, dim)).astype(np.float32)
         cache_insert(arrays, t(ks), f32(vals), policy=policy, stamp=1)
         refs.append(arrays.to_numpy())
-        n = 0 if i == 1 else int(rng.integers(1, 40 * GPU_SCALE))
+        n = n_all if uniform else 0 if i == 1 else int(rng.integers(1, 40 * GPU_SCALE))
         keys_per_table.append(rng.integers(-60, 60 + cap, size=n) + 1000 * i)
     flat = t(np.concatenate(keys_per_table))
-    offsets = np.concatenate([[0], np.cumsum([k.size for k in keys_per_table])]).tolist()
-    values, hit = fused_cache_query(pooled, flat, offsets, policy=policy)
+    counts = [k.size for k in keys_per_table]
+    dims = [d for _, d in tables]
+    flag = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+    values, hit = fused_cache_query(params, flat, counts, dims, policy=policy, miss_flag=flag)
     ref_vals, ref_hits = np_fused_cache_query(refs, keys_per_table, policy=policy)
     np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
+    assert int(flag) == int((~np.concatenate(ref_hits)).any())
     for i, arrays in enumerate(per):
         assert values[i].shape == (keys_per_table[i].size, tables[i][1])
         np.testing.assert_array_equal(values[i].cpu().numpy(), ref_vals[i])
         assert_same_state(arrays, refs[i])
+        assert counters[i].tolist() == [int(ref_hits[i].sum()), int((~ref_hits[i]).sum())]
         # and equals the single-table kernel on the same keys
         v1, h1 = cache_query(arrays, t(keys_per_table[i]), touch=False)
         np.testing.assert_array_equal(v1.cpu().numpy(), ref_vals[i])
-    with pytest.raises(ValueError, match="key_offsets"):
-        fused_cache_query(pooled, flat, offsets[:-1])
+    with pytest.raises(ValueError, match="counts"):
+        fused_cache_query(params, flat, counts[:-1], dims)
 
 
 def test_fused_query_over_one_full_set(rng):
     # Uniform dims; table 1's set 1 is full and 40 more keys of that set are asked for.
     tables = [(64, 4), (64, 4)]
-    pooled, per = _pool(tables, torch.int64)
+    params, per, _counters = _pool(tables, torch.int64)
     keys1 = _same_set_keys(rng, per[1].num_sets, 40)
     keys0 = rng.integers(0, 200, size=64)
     refs = []
@@ -379,8 +369,8 @@ def test_fused_query_over_one_full_set(rng):
         cache_insert(arrays, t(ks), f32(vals), stamp=1)
         refs.append(arrays.to_numpy())
     q = [rng.integers(0, 250, size=50), rng.permutation(np.concatenate([keys1, keys1[:8]]))]
-    offsets = [0, q[0].size, q[0].size + q[1].size]
-    values, hit = fused_cache_query(pooled, t(np.concatenate(q)), offsets)
+    values, hit = fused_cache_query(params, t(np.concatenate(q)), [q[0].size, q[1].size],
+                                    [4, 4])
     ref_vals, ref_hits = np_fused_cache_query(refs, q)
     np.testing.assert_array_equal(hit.cpu().numpy(), np.concatenate(ref_hits))
     for i in range(2):

@@ -164,3 +164,77 @@ def test_copying_query_through_copy_engine_matches_reference(dim, share, n_devic
         np.testing.assert_array_equal(out.cpu().numpy(), ref)
         kq, kh = table.query(torch.from_numpy(q).to(DEVICE))
         assert torch.equal(kq, out) and torch.equal(kh, hit)
+
+
+@pytest.mark.parametrize("in_order", [True, False])
+@pytest.mark.parametrize("n_device_frac", [1.0, 0.4])  # static; split as in uvm
+def test_identity_keys_need_no_index(in_order, n_device_frac):
+    """Keys 0..n-1 (a table trained as keras.layers.Embedding): no hash index at all, key k is
+    row k; out-of-range ids, negatives and the sentinel get the default."""
+    rng = np.random.default_rng()
+    n, dim = 500, 16
+    keys = np.arange(n, dtype=np.int64)
+    if not in_order:
+        rng.shuffle(keys)  # a table file written in another order
+    values = rng.standard_normal((n, dim)).astype(np.float32)
+    table = GpuStaticTable(torch.from_numpy(keys), torch.from_numpy(values), device=DEVICE,
+                           n_device=int(n_device_frac * n))
+    assert table.index.identity and table.index.nbytes == 0 and len(table) == n
+    q = np.concatenate([rng.integers(0, n, 300), rng.integers(-(2**40), 2**40, 30),
+                        [-1, n, n - 1, 0, EMPTY_KEY, -(2**63)]])
+    rng.shuffle(q)
+    default = rng.standard_normal(dim).astype(np.float32)
+    ref, ref_hit = np_static_query(keys, values, q, default)
+    out, hit = table.query(torch.from_numpy(q).to(DEVICE), torch.from_numpy(default))
+    np.testing.assert_array_equal(hit.cpu().numpy(), ref_hit)
+    np.testing.assert_array_equal(out.cpu().numpy(), ref)
+    q32 = q[(q >= -(2**31)) & (q < 2**31 - 1)].astype(np.int32)  # int32 ids too
+    out, hit = table.query(torch.from_numpy(q32).to(DEVICE))
+    np.testing.assert_array_equal(out.cpu().numpy(), np_static_query(keys, values, q32, None)[0])
+    rows = static_find(table.index, torch.from_numpy(q).to(DEVICE)).cpu().numpy()
+    np.testing.assert_array_equal(rows, np.where((q >= 0) & (q < n), q, -1))
+    upd = np.array([3, n - 1, n + 5, -2])
+    new = rng.standard_normal((4, dim)).astype(np.float32)
+    found = table.update(torch.from_numpy(upd).to(DEVICE), torch.from_numpy(new).to(DEVICE))
+    assert found.cpu().numpy().tolist() == [True, True, False, False]
+    values[[int(np.flatnonzero(keys == 3)[0]), int(np.flatnonzero(keys == n - 1)[0])]] = new[:2]
+    out, _ = table.query(torch.from_numpy(q).to(DEVICE), host_read="copy")
+    np.testing.assert_array_equal(out.cpu().numpy(), np_static_query(keys, values, q, None)[0])
+    # a table that is 0..n-1 but for one key keeps its hash index
+    keys[0] = n + 7
+    hashed = build_index(torch.from_numpy(keys).to(DEVICE))
+    assert not hashed.identity and hashed.nbytes == hashed.slots * 16
+
+
+def test_several_tables_in_one_launch_match_reference():
+    """static_query_tables: identity and hashed tables in one launch, each with its default
+    row and counters; misses, duplicates, the sentinel and an empty batch."""
+    from keras_hps.triton_kernels.static_table import static_query_tables, static_table_params
+
+    rng = np.random.default_rng()
+    dim = 16
+    tables = []
+    for keys in (np.arange(300), _table(rng, 200, dim)[0], np.arange(3)):
+        values = rng.standard_normal((keys.size, dim)).astype(np.float32)
+        index = build_index(torch.from_numpy(keys).to(DEVICE))
+        default = torch.from_numpy(rng.standard_normal(dim).astype(np.float32)).to(DEVICE)
+        counters = torch.zeros(2, dtype=torch.int64, device=DEVICE)
+        dv = torch.from_numpy(values).to(DEVICE)
+        # the params row holds raw addresses: keep the index and the arrays alive
+        tables.append((keys, values, static_table_params(index, dv, default, counters),
+                       (index, dv), default, counters))
+    params = torch.stack([t[2] for t in tables])
+    counted = np.zeros((3, 2), np.int64)
+    for n in (97, 0):
+        q = np.stack([np.r_[rng.choice(k, n)][:n] for k, *_ in tables])
+        if n:
+            q[:, :3] = [[-1, EMPTY_KEY, 2**40]] * 3  # misses in every table
+        out = static_query_tables(params, torch.from_numpy(q).to(DEVICE), dim)
+        assert out.shape == (3, n, dim)
+        for t, (keys, values, _p, _alive, default, counters) in enumerate(tables):
+            ref, hit = np_static_query(keys, values, q[t], default.cpu().numpy())
+            np.testing.assert_array_equal(out[t].cpu().numpy(), ref)
+            counted[t] += [hit.sum(), (~hit).sum()]
+            assert counters.tolist() == counted[t].tolist()
+    with pytest.raises(ValueError, match="keys must be int64"):
+        static_query_tables(params, torch.zeros((2, 4), dtype=torch.int64, device=DEVICE), dim)

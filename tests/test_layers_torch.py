@@ -274,3 +274,50 @@ def test_one_gpu_lookup_crosses_seven_modules_at_most(table, device, monkeypatch
         want.append("keras_hps.triton_kernels.gather")
     assert trace.modules == want and len(want) <= 7
     assert not trace.callbacks
+
+
+@torch_only
+@pytest.mark.parametrize("device", devices())
+def test_captured_model_equals_eager_model(table, device, monkeypatch):
+    """A Keras model with LookupLayers captured whole (keras_hps.CapturedCall: a CUDA graph on
+    CUDA, the same protocol without a graph on CPU) answers exactly as the eager model, misses
+    included; on CUDA the captured path runs with no host synchronisation."""
+    import torch
+
+    import keras_hps
+    from keras_hps.capture import CapturedCall
+    from keras_hps.gpu_tier import CaptureScope, deferring
+    from keras_hps.layers import FusedLookupLayer, LookupLayer
+
+    if device == "cpu":
+        monkeypatch.setenv("KERAS_HPS_GPU_TIER", "interpret")
+    keras_hps.init(str(table["config"]))
+    ids_in = keras.Input((SLOTS,), dtype="int64")
+    vecs = [LookupLayer("tt", 0, DIM)(ids_in[:, 0])]  # one table, and two in one launch:
+    vecs += FusedLookupLayer("tt", [0, 0], DIM)([ids_in[:, i] for i in range(1, SLOTS)])
+    x = keras.layers.Concatenate()(vecs)
+    model = keras.Model(ids_in, keras.layers.Dense(2, name="head")(x))
+    rng = np.random.default_rng()
+
+    def ids(n=16):
+        return torch.as_tensor(rng.integers(-2, VOCAB + 3, (n, SLOTS)), device=device)
+
+    call = CapturedCall(lambda t: model(t), ids())
+    assert (call.graph is not None) == (device == "cuda")
+    for _ in range(4):
+        x_ids = ids()
+        got = call(x_ids).detach().clone()
+        want = model(x_ids)
+        np.testing.assert_array_equal(got.cpu().numpy(), want.detach().cpu().numpy())
+    assert call.replays == 4 and call.reruns >= 1  # new ids missed the 64-slot cache
+    if device == "cuda":
+        x_ids = ids()
+        model(x_ids)  # the keys are in the cache now
+        scope = CaptureScope(device)
+        with deferring(scope):
+            model(x_ids)
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                model(x_ids)  # what the graph replays, eagerly: no host synchronisation
+            finally:
+                torch.cuda.set_sync_debug_mode(0)

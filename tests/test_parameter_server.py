@@ -161,6 +161,16 @@ def test_uint32_keys_when_supportlonglong_is_false(tables):
                                       expected(ref[("beta", 0)], keys, 16, 0.0))
     finally:
         ps.close()
+    # int64 tables: only key dtypes wider than int64 are range-checked
+    ps = psm.ParameterServer(keras_hps.load_config(make_config(), base_dir=d))
+    try:
+        with pytest.raises(InvalidInputError, match=r"key 9223372036854775808 is outside"):
+            ps.lookup("beta", 0, np.array([3, 2**63], np.uint64))
+        keys = np.array([3, 2**62], np.uint64)
+        np.testing.assert_array_equal(ps.lookup("beta", 0, keys),
+                                      expected(ref[("beta", 0)], keys, 16, 0.0))
+    finally:
+        ps.close()
 
 
 def test_torch_tensors_in_and_out(server, tables):

@@ -70,7 +70,8 @@ def new_sketch(width_log2: int, device: torch.device | str) -> torch.Tensor:
 
 
 def sketch_add(sketch: torch.Tensor, keys: torch.Tensor, width_log2: int) -> None:
-    """Count one lookup of each of ``keys`` (1-D int32/int64 on the sketch's device)."""
+    """Count one lookup of each of ``keys`` (int32/int64 on the sketch's device, any shape)."""
+    keys = keys.reshape(-1).contiguous()
     if sketch.numel() != SKETCH_DEPTH << width_log2 or sketch.dtype != torch.int32:
         raise ValueError(f"sketch must be int32 [{SKETCH_DEPTH << width_log2}]")
     n = keys.numel()

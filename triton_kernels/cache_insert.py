@@ -137,6 +137,7 @@ def _cache_insert_kernel(
 
 def sort_by_set(keys: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(set index of each key in ascending order, the stable order that sorts them)."""
+    keys = keys.reshape(-1).contiguous()
     n = keys.numel()
     sdtype = torch.int32 if num_sets < 2**31 else torch.int64
     sets = torch.empty(n, dtype=sdtype, device=keys.device)

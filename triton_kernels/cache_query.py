@@ -27,15 +27,16 @@ from .cache_layout import (
     touch,
 )
 from .launch import launch_config
+from .miss_flag import raise_flag
 
 
 @triton.jit(do_not_specialize=["num_sets", "empty"])
 def _cache_query_kernel(
     keys_ptr, n, cache_keys_ptr, scores_ptr, marks_ptr, vec_ptr, num_sets, empty,
-    out_ptr, hit_ptr, counters_ptr, miss_pos_ptr, miss_count_ptr,
+    out_ptr, hit_ptr, counters_ptr, miss_pos_ptr, miss_count_ptr, flag_ptr,
     DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, SLOTS: tl.constexpr,
     TOUCH: tl.constexpr, LFU: tl.constexpr, COUNT: tl.constexpr, MISS_POS: tl.constexpr,
-    ROW_EVICT: tl.constexpr, MARK_CHECK: tl.constexpr,
+    MISS_FLAG: tl.constexpr, ROW_EVICT: tl.constexpr, MARK_CHECK: tl.constexpr,
 ):
     offs, m, hit, slot = find_slots(keys_ptr, n, cache_keys_ptr, num_sets, empty, BLOCK_K,
                                     SLOTS)
@@ -53,6 +54,8 @@ def _cache_query_kernel(
         base = tl.atomic_add(miss_count_ptr, nmiss.to(tl.int64), sem="relaxed")
         rank = tl.cumsum(mi, axis=0) - mi
         tl.store(miss_pos_ptr + base + rank, offs, mask=miss)
+    if MISS_FLAG:
+        raise_flag(flag_ptr, miss)
 
 
 def cache_query(
@@ -63,20 +66,22 @@ def cache_query(
     touch: bool = True,
     counters: torch.Tensor | None = None,
     return_miss_positions: bool = False,
+    miss_flag: torch.Tensor | None = None,
     validate: bool = True,
     **tuning,
 ) -> tuple[torch.Tensor, ...]:
     """Look ``keys`` up in the cache.
 
     Returns ``(values [n, dim] float32, hit [n] bool)``; with ``return_miss_positions`` also
-    ``(miss_positions int64 [n], miss_count int64 [1])``: the first ``miss_count`` entries are
-    the input positions that missed, in no particular order. Unless ``touch=False``, a hit sets
-    its slot's mark (``policy="lru"``; the next insert into the set turns marks into that
-    insert's stamp) or adds one to its count (``"lfu"``).
-    ``counters`` (int64 [>=2]) receives +hits at [0] and +misses at [1]. ``tuning`` overrides
-    the launch settings (block_k, num_warps, row_evict, mark_check: `launch.Launch`) for
-    benchmarks; ``mark_check`` reads an LRU hit's marks word before the atomic (hot keys,
-    already marked, then cost no atomic: 2.2x faster on Zipf keys, no slower on unique ones).
+    ``(miss_positions int64 [n], miss_count int64 [1])``: the first ``miss_count`` entries are the
+    input positions that missed, in no particular order. Unless ``touch=False``, a hit sets its
+    slot's mark (``policy="lru"``; the next insert into the set turns marks into that insert's
+    stamp) or adds one to its count (``"lfu"``). ``counters`` (int64 [>=2]) receives +hits at [0]
+    and +misses at [1]. ``miss_flag`` (int32 [1]) is set to 1 when any key misses, with no host
+    synchronisation (a CUDA graph's test). ``tuning`` overrides the launch settings (block_k,
+    num_warps, row_evict, mark_check: `launch.Launch`) for benchmarks; ``mark_check`` reads an LRU
+    hit's marks word before the atomic (hot keys, already marked, then cost no atomic: 2.2x faster
+    on Zipf keys, no slower on unique ones).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -95,9 +100,11 @@ def cache_query(
             keys, n, arrays.keys, arrays.scores, arrays.marks, arrays.vectors, arrays.num_sets,
             empty_key(arrays.key_dtype),
             out, hit, counters if counters is not None else miss_count, miss_pos, miss_count,
+            miss_flag if miss_flag is not None else miss_count,
             DIM=dim, BLOCK_D=cfg.block_d, BLOCK_K=cfg.block_k, SLOTS=SLOTS_PER_SET,
             TOUCH=touch, LFU=policy == "lfu", COUNT=counters is not None,
-            MISS_POS=return_miss_positions, ROW_EVICT=cfg.row_evict,
+            MISS_POS=return_miss_positions, MISS_FLAG=miss_flag is not None,
+            ROW_EVICT=cfg.row_evict,
             MARK_CHECK=cfg.mark_check, num_warps=cfg.num_warps,
         )
     if return_miss_positions:

@@ -8,6 +8,10 @@ twice as many key slots as rows). It is built once (no eviction, no insert) by a
 vectorised claim rounds in torch on the keys' device; the query kernel probes windows of
 four pairs (64 bytes), takes the row, and gathers the vector.
 
+A table whose keys are its row numbers, ``keys[i] == i`` (every table trained as a
+``keras.layers.Embedding``), gets an identity index instead: no pairs at all, and the
+kernels take ``row = key`` for ``0 <= key < rows`` (a plain gather), a miss otherwise.
+
 Vectors live in up to two arrays: rows ``[0, n_device)`` in ``device_values`` (device
 memory) and rows ``[n_device, n)`` in ``host_values``, a pinned host tensor that the kernel
 reads over the bus through its unified-virtual-address pointer (UVM mode). With no host
@@ -26,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch_config, on_device
+from .miss_flag import raise_flag
 
 EMPTY_KEY = int(np.iinfo(np.int64).max)
 WINDOW = 4  # pairs per probe window: 4 x 16 bytes
@@ -86,14 +91,18 @@ def _probe(
 
 
 @triton.jit
-def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY: tl.constexpr,
-               BLOCK_K: tl.constexpr, W: tl.constexpr):
-    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1)."""
+def _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY: tl.constexpr,
+               IDENTITY: tl.constexpr, BLOCK_K: tl.constexpr, W: tl.constexpr):
+    """This program's ``BLOCK_K`` keys: (positions, lane mask, row of each key or -1).
+    ``IDENTITY``: the key is the row (``0 <= key < n_rows``), no probe."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs < n
     k = tl.load(keys_ptr + offs, mask=kmask, other=EMPTY).to(tl.int64)
-    return offs, kmask, _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY,
-                               BLOCK_K, W)
+    if IDENTITY:
+        row = tl.where(kmask & (k >= 0) & (k < n_rows), k, -1)
+    else:
+        row = _probe(k, kmask & (k != EMPTY), table_ptr, slot_mask, n_windows, EMPTY, BLOCK_K, W)
+    return offs, kmask, row
 
 
 @triton.jit
@@ -103,6 +112,7 @@ def _static_query_kernel(
     table_ptr,
     slot_mask,
     n_windows,
+    n_rows,
     dev_ptr,
     host_ptr,
     n_device,
@@ -110,24 +120,30 @@ def _static_query_kernel(
     out_ptr,
     hit_ptr,
     counters_ptr,
+    flag_ptr,
     DIM: tl.constexpr,
     EMPTY: tl.constexpr,
+    IDENTITY: tl.constexpr,
     HAS_HOST: tl.constexpr,
     HAS_DEFAULT: tl.constexpr,
     COUNT: tl.constexpr,
+    MISS_FLAG: tl.constexpr,
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
-                                  BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY,
+                                  IDENTITY, BLOCK_K, W)
     hit = row >= 0
     _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default_ptr, out_ptr,
                      DIM, HAS_HOST, HAS_DEFAULT, BLOCK_D)
     tl.store(hit_ptr + offs, hit, mask=kmask)
     if COUNT:
-        tl.atomic_add(counters_ptr, tl.sum(kmask.to(tl.int64), axis=0), sem="relaxed")
-        tl.atomic_add(counters_ptr + 1, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counters_ptr, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+        tl.atomic_add(counters_ptr + 1, tl.sum((kmask & ~hit).to(tl.int64), axis=0),
+                      sem="relaxed")
+    if MISS_FLAG:
+        raise_flag(flag_ptr, kmask & ~hit)
 
 
 @triton.jit
@@ -173,19 +189,51 @@ def _copy_table_rows(row, hit, offs, kmask, dev_ptr, host_ptr, n_device, default
 
 
 @triton.jit
+def _static_tables_kernel(keys_ptr, n, params_ptr, out_ptr, DIM: tl.constexpr,
+                          EMPTY: tl.constexpr, NPARAM: tl.constexpr, BLOCK_K: tl.constexpr,
+                          W: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (i, t): keys ``i * BLOCK_K ...`` of table ``t`` (row ``t`` of ``keys``), whose
+    arrays and settings are row ``t`` of ``params`` (see `static_table_params`)."""
+    t = tl.program_id(1)
+    p = params_ptr + t * NPARAM
+    values = tl.load(p).to(tl.pointer_type(tl.float32))
+    pairs = tl.load(p + 1).to(tl.pointer_type(tl.int64))
+    slot_mask = tl.load(p + 2)
+    n_windows = tl.load(p + 3)
+    n_rows = tl.load(p + 4)
+    identity = tl.load(p + 5) != 0
+    default = tl.load(p + 6).to(tl.pointer_type(tl.float32))
+    counters = tl.load(p + 7).to(tl.pointer_type(tl.int64))
+    offs = tl.program_id(0).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+    kmask = offs < n
+    k = tl.load(keys_ptr + t.to(tl.int64) * n + offs, mask=kmask, other=EMPTY)
+    # An identity table probes nothing (no lane active); a hashed one ignores the range test.
+    probed = _probe(k, kmask & (k != EMPTY) & ~identity, pairs, slot_mask, n_windows, EMPTY,
+                    BLOCK_K, W)
+    row = tl.where(identity, tl.where(kmask & (k >= 0) & (k < n_rows), k, -1), probed)
+    hit = row >= 0
+    _copy_table_rows(row, hit, offs, kmask, values, values, n_rows, default,
+                     out_ptr + t.to(tl.int64) * n * DIM, DIM, False, True, BLOCK_D)
+    tl.atomic_add(counters, tl.sum(hit.to(tl.int64), axis=0), sem="relaxed")
+    tl.atomic_add(counters + 1, tl.sum((kmask & ~hit).to(tl.int64), axis=0), sem="relaxed")
+
+
+@triton.jit
 def _static_find_kernel(
     keys_ptr,
     n,
     table_ptr,
     slot_mask,
     n_windows,
+    n_rows,
     rows_ptr,
     EMPTY: tl.constexpr,
+    IDENTITY: tl.constexpr,
     BLOCK_K: tl.constexpr,
     W: tl.constexpr,
 ):
-    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, EMPTY,
-                                  BLOCK_K, W)
+    offs, kmask, row = _find_rows(keys_ptr, n, table_ptr, slot_mask, n_windows, n_rows, EMPTY,
+                                  IDENTITY, BLOCK_K, W)
     tl.store(rows_ptr + offs, row, mask=kmask)
 
 
@@ -200,6 +248,7 @@ def flat_int64_keys(keys: torch.Tensor, what: str) -> torch.Tensor:
 
 def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
     """Home slot ``mix64(key) & slot_mask`` of each int64 key (the query kernel's hash)."""
+    keys = keys.reshape(-1).contiguous()
     out = torch.empty_like(keys)
     n = keys.numel()
     if n:
@@ -213,24 +262,38 @@ def home_slots(keys: torch.Tensor, slot_mask: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class HashIndex:
-    """Open-addressing index: ``pairs[s] = (key, row)`` or ``(EMPTY_KEY, -1)``."""
+    """Open-addressing index: ``pairs[s] = (key, row)`` or ``(EMPTY_KEY, -1)``; or, with
+    ``identity``, no pairs (``[0, 2]``): the keys are ``0..size-1`` and key ``k`` is row ``k``."""
 
     pairs: torch.Tensor  # int64 [slots, 2]
     slot_mask: int
     n_windows: int  # probe windows that cover the longest displacement
     size: int  # keys held
+    identity: bool = False
 
     @property
     def slots(self) -> int:
-        return self.slot_mask + 1
+        return 0 if self.identity else self.slot_mask + 1
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the index."""
+        return self.pairs.numel() * self.pairs.element_size()
 
     @property
     def device(self) -> torch.device:
         return self.pairs.device
 
+    def kernel_args(self, dummy: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+        """(pairs, slot mask, windows, rows) as the kernels take them; ``dummy`` stands in
+        for the pairs of an identity index (a kernel argument needs a valid pointer)."""
+        return (dummy if self.identity else self.pairs, self.slot_mask, self.n_windows,
+                self.size)
+
 
 def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
-    """Index unique keys (int32/int64, any device) so that ``row(keys[i]) == i``.
+    """Index unique keys (int32/int64, any device) so that ``row(keys[i]) == i``: an
+    identity index (no pairs, no probe) when ``keys[i] == i`` for every ``i``.
 
     Raises ValueError for duplicate keys or the sentinel ``INT64_MAX``.
     """
@@ -238,9 +301,12 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
     if not 0.0 < load_factor <= 0.9:
         raise ValueError(f"build_index: load_factor must be in (0, 0.9], got {load_factor}")
     n = keys.numel()
+    dev = keys.device
+    if is_identity(keys):
+        return HashIndex(torch.empty((0, 2), dtype=torch.int64, device=dev), 0, 0, n,
+                         identity=True)
     slots = max(64, triton.next_power_of_2(int(np.ceil(n / load_factor)) if n else 64))
     mask = slots - 1
-    dev = keys.device
     pairs = torch.full((slots, 2), -1, dtype=torch.int64, device=dev)
     pairs[:, 0] = EMPTY_KEY
     if n == 0:
@@ -277,6 +343,25 @@ def build_index(keys: torch.Tensor, *, load_factor: float = 0.5) -> HashIndex:
     return HashIndex(pairs, mask, max_disp // WINDOW + 1, n)
 
 
+def is_identity(keys: torch.Tensor) -> bool:
+    """Whether ``keys[i] == i`` for every ``i`` (one device read)."""
+    n = keys.numel()
+    return n > 0 and torch.equal(keys.reshape(-1).to(torch.int64),
+                                 torch.arange(n, dtype=torch.int64, device=keys.device))
+
+
+def key_order_if_permutation(keys: torch.Tensor) -> torch.Tensor | None:
+    """The order that sorts ``keys`` when they are ``0..n-1`` in another order (a table that
+    becomes an identity index once its rows are put in key order), else None."""
+    n = keys.numel()
+    if n == 0 or int(keys.min()) != 0 or int(keys.max()) != n - 1 or is_identity(keys):
+        return None
+    order = torch.argsort(keys.reshape(-1))
+    if not is_identity(keys.reshape(-1)[order]):
+        return None  # duplicates: build_index names one
+    return order
+
+
 def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
     """Row of each key (flattened) in the index, -1 where absent; int64 on the index's device."""
     keys = flat_int64_keys(keys, "static_find")
@@ -288,8 +373,16 @@ def static_find(index: HashIndex, keys: torch.Tensor) -> torch.Tensor:
         cfg = launch_config("static_find")
         with on_device(index.device):
             _static_find_kernel[(triton.cdiv(n, cfg.block_k),)](
-                keys, n, index.pairs, index.slot_mask, index.n_windows, rows,
-                EMPTY=EMPTY_KEY, BLOCK_K=cfg.block_k, W=WINDOW, num_warps=cfg.num_warps)
+                keys,
+                n,
+                *index.kernel_args(keys),
+                rows,
+                EMPTY=EMPTY_KEY,
+                IDENTITY=index.identity,
+                BLOCK_K=cfg.block_k,
+                W=WINDOW,
+                num_warps=cfg.num_warps,
+            )
     return rows
 
 
@@ -314,6 +407,7 @@ def static_query(
     default: torch.Tensor | None = None,
     *,
     counters: torch.Tensor | None = None,
+    miss_flag: torch.Tensor | None = None,
     validate: bool = True,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -321,15 +415,20 @@ def static_query(
     """Look up keys: ``(vectors [n, dim], hit [n] bool)`` on the index's device.
 
     Row ``r`` of the table is ``device_values[r]`` for ``r < len(device_values)``, else
-    ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place).
-    Misses get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters``
-    (int64 [2] on the device) receives +keys at [0] and +hits at [1]. ``validate=False``
+    ``host_values[r - len(device_values)]`` (a pinned host tensor on CUDA, read in place). Misses
+    get ``default`` ([dim]) or zeros. Keys of any shape are flattened. ``counters`` (int64 [2] on
+    the device) receives +hits at [0] and +misses at [1]; ``miss_flag`` (int32 [1] on the device)
+    is set to 1 when any key misses (a CUDA graph's test, read after replay). ``validate=False``
     skips every check: keys flat int64 on the device, ``default`` contiguous ``[dim]`` of the
-    values' dtype there (the serving fast path). ``block_k`` (keys per program, a power of
-    two) and ``num_warps`` override the launch configuration (for tuning).
+    values' dtype there (the serving fast path; keys of any strides are copied to a contiguous
+    tensor, the only work done for them). ``block_k`` (keys per program, a power of two) and
+    ``num_warps`` override the launch configuration (for tuning).
     """
     if validate:
         keys, default = _checked_query(index, keys, device_values, host_values, default)
+    else:  # the kernel reads element i at ptr + i
+        keys = keys.reshape(-1).contiguous()
+        default = None if default is None else default.contiguous()
     dev = index.device
     dim = device_values.shape[1]
     n = keys.numel()
@@ -344,9 +443,7 @@ def static_query(
         _static_query_kernel[(triton.cdiv(n, cfg.block_k),)](
             keys,
             n,
-            index.pairs,
-            index.slot_mask,
-            index.n_windows,
+            *index.kernel_args(keys),
             dev_arg,
             host_values if host_values is not None and host_values.numel() else dev_arg,
             device_values.shape[0],
@@ -354,11 +451,14 @@ def static_query(
             out,
             hit,
             counters if counters is not None else hit,
+            miss_flag if miss_flag is not None else hit,
             DIM=dim,
             EMPTY=EMPTY_KEY,
+            IDENTITY=index.identity,
             HAS_HOST=host_values is not None,
             HAS_DEFAULT=default is not None,
             COUNT=counters is not None,
+            MISS_FLAG=miss_flag is not None,
             BLOCK_K=cfg.block_k,
             W=WINDOW,
             BLOCK_D=cfg.block_d,
@@ -404,7 +504,11 @@ def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: to
                 out: torch.Tensor) -> None:
     """``out[i]`` = table row ``rows[i]`` (device rows, then host rows), zeros where
     ``rows[i] < 0``: rows of keys already found, read by the kernel without a second probe
-    (host rows over the bus, zero-copy). Arguments are not checked."""
+    (host rows over the bus, zero-copy). ``rows`` may have any strides; ``out`` must be a
+    contiguous ``[len(rows), dim]`` tensor. Other arguments are not checked."""
+    if not out.is_contiguous():
+        raise ValueError("static_rows: out must be contiguous")
+    rows = rows.reshape(-1).contiguous()
     n, dim = rows.numel(), device_values.shape[1]
     if n == 0:
         return
@@ -415,6 +519,54 @@ def static_rows(rows: torch.Tensor, device_values: torch.Tensor, host_values: to
             rows, n, dev_arg, host_values, device_values.shape[0], out,
             DIM=dim, HAS_HOST=True, BLOCK_K=cfg.block_k, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps)
+
+
+# ------------------------------------------------------------------ several tables, one launch
+STATIC_PARAMS = 8  # int64s per table in a `static_query_tables` parameter row
+
+
+def static_table_params(index: HashIndex, values: torch.Tensor, default: torch.Tensor,
+                        counters: torch.Tensor) -> torch.Tensor:
+    """One table's row of `static_query_tables` parameters (int64 ``[STATIC_PARAMS]`` on the
+    index's device): the addresses of its float32 ``values`` ``[rows, dim]`` (all in device
+    memory), its index pairs, the contiguous float32 ``default`` ``[dim]`` and the int64
+    ``counters`` ``[2]`` (+hits, +misses), and its index's shape. The row holds raw addresses:
+    the tensors must outlive every query that reads it."""
+    for t, what in ((values, "values"), (default, "default"), (counters, "counters")):
+        if t.device != index.device or not t.is_contiguous():
+            raise ValueError(f"static_table_params: {what} must be contiguous on {index.device}")
+    if values.dtype != torch.float32 or default.dtype != torch.float32:
+        raise ValueError("static_table_params: values and default must be float32")
+    if default.shape != (values.shape[1],) or counters.dtype != torch.int64:
+        raise ValueError("static_table_params: default must be [dim], counters int64 [2]")
+    pairs = values if index.identity else index.pairs
+    row = [values.data_ptr(), pairs.data_ptr(), index.slot_mask, index.n_windows, index.size,
+           int(index.identity), default.data_ptr(), counters.data_ptr()]
+    return torch.tensor(row, dtype=torch.int64).to(index.device)
+
+
+def static_query_tables(params: torch.Tensor, keys: torch.Tensor, dim: int) -> torch.Tensor:
+    """Look up ``keys[t]`` in table ``t`` for every table at once (one launch): float32
+    ``[tables, n, dim]``, misses getting each table's default row, hits and misses added to
+    each table's counters. ``params``: the tables' `static_table_params` rows stacked
+    (``[tables, STATIC_PARAMS]``); ``keys``: int64 ``[tables, n]`` on the same device (any
+    strides), every table's rows ``dim`` floats wide. No host synchronisation."""
+    if params.dim() != 2 or params.shape[1] != STATIC_PARAMS or params.dtype != torch.int64:
+        raise ValueError(f"static_query_tables: params must be int64 [tables, {STATIC_PARAMS}]")
+    if keys.dim() != 2 or keys.shape[0] != params.shape[0] or keys.dtype != torch.int64:
+        raise ValueError(f"static_query_tables: keys must be int64 [{params.shape[0]}, n], got "
+                         f"{keys.dtype} {tuple(keys.shape)}")
+    if keys.device != params.device:
+        raise ValueError(f"static_query_tables: keys on {keys.device}, params on {params.device}")
+    keys = keys.contiguous()
+    tables, n = keys.shape
+    out = torch.empty((tables, n, dim), dtype=torch.float32, device=keys.device)
+    if n and tables:
+        cfg = launch_config("static_query", dim)
+        _static_tables_kernel[(triton.cdiv(n, cfg.block_k), tables)](
+            keys, n, params, out, DIM=dim, EMPTY=EMPTY_KEY, NPARAM=STATIC_PARAMS,
+            BLOCK_K=cfg.block_k, W=WINDOW, BLOCK_D=cfg.block_d, num_warps=cfg.num_warps)
+    return out
 
 
 def np_static_query(

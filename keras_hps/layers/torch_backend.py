@@ -74,7 +74,8 @@ class TorchSparseLookupLayer(SparseLookupBase):
 
 
 class TorchFusedLookupLayer(FusedLookupBase):
-    """`FusedLookupLayer` on the torch backend: the tables one after another."""
+    """`FusedLookupLayer` on the torch backend: `ParameterServer.lookup_tables`, one kernel
+    launch for every table where their GPU tiers allow it."""
 
     def _lookup_tables(self, ps: Any, ids: list[Any]) -> list[Any]:
-        return [ps.lookup(self.model_name, t, i) for t, i in zip(self.table_ids, ids, strict=True)]
+        return ps.lookup_tables(self.model_name, self.table_ids, ids)
