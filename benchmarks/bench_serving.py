@@ -40,9 +40,8 @@ TABLES, DIM, NUM_DENSE = 26, 128, 13
 
 
 def build_models(rows: int):
-    """(full DLRM, lookup-only model, dense-only tf.Module) sharing one set of layers."""
+    """(full DLRM, lookup-only model, dense-only model) sharing one set of layers."""
     import keras
-    import tensorflow as tf
     from keras import layers
 
     keras.utils.set_random_seed(0)
@@ -72,23 +71,12 @@ def build_models(rows: int):
     emb_in = keras.Input((TABLES, DIM), name="embeddings", dtype="float32")
     dense_model = keras.Model([emb_in, dense_in], dense_part(emb_in, dense_in))
 
-    class DenseOnly(tf.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        @tf.function(input_signature=[
-            tf.TensorSpec([None, TABLES, DIM], tf.float32, name="embeddings"),
-            tf.TensorSpec([None, NUM_DENSE], tf.float32, name="dense_features"),
-        ])
-        def serve(self, embeddings, dense_features):
-            return {"click": self.model([embeddings, dense_features])}
-
-    return full, lookup, DenseOnly(dense_model)
+    return full, lookup, dense_model
 
 
 def build_repository(repo: str, rows: int) -> None:
     """Exports the three models into `repo` and writes its models.config."""
+    import keras
     import tensorflow as tf
 
     from keras_hps.export import export_for_serving
@@ -97,8 +85,16 @@ def build_repository(repo: str, rows: int) -> None:
     full, lookup, dense = build_models(rows)
     export_for_serving(full, repo, "dlrm", tables="external", max_batch_size=1 << 17)
     export_for_serving(lookup, repo, "dlrm_lookup", tables="external", max_batch_size=1 << 17)
-    tf.saved_model.save(dense, os.path.join(repo, "dlrm_dense", "1"),
-                        signatures={"serving_default": dense.serve})
+    # Keras's ExportArchive, not tf.saved_model.save of a tf.Module holding the model: the
+    # latter leaves Keras 3 variables out of the MetaGraph's restore op, so TF Serving (and
+    # keras-hps serve, which loads versions the same way) finds them uninitialised.
+    archive = keras.export.ExportArchive()
+    archive.track(dense)
+    archive.add_endpoint("serve", lambda embeddings, dense_features: {
+        "click": dense([embeddings, dense_features])}, input_signature=[
+        tf.TensorSpec([None, TABLES, DIM], tf.float32, name="embeddings"),
+        tf.TensorSpec([None, NUM_DENSE], tf.float32, name="dense_features")])
+    archive.write_out(os.path.join(repo, "dlrm_dense", "1"), verbose=False)
     entries = [ModelEntry(n, os.path.join(repo, n)) for n in ("dlrm", "dlrm_lookup", "dlrm_dense")]
     with open(os.path.join(repo, "models.config"), "w") as f:
         f.write(to_text(entries))

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The GPU half of the test suite and the short GPU checks, in one device call:
-#   source benchmarks/device_env.sh && bash benchmarks/gpu_checks.sh "$OUT"
-# Writes each step's log (and the multi-GPU JSON) under $1; a failing step does not stop
-# the others. Needs torch + Triton with CUDA, keras and h5py (carry .whl); no TensorFlow.
+#   source benchmarks/device_env.sh && bash benchmarks/gpu_checks.sh "$OUT" [seconds per step]
+# Writes each step's log (and the multi-GPU JSON) under $1; a failing or timed-out step does
+# not stop the others. Needs torch + Triton with CUDA, keras and h5py (carry .whl); no
+# TensorFlow.
 out=${1:-/tmp/gpu_checks}
+limit=${2:-600}
 mkdir -p "$out"
 step() {  # name, command...
   local name=$1; shift
   local t0=$SECONDS
-  "$@" >"$out/$name.log" 2>&1
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
   echo "$name: rc=$? $((SECONDS - t0))s  $(tail -1 "$out/$name.log")"
 }
 export PYTHONSAFEPATH=1  # tests import keras_hps from the mapped site, not the checkout
