@@ -60,6 +60,14 @@ class _Model:
         self.warned = False
 
 
+def _label_version(model: _Model | None, label: str) -> int:
+    """The version a label names. TF Serving's ServerCore::GetModelVersionForLabel: an unknown
+    model and an unknown label are both INVALID_ARGUMENT."""
+    if model is None or label not in model.entry.labels:
+        raise invalid_argument(f"Unrecognized servable version label: {label}")
+    return model.entry.labels[label]
+
+
 class Handle:
     """A loaded version held for the length of one request (use as a context manager)."""
 
@@ -378,11 +386,7 @@ class ModelManager:
         with self._cond:
             model = self._models.get(name)
             if label is not None:
-                # TF Serving's ServerCore::GetModelVersionForLabel: an unknown model and an
-                # unknown label are both INVALID_ARGUMENT
-                if model is None or label not in model.entry.labels:
-                    raise invalid_argument(f"Unrecognized servable version label: {label}")
-                version = model.entry.labels[label]
+                version = _label_version(model, label)
             if version is not None:
                 record = model.versions.get(version) if model is not None else None
                 if record is None or record.state != State.AVAILABLE:
@@ -412,9 +416,7 @@ class ModelManager:
         with self._cond:
             model = self._models.get(name)
             if label is not None:
-                if model is None or label not in model.entry.labels:
-                    raise invalid_argument(f"Unrecognized servable version label: {label}")
-                version = model.entry.labels[label]
+                version = _label_version(model, label)
             if model is None or not model.versions:
                 raise not_found(f"Could not find any versions of model {name}")
             if version is not None:
