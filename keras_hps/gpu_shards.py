@@ -254,9 +254,8 @@ class ShardedStaticTable:
         return keys
 
     def query(self, keys: torch.Tensor, default: torch.Tensor | None = None, *,
-              counters: torch.Tensor | None = None, miss_flag: torch.Tensor | None = None,
-              validate: bool = True, host_read: str = "kernel",
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+              counters: torch.Tensor | None = None, validate: bool = True,
+              host_read: str = "kernel") -> tuple[torch.Tensor, torch.Tensor]:
         """``(vectors [n, dim], hit [n])`` on ``home``, as `GpuStaticTable.query`."""
         keys = self._keys(keys, "ShardedStaticTable.query") if validate else keys.reshape(-1)
         n = keys.numel()
@@ -275,8 +274,6 @@ class ShardedStaticTable:
             hits = hit.sum()
             counters[0] += hits
             counters[1] += n - hits
-        if miss_flag is not None:  # set to 1 when a key missed, as GpuStaticTable does
-            miss_flag.copy_(torch.maximum(miss_flag, (~hit).any().to(miss_flag.dtype)))
         return out, hit
 
     def update(self, keys: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
