@@ -47,13 +47,15 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 CRITEO = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828, 11,
           2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
@@ -356,7 +358,7 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     budget.say(f"DLRM on {out['machine']}: {sum(rows):,} rows x {dim} "
                f"({sum(rows) * dim * 4 / 2**30:.1f} GiB per copy of the tables)")
     tables = make_tables(rows, dim, dev)
-    workdir = Path(tempfile.mkdtemp(prefix="dlrm_", dir=args.workdir))
+    workdir = scratch_dir("dlrm_", args.workdir)
     paths = write_tables(workdir, tables)
     budget.say(f"tables written to {workdir}")
     dense = dense_part(n, dim)
@@ -739,7 +741,7 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
         if args.json:
             Path(args.json).write_text(json.dumps(out, indent=1))
 
-    workdir = Path(tempfile.mkdtemp(prefix="dlrm_cpu_", dir=args.workdir))
+    workdir = scratch_dir("dlrm_cpu_", args.workdir)
     repo = workdir / "repo"
     budget.say(f"exporting the DLRM ({sum(rows):,} rows x {args.dim}) to {repo}")
     cpu_repository(repo, rows, args.dim, max(batches))

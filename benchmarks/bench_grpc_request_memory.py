@@ -19,11 +19,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import threading
 from datetime import datetime, timezone
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -60,7 +62,7 @@ def main() -> None:
     from serving_models import free_port, save_version
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    workdir = tempfile.mkdtemp(prefix="khps-grpc-mem-")
+    workdir = str(scratch_dir("khps-grpc-mem-"))
     save_version(os.path.join(workdir, "m", "1"), seed=3)
     port = free_port()
     flags = [f"--port={port}", "--host=127.0.0.1", "--model_name=m",

@@ -25,11 +25,13 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 CRITEO = [7912889, 33823, 17139, 7339, 20046, 4, 7105, 1382, 63, 5554114, 582469, 245828, 11,
           2209, 10667, 104, 4, 968, 15, 8165896, 2675940, 7156453, 302516, 12022, 97, 35]
@@ -175,7 +177,7 @@ def bench_cpu(args: argparse.Namespace) -> dict:
     rng = np.random.default_rng(0)
     rows = [min(c, args.max_rows) for c in CRITEO]
     tables = [rng.standard_normal((r, args.dim), dtype=np.float32) for r in rows]
-    folder = Path(tempfile.mkdtemp(prefix="bench_layers_"))
+    folder = scratch_dir("bench_layers_")
     files = write_table_files(folder, tables)
     config = write_config(folder, "dlrm", files, args.dim, args.batch, {"gpucache": False})
     ps = keras_hps.init(str(config))
@@ -360,7 +362,7 @@ def bench_gpu(args: argparse.Namespace) -> dict:
     sizes = [int(s) for s in args.sizes.split(",")]
     gen = torch.Generator(device="cpu").manual_seed(0)
     table = torch.randn(args.rows, args.dim, generator=gen).numpy()
-    folder = Path(tempfile.mkdtemp(prefix="bench_layers_gpu_"))
+    folder = scratch_dir("bench_layers_gpu_")
     files = write_table_files(folder, [table])
 
     emb = keras.layers.Embedding(args.rows, args.dim)

@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -51,6 +50,7 @@ import numpy as np
 os.environ.update(NCCL_NVLS_ENABLE="0", TORCH_SYMM_MEM_DISABLE_MULTICAST="1",
                   NVSHMEM_DISABLE_NVLS="1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scratch import scratch_dir  # noqa: E402
 
 MODEL = "m"
 
@@ -266,7 +266,7 @@ def bench_lookup(args: argparse.Namespace) -> dict[str, Any]:
     log = Log(out, args.json)
     print(f"lookup on {out['machine']}{' (virtual GPUs on GPU 0)' if args.virtual else ''}",
           flush=True)
-    folder = Path(tempfile.mkdtemp(prefix="multigpu_", dir=args.workdir))
+    folder = scratch_dir("multigpu_", args.workdir)
     counts = gpu_counts(args)
     base: dict[str, float] = {}
     for cache_type in args.cache_types.split(","):
@@ -339,7 +339,7 @@ def bench_dlrm_multi(args: argparse.Namespace) -> dict[str, Any]:
     log = Log(out, args.json)
     print(f"DLRM on {out['machine']}: {sum(rows):,} rows x {dim}; sharded tables {big} "
           f"({sum(rows[t] for t in big):,} rows)", flush=True)
-    folder = Path(tempfile.mkdtemp(prefix="multigpu_dlrm_", dir=args.workdir))
+    folder = scratch_dir("multigpu_dlrm_", args.workdir)
     paths = [write_table(folder, r, dim) for r in rows]
     dense0 = seed.dense_part(n_tab, dim)
     weights = dense0.get_weights()

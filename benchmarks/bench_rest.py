@@ -25,7 +25,6 @@ import platform
 import shutil
 import signal
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -35,6 +34,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_serving import build_repository, free_port, start_server  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 BEGIN, END = "<!-- bench_rest: begin -->", "<!-- bench_rest: end -->"
 WIDE = 64
@@ -240,8 +240,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="keep the repositories here (default: a temp dir)")
     parser.add_argument("--memory-one", help=argparse.SUPPRESS)  # rows,format,parser
     args = parser.parse_args()
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_rest_")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = str(scratch_dir("bench_rest_", keep=args.workdir))
     if args.memory_one:
         rows, fmt, which = args.memory_one.split(",")
         print(json.dumps(memory_one(workdir, int(rows), fmt, which)))

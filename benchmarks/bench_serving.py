@@ -27,7 +27,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -35,6 +34,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 TABLES, DIM, NUM_DENSE = 26, 128, 13
 
@@ -197,8 +199,7 @@ def main() -> int:
 
     from keras_hps.serving.bench import ensemble_calls, grpc_calls, inprocess_calls
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="bench_serving_")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = str(scratch_dir("bench_serving_", keep=args.workdir))
     repo = os.path.join(workdir, "repo")
     shutil.rmtree(repo, ignore_errors=True)
     t = time.perf_counter()

@@ -25,12 +25,14 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime, timezone
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 
 def free_port() -> int:
@@ -190,7 +192,7 @@ def main() -> int:
     parser.add_argument("--workdir", help="where the repository goes (default: a temp dir)")
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    workdir = args.workdir or tempfile.mkdtemp(prefix="keras-hps-memory-")
+    workdir = str(scratch_dir("keras-hps-memory-", keep=args.workdir))
     repo = os.path.join(workdir, "repo")
     table_mib = 2 * args.rows * args.dim * 4 / 2**20
     load_before = os.getloadavg()

@@ -15,9 +15,11 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +36,7 @@ def main() -> int:
     from keras_hps.servable import config_tables
     from keras_hps.serving.tables import ParameterServers
 
-    folder = tempfile.mkdtemp(prefix="keras-hps-unload-")
+    folder = str(scratch_dir("keras-hps-unload-"))
     rng = np.random.default_rng(0)
     files = []
     for t in range(2):
