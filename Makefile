@@ -14,9 +14,9 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --find-links /opt/wheels "$(TORCH_PIN)"
-	$(PY) -m pip install -q -e ".[serving,gpu,redis,test]" "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-cache-dir --upgrade pip
+	$(PY) -m pip install -q --no-cache-dir --find-links /opt/wheels "$(TORCH_PIN)"
+	$(PY) -m pip install -q --no-cache-dir -e ".[serving,gpu,redis,test]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
 demo: $(STAMP)
