@@ -27,17 +27,18 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ["KERAS_HPS_GPU_TIER"] = "off"  # the CPU tiers alone
 os.environ.setdefault("TQDM_DISABLE", "1")  # no progress bars in the tables printed
 
 from redis_cluster import LocalRedisCluster  # noqa: E402
+from scratch import scratch_dir  # noqa: E402
 
 from keras_hps.formats import write_hdf5_table  # noqa: E402
 from keras_hps.online_updates import UPDATE_POLL_S  # noqa: E402
@@ -234,15 +235,15 @@ def main() -> None:
     a = ap.parse_args()
     print(f"# {platform.node()} {platform.machine()} Python {platform.python_version()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    with tempfile.TemporaryDirectory(prefix="khps-bench-") as d:
-        rng = np.random.default_rng(0)
-        keys = np.sort(rng.choice(np.int64(1) << 40, a.rows, replace=False)).astype(np.int64)
-        path = os.path.join(d, "t.h5")
-        write_hdf5_table(path, keys, rng.standard_normal((a.rows, a.dim), dtype=np.float32))
-        if not a.skip_lookup:
-            bench_lookup(path, keys, a.dim, a.batch, a.reps,
-                         [int(x) for x in a.masters.split(",")], a.partitions)
-        bench_propagation(path, keys, a.dim, a.updates)
+    d = str(scratch_dir("khps-bench-"))
+    rng = np.random.default_rng(0)
+    keys = np.sort(rng.choice(np.int64(1) << 40, a.rows, replace=False)).astype(np.int64)
+    path = os.path.join(d, "t.h5")
+    write_hdf5_table(path, keys, rng.standard_normal((a.rows, a.dim), dtype=np.float32))
+    if not a.skip_lookup:
+        bench_lookup(path, keys, a.dim, a.batch, a.reps,
+                     [int(x) for x in a.masters.split(",")], a.partitions)
+    bench_propagation(path, keys, a.dim, a.updates)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,15 @@ import os
 import platform
 import shutil
 import statistics
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 BASELINE = "numpy.save"
 
@@ -103,7 +106,7 @@ def main() -> None:
     unsorted_keys = keys[::-1].copy()
     nbytes = table.nbytes + keys.nbytes
     tensor = tf.constant(table)
-    scratch = tempfile.mkdtemp(prefix="bench_export_", dir=args.dir)
+    scratch = str(scratch_dir("bench_export_", args.dir))
 
     def save() -> None:
         np.save(os.path.join(scratch, "keys.npy"), keys)
@@ -137,15 +140,12 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     load = [os.getloadavg()]
-    try:
-        for rep in range(args.repeats):
-            order = names[rep % len(names):] + names[:rep % len(names)]
-            for name in order:
-                times[name].append(_timed(steps[name], scratch, args.sync, args.pages, nbytes))
-            print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
-                  flush=True)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    for rep in range(args.repeats):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        for name in order:
+            times[name].append(_timed(steps[name], scratch, args.sync, args.pages, nbytes))
+        print(f"repeat {rep}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()),
+              flush=True)
     load.append(os.getloadavg())
 
     base, best = statistics.median(times[BASELINE]), min(times[BASELINE])

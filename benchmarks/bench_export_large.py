@@ -20,14 +20,15 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from scratch import scratch_dir  # noqa: E402
 
 SERVE = r"""
 import json, os, sys, time
@@ -88,60 +89,57 @@ def main() -> None:
     print(f"{platform.node()} {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, table {args.rows} x {args.dim} float32 = "
           f"{nbytes / 1e9:.2f} GB ({nbytes / 2**31:.2f} x 2^31 bytes)", flush=True)
-    scratch = tempfile.mkdtemp(prefix="bench-export-large-", dir=args.dir)
-    try:
-        model = _model(args.rows, args.dim)
-        table = np.asarray(model.get_layer("big_table").embeddings.value)
-        print(f"model built: resident {_rss('VmRSS'):.2f} GB", flush=True)
+    scratch = str(scratch_dir("bench-export-large-", args.dir))
+    model = _model(args.rows, args.dim)
+    table = np.asarray(model.get_layer("big_table").embeddings.value)
+    print(f"model built: resident {_rss('VmRSS'):.2f} GB", flush=True)
 
-        _peak_reset()
-        t0 = time.perf_counter()
-        np.save(os.path.join(scratch, "table.npy"), table)
-        save_s = time.perf_counter() - t0
-        save_peak = _rss("VmHWM")
-        os.remove(os.path.join(scratch, "table.npy"))
-        os.sync()
+    _peak_reset()
+    t0 = time.perf_counter()
+    np.save(os.path.join(scratch, "table.npy"), table)
+    save_s = time.perf_counter() - t0
+    save_peak = _rss("VmHWM")
+    os.remove(os.path.join(scratch, "table.npy"))
+    os.sync()
 
-        _peak_reset()
-        t0 = time.perf_counter()
-        result = export_for_serving(model, os.path.join(scratch, "repo"), "big",
-                                    tables="embedded", progress=False)
-        export_s = time.perf_counter() - t0
-        export_peak = _rss("VmHWM")
-        vdir = result.version_dir
-        pb = os.path.getsize(os.path.join(vdir, "saved_model.pb"))
-        data = os.path.getsize(os.path.join(vdir, "variables", "variables.data-00000-of-00001"))
-        print(f"numpy.save: {save_s:.2f} s, peak {save_peak:.2f} GB", flush=True)
-        print(f"embedded export: {export_s:.2f} s ({export_s / save_s:.2f}x numpy.save), peak "
-              f"{export_peak:.2f} GB, writer {result.checkpoint_writer}; saved_model.pb "
-              f"{pb / 1024:.0f} KiB, variables {data / 1e9:.2f} GB", flush=True)
+    _peak_reset()
+    t0 = time.perf_counter()
+    result = export_for_serving(model, os.path.join(scratch, "repo"), "big",
+                                tables="embedded", progress=False)
+    export_s = time.perf_counter() - t0
+    export_peak = _rss("VmHWM")
+    vdir = result.version_dir
+    pb = os.path.getsize(os.path.join(vdir, "saved_model.pb"))
+    data = os.path.getsize(os.path.join(vdir, "variables", "variables.data-00000-of-00001"))
+    print(f"numpy.save: {save_s:.2f} s, peak {save_peak:.2f} GB", flush=True)
+    print(f"embedded export: {export_s:.2f} s ({export_s / save_s:.2f}x numpy.save), peak "
+          f"{export_peak:.2f} GB, writer {result.checkpoint_writer}; saved_model.pb "
+          f"{pb / 1024:.0f} KiB, variables {data / 1e9:.2f} GB", flush=True)
 
-        rng = np.random.default_rng(1)
-        last = args.rows - 1
-        ids = np.array([[0, 1], [last, last - 1], [args.rows // 2, last - 7],
-                        [min(last, 2**31 // (4 * args.dim) + 3), 5]], np.int64)
-        ids = np.concatenate([ids, rng.integers(0, args.rows, (60, 2))]).astype(np.int64)
-        dense = rng.standard_normal((len(ids), 4)).astype(np.float32)
-        want = model.predict({"ids": ids, "dense": dense}, verbose=0)
-        del model, table
-        inputs = os.path.join(scratch, "in.npz")
-        np.savez(inputs, ids=ids, dense=dense)
-        out = os.path.join(scratch, "out.npy")
-        proc = subprocess.run([sys.executable, "-c", SERVE, vdir, inputs, out],
-                              capture_output=True, text=True, check=False)
-        if proc.returncode != 0:
-            raise SystemExit(proc.stderr[-3000:])
-        serve = json.loads(proc.stdout.strip().splitlines()[-1])
-        got = np.load(out)
-        err = float(np.abs(got - want).max())
-        print(f"served in a fresh process: load {serve['load_s']:.2f} s, first request "
-              f"({len(ids)} rows, rows up to {last}) {serve['first_request_s'] * 1e3:.0f} ms, "
-              f"peak {serve['peak_rss_gb']:.2f} GB; max |served - trained| = {err:.2e}",
-              flush=True)
-        if err > 1e-5:
-            raise SystemExit("served predictions differ from the trained model's")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    rng = np.random.default_rng(1)
+    last = args.rows - 1
+    ids = np.array([[0, 1], [last, last - 1], [args.rows // 2, last - 7],
+                    [min(last, 2**31 // (4 * args.dim) + 3), 5]], np.int64)
+    ids = np.concatenate([ids, rng.integers(0, args.rows, (60, 2))]).astype(np.int64)
+    dense = rng.standard_normal((len(ids), 4)).astype(np.float32)
+    want = model.predict({"ids": ids, "dense": dense}, verbose=0)
+    del model, table
+    inputs = os.path.join(scratch, "in.npz")
+    np.savez(inputs, ids=ids, dense=dense)
+    out = os.path.join(scratch, "out.npy")
+    proc = subprocess.run([sys.executable, "-c", SERVE, vdir, inputs, out],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    serve = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = np.load(out)
+    err = float(np.abs(got - want).max())
+    print(f"served in a fresh process: load {serve['load_s']:.2f} s, first request "
+          f"({len(ids)} rows, rows up to {last}) {serve['first_request_s'] * 1e3:.0f} ms, "
+          f"peak {serve['peak_rss_gb']:.2f} GB; max |served - trained| = {err:.2e}",
+          flush=True)
+    if err > 1e-5:
+        raise SystemExit("served predictions differ from the trained model's")
 
 
 if __name__ == "__main__":
